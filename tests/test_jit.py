@@ -1,0 +1,137 @@
+import json, os, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import jit_xpred as J
+
+TINY = ["--preset", "tiny", "--device", "cpu"]
+
+
+def test_x_eps_v_conversions_by_hand():
+    # z = t x + (1 - t) e with x = 2, e = -1, t = 0.25: z = 0.5 - 0.75 = -0.25, v = x - e = 3
+    x, e, t = torch.tensor(2.0), torch.tensor(-1.0), torch.tensor(0.25)
+    z = t * x + (1 - t) * e
+    assert z.item() == pytest.approx(-0.25)
+    for kind, out in (("x", x), ("eps", e), ("v", torch.tensor(3.0))):
+        xh, eh, vh = J.to_x_eps_v(kind, out, z, t, t_eps=0.05)
+        assert (xh.item(), eh.item(), vh.item()) == pytest.approx((2.0, -1.0, 3.0)), kind
+    # the clamp: at t = 0.99, 1 - t = 0.01 is clamped to 0.05, so v from x = 1, z = 0.9 is (1 - 0.9) / 0.05 = 2
+    assert J.to_x_eps_v("x", torch.tensor(1.0), torch.tensor(0.9), torch.tensor(0.99), 0.05)[2].item() == pytest.approx(2.0)
+    # and t = 0.01 is clamped to 0.05 when dividing by t: eps-pred 0 at z = 0.1 gives x = (0.1 - 0.99 * 0) / 0.05 = 2
+    assert J.to_x_eps_v("eps", torch.tensor(0.0), torch.tensor(0.1), torch.tensor(0.01), 0.05)[0].item() == pytest.approx(2.0)
+
+
+def test_cfg_interval_by_hand():
+    vc, vu = torch.tensor(3.0), torch.tensor(1.0)
+    assert J.guided(vc, vu, 0.5, 2.0, (0.1, 1.0)).item() == 5.0  # 1 + 2 * (3 - 1)
+    assert J.guided(vc, vu, 0.05, 2.0, (0.1, 1.0)).item() == 3.0  # outside: conditional only
+    assert J.guided(vc, vu, 1.0, 2.0, (0.1, 1.0)).item() == 3.0  # the interval is open
+
+
+def test_network_starts_at_x_pred_zero_and_keeps_shapes():
+    cfg = J.Config(**J.PRESETS["tiny"])
+    net = J.JiTNet(cfg)
+    z = torch.randn(3, 3, 16, 16)
+    out = net(z, torch.rand(3), torch.tensor([0, 1, cfg.num_classes]))
+    assert out.shape == z.shape and out.abs().max().item() == 0  # zero-initialised output layer
+    assert net(z, torch.rand(3), torch.zeros(3, dtype=torch.long), feature_depth=2).shape == (3, cfg.hidden)
+
+
+def test_output_patch_lands_where_its_input_patch_was():
+    """With the adaLN-zero gates closed every block is the identity, so output patch (i, j) depends on input patch (i, j)
+    alone: a change inside one input patch must show up in exactly that patch of the output (checks the unpatchify)."""
+    cfg = J.Config(**J.PRESETS["tiny"])
+    net = J.JiTNet(cfg)
+    torch.nn.init.normal_(net.out.weight)
+    p = cfg.patch
+    z, t, y = torch.randn(1, 3, 16, 16), torch.rand(1), torch.zeros(1, dtype=torch.long)
+    z2 = z.clone()
+    z2[:, :, 1 * p:2 * p, 2 * p:3 * p] += 1.0  # patch (row 1, column 2)
+    with torch.no_grad():
+        changed = (net(z2, t, y) - net(z, t, y)).abs().sum(1)[0] > 1e-6  # [H, W]
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[1 * p:2 * p, 2 * p:3 * p] = True
+    assert torch.equal(changed, expected)
+
+
+def _losses(out):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_resume_continues_exactly(cli, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(J, ["train", *TINY, "--steps", 12, "--out", a]) == 0
+    assert cli(J, ["train", *TINY, "--steps", 6, "--out", b]) == 0
+    assert cli(J, ["train", *TINY, "--steps", 12, "--out", b, "--resume"]) == 0
+    assert _losses(b) == _losses(a)  # bit-identical on CPU
+    ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 12
+    assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+
+
+def test_loss_falls_on_tiny_data(cli, tmp_path):
+    assert cli(J, ["train", *TINY, "--steps", 120, "--out", tmp_path]) == 0
+    losses = _losses(tmp_path)
+    assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:5])
+
+
+def test_sample_and_eval(cli, tmp_path):
+    assert cli(J, ["train", *TINY, "--out", tmp_path]) == 0
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".png")) == ["samples_0000010.png", "samples_0000020.png"]
+    assert cli(J, ["sample", "--ckpt", tmp_path / "ckpt.pt", "--n", 10, "--batch", 4, "--out", tmp_path / "s.npz"]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (10, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
+    assert os.path.isfile(tmp_path / "s.png")
+    assert cli(J, ["eval", "--ckpt", tmp_path / "ckpt.pt", "--n", 40]) == 0
+    res = json.load(open(tmp_path / "eval.json"))
+    assert res["step"] == 20 and res["fd"] > 0 and 0 <= res["probe_linear"] <= 1 and res["fd_model"] == "pixels"
+
+
+def test_bad_inputs(cli, tmp_path, capsys):
+    assert cli(J, ["train", *TINY, "--image-size", 30, "--out", tmp_path / "x"]) == 2
+    assert "not divisible by the patch size" in capsys.readouterr().err
+    assert cli(J, ["sample", "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "s.npz"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    assert cli(J, ["eval", "--ckpt", tmp_path / "bad.pt"]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert cli(J, ["train", *TINY, "--data", "nope", "--out", tmp_path / "y"]) == 2
+    assert "unknown --data" in capsys.readouterr().err
+    assert cli(J, ["train", "--preset", "huge", "--out", tmp_path / "z"]) == 2  # argparse: invalid choice
+    # an existing run is never overwritten without --resume
+    assert cli(J, ["train", *TINY, "--steps", 2, "--out", tmp_path / "r"]) == 0
+    before = (tmp_path / "r" / "ckpt.pt").read_bytes()
+    assert cli(J, ["train", *TINY, "--steps", 4, "--out", tmp_path / "r"]) == 2
+    assert "--resume" in capsys.readouterr().err and (tmp_path / "r" / "ckpt.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(cli, tmp_path, monkeypatch, capsys):
+    assert cli(J, ["train", *TINY, "--steps", 10, "--out", tmp_path]) == 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    forward = J.JiT.forward
+    monkeypatch.setattr(J.JiT, "forward", lambda self, x, y: forward(self, x, y) * float("nan"))
+    assert cli(J, ["train", *TINY, "--steps", 20, "--out", tmp_path, "--resume"]) == 1
+    assert "loss is nan at step 11" in capsys.readouterr().err
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_toy_x_prediction_survives_high_dimension():
+    """Sec. 3.3 at D = 512: x-prediction lands on the spiral, eps-prediction does not (by a wide margin)."""
+    torch.set_num_threads(2)
+    d_x, _ = J.toy_run(512, "x", steps=400)
+    d_eps, _ = J.toy_run(512, "eps", steps=400)
+    assert d_x < 0.6 and d_eps > 5 * d_x, (d_x, d_eps)
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """The DDP path (gloo on CPU): two processes train the tiny preset and rank 0 writes one log."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                        "jit_xpred.py", "train", *TINY, "--steps", "4", "--out", str(tmp_path)],
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [1, 2, 3, 4]
