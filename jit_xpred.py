@@ -523,9 +523,7 @@ def eval_cmd(args):
     x = generate(model, cfg, args.n, args, d)
     if not d.master:
         return
-    real = np.concatenate([fd_net(xb.float() / 127.5 - 1) for xb in x_te[:args.n].split(500)])
-    fake = np.concatenate([fd_net(xb) for xb in x.split(500)])
-    fd = common.frechet_distance(*common.feature_stats(real), *common.feature_stats(fake))
+    fd = common.frechet_distance(*fd_net.stats(x_te[:args.n]), *fd_net.stats(x))
     n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
     depth, t = cfg.depth // 2, 0.75
     f_tr, f_te = features(model, x_tr[:n_tr], t, depth, d.device), features(model, x_te[:n_te], t, depth, d.device)

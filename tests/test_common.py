@@ -35,8 +35,10 @@ def test_probe_separable_and_shuffled():
 
 def test_frechet_distance():
     rng = np.random.default_rng(0)
-    f = rng.normal(size=(2000, 16))
-    assert abs(common.frechet_distance(*common.feature_stats(f), *common.feature_stats(f))) < 1e-6
+    x = torch.from_numpy(rng.integers(0, 256, (300, 3, 16, 16), dtype=np.uint8))
+    fd_net = common.FDFeatures("pixels", torch.device("cpu"))
+    assert abs(common.frechet_distance(*fd_net.stats(x), *fd_net.stats(x))) < 1e-6  # a set against itself
+    assert torch.allclose(torch.from_numpy(fd_net.stats(x)[0]).float(), torch.from_numpy(fd_net.stats(x.float() / 127.5 - 1)[0]).float())
     # closed form for diagonal Gaussians: |mu1 - mu2|^2 + sum (s1 - s2)^2
     mu1, mu2, s1, s2 = rng.normal(size=5), rng.normal(size=5), rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
     expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
