@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.utils.flop_counter
 import torch.nn.functional as F
 
@@ -236,6 +237,125 @@ class FDFeatures:
                      self.net(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)))
         f = torch.cat(f).double().cpu().numpy()
         return f.mean(0), np.cov(f, rowvar=False)
+
+
+# ------------------------------------------------------------------------------------------------ frozen encoder
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{name}_pretrain.pth"
+VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # width, depth, heads
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DinoBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.norm1, self.norm2 = heads, nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.ls1, self.ls2 = nn.Module(), nn.Module()  # LayerScale, init 1.0 as released
+        self.ls1.gamma, self.ls2.gamma = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B,h,N,hd]
+        x = x + self.ls1.gamma * self.attn.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        return x + self.ls2.gamma * self.mlp(self.norm2(x))
+
+
+class DinoViT(nn.Module):
+    """A ViT with the key layout of facebookresearch/dinov2's released backbones, so their state dicts load as they are.
+    forward(x normalised, [B,3,H,W]) -> (global token [B,D], patch tokens [B,N,D]), both after the final LayerNorm."""
+
+    def __init__(self, dim=384, depth=12, heads=6, patch=14, grid=37, registers=0):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token, self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, dim) * 0.02)
+        if registers:
+            self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
+        self.blocks = nn.ModuleList(DinoBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.patch, self.grid, self.registers = patch, grid, registers
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        h, w = H // self.patch, W // self.patch
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
+        pos = self.pos_embed[:, 1:]
+        if (h, w) != (self.grid, self.grid):  # as dinov2: bicubic in fp32, scale (n + 0.1)/grid, no antialias
+            pos = pos.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, D, grid, grid]
+            pos = F.interpolate(pos, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid), mode="bicubic")
+            pos = pos.to(x.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)  # [1, D, h, w] -> [1, h*w, D]
+        x = torch.cat([self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1], x + pos], 1)
+        if self.registers:  # registers go after the class token and get no position
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return x[:, 0], x[:, 1 + self.registers:]
+
+
+class FrozenEncoder(nn.Module):
+    """Images in [-1, 1] at any size -> resize to `resolution` (bicubic), ImageNet normalisation -> the ViT."""
+
+    def __init__(self, vit, resolution):
+        super().__init__()
+        self.vit, self.resolution, self.dim = vit.eval().requires_grad_(False), resolution, vit.norm.weight.shape[0]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # stays in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        x = F.interpolate((x.float() + 1) / 2, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
+        return self.vit((x - self.mean) / self.std)
+
+
+def vit_from_state_dict(sd):
+    """Builds a DinoViT whose shapes match a dinov2-layout state dict (released backbone, soda.py export, ...)."""
+    dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
+    vit = DinoViT(dim, depth, dim // 64, patch, math.isqrt(sd["pos_embed"].shape[1] - 1), registers)
+    vit.load_state_dict(sd)
+    return vit
+
+
+def load_encoder(spec, device="cpu"):
+    """A frozen encoder: images in [-1, 1] -> (global token [B,D], patch tokens [B,N,D]). `@RES` sets the input size.
+    dinov2_vit{s,b,l}14[_reg]: released DINOv2 (torch.hub's cache; no hub code runs) at 224 px.
+    PATH: a dinov2-layout state dict (official file or soda.py export).  random-vit-{s,b,l}: the same ViT, random init."""
+    name, _, res = spec.partition("@")
+    m = re.fullmatch(r"dinov2_vit([sbl])14(_reg)?", name)
+    if m:
+        file = f"dinov2_vit{m[1]}14{'_reg4' if m[2] else ''}_pretrain.pth"
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", file)
+        if not os.path.isfile(path):
+            url = DINOV2_URL.format(base=f"dinov2_vit{m[1]}14", name=file[:-len("_pretrain.pth")])
+            try:
+                torch.hub.download_url_to_file(url, path, progress=False)
+            except Exception as e:
+                raise UsageError(f"cannot download {name} ({type(e).__name__}); put {url} at {path}") from None
+        spec = path
+    if os.path.isfile(name) or m:
+        try:
+            sd = torch.load(spec if m else name, map_location="cpu", weights_only=True)
+            vit = vit_from_state_dict(sd.get("state_dict", sd))
+        except Exception as e:
+            raise UsageError(f"{spec}: not a dinov2-layout ViT state dict ({type(e).__name__})") from None
+        default_res = 224 if vit.patch == 14 else vit.patch * vit.grid
+    elif re.fullmatch(r"random-vit-[sbl]", name):
+        dim, depth, heads = VIT_SIZES[name[-1]]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            vit, default_res = DinoViT(dim, depth, heads), 224
+    else:
+        raise UsageError(f"unknown --encoder {spec!r}: use dinov2_vit{{s,b,l}}14[_reg], random-vit-{{s,b,l}} or a file")
+    return FrozenEncoder(vit, int(res) if res else default_res).to(device)
 
 
 # -------------------------------------------------------------------------------------------------------- runtime

@@ -1,0 +1,95 @@
+import math, os, urllib.error
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+# facebookresearch/dinov2 hub/backbones.py: dinov2_vits14 has 175 tensors, 22,056,576 values
+OFFICIAL_VITS14 = {"cls_token": (1, 1, 384), "pos_embed": (1, 1370, 384), "mask_token": (1, 384),
+                   "patch_embed.proj.weight": (384, 3, 14, 14), "patch_embed.proj.bias": (384,),
+                   "blocks.0.norm1.weight": (384,), "blocks.0.attn.qkv.weight": (1152, 384), "blocks.0.attn.proj.bias": (384,),
+                   "blocks.0.ls1.gamma": (384,), "blocks.0.mlp.fc1.weight": (1536, 384), "blocks.11.mlp.fc2.weight": (384, 1536),
+                   "blocks.11.ls2.gamma": (384,), "norm.weight": (384,), "norm.bias": (384,)}
+
+
+def test_official_key_layout():
+    sd = common.DinoViT(384, 12, 6).state_dict()
+    assert len(sd) == 175 and sum(v.numel() for v in sd.values()) == 22_056_576
+    for k, shape in OFFICIAL_VITS14.items():
+        assert tuple(sd[k].shape) == shape, k
+    sd_reg = common.DinoViT(384, 12, 6, registers=4).state_dict()
+    assert tuple(sd_reg["register_tokens"].shape) == (1, 4, 384) and len(sd_reg) == 176
+
+
+def _official_like_state_dict(registers):
+    """A state dict with the released key layout and non-trivial values (LayerScale and norms not at their init)."""
+    g = torch.Generator().manual_seed(1)
+    sd = common.DinoViT(384, 12, 6, registers=registers).state_dict()
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
+
+
+def test_hub_name_loads_a_cached_official_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    sd = _official_like_state_dict(registers=4)
+    os.makedirs(tmp_path / "checkpoints")
+    torch.save(sd, tmp_path / "checkpoints" / "dinov2_vits14_reg4_pretrain.pth")
+    enc = common.load_encoder("dinov2_vits14_reg")
+    assert enc.resolution == 224 and enc.dim == 384 and not any(p.requires_grad for p in enc.parameters())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    g, p = enc(x)
+    assert g.shape == (2, 384) and p.shape == (2, 256, 384)  # 224 / 14 = 16 -> 256 patch tokens, registers dropped
+    # the same numbers by hand: resize, normalise, and a ViT built from the same state dict
+    ref = common.DinoViT(384, 12, 6, registers=4)
+    ref.load_state_dict(sd)
+    xi = F.interpolate((x + 1) / 2, size=(224, 224), mode="bicubic", align_corners=False)
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    g_ref, p_ref = ref((xi - mean) / std)
+    assert torch.allclose(g, g_ref, atol=1e-5) and torch.allclose(p, p_ref, atol=1e-5)
+
+
+def test_file_spec_and_resolution(tmp_path):
+    sd = _official_like_state_dict(registers=0)
+    torch.save(sd, tmp_path / "enc.pt")
+    enc = common.load_encoder(f"{tmp_path / 'enc.pt'}@112")
+    g, p = enc(torch.rand(3, 3, 40, 24) * 2 - 1)  # any input size
+    assert enc.resolution == 112 and p.shape == (3, 64, 384)
+
+
+def test_position_embedding_interpolation():
+    vit = common.DinoViT(64, 1, 1, patch=14, grid=37)
+    # at the native grid the table is used as it is; elsewhere it is resized bicubically with dinov2's 0.1 offset
+    x = torch.randn(1, 3, 37 * 14, 37 * 14)
+    assert vit(x)[1].shape == (1, 37 * 37, 64)
+    pos = vit.pos_embed[:, 1:].reshape(1, 37, 37, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(pos, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic")
+    assert expected.shape[-2:] == (16, 16)
+    captured = {}
+    vit.blocks[0].register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    vit.eval()(torch.zeros(1, 3, 224, 224))
+    tokens = captured["x"][:, 1:] - vit.patch_embed.proj.bias  # a zero image: patch embedding = bias
+    assert torch.allclose(tokens, expected.permute(0, 2, 3, 1).reshape(1, 256, 64), atol=1e-5)
+
+
+def test_random_vit_is_deterministic_and_frozen():
+    a, b = common.load_encoder("random-vit-s@28"), common.load_encoder("random-vit-s@28")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(a(x)[1], b(x)[1]) and a(x)[1].shape == (2, 4, 384)
+    a.train()
+    assert not a.vit.training
+
+
+def test_encoder_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(common.UsageError, match="put https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth at"):
+        common.load_encoder("dinov2_vitb14")
+    with pytest.raises(common.UsageError, match="unknown --encoder"):
+        common.load_encoder("resnet50")
+    (tmp_path / "bad.pt").write_bytes(b"not a state dict")
+    with pytest.raises(common.UsageError, match="not a dinov2-layout"):
+        common.load_encoder(str(tmp_path / "bad.pt"))
