@@ -1,0 +1,475 @@
+"""REPA: representation alignment for a SiT, to the patch tokens of a frozen self-supervised encoder.
+
+Paper: S. Yu, S. Kwak, H. Jang, J. Jeong, J. Huang, J. Shin, S. Xie, "Representation Alignment for Generation:
+Training Diffusion Transformers Is Easier Than You Think", ICLR 2025.
+Claim: a diffusion transformer learns semantic features slowly; aligning its early hidden tokens to a frozen encoder
+(DINOv2) makes training much faster (17.5x for SiT-XL) and its features more understanding-like.
+
+    x_t = (1 - t) x + t e,  v = e - x,  t ~ U(0, 1)  (t = 1 noise)              (SiT linear interpolant, Eq. 2)
+    L_v = || v_theta(x_t, t, y) - v ||^2                                        (Eq. 3)
+    L_align = - 1/N sum_n cos( h_phi(h_t^[n]), y_*^[n] ),  h_t = tokens after block `align_depth`,
+              h_phi = 3-layer MLP projector (SiLU), y_* = the encoder's patch tokens of the clean x        (Eq. 8)
+    L = L_v + lambda L_align,  lambda = 0.5;  --proj-coeff 0 is the plain SiT, the same code path       (Eq. 9)
+
+Samplers: Heun on the probability-flow ODE dx/dt = v, and Euler-Maruyama on the reverse SDE
+dx = [v - w(t)/2 s] dt + sqrt(w(t)) dW with s = -(x + (1 - t) v)/t and w(t) = 2t (as REPA's sampler), CFG on an interval.
+
+Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's; needs the released file once, from the internet
+or put in torch.hub's cache), random-vit-s (the honest offline baseline), or a soda.py export. Append @RES to change
+the encoder's input size (224 by default: 16x16 = 256 patch tokens, one per SiT/2 token of a 32x32 image). When the
+token counts differ, the encoder grid is interpolated to the SiT grid.
+
+Commands (python repa.py {train,sample,eval} -h lists every flag):
+    CPU smoke, seconds: python repa.py train --preset tiny --out runs/repa_tiny --device cpu
+    one GPU, the claim: python repa.py train --data cifar10 --out runs/repa --compile
+                        python repa.py train --data cifar10 --proj-coeff 0 --out runs/sit --compile
+                        python repa.py eval --ckpt runs/repa/ckpt.pt --fd-model inception:default_1.pt   (and runs/sit)
+    torchrun:           torchrun --nproc_per_node 8 repa.py train --data cifar10 --out runs/repa --compile
+Expected: at equal steps, the aligned run has the lower FD and the higher probe of its own hidden tokens. Paper:
+SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without CFG; SiT-XL/2 1.42 with CFG.
+"""
+import math, os, time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+from common import UsageError, print0
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    data: str = "cifar10"           # dataset (common.load_images)
+    image_size: int = 32            # images are resized to image_size^2
+    patch: int = 2                  # SiT/2
+    hidden: int = 384               # SiT-S width (B 768, L 1024, XL 1152)
+    depth: int = 12                 # blocks (S/B 12, L 24, XL 28)
+    heads: int = 6
+    encoder: str = "dinov2_vitb14"  # frozen encoder (paper: DINOv2-B)
+    align_depth: int = 4            # block whose tokens are aligned (B: 4, L/XL: 8)
+    proj_dim: int = 2048            # projector width
+    proj_coeff: float = 0.5         # lambda; 0 = plain SiT
+    label_drop: float = 0.1         # class dropped to the null class for CFG
+    num_classes: int = 10           # filled in from the data
+    steps: int = 100_000            # optimiser steps
+    batch_size: int = 256           # global batch size
+    lr: float = 1e-4                # AdamW, weight decay 0 (paper)
+    grad_clip: float = 1.0          # paper: 1
+    warmup: int = 0                 # paper: none
+    ema: float = 0.9999             # paper: 0.9999 (with warm-up here)
+    sampler: str = "ode"            # ode (Heun) | sde (Euler-Maruyama; the paper's evaluation sampler)
+    sample_steps: int = 50          # paper: 250 SDE steps
+    cfg: float = 1.0                # CFG scale (paper 1.8 for its best FID)
+    cfg_interval: list = field(default_factory=lambda: [0.0, 0.7])  # CFG where lo <= t <= hi (paper: t <= 0.7)
+    probe_t: float = 0.25           # noise level at which eval probes the hidden tokens
+    log_every: int = 50             # steps between log.jsonl rows
+    sample_every: int = 5_000       # steps between sample grids
+    ckpt_every: int = 2_500         # steps between checkpoints
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny": dict(data="shapes:2000", image_size=16, patch=4, hidden=64, depth=2, heads=2, encoder="random-vit-s@28",
+                 align_depth=1, proj_dim=64, steps=20, batch_size=16, lr=1e-3, ema=0.9, sample_steps=4, log_every=1,
+                 sample_every=10, ckpt_every=10),
+    "default": dict(),  # SiT-S/2 on CIFAR-10 32x32, DINOv2-B at 224
+    "B": dict(hidden=768, depth=12, heads=12, align_depth=4),   # SiT-B/2
+    "L": dict(hidden=1024, depth=24, heads=16, align_depth=8),  # SiT-L/2
+}
+
+
+# -------------------------------------------------------------------------------------------------------- backbone
+def sincos_2d(grid, dim):
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim] (half the channels for rows, half for columns)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    out = [torch.outer(p.flatten().float(), omega) for p in (yy, xx)]  # 2 x [N, dim/4]
+    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, hd]
+        return self.proj(common.attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # [B, h, N, hd] -> [B, N, D]
+
+
+class Block(nn.Module):
+    """DiT/SiT block: LayerNorm, attention, GELU MLP, adaLN-zero modulation from c."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
+        x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
+        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):  # t [B] in [0, 1] -> [B, dim]
+        f = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
+        a = 1000 * t[:, None].float() * f[None]
+        return self.mlp(torch.cat([a.cos(), a.sin()], 1))
+
+
+class SiT(nn.Module):
+    """forward(x_t, t, y) -> (v_pred [B,3,H,W], tokens after block align_depth [B,N,D])."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        p, D, self.grid, self.cfg = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch, cfg
+        self.patch_embed = nn.Conv2d(3, D, p, p)
+        self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
+        self.t_embed, self.y_embed = TimestepEmbedder(D), nn.Embedding(cfg.num_classes + 1, D)  # last class = null
+        self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.out = nn.Linear(D, p * p * 3)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(D, -1))
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for m in [b.ada[-1] for b in self.blocks] + [self.ada_out[-1], self.out]:  # adaLN-zero, zero output
+            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+
+    def forward(self, x, t, y, stop_at=None):
+        B, p, g = x.shape[0], self.cfg.patch, self.grid
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
+        c = self.t_embed(t) + self.y_embed(y)
+        h_align = None
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if i + 1 == self.cfg.align_depth:
+                h_align = h
+                if stop_at == "align":  # for probing: the tokens REPA aligns
+                    return None, h_align
+        sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
+        out = self.out(modulate(self.norm_out(h), sh, sc))  # [B, N, p*p*3]
+        out = out.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)  # [B,3,g,p,g,p] -> image
+        return out, h_align
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+def projector(dim, proj_dim, enc_dim):
+    """h_phi: Linear, SiLU, Linear, SiLU, Linear, applied to every token."""
+    return nn.Sequential(nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+                         nn.Linear(proj_dim, enc_dim))
+
+
+def to_grid(tokens, grid):
+    """[B, M, D] tokens of a sqrt(M) x sqrt(M) grid -> [B, grid*grid, D] (bilinear), unchanged when the grids agree."""
+    B, M, D = tokens.shape
+    m = math.isqrt(M)
+    if m == grid:
+        return tokens
+    t = tokens.transpose(1, 2).reshape(B, D, m, m)  # [B, D, m, m]
+    return F.interpolate(t.float(), size=(grid, grid), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+
+def align_loss(h_proj, z_enc):
+    """-mean cos(h_proj, z_enc) over tokens and batch (Eq. 8); normalised in fp32 (fp16 NaNs in the official code)."""
+    return -(F.normalize(h_proj.float(), dim=-1) * F.normalize(z_enc.float(), dim=-1)).sum(-1).mean()
+
+
+class REPA(nn.Module):
+    """forward(x, y, z_enc) -> L_v + lambda L_align; sample(y) -> images. z_enc: the frozen encoder's patch tokens."""
+
+    def __init__(self, cfg, enc_dim=None):
+        super().__init__()
+        self.cfg, self.net = cfg, SiT(cfg)
+        self.proj = projector(cfg.hidden, cfg.proj_dim, enc_dim) if cfg.proj_coeff > 0 else None
+
+    def forward(self, x, y, z_enc=None):
+        cfg, B = self.cfg, x.shape[0]
+        t = torch.rand(B, device=x.device)
+        y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
+        e = torch.randn_like(x)
+        t4 = t.view(B, 1, 1, 1)
+        x_t = (1 - t4) * x + t4 * e  # Eq. 2
+        v_pred, h = self.net(x_t, t, y)
+        loss_v = ((v_pred.float() - (e - x)) ** 2).mean()  # Eq. 3
+        self.last = {"loss_v": loss_v.detach()}
+        if self.proj is None:
+            return loss_v
+        loss_align = align_loss(self.proj(h), to_grid(z_enc, self.net.grid))
+        self.last["loss_align"] = loss_align.detach()
+        return loss_v + cfg.proj_coeff * loss_align  # Eq. 9
+
+    def velocity(self, x, t, y, scale, interval):
+        """v(x, t) with CFG inside lo <= t <= hi; t is a float shared by the batch."""
+        B, cfg = x.shape[0], self.cfg
+        tt = torch.full((B,), t, device=x.device)
+        if scale != 1 and interval[0] <= t <= interval[1]:
+            v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, cfg.num_classes)]))[0]
+            v_c, v_u = v.float().chunk(2)
+            return v_u + scale * (v_c - v_u)
+        return self.net(x, tt, y)[0].float()
+
+    @torch.no_grad()
+    def sample(self, y, sampler=None, steps=None, scale=None, interval=None, generator=None):
+        cfg = self.cfg
+        scale, interval = cfg.cfg if scale is None else scale, interval or cfg.cfg_interval
+        x = torch.randn((len(y), 3, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
+        with common.autocast(x.device):
+            v = lambda x, t: self.velocity(x, t, y, scale, interval)
+            solve = sample_sde if (sampler or cfg.sampler) == "sde" else sample_ode
+            return solve(v, x, steps or cfg.sample_steps, generator).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------------------- samplers
+def sample_ode(v, x, steps, generator=None):
+    """Heun on dx/dt = v(x, t) from t = 1 (noise) to 0; the last step is Euler (no evaluation at t = 0)."""
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        d = v(x, t)
+        if i == steps - 1:
+            x = x + (t_next - t) * d
+        else:
+            x = x + (t_next - t) * 0.5 * (d + v(x + (t_next - t) * d, t_next))
+    return x
+
+
+def sample_sde(v, x, steps, generator=None):
+    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, from t = 1 to 0; the last
+    step is the deterministic Euler step of the ODE."""
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        d = v(x, t)
+        if i == steps - 1:
+            return x + (t_next - t) * d
+        w, score = 2 * t, -(x + (1 - t) * d) / t
+        noise = torch.randn(x.shape, device=x.device, generator=generator)
+        x = x + (d - 0.5 * w * score) * (t_next - t) + math.sqrt(w * (t - t_next)) * noise
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------- train / main
+def make_config(args):
+    cfg = Config(**PRESETS[args.preset])
+    for k in ("data", "steps", "batch_size", "lr", "image_size", "seed", "encoder", "proj_coeff"):
+        if getattr(args, k, None) is not None:
+            setattr(cfg, k, getattr(args, k))
+    if cfg.image_size % cfg.patch:
+        raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
+    if not 1 <= cfg.align_depth <= cfg.depth:
+        raise UsageError(f"--align-depth {cfg.align_depth} is not a block of the {cfg.depth}-block SiT")
+    return cfg
+
+
+def train(args):
+    d = common.setup_dist(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        ckpt = common.load_checkpoint(path)
+        cfg = Config(**ckpt["config"])
+        cfg.steps = args.steps or cfg.steps
+    elif os.path.exists(path):
+        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
+    else:
+        cfg = make_config(args)
+    if cfg.batch_size % d.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
+    encoder = common.load_encoder(cfg.encoder, d.device) if cfg.proj_coeff > 0 else None
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = REPA(cfg, encoder.dim if encoder else None).to(d.device)
+    ema = common.Ema(model, cfg.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step = 0
+    if args.resume:
+        model.load_state_dict(ckpt["model"]); ema.model.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
+        step = ckpt["step"]
+        common.set_rng_state(ckpt["rng"], d.rank, cfg.seed, step)
+    else:
+        torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+    print0(f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, "
+           f"{'REPA to ' + cfg.encoder + f' at block {cfg.align_depth}, lambda {cfg.proj_coeff}' if encoder else 'no alignment'}, "
+           f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
+    step_model = torch.compile(step_model) if args.compile else step_model
+    bs = cfg.batch_size // d.world
+
+    def loss_of(x, y):
+        z_enc = encoder(x)[1] if encoder else None  # patch tokens of the clean images [B, M, D_enc]
+        with common.autocast(d.device):
+            return step_model(x, y, z_enc)
+
+    peak = common.peak_flops(d.device)
+    if peak:  # model FLOPs of one step (encoder included), counted once; the RNG is put back afterwards
+        state = common.rng_state()
+        x, y = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)
+        flops_per_img = common.flops_per_call(lambda: loss_of(x, y).backward()) / bs
+        opt.zero_grad(set_to_none=True); common.set_rng_state(state)
+    log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
+    loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
+    pbar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.master, desc="train")
+    for step in pbar:
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
+        loss = loss_of(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(model, step)
+        loss_sum += loss.detach(); n_sum += 1
+        done = step + 1
+        save = done % cfg.ckpt_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or save:
+            if d.world > 1:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            mean_loss, dt = loss_sum.item() / n_sum, time.time() - t0
+            if not math.isfinite(mean_loss):
+                raise common.TrainingError(f"loss is {mean_loss} at step {done}; stopped, {path} keeps the last good "
+                                           f"checkpoint")
+            row = dict(step=done, loss=mean_loss, img_per_s=round(n_sum * cfg.batch_size / dt, 1), lr=lr,
+                       **{k: v.item() for k, v in model.last.items()})  # the last step's two terms
+            if peak:
+                row["mfu"] = round(flops_per_img * row["img_per_s"] / (peak * d.world), 4)
+            log(**row)
+            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=row["img_per_s"])
+            loss_sum.zero_(); n_sum, t0 = 0, time.time()
+        if d.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+            g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
+            y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
+            common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
+        if d.master and save:
+            common.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
+                                              step=done, config=asdict(cfg), rng=common.rng_state()))
+
+
+def load_for_inference(args):
+    d = common.setup_dist(args.device)
+    ckpt = common.load_checkpoint(args.ckpt)
+    try:
+        cfg = Config(**ckpt["config"])
+        enc_dim = ckpt["ema"]["proj.4.weight"].shape[0] if cfg.proj_coeff > 0 else None
+        model = REPA(cfg, enc_dim).to(d.device).eval()
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"{args.ckpt} is not a repa.py checkpoint ({type(e).__name__})") from None
+    if args.compile:
+        model.net = torch.compile(model.net)
+    return d, ckpt, cfg, model
+
+
+def generate(model, cfg, n, args, d):
+    """n class-balanced samples, split over the processes and gathered: [n, 3, H, W] in [-1, 1] (on every rank)."""
+    per = math.ceil(n / d.world)
+    y = (torch.arange(per) + d.rank * per) % cfg.num_classes
+    g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
+    xs = [model.sample(yb.to(d.device), args.sampler, args.sample_steps, args.cfg, args.cfg_interval, g)
+          for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)]
+    x = torch.cat(xs)
+    if d.world > 1:
+        parts = [torch.empty_like(x) for _ in range(d.world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        x = torch.cat(parts)
+    return x[:n]
+
+
+def sample_cmd(args):
+    if not args.out.endswith(".npz"):
+        raise UsageError("--out must name an .npz file")
+    d, ckpt, cfg, model = load_for_inference(args)
+    x = generate(model, cfg, args.n, args, d)
+    if d.master:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        np.savez(args.out, arr_0=common.to_uint8(x))
+        common.save_grid(x[:64], args.out[:-4] + ".png")
+        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
+
+
+@torch.no_grad()
+def sit_features(model, images, t, device, bs=256):
+    """SiT's own representation: the tokens after block align_depth of x_t (null class), mean-pooled -> [N, D]."""
+    out = []
+    for i in range(0, len(images), bs):
+        x = images[i:i + bs].to(device).float().div(127.5).sub(1)
+        B = len(x)
+        x_t = (1 - t) * x + t * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        with common.autocast(device):
+            h = model.net(x_t, torch.full((B,), t, device=device), torch.full((B,), model.cfg.num_classes, device=device),
+                          stop_at="align")[1]
+        out.append(h.float().mean(1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encoder_features(encoder, images, device, bs=256):
+    return torch.cat([encoder(images[i:i + bs].to(device).float() / 127.5 - 1)[0].float() for i in range(0, len(images), bs)])
+
+
+def eval_cmd(args):
+    d, ckpt, cfg, model = load_for_inference(args)
+    data = args.data or cfg.data
+    x_tr, y_tr, _ = common.load_images(data, "train", cfg.image_size)
+    x_te, y_te, _ = common.load_images(data, "test", cfg.image_size)
+    fd_net = common.FDFeatures(args.fd_model, d.device)
+    encoder = common.load_encoder(args.encoder or cfg.encoder, d.device)
+    x = generate(model, cfg, args.n, args, d)
+    if not d.master:
+        return
+    fd = common.frechet_distance(*fd_net.stats(x_te[:args.n]), *fd_net.stats(x))
+    n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
+    ytr, yte = y_tr[:n_tr].to(d.device), y_te[:n_te].to(d.device)
+    probe = lambda f_tr, f_te: (round(common.linear_probe(f_tr, ytr, f_te, yte), 4), round(common.knn_accuracy(f_tr, ytr, f_te, yte), 4))
+    sit = probe(sit_features(model, x_tr[:n_tr], cfg.probe_t, d.device), sit_features(model, x_te[:n_te], cfg.probe_t, d.device))
+    enc = probe(encoder_features(encoder, x_tr[:n_tr], d.device), encoder_features(encoder, x_te[:n_te], d.device))
+    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff, n_samples=args.n, fd=round(fd, 4),
+               fd_model=args.fd_model, sampler=args.sampler or cfg.sampler,
+               probe=f"SiT tokens after block {cfg.align_depth}/{cfg.depth} at t={cfg.probe_t}, null class, mean-pooled",
+               probe_linear=sit[0], probe_knn=sit[1], encoder=args.encoder or cfg.encoder,
+               encoder_probe_linear=enc[0], encoder_probe_knn=enc[1])
+    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
+        common.json.dump(res, f, indent=1)
+    print0(common.json.dumps(res))
+
+
+def main(argv=None):
+    p, sub = common.make_parser(__doc__, PRESETS)
+    tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
+    tr.add_argument("--encoder", help="frozen encoder spec (default dinov2_vitb14; see common.load_encoder)")
+    tr.add_argument("--proj-coeff", type=float, help="lambda of the alignment loss (default 0.5; 0 = plain SiT)")
+    ev.add_argument("--encoder", help="encoder probed beside the SiT (default: the run's)")
+    for s in (sa, ev):
+        s.add_argument("--sampler", choices=["ode", "sde"], help="Heun ODE or Euler-Maruyama SDE (default: the run's)")
+        s.add_argument("--sample-steps", type=int, help="sampler steps (default: the run's, 50)")
+        s.add_argument("--cfg", type=float, help="CFG scale (default: the run's, 1)")
+        s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo <= t <= hi (default 0 0.7)")
+    args = p.parse_args(argv)
+    {"train": train, "sample": sample_cmd, "eval": eval_cmd}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    common.cli(main)
