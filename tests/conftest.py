@@ -20,3 +20,10 @@ def run_cli(module, argv):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def logged_losses():
+    """-> a function: run folder -> the losses of its log.jsonl, in order."""
+    import json
+    return lambda out: [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]

@@ -75,16 +75,12 @@ def test_toy_one_step_lands_on_data(cli, tmp_path):
     assert os.path.isfile(tmp_path / "toy.png")
 
 
-def _losses(out):
-    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
-
-
-def test_train_resume_sample_eval(cli, tmp_path):
+def test_train_resume_sample_eval(cli, logged_losses, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(C, ["train", *TINY, "--steps", 12, "--out", a]) == 0
     assert cli(C, ["train", *TINY, "--steps", 7, "--out", b]) == 0
     assert cli(C, ["train", *TINY, "--steps", 12, "--out", b, "--resume"]) == 0
-    assert _losses(b) == _losses(a)  # bit-identical on CPU, across a stage boundary (stage_steps 5)
+    assert logged_losses(b) == logged_losses(a)  # bit-identical on CPU, across a stage boundary (stage_steps 5)
     assert [json.loads(l)["stage"] for l in open(a / "log.jsonl")] == [0] * 5 + [1] * 5 + [2] * 2
     for steps in (1, 2):
         out = tmp_path / f"s{steps}.npz"

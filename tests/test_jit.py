@@ -57,24 +57,20 @@ def test_output_patch_lands_where_its_input_patch_was():
     assert torch.equal(changed, expected)
 
 
-def _losses(out):
-    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
-
-
-def test_resume_continues_exactly(cli, tmp_path):
+def test_resume_continues_exactly(cli, logged_losses, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(J, ["train", *TINY, "--steps", 12, "--out", a]) == 0
     assert cli(J, ["train", *TINY, "--steps", 6, "--out", b]) == 0
     assert cli(J, ["train", *TINY, "--steps", 12, "--out", b, "--resume"]) == 0
-    assert _losses(b) == _losses(a)  # bit-identical on CPU
+    assert logged_losses(b) == logged_losses(a)  # bit-identical on CPU
     ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
     assert ca["step"] == cb["step"] == 12
     assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
 
 
-def test_loss_falls_on_tiny_data(cli, tmp_path):
+def test_loss_falls_on_tiny_data(cli, logged_losses, tmp_path):
     assert cli(J, ["train", *TINY, "--steps", 120, "--out", tmp_path]) == 0
-    losses = _losses(tmp_path)
+    losses = logged_losses(tmp_path)
     assert np.mean(losses[-20:]) < 0.75 * np.mean(losses[:5])
 
 

@@ -66,16 +66,12 @@ def test_samplers_integrate_a_known_velocity_field():
     assert abs(x.mean().item() - mu) < 0.01 and abs(x.std().item() - sigma) < 0.01
 
 
-def _losses(out):
-    return [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
-
-
-def test_train_resume_sample_eval(cli, tmp_path):
+def test_train_resume_sample_eval(cli, logged_losses, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(R, ["train", *TINY, "--steps", 10, "--out", a]) == 0
     assert cli(R, ["train", *TINY, "--steps", 5, "--out", b]) == 0
     assert cli(R, ["train", *TINY, "--steps", 10, "--out", b, "--resume"]) == 0
-    assert _losses(b) == _losses(a)
+    assert logged_losses(b) == logged_losses(a)
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_v"] + 0.5 * row["loss_align"], rel=1e-5)
     for sampler in ("ode", "sde"):
