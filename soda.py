@@ -430,10 +430,10 @@ def eval_cmd(args):
         res[f"probe_knn_{name}"] = round(common.knn_accuracy(f_tr, ytr, f_te, yte), 4)
     n = min(args.n, len(x_te))
     recon = reconstruct(model, x_te[:n], args, d.device)
+    fd_net = common.FDFeatures(args.fd_model, d.device)
     mse = ((recon.cpu() - (x_te[:n].float() / 127.5 - 1)) ** 2).flatten(1).mean(1)
     res.update(n_reconstructed=n, psnr=round((10 * torch.log10(4 / mse)).mean().item(), 3),
-               fd_reconstructions=round(common.frechet_distance(*common.FDFeatures(args.fd_model, d.device).stats(x_te[:n]),
-                                                                *common.FDFeatures(args.fd_model, d.device).stats(recon)), 4),
+               fd_reconstructions=round(common.frechet_distance(*fd_net.stats(x_te[:n]), *fd_net.stats(recon)), 4),
                fd_model=args.fd_model, guidance=cfg.guidance if args.guidance is None else args.guidance)
     with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
         common.json.dump(res, f, indent=1)
@@ -459,9 +459,8 @@ def main(argv=None):
     ex.add_argument("--ckpt", required=True)
     ex.add_argument("--out", required=True)
     ex.add_argument("--device", default="cpu")
+    ev.set_defaults(n=1000)  # reconstructions cost sample_steps passes each; 1,000 views are enough for PSNR
     args = p.parse_args(argv)
-    if args.cmd == "eval":
-        args.n = min(args.n, 1000)  # reconstructions are costly; 1,000 views are enough for PSNR
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "export-encoder": export_encoder}[args.cmd](args)
 
 
