@@ -511,6 +511,8 @@ def cli(main, argv=None):
     """Run main(argv); bad input becomes one line on stderr and exit code 2."""
     try:
         main(argv)
+        if dist.is_initialized():
+            dist.barrier()  # tear down together: gloo aborts a process whose peer is still writing its checkpoint
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
