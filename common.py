@@ -152,10 +152,13 @@ def load_images(spec, split="train", size=32, root="./data"):
 
 def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu"):
     """Random batch for one optimiser step. The indices and flips depend only on (seed, step, rank), so a resumed run
-    draws exactly the batches an uninterrupted one would. -> x in [-1, 1] float [B,3,H,W], y [B]."""
+    draws exactly the batches an uninterrupted one would. -> x in [-1, 1] float [B,3,H,W], y [B].
+    A float `images` (precomputed latents [N,C,h,w]) is taken as it is; two calls with the same (seed, step, rank)
+    pick the same rows and flips, so latents and their images stay paired."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 997 + rank)
     idx = torch.randint(len(images), (batch_size,), generator=g)
-    x = images[idx].to(device, non_blocking=True).float().div(127.5).sub(1)
+    x = images[idx].to(device, non_blocking=True)
+    x = x if x.is_floating_point() else x.float().div(127.5).sub(1)
     if flip:
         m = (torch.rand(batch_size, generator=g) < 0.5).to(device)
         x = torch.where(m[:, None, None, None], x.flip(3), x)

@@ -25,11 +25,14 @@ Commands (python repa.py {train,sample,eval} -h lists every flag):
                         python repa.py train --data cifar10 --proj-coeff 0 --out runs/sit --compile
                         python repa.py eval --ckpt runs/repa/ckpt.pt --fd-model inception:default_1.pt   (and runs/sit)
     torchrun:           torchrun --nproc_per_node 8 repa.py train --data cifar10 --out runs/repa --compile
+    latents (as the paper, SD-VAE): python repa.py train --data in256.npz --latents --preset B --out runs/repa_b
+                        in256.npz: `latents` [N,4,32,32] (the VAE's mean x 0.18215), arr_0 the images [N,256,256,3]
+                        uint8, `labels`. sample then writes `latents`; decode them with the same VAE.
 Expected: at equal steps, the aligned run has the lower FD and the higher probe of its own hidden tokens. Paper:
 SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without CFG; SiT-XL/2 1.42 with CFG.
 """
 import math, os, time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -46,7 +49,9 @@ from common import UsageError, print0
 @dataclass
 class Config:
     data: str = "cifar10"           # dataset (common.load_images)
-    image_size: int = 32            # images are resized to image_size^2
+    image_size: int = 32            # images are resized to image_size^2 (with --latents: the latent grid, filled in)
+    latents: bool = False           # train on the `latents` of the --data .npz (the paper: SD-VAE), not on pixels
+    channels: int = 3               # what the SiT reads and writes (with --latents: the latents' C, filled in)
     patch: int = 2                  # SiT/2
     hidden: int = 384               # SiT-S width (B 768, L 1024, XL 1152)
     depth: int = 12                 # blocks (S/B 12, L 24, XL 28)
@@ -137,18 +142,18 @@ class TimestepEmbedder(nn.Module):
 
 
 class SiT(nn.Module):
-    """forward(x_t, t, y) -> (v_pred [B,3,H,W], tokens after block align_depth [B,N,D])."""
+    """forward(x_t, t, y) -> (v_pred [B,C,H,W], tokens after block align_depth [B,N,D])."""
 
     def __init__(self, cfg):
         super().__init__()
         p, D, self.grid, self.cfg = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch, cfg
-        self.patch_embed = nn.Conv2d(3, D, p, p)
+        self.patch_embed = nn.Conv2d(cfg.channels, D, p, p)
         self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
         self.t_embed, self.y_embed = TimestepEmbedder(D), nn.Embedding(cfg.num_classes + 1, D)  # last class = null
         self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.out = nn.Linear(D, p * p * 3)
+        self.out = nn.Linear(D, p * p * cfg.channels)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
@@ -158,7 +163,7 @@ class SiT(nn.Module):
             nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y, stop_at=None):
-        B, p, g = x.shape[0], self.cfg.patch, self.grid
+        B, p, g, C = x.shape[0], self.cfg.patch, self.grid, self.cfg.channels
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
         c = self.t_embed(t) + self.y_embed(y)
         h_align = None
@@ -169,8 +174,8 @@ class SiT(nn.Module):
                 if stop_at == "align":  # for probing: the tokens REPA aligns
                     return None, h_align
         sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
-        out = self.out(modulate(self.norm_out(h), sh, sc))  # [B, N, p*p*3]
-        out = out.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, g * p, g * p)  # [B,3,g,p,g,p] -> image
+        out = self.out(modulate(self.norm_out(h), sh, sc))  # [B, N, p*p*C]
+        out = out.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)  # [B,C,g,p,g,p] -> image
         return out, h_align
 
 
@@ -197,7 +202,8 @@ def align_loss(h_proj, z_enc):
 
 
 class REPA(nn.Module):
-    """forward(x, y, z_enc) -> L_v + lambda L_align; sample(y) -> images. z_enc: the frozen encoder's patch tokens."""
+    """forward(x, y, z_enc) -> L_v + lambda L_align; sample(y) -> images (or latents). z_enc: the frozen encoder's
+    patch tokens of the clean images."""
 
     def __init__(self, cfg, enc_dim=None):
         super().__init__()
@@ -234,11 +240,12 @@ class REPA(nn.Module):
     def sample(self, y, sampler=None, steps=None, scale=None, interval=None, generator=None):
         cfg = self.cfg
         scale, interval = cfg.cfg if scale is None else scale, interval or cfg.cfg_interval
-        x = torch.randn((len(y), 3, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
+        x = torch.randn((len(y), cfg.channels, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
         with common.autocast(x.device):
             v = lambda x, t: self.velocity(x, t, y, scale, interval)
             solve = sample_sde if (sampler or cfg.sampler) == "sde" else sample_ode
-            return solve(v, x, steps or cfg.sample_steps, generator).clamp(-1, 1)
+            x = solve(v, x, steps or cfg.sample_steps, generator)
+        return x if cfg.latents else x.clamp(-1, 1)
 
 
 # --------------------------------------------------------------------------------------------------------- samplers
@@ -271,9 +278,31 @@ def sample_sde(v, x, steps, generator=None):
 
 
 # ---------------------------------------------------------------------------------------------------- train / main
+def load_data(cfg, split):
+    """-> (what the SiT models, the images the encoder reads, labels); fills in cfg.num_classes. In pixel space both
+    are the uint8 images. With --latents, the SiT models the float `latents` [N,C,h,w] of the --data .npz (the paper
+    precomputes SD-VAE latents x 0.18215) and the encoder reads the same file's images (arr_0, [N,H,W,3] uint8)."""
+    if not cfg.latents:
+        images, labels, cfg.num_classes = common.load_images(cfg.data, split, cfg.image_size)
+        return images, images, labels
+    if not (cfg.data.endswith(".npz") and os.path.isfile(cfg.data)):
+        raise UsageError(f"--latents needs --data FILE.npz with `latents` [N,C,h,w] and the images in arr_0")
+    f = np.load(cfg.data)
+    if "latents" not in f.files or f["latents"].ndim != 4 or "arr_0" not in f.files or len(f["latents"]) != len(f["arr_0"]):
+        raise UsageError(f"{cfg.data}: expected `latents` [N,C,h,w] beside N images in arr_0")
+    latents = torch.from_numpy(f["latents"].astype(np.float32))
+    images, labels, cfg.num_classes = common.load_images(cfg.data, split, f["arr_0"].shape[1])
+    cut = len(latents) - len(latents) // 10  # common.load_images' split of an .npz: the last 10% is the test split
+    latents = latents[:cut] if split == "train" else latents[cut:]
+    cfg.channels, cfg.image_size = latents.shape[1], latents.shape[-1]
+    if cfg.image_size % cfg.patch:
+        raise UsageError(f"latent size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
+    return latents, images, labels
+
+
 def make_config(args):
     cfg = Config(**PRESETS[args.preset])
-    for k in ("data", "steps", "batch_size", "lr", "image_size", "seed", "encoder", "proj_coeff"):
+    for k in ("data", "steps", "batch_size", "lr", "image_size", "seed", "encoder", "proj_coeff", "latents"):
         if getattr(args, k, None) is not None:
             setattr(cfg, k, getattr(args, k))
     if cfg.image_size % cfg.patch:
@@ -297,7 +326,7 @@ def train(args):
         cfg = make_config(args)
     if cfg.batch_size % d.world:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
-    images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
+    xs, images, labels = load_data(cfg, "train")
     encoder = common.load_encoder(cfg.encoder, d.device) if cfg.proj_coeff > 0 else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = REPA(cfg, encoder.dim if encoder else None).to(d.device)
@@ -312,21 +341,23 @@ def train(args):
         torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
     print0(f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, "
            f"{'REPA to ' + cfg.encoder + f' at block {cfg.align_depth}, lambda {cfg.proj_coeff}' if encoder else 'no alignment'}, "
-           f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+           f"{len(images)} {'latents' if cfg.latents else 'images'} of {cfg.data}, step {step} -> {cfg.steps}, "
+           f"{d.world} x {d.device}")
     step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
     step_model = torch.compile(step_model) if args.compile else step_model
     bs = cfg.batch_size // d.world
 
-    def loss_of(x, y):
-        z_enc = encoder(x)[1] if encoder else None  # patch tokens of the clean images [B, M, D_enc]
+    def loss_of(x, x_img, y):
+        z_enc = encoder(x_img)[1] if encoder else None  # patch tokens of the clean images [B, M, D_enc]
         with common.autocast(d.device):
             return step_model(x, y, z_enc)
 
     peak = common.peak_flops(d.device)
     if peak:  # model FLOPs of one step (encoder included), counted once; the RNG is put back afterwards
         state = common.rng_state()
-        x, y = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)
-        flops_per_img = common.flops_per_call(lambda: loss_of(x, y).backward()) / bs
+        x, y = common.batch(xs, labels, bs, cfg.seed, 0, d.rank, device=d.device)
+        x_img = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)[0]
+        flops_per_img = common.flops_per_call(lambda: loss_of(x, x_img, y).backward()) / bs
         opt.zero_grad(set_to_none=True); common.set_rng_state(state)
     log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
     loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
@@ -335,8 +366,11 @@ def train(args):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
-        loss = loss_of(x, y)
+        flip = not cfg.latents  # a flipped latent is not the latent of the flipped image: flip when precomputing
+        x, y = common.batch(xs, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)
+        # the same rows: the encoder reads the images of these latents
+        x_img = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)[0] if cfg.latents else x
+        loss = loss_of(x, x_img, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -359,7 +393,7 @@ def train(args):
             log(**row)
             pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=row["img_per_s"])
             loss_sum.zero_(); n_sum, t0 = 0, time.time()
-        if d.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+        if d.master and not cfg.latents and (done % cfg.sample_every == 0 or done == cfg.steps):  # latents: no VAE here
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
             y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
             common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
@@ -403,7 +437,11 @@ def sample_cmd(args):
         raise UsageError("--out must name an .npz file")
     d, ckpt, cfg, model = load_for_inference(args)
     x = generate(model, cfg, args.n, args, d)
-    if d.master:
+    if d.master and cfg.latents:  # decode them with the VAE that made the training latents
+        np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
+        print0(f"wrote {args.out}: {args.n} latents [{args.n},{cfg.channels},{cfg.image_size},{cfg.image_size}] "
+               f"(decode them with your VAE)")
+    elif d.master:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         np.savez(args.out, arr_0=common.to_uint8(x))
         common.save_grid(x[:64], args.out[:-4] + ".png")
@@ -411,11 +449,13 @@ def sample_cmd(args):
 
 
 @torch.no_grad()
-def sit_features(model, images, t, device, bs=256):
-    """SiT's own representation: the tokens after block align_depth of x_t (null class), mean-pooled -> [N, D]."""
+def sit_features(model, xs, t, device, bs=256):
+    """SiT's own representation: the tokens after block align_depth of x_t (null class), mean-pooled -> [N, D].
+    xs: uint8 images, or float latents."""
     out = []
-    for i in range(0, len(images), bs):
-        x = images[i:i + bs].to(device).float().div(127.5).sub(1)
+    for i in range(0, len(xs), bs):
+        x = xs[i:i + bs].to(device)
+        x = x if x.is_floating_point() else x.float().div(127.5).sub(1)
         B = len(x)
         x_t = (1 - t) * x + t * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
         with common.autocast(device):
@@ -433,21 +473,24 @@ def encoder_features(encoder, images, device, bs=256):
 def eval_cmd(args):
     d, ckpt, cfg, model = load_for_inference(args)
     data = args.data or cfg.data
-    x_tr, y_tr, _ = common.load_images(data, "train", cfg.image_size)
-    x_te, y_te, _ = common.load_images(data, "test", cfg.image_size)
-    fd_net = common.FDFeatures(args.fd_model, d.device)
+    dcfg = replace(cfg, data=data)  # the run's config (size, latents) on the data asked for
+    s_tr, x_tr, y_tr = load_data(dcfg, "train")  # s_*: what the SiT reads (images or latents), x_*: the images
+    s_te, x_te, y_te = load_data(dcfg, "test")
     encoder = common.load_encoder(args.encoder or cfg.encoder, d.device)
-    x = generate(model, cfg, args.n, args, d)
+    fd, fd_model = None, "none: latent samples need the VAE that made the latents (sample writes them)"
+    if not cfg.latents:
+        fd_net, fd_model = common.FDFeatures(args.fd_model, d.device), args.fd_model
+        x = generate(model, cfg, args.n, args, d)
+        fd = round(common.frechet_distance(*fd_net.stats(x_te[:args.n]), *fd_net.stats(x)), 4) if d.master else None
     if not d.master:
         return
-    fd = common.frechet_distance(*fd_net.stats(x_te[:args.n]), *fd_net.stats(x))
     n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
     ytr, yte = y_tr[:n_tr].to(d.device), y_te[:n_te].to(d.device)
     probe = lambda f_tr, f_te: (round(common.linear_probe(f_tr, ytr, f_te, yte), 4), round(common.knn_accuracy(f_tr, ytr, f_te, yte), 4))
-    sit = probe(sit_features(model, x_tr[:n_tr], cfg.probe_t, d.device), sit_features(model, x_te[:n_te], cfg.probe_t, d.device))
+    sit = probe(sit_features(model, s_tr[:n_tr], cfg.probe_t, d.device), sit_features(model, s_te[:n_te], cfg.probe_t, d.device))
     enc = probe(encoder_features(encoder, x_tr[:n_tr], d.device), encoder_features(encoder, x_te[:n_te], d.device))
-    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff, n_samples=args.n, fd=round(fd, 4),
-               fd_model=args.fd_model, sampler=args.sampler or cfg.sampler,
+    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff, n_samples=args.n, fd=fd,
+               fd_model=fd_model, sampler=args.sampler or cfg.sampler,
                probe=f"SiT tokens after block {cfg.align_depth}/{cfg.depth} at t={cfg.probe_t}, null class, mean-pooled",
                probe_linear=sit[0], probe_knn=sit[1], encoder=args.encoder or cfg.encoder,
                encoder_probe_linear=enc[0], encoder_probe_knn=enc[1])
@@ -461,6 +504,8 @@ def main(argv=None):
     tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
     tr.add_argument("--encoder", help="frozen encoder spec (default dinov2_vitb14; see common.load_encoder)")
     tr.add_argument("--proj-coeff", type=float, help="lambda of the alignment loss (default 0.5; 0 = plain SiT)")
+    tr.add_argument("--latents", action="store_true", default=None,
+                    help="train on the `latents` [N,C,h,w] of the --data .npz (its arr_0 images feed the encoder)")
     ev.add_argument("--encoder", help="encoder probed beside the SiT (default: the run's)")
     for s in (sa, ev):
         s.add_argument("--sampler", choices=["ode", "sde"], help="Heun ODE or Euler-Maruyama SDE (default: the run's)")

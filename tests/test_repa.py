@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import repa as R
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
@@ -90,3 +91,29 @@ def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
     assert cli(R, ["train", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"]) == 2
     assert "unknown --encoder" in capsys.readouterr().err
     assert cli(R, ["train", *TINY, "--image-size", 18, "--out", tmp_path / "y"]) == 2
+
+
+def test_precomputed_latents(cli, tmp_path):
+    """--latents: the SiT models the float `latents` of an .npz while the encoder reads the same rows' images."""
+    import torch.nn.functional as F
+    images, labels = common._shapes("train", 16, 200)
+    x = torch.from_numpy(images).float() / 127.5 - 1
+    pooled = F.avg_pool2d(x, 2)  # a stand-in for a VAE: [N,3,16,16] -> [N,3,8,8], plus a fourth channel
+    latents = torch.cat([pooled, pooled.mean(1, keepdim=True)], 1).numpy()  # [N,4,8,8]
+    path = tmp_path / "lat.npz"
+    np.savez(path, arr_0=images.transpose(0, 2, 3, 1), labels=labels, latents=latents)
+    # the batches of latents and of images are the same rows (flips included)
+    lat_b, y_l = common.batch(torch.from_numpy(latents), torch.from_numpy(labels), 8, 0, 3, flip=True)
+    img_b, y_i = common.batch(torch.from_numpy(images), torch.from_numpy(labels), 8, 0, 3, flip=True)
+    assert torch.equal(y_l, y_i) and torch.allclose(lat_b[:, :3], F.avg_pool2d(img_b, 2), atol=1e-5)
+    run = tmp_path / "run"
+    assert cli(R, ["train", *TINY, "--data", path, "--latents", "--steps", 3, "--out", run]) == 0
+    sd = torch.load(run / "ckpt.pt", weights_only=True)
+    assert sd["config"]["channels"] == 4 and sd["config"]["image_size"] == 8
+    assert sd["model"]["net.patch_embed.weight"].shape[1] == 4
+    assert cli(R, ["sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--out", tmp_path / "s.npz"]) == 0
+    assert np.load(tmp_path / "s.npz")["latents"].shape == (5, 4, 8, 8)
+    assert cli(R, ["eval", "--ckpt", run / "ckpt.pt"]) == 0
+    res = json.load(open(run / "eval.json"))
+    assert res["fd"] is None and 0 <= res["probe_linear"] <= 1 and 0 <= res["encoder_probe_linear"] <= 1
+    assert cli(R, ["train", *TINY, "--latents", "--out", tmp_path / "bad"]) == 2  # shapes has no latents
