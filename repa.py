@@ -437,12 +437,13 @@ def sample_cmd(args):
         raise UsageError("--out must name an .npz file")
     d, ckpt, cfg, model = load_for_inference(args)
     x = generate(model, cfg, args.n, args, d)
+    if d.master:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if d.master and cfg.latents:  # decode them with the VAE that made the training latents
         np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
         print0(f"wrote {args.out}: {args.n} latents [{args.n},{cfg.channels},{cfg.image_size},{cfg.image_size}] "
                f"(decode them with your VAE)")
     elif d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         np.savez(args.out, arr_0=common.to_uint8(x))
         common.save_grid(x[:64], args.out[:-4] + ".png")
         print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")

@@ -111,8 +111,8 @@ def test_precomputed_latents(cli, tmp_path):
     sd = torch.load(run / "ckpt.pt", weights_only=True)
     assert sd["config"]["channels"] == 4 and sd["config"]["image_size"] == 8
     assert sd["model"]["net.patch_embed.weight"].shape[1] == 4
-    assert cli(R, ["sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--out", tmp_path / "s.npz"]) == 0
-    assert np.load(tmp_path / "s.npz")["latents"].shape == (5, 4, 8, 8)
+    assert cli(R, ["sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--out", tmp_path / "new" / "s.npz"]) == 0
+    assert np.load(tmp_path / "new" / "s.npz")["latents"].shape == (5, 4, 8, 8)
     assert cli(R, ["eval", "--ckpt", run / "ckpt.pt"]) == 0
     res = json.load(open(run / "eval.json"))
     assert res["fd"] is None and 0 <= res["probe_linear"] <= 1 and 0 <= res["encoder_probe_linear"] <= 1
