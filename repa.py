@@ -288,10 +288,11 @@ def load_data(cfg, split):
     if not (cfg.data.endswith(".npz") and os.path.isfile(cfg.data)):
         raise UsageError(f"--latents needs --data FILE.npz with `latents` [N,C,h,w] and the images in arr_0")
     f = np.load(cfg.data)
-    if "latents" not in f.files or f["latents"].ndim != 4 or "arr_0" not in f.files or len(f["latents"]) != len(f["arr_0"]):
+    latents, shape = (f["latents"], f["arr_0"].shape) if {"latents", "arr_0"} <= set(f.files) else (None, None)
+    if latents is None or latents.ndim != 4 or len(latents) != shape[0]:
         raise UsageError(f"{cfg.data}: expected `latents` [N,C,h,w] beside N images in arr_0")
-    latents = torch.from_numpy(f["latents"].astype(np.float32))
-    images, labels, cfg.num_classes = common.load_images(cfg.data, split, f["arr_0"].shape[1])
+    latents = torch.from_numpy(latents.astype(np.float32))
+    images, labels, cfg.num_classes = common.load_images(cfg.data, split, shape[1])
     cut = len(latents) - len(latents) // 10  # common.load_images' split of an .npz: the last 10% is the test split
     latents = latents[:cut] if split == "train" else latents[cut:]
     cfg.channels, cfg.image_size = latents.shape[1], latents.shape[-1]
