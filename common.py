@@ -118,9 +118,14 @@ def _npz(path, split):
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
         raise UsageError(f"{path}: expected uint8 images [N,H,W,3] in arr_0, got {x.dtype} {list(x.shape)}")
     y = d["labels"] if "labels" in d else d["arr_1"] if "arr_1" in d else np.zeros(len(x), np.int64)
-    cut = len(x) - len(x) // 10  # the last 10% is the test split
-    s = slice(0, cut) if split == "train" else slice(cut, None)
+    s = npz_split(len(x), split)
     return np.repeat(x[s], 3 // x.shape[-1], -1).transpose(0, 3, 1, 2), y[s]  # [N,H,W,1 or 3] -> [N,3,H,W]
+
+
+def npz_split(n, split):
+    """The rows of an .npz's split: the last 10% is the test split (other arrays of the file are cut the same way)."""
+    cut = n - n // 10
+    return slice(0, cut) if split == "train" else slice(cut, None)
 
 
 @functools.lru_cache(maxsize=4)

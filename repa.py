@@ -293,8 +293,7 @@ def load_data(cfg, split):
         raise UsageError(f"{cfg.data}: expected `latents` [N,C,h,w] beside N images in arr_0")
     latents = torch.from_numpy(latents.astype(np.float32))
     images, labels, cfg.num_classes = common.load_images(cfg.data, split, shape[1])
-    cut = len(latents) - len(latents) // 10  # common.load_images' split of an .npz: the last 10% is the test split
-    latents = latents[:cut] if split == "train" else latents[cut:]
+    latents = latents[common.npz_split(len(latents), split)]  # the rows of load_images' split
     cfg.channels, cfg.image_size = latents.shape[1], latents.shape[-1]
     if cfg.image_size % cfg.patch:
         raise UsageError(f"latent size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
@@ -357,7 +356,7 @@ def train(args):
     if peak:  # model FLOPs of one step (encoder included), counted once; the RNG is put back afterwards
         state = common.rng_state()
         x, y = common.batch(xs, labels, bs, cfg.seed, 0, d.rank, device=d.device)
-        x_img = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)[0]
+        x_img = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)[0] if cfg.latents else x
         flops_per_img = common.flops_per_call(lambda: loss_of(x, x_img, y).backward()) / bs
         opt.zero_grad(set_to_none=True); common.set_rng_state(state)
     log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
