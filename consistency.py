@@ -6,7 +6,8 @@ Z. Geng, A. Pokle, W. Luo, J. Lin, J. Z. Kolter, "Consistency Models Made Easy",
 
 A consistency function maps any point x_t = x + t e of a noise trajectory to its start x, so one evaluation generates.
     f(x_t, t) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t))                       (CM Eq. 7, EDM scalings)
-    c_skip = s_d^2 / ((t - t_min)^2 + s_d^2),  c_out = s_d (t - t_min) / sqrt(t^2 + s_d^2),  c_in = 1 / sqrt(t^2 + s_d^2)
+    c_skip = s_d^2 / ((t - t_min)^2 + s_d^2),  c_out = s_d (t - t_min) / sqrt(t^2 + s_d^2),
+    c_in = 1 / sqrt(t^2 + s_d^2),  c_noise = log(t) / 4
     so f(x, t_min) = x exactly (the boundary condition, CM Eq. 5).
     t ~ lognormal(P_mean, P_std);  r = ECT mapping of t (below);  x_t = x + t e,  x_r = x + r e  (one shared e)
     L = d(f_theta(x_t, t), stopgrad f_theta(x_r, r)) / (t - r),  d = pseudo-Huber  (iCT Sec. 3.3, ECT Eq. 9)
@@ -14,7 +15,10 @@ The curriculum (ECT Sec. 3.2): stage 0 is plain denoising (r = 0, the target is 
 stage s >= 1 uses r = max(t (1 - q^-s (1 + k sigmoid(-b t))), 0), so t - r shrinks by q each stage and the model moves
 from a denoiser to a consistency model. ECT's continuous mapping is the default here rather than iCT's discrete grid
 with step doubling: it needs no N(k) schedule, every t is used, and it is what makes from-scratch training converge in
-hours instead of days. The teacher is the same network without gradient (iCT: no EMA teacher), with the same dropout mask.
+hours instead of days. The teacher is the same network without gradient (iCT: no EMA teacher), with the same dropout
+mask.
+Precision: f is computed in fp32 by default, as ECT trains. Late in the curriculum f(x_t, t) - f(x_r, r) is a difference
+of two nearly equal outputs, and bf16 rounding would swamp it (`--set bf16=true` turns bf16 autocast on, CUDA only).
 
 Backbone: a compact DDPM++-style U-Net (residual conv blocks with time FiLM, self-attention at 16x16 through
 common.attention, dropout), because the CM/iCT/ECT results are all U-Net results and consistency training is known to
@@ -22,22 +26,23 @@ be sensitive to the architecture; a ViT would add a question this file is not ab
 
 Commands (python consistency.py {train,sample,eval,toy} -h lists every flag):
     CPU smoke, seconds:  python consistency.py train --preset tiny --out runs/ct_tiny --device cpu
-    2-D toy, ~1 min:     python consistency.py toy --out runs/ct_toy
+    the claim on a CPU:  python consistency.py toy --out runs/ct_toy          # 2-D mixture, 1- and 2-step, ~1 min
+    shapes on a CPU:     python consistency.py train --preset cpu --out runs/ct_cpu --device cpu     # < 8 min
     one GPU:             python consistency.py train --data cifar10 --out runs/ct --compile
-                         python consistency.py sample --ckpt runs/ct/ckpt.pt --n 50000 --sample-steps 2 --out runs/ct/s.npz
-                         python consistency.py eval --ckpt runs/ct/ckpt.pt --fd-model inception:default_1.pt
+                         python consistency.py sample --ckpt runs/ct/ckpt.pt --n 50000 --sample-steps 2 \\
+                             --out runs/ct/s.npz     # 2 steps: re-noised at t = 0.821 (ECT)
+                         python consistency.py eval --ckpt runs/ct/ckpt.pt --fd-model inception    # FID, 1 and 2 steps
     torchrun:            torchrun --nproc_per_node 8 consistency.py train --data cifar10 --out runs/ct --compile
 Expected: the toy's 1-step samples land on the data far better than at initialisation (README table). ECT reports
 CIFAR-10 FID 3.60 (1 step) / 2.11 (2 steps) after fine-tuning an EDM checkpoint; from scratch in minutes, far less.
 """
-import math, os, time
-from dataclasses import asdict, dataclass, field
+import json, math, os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -65,6 +70,8 @@ class Config:
     stage_steps: int = 12_500       # steps per curriculum stage; stage 0 is plain denoising
     huber_c: float = 0.00054        # pseudo-Huber c = huber_c * sqrt(dim) (iCT Sec. 3.3)
     mid_t: list = field(default_factory=lambda: [0.821])  # re-noising levels for multi-step sampling (ECT 2-step)
+    bf16: bool = False              # bf16 autocast (CUDA). ECT trains in fp32: at late stages (t - r)/t is 1-4%, and
+                                    # bf16 rounding in f was measured at 4-6x the pseudo-Huber c (default U-Net, init)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
     lr: float = 2e-4                # Adam (ECT: 1e-4 at batch 128 when fine-tuning)
@@ -78,10 +85,16 @@ class Config:
 
 
 PRESETS = {
+    # seconds, for tests
     "tiny": dict(data="shapes:2000", image_size=16, channels=16, ch_mult=[1, 2], num_res=1, attn_res=[8], dropout=0.0,
                  stage_steps=5, steps=20, batch_size=16, lr=1e-3, warmup=0, ema=0.9, log_every=1, sample_every=10,
                  ckpt_every=10),
-    "default": dict(),  # CIFAR-10 32x32, U-Net 128 channels, 8 stages of 12.5k steps
+    # a 2-core CPU in under 8 minutes on shapes 16x16, 6 curriculum stages (the file's CPU claim is the `toy` command)
+    "cpu": dict(data="shapes:10000", image_size=16, channels=24, ch_mult=[1, 2], num_res=1, attn_res=[8], dropout=0.0,
+                stage_steps=200, steps=1200, batch_size=32, lr=1e-3, warmup=100, ema=0.995, log_every=50,
+                sample_every=400, ckpt_every=400),
+    # one GPU: CIFAR-10 32x32, U-Net 128 channels, 8 stages of 12.5k steps
+    "default": dict(),
 }
 
 
@@ -100,11 +113,15 @@ def group_norm(ch):
 class ResBlock(nn.Module):
     def __init__(self, c_in, c_out, emb_dim, dropout):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
         self.film = nn.Linear(emb_dim, 2 * c_out)  # time -> (scale, shift)
-        self.norm2, self.drop, self.conv2 = group_norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.norm2 = group_norm(c_out)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (or its skip projection)
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -116,13 +133,18 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     def __init__(self, ch, heads=1):
         super().__init__()
-        self.heads, self.norm, self.qkv, self.proj = heads, group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight); nn.init.zeros_(self.proj.bias)
+        self.heads = heads
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)  # starts as the identity
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)  # [B, h, HW, C/h]
-        h = common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # [B, h, HW, C/h] -> [B, C, H, W]
+        qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W)  # [B, 3, h, C/h, HW]
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x [B, h, HW, C/h]
+        h = common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # [B, h, C/h, HW] -> [B, C, H, W]
         return x + self.proj(h)
 
 
@@ -132,32 +154,40 @@ class UNet(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch, emb_dim = cfg.channels, 4 * cfg.channels
+        block = lambda c_in, c_out: ResBlock(c_in, c_out, emb_dim, cfg.dropout)
+        attn = lambda c, res: AttnBlock(c) if res in cfg.attn_res else nn.Identity()
         self.ch = ch
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down, skips, c, res = nn.ModuleList(), [ch], ch, cfg.image_size
+        self.down = nn.ModuleList()
+        skips = [ch]  # channels of every down-path output, consumed in reverse by the up path
+        c, res = ch, cfg.image_size
         for i, m in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res):
-                self.down.append(nn.ModuleList([ResBlock(c, ch * m, emb_dim, cfg.dropout),
-                                                AttnBlock(ch * m) if res in cfg.attn_res else nn.Identity()]))
+                self.down.append(nn.ModuleList([block(c, ch * m), attn(ch * m, res)]))
                 c = ch * m
                 skips.append(c)
             if i < len(cfg.ch_mult) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout), AttnBlock(c), ResBlock(c, c, emb_dim, cfg.dropout)])
+        self.mid = nn.ModuleList([
+            block(c, c),
+            AttnBlock(c),
+            block(c, c),
+        ])
         self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), ch * m, emb_dim, cfg.dropout),
-                                              AttnBlock(ch * m) if res in cfg.attn_res else nn.Identity()]))
+                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m), attn(ch * m, res)]))
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
                 res *= 2
-        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, 3, 3, 1, 1)
-        nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
+        nn.init.zeros_(self.conv_out.weight)  # F = 0 at init: f(x_t, t) = c_skip x_t
+        nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, c_noise, return_mid=False):
         emb = self.emb(timestep_embedding(c_noise, self.ch))
@@ -168,7 +198,7 @@ class UNet(nn.Module):
             hs.append(h)
         h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
         if return_mid:
-            return h.float().mean((2, 3))  # [B, C] pooled bottleneck features, for probing
+            return h.float().mean((2, 3))  # [B, C, h, w] -> [B, C] pooled bottleneck features, for probing
         for layer in self.up:
             h = layer(h) if isinstance(layer, nn.Sequential) else layer[1](layer[0](torch.cat([h, hs.pop()], 1), emb))
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -204,12 +234,13 @@ class Consistency(nn.Module):
 
     def f(self, x_t, t):
         """The consistency function (CM Eq. 7); t [B]."""
-        c_skip, c_out, c_in = (s.view(-1, *[1] * (x_t.dim() - 1)) for s in scalings(t, self.cfg.sigma_data, self.cfg.t_min))
+        scales = scalings(t, self.cfg.sigma_data, self.cfg.t_min)
+        c_skip, c_out, c_in = (s.view(-1, *[1] * (x_t.dim() - 1)) for s in scales)  # [B] -> [B, 1, 1, 1]
         return c_skip * x_t + c_out * self.net(c_in * x_t, t.log() / 4).float()
 
     def forward(self, x, stage):
         cfg, B = self.cfg, x.shape[0]
-        t = (torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).exp().clamp(cfg.t_min, cfg.t_max)  # lognormal t
+        t = (torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).exp().clamp(cfg.t_min, cfg.t_max)  # lognormal
         r = ect_r(t, stage, cfg.q, cfg.k, cfg.b)
         e = torch.randn_like(x)
         bt = lambda s: s.view(-1, *[1] * (x.dim() - 1))  # [B] -> [B, 1, 1, 1]
@@ -225,14 +256,14 @@ class Consistency(nn.Module):
         return (pseudo_huber(pred, target, c) / (t - r)).mean()  # weight 1/(t - r) (ECT)
 
     @torch.no_grad()
-    def sample(self, n, mid_t=None, generator=None, device="cpu", shape=None):
+    def sample(self, n, *, mid_t=None, generator=None, device="cpu", shape=None):
         """1 step: x = f(t_max z, t_max). k steps: re-noise to each mid level and apply f again (CM Alg. 1)."""
         cfg = self.cfg
         shape = shape or (3, cfg.image_size, cfg.image_size)
         mid_t = cfg.mid_t if mid_t is None else mid_t
         z = lambda: torch.randn((n, *shape), device=device, generator=generator)
         tt = lambda s: torch.full((n,), s, device=device)
-        with common.autocast(torch.device(device)):
+        with common.autocast(torch.device(device), cfg.bf16):
             x = self.f(cfg.t_max * z(), tt(cfg.t_max))
             for s in mid_t:
                 x = self.f(x + math.sqrt(s ** 2 - cfg.t_min ** 2) * z(), tt(s))
@@ -244,8 +275,12 @@ class ToyMLP(nn.Module):
     def __init__(self, dim=2, width=256):
         super().__init__()
         self.width = width
-        self.mlp = nn.Sequential(nn.Linear(dim + 64, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim + 64, width), nn.SiLU(),
+            nn.Linear(width, width), nn.SiLU(),
+            nn.Linear(width, width), nn.SiLU(),
+            nn.Linear(width, dim),
+        )
 
     def forward(self, x, c_noise):
         return self.mlp(torch.cat([x, timestep_embedding(c_noise, 64)], 1))
@@ -257,32 +292,29 @@ def toy_data(n, generator):
     return torch.stack([k.cos(), k.sin()], 1) * 0.6 + 0.04 * torch.randn(n, 2, generator=generator)
 
 
-def sliced_wasserstein(a, b, n_proj=256, seed=0):
-    """Mean over random directions of the 1-D Wasserstein-1 distance between projections (equal sample sizes)."""
-    d = F.normalize(torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed)), dim=0)
-    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
-
-
 def toy(args):
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    cfg = Config(stage_steps=args.toy_steps // 6, mid_t=[0.4])
+    cfg = Config(stage_steps=max(1, args.toy_steps // 6), mid_t=[0.4])
     model = Consistency(cfg, ToyMLP())
     real = toy_data(2000, torch.Generator().manual_seed(123))
-    dist = lambda steps: sliced_wasserstein(model.sample(2000, [] if steps == 1 else cfg.mid_t, g, shape=(2,)), real)
-    rows = [dict(model="init", steps=1, distance=round(dist(1), 4))]
+    draw = lambda steps: model.sample(2000, mid_t=[] if steps == 1 else cfg.mid_t, generator=g, shape=(2,))
+    rows = [dict(model="init", steps=1, distance=round(common.sliced_wasserstein(draw(1), real), 4))]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in tqdm(range(args.toy_steps), desc="toy"):
         loss = model(toy_data(512, g), step // cfg.stage_steps)
-        opt.zero_grad(); loss.backward(); opt.step()
-    samples = {s: model.sample(2000, [] if s == 1 else cfg.mid_t, g, shape=(2,)) for s in (1, 2)}
-    rows += [dict(model="trained", steps=s, distance=round(sliced_wasserstein(x, real), 4)) for s, x in samples.items()]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    samples = {s: draw(s) for s in (1, 2)}
+    rows += [dict(model="trained", steps=s, distance=round(common.sliced_wasserstein(x, real), 4))
+             for s, x in samples.items()]
     for r in rows:
         print0(f"{r['model']:>7} {r['steps']}-step  sliced W1 = {r['distance']:.4f}")
     with open(os.path.join(args.out, "toy.json"), "w") as f:
-        common.json.dump({"metric": "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)",
-                          "results": rows}, f, indent=1)
+        json.dump({"metric": "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)",
+                   "results": rows}, f, indent=1)
     toy_png({"data": real, "1-step": samples[1], "2-step": samples[2]}, os.path.join(args.out, "toy.png"))
 
 
@@ -301,106 +333,54 @@ def toy_png(panels, path, size=200):
 
 # ---------------------------------------------------------------------------------------------------- train / main
 def make_config(args):
-    cfg = Config(**PRESETS[args.preset])
-    for k in ("data", "steps", "batch_size", "lr", "image_size", "seed"):
-        if getattr(args, k, None) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = common.configure(Config, PRESETS, args)
     if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
         raise UsageError(f"image size {cfg.image_size} is not divisible by the U-Net's {2 ** (len(cfg.ch_mult) - 1)}")
     return cfg
 
 
 def train(args):
-    d = common.setup_dist(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        ckpt = common.load_checkpoint(path)
-        cfg = Config(**ckpt["config"])
-        cfg.steps = args.steps or cfg.steps
-    elif os.path.exists(path):
-        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    else:
-        cfg = make_config(args)
-    if cfg.batch_size % d.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    d, cfg, ckpt = common.start_run(args, Config, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = Consistency(cfg).to(d.device)
     ema = common.Ema(model, cfg.ema)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
-    if args.resume:
-        model.load_state_dict(ckpt["model"]); ema.model.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"], d.rank, cfg.seed, step)
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"consistency U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {len(images)} images of "
-           f"{cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
-    step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    step_model = torch.compile(step_model) if args.compile else step_model
+           f"{cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}, {'bf16' if cfg.bf16 else 'fp32'}")
+    step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    peak = common.peak_flops(d.device)
-    if peak:  # model FLOPs of one step, counted once (nanoGPT-style MFU); the RNG is put back afterwards
-        state = common.rng_state()
-        x, _ = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)
-        with common.autocast(d.device):
-            flops_per_img = common.flops_per_call(lambda: model(x, 1).backward()) / bs
-        opt.zero_grad(set_to_none=True); common.set_rng_state(state)
-    log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
-    loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
-    pbar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.master, desc="train")
-    for step in pbar:
+
+    def loss_of(net, step):  # the consistency loss at the curriculum stage of `step`, on this rank's batch
+        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, device=d.device)
+        with common.autocast(d.device, cfg.bf16):  # fp32 by default (see Config.bf16)
+            return net(x, step // cfg.stage_steps)
+
+    flops = common.flops_per_image(lambda: loss_of(model, cfg.stage_steps), bs, d)  # a stage-1 step: with the teacher
+    log = common.Log(args.out, d, cfg, step, flops)
+    for step in log.steps(step, cfg.steps):
+        # learning rate: linear warm-up, then constant; the curriculum stage (ECT Sec. 3.2)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
         stage = step // cfg.stage_steps
-        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
-        with common.autocast(d.device):
-            loss = step_model(x, stage)
+        # forward (teacher without gradient, then student), backward, update, EMA
+        loss = loss_of(step_model, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(model, step)
-        loss_sum += loss.detach(); n_sum += 1
+        # log, sample grid (rows 1-4: 1 step, rows 5-8: 2 steps), checkpoint
         done = step + 1
-        save = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if done % cfg.log_every == 0 or save:
-            if d.world > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-            mean_loss, dt = loss_sum.item() / n_sum, time.time() - t0
-            if not math.isfinite(mean_loss):
-                raise common.TrainingError(f"loss is {mean_loss} at step {done}; stopped, {path} keeps the last good "
-                                           f"checkpoint")
-            row = dict(step=done, loss=mean_loss, img_per_s=round(n_sum * cfg.batch_size / dt, 1), lr=lr, stage=stage)
-            if peak:
-                row["mfu"] = round(flops_per_img * row["img_per_s"] / (peak * d.world), 4)
-            log(**row)
-            pbar.set_postfix(loss=f"{mean_loss:.4f}", stage=stage, img_s=row["img_per_s"])
-            loss_sum.zero_(); n_sum, t0 = 0, time.time()
-        if d.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+        log(done, loss, lr=lr, stage=stage)
+        if d.master and common.due(done, cfg.sample_every, cfg.steps):
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
-            x1 = ema.model.sample(32, [], g, d.device)
-            x2 = ema.model.sample(32, None, g, d.device)
-            common.save_grid(torch.cat([x1, x2]), os.path.join(args.out, f"samples_{done:07d}.png"))  # rows 1-4: 1 step
-        if d.master and save:
-            common.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                              step=done, config=asdict(cfg), rng=common.rng_state()))
-
-
-def load_for_inference(args):
-    d = common.setup_dist(args.device)
-    ckpt = common.load_checkpoint(args.ckpt)
-    try:
-        cfg = Config(**ckpt["config"])
-        model = Consistency(cfg).to(d.device).eval()
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{args.ckpt} is not a consistency.py checkpoint ({type(e).__name__})") from None
-    if args.compile:
-        model.net = torch.compile(model.net)
-    return d, ckpt, cfg, model
+            x1 = ema.model.sample(32, mid_t=[], generator=g, device=d.device)
+            x2 = ema.model.sample(32, generator=g, device=d.device)
+            common.save_grid(torch.cat([x1, x2]), os.path.join(args.out, f"samples_{done:07d}.png"))
+        if common.due(done, cfg.ckpt_every, cfg.steps):
+            common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
 def mid_levels(cfg, steps):
@@ -416,20 +396,15 @@ def generate(model, cfg, n, steps, args, d):
     """n samples in `steps` steps, split over the processes and gathered: [n, 3, H, W] in [-1, 1] (on every rank)."""
     per = math.ceil(n / d.world)
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
-    xs = [model.sample(min(args.batch, per - i), mid_levels(cfg, steps), g, d.device)
+    xs = [model.sample(min(args.batch, per - i), mid_t=mid_levels(cfg, steps), generator=g, device=d.device)
           for i in tqdm(range(0, per, args.batch), desc=f"sample {steps}-step", disable=not d.master)]
-    x = torch.cat(xs)
-    if d.world > 1:
-        parts = [torch.empty_like(x) for _ in range(d.world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        x = torch.cat(parts)
-    return x[:n]
+    return common.gather(torch.cat(xs), n, d)
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz"):
+    if not args.out.endswith(".npz") or os.path.isdir(args.out):
         raise UsageError("--out must name an .npz file")
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: Consistency(cfg))
     x = generate(model, cfg, args.n, args.sample_steps, args, d)
     if d.master:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -439,51 +414,45 @@ def sample_cmd(args):
                f"{cfg.image_size},3]")
 
 
-@torch.no_grad()
-def features(model, images, t, device, bs=256):
-    """Mean-pooled U-Net bottleneck features of x + t e: the consistency model's own representation."""
-    out = []
-    for i in range(0, len(images), bs):
-        x = images[i:i + bs].to(device).float().div(127.5).sub(1)
+def features(model, images, t, device):
+    """The consistency model's own representation: the U-Net bottleneck of c_in (x + t e), mean-pooled -> [N, C]."""
+    def fn(x, i):
         tt = torch.full((len(x),), t, device=device)
-        xt = x + t * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
-        c_in = scalings(tt, model.cfg.sigma_data, model.cfg.t_min)[2].view(-1, 1, 1, 1)
-        with common.autocast(device):
-            out.append(model.net(c_in * xt, tt.log() / 4, return_mid=True))
-    return torch.cat(out)
+        x_t = x + t * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        c_in = scalings(tt, model.cfg.sigma_data, model.cfg.t_min)[2].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
+        with common.autocast(device, model.cfg.bf16):
+            return model.net(c_in * x_t, tt.log() / 4, return_mid=True)
+    return common.extract(fn, images, device)
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: Consistency(cfg))
     data = args.data or cfg.data
-    x_tr, y_tr, _ = common.load_images(data, "train", cfg.image_size)
-    x_te, y_te, _ = common.load_images(data, "test", cfg.image_size)
     fd_net = common.FDFeatures(args.fd_model, d.device)
     samples = {s: generate(model, cfg, args.n, s, args, d) for s in (1, 2)}
     if not d.master:
         return
-    stats_real = fd_net.stats(x_te[:args.n])
-    fd = {s: common.frechet_distance(*stats_real, *fd_net.stats(x)) for s, x in samples.items()}
-    n_tr, n_te, t = min(len(x_tr), 10_000), min(len(x_te), 5_000), 0.5
-    f_tr, f_te = features(model, x_tr[:n_tr], t, d.device), features(model, x_te[:n_te], t, d.device)
-    ytr, yte = y_tr[:n_tr].to(d.device), y_te[:n_te].to(d.device)
-    res = dict(step=ckpt["step"], data=data, n_samples=args.n, fd_1step=round(fd[1], 4), fd_2step=round(fd[2], 4),
-               fd_model=args.fd_model, mid_t=cfg.mid_t, probe=f"mean-pooled U-Net bottleneck at t={t}",
-               probe_linear=round(common.linear_probe(f_tr, ytr, f_te, yte), 4),
-               probe_knn=round(common.knn_accuracy(f_tr, ytr, f_te, yte), 4))
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
-        common.json.dump(res, f, indent=1)
-    print0(common.json.dumps(res))
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    init = Consistency(cfg).to(d.device).eval()  # the same U-Net at initialisation: the probe's floor
+    t = 0.5
+    fd = {s: common.fd_to_train(fd_net, x, data, cfg.image_size) for s, x in samples.items()}
+    res = dict(step=ckpt["step"], data=data, fd=fd[1], fd_2step=fd[2], fd_model=args.fd_model, n_samples=args.n,
+               mid_t=cfg.mid_t, probe=f"mean-pooled U-Net bottleneck of x + t e at t={t} (EMA weights)")
+    for suffix, m in (("", model), ("_init", init)):
+        res.update(common.probes(features(m, x_tr, t, d.device), y_tr, features(m, x_te, t, d.device), y_te, suffix))
+    common.write_eval(args.ckpt, res)
 
 
 def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     sa = sub.choices["sample"]
-    sa.add_argument("--sample-steps", type=int, default=1, help="1 (from t_max), 2 (re-noise at 0.821) or more")
+    sa.add_argument("--sample-steps", type=common.number(int), default=1,
+                    help="1 (from t_max), 2 (re-noise at 0.821) or more")
     to = sub.add_parser("toy", help="consistency training on a 2-D mixture with an MLP, on a CPU")
-    to.add_argument("--toy-steps", type=int, default=6000, help="training steps (6 curriculum stages)")
+    to.add_argument("--toy-steps", type=common.number(int), default=6000, help="training steps (6 curriculum stages)")
     to.add_argument("--out", required=True)
-    to.add_argument("--seed", type=int, default=0)
+    to.add_argument("--seed", type=common.number(int, 0, strict=False), default=0)
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "toy": toy}[args.cmd](args)
 

@@ -11,24 +11,25 @@ works with large patches and a narrow token bottleneck; one that outputs eps or 
 
 Commands (python jit_xpred.py {train,sample,eval,toy} -h lists every flag):
     CPU smoke, seconds:  python jit_xpred.py train --preset tiny --out runs/jit_tiny --device cpu
-    paper's toy (3.3):   python jit_xpred.py toy --dims 2 8 16 512 --out runs/jit_toy         # ~3 min on 2 CPU cores
+    the claim on a CPU:  python jit_xpred.py toy --dims 2 8 16 512 --out runs/jit_toy    # paper's Sec. 3.3, ~3 min
+    shapes on a CPU:     python jit_xpred.py train --preset cpu --out runs/jit_cpu        # a small JiT, < 10 min
     one GPU:             python jit_xpred.py train --data cifar10 --out runs/jit --compile
                          python jit_xpred.py sample --ckpt runs/jit/ckpt.pt --n 50000 --out runs/jit/samples.npz
-                         python jit_xpred.py eval --ckpt runs/jit/ckpt.pt --fd-model inception:default_1.pt
+                         python jit_xpred.py eval --ckpt runs/jit/ckpt.pt --fd-model inception
     torchrun:            torchrun --nproc_per_node 8 jit_xpred.py train --data cifar10 --out runs/jit --compile
     Table 2 at toy scale (64x64, 16x16 patches = 768-d patches through a 64-d bottleneck), one run per prediction:
                          python jit_xpred.py train --preset table2 --pred eps --out runs/t2_eps   (and --pred x, v)
+                         --set attn_fp32=true computes attention in fp32, as the official code does
 Expected: the toy gives x-prediction a low distance at every D and eps/v-prediction a high one at D=512 (README table);
 README.md lists the measured GPU figures (img/s, FID) with their commands.
 """
-import math, os, time
-from dataclasses import asdict, dataclass, field
+import json, math, os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -52,17 +53,19 @@ class Config:
     P_mean: float = -0.8            # t = sigmoid(N(P_mean, P_std^2)), logit-normal (Sec. 4.2)
     P_std: float = 0.8
     t_eps: float = 0.05             # clamp of 1 - t (and of t) in divisions, training and sampling
+    rope_base: float = 10_000.0     # RoPE base (the official code's, EVA's VisionRotaryEmbeddingFast)
+    attn_fp32: bool = False         # attention in fp32 (official code: bf16 SDPA gave eps/v loss spikes); fused: off
     noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); set to max(1, image_size/256) as in the paper
     label_drop: float = 0.1         # class dropped to the null class for classifier-free guidance
     num_classes: int = 10           # filled in from the data
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
-    lr: float = 2e-4                # peak lr (paper: 5e-5 * batch/256 at batch 1024 -> 2e-4)
+    lr: float = 5e-5                # peak lr; the paper's rule is 5e-5 x batch_size / 256 (batch 256 here)
     warmup: int = 2_000             # linear warm-up steps, then constant (paper: 5 epochs)
     weight_decay: float = 0.0       # paper: 0
     ema: float = 0.9995             # EMA decay (paper 0.9999 over 200+ epochs; shorter runs need a shorter horizon)
     sample_steps: int = 50          # Heun steps (49 Heun + 1 Euler)
-    cfg: float = 1.0                # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
+    cfg_scale: float = 1.0          # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
     cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])  # CFG applied for lo < t < hi
     log_every: int = 50             # steps between log.jsonl rows
     sample_every: int = 5_000       # steps between sample grids
@@ -71,14 +74,21 @@ class Config:
 
 
 PRESETS = {
+    # seconds, for tests
     "tiny": dict(data="shapes:2000", image_size=16, patch=4, bottleneck=16, hidden=64, depth=2, heads=2, in_context=4,
                  in_context_start=1, steps=20, batch_size=32, lr=1e-3, warmup=0, ema=0.9, sample_steps=4,
                  log_every=1, sample_every=10, ckpt_every=10),
-    "default": dict(),  # JiT-S/2 on CIFAR-10 32x32
+    # a 2-core CPU in under 10 minutes (the claim itself is the `toy` command); a short run needs a higher lr
+    "cpu": dict(data="shapes:10000", image_size=16, patch=4, bottleneck=32, hidden=128, depth=4, heads=4, in_context=4,
+                in_context_start=1, steps=3000, batch_size=64, lr=5e-4, warmup=200, ema=0.999, sample_steps=20,
+                log_every=50, sample_every=1000, ckpt_every=1000),
+    # one GPU: JiT-S/2 on CIFAR-10 32x32
+    "default": dict(),
+    # Table 2 at small scale: 64x64 with 16x16 patches (768 values a token, bottleneck 64); lr 3e-4 for 2.5k steps
     "table2": dict(image_size=64, patch=16, bottleneck=64, hidden=384, depth=8, heads=6, in_context=8,
                    in_context_start=2, steps=20_000, lr=3e-4, warmup=1_000, sample_every=5_000),
-    "B": dict(hidden=768, depth=12, heads=12),                                            # JiT-B
-    "L": dict(hidden=1024, depth=24, heads=16, in_context_start=8),                      # JiT-L
+    "B": dict(hidden=768, depth=12, heads=12),                        # JiT-B
+    "L": dict(hidden=1024, depth=24, heads=16, in_context_start=8),  # JiT-L
 }
 
 
@@ -91,12 +101,13 @@ def sincos_2d(grid, dim):
     return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1)
 
 
-def rope_2d(grid, head_dim, prefix=0, base=100.0):
+def rope_2d(grid, head_dim, prefix=0, base=10_000.0):
     """Axial 2-D RoPE angles -> (cos, sin), each [prefix + grid*grid, head_dim/2]. Half of the rotated pairs turn with
     the row index, half with the column. The `prefix` in-context tokens get angle 0 (no rotation)."""
     freqs = base ** (-torch.arange(head_dim // 4) / (head_dim // 4))
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ang = torch.cat([torch.outer(yy.flatten().float(), freqs), torch.outer(xx.flatten().float(), freqs)], 1)  # [N, hd/2]
+    rows, cols = torch.outer(yy.flatten().float(), freqs), torch.outer(xx.flatten().float(), freqs)  # [N, hd/4] each
+    ang = torch.cat([rows, cols], 1)  # [N, hd/2]
     ang = torch.cat([torch.zeros(prefix, head_dim // 2), ang])
     return ang.cos(), ang.sin()
 
@@ -111,11 +122,13 @@ def modulate(x, shift, scale):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, fp32=False):
         super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.q_norm, self.k_norm = nn.RMSNorm(dim // heads), nn.RMSNorm(dim // heads)  # qk-norm
+        self.heads, self.fp32 = heads, fp32
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.q_norm = nn.RMSNorm(dim // heads)  # qk-norm
+        self.k_norm = nn.RMSNorm(dim // heads)
 
     def forward(self, x, cos, sin):
         B, N, D = x.shape
@@ -123,14 +136,16 @@ class Attention(nn.Module):
         q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype))  # qk-norm in the autocast dtype (fused kernel)
         k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.proj(common.attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # [B, h, N, hd] -> [B, N, D]
+        out = common.attention(q, k, v, self.fp32)  # [B, h, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # -> [B, N, D]
 
 
 class SwiGLU(nn.Module):
     def __init__(self, dim):
         super().__init__()
         h = int(4 * dim * 2 / 3)  # keeps the parameter count of a 4x MLP
-        self.w12, self.w3 = nn.Linear(dim, 2 * h), nn.Linear(h, dim)
+        self.w12 = nn.Linear(dim, 2 * h)
+        self.w3 = nn.Linear(h, dim)
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, -1)
@@ -140,10 +155,12 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-zero: c gives shift, scale and a zero-initialised gate per branch."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, attn_fp32=False):
         super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(dim, elementwise_affine=False), nn.RMSNorm(dim, elementwise_affine=False)
-        self.attn, self.mlp = Attention(dim, heads), SwiGLU(dim)
+        self.norm1 = nn.RMSNorm(dim, elementwise_affine=False)
+        self.attn = Attention(dim, heads, attn_fp32)
+        self.norm2 = nn.RMSNorm(dim, elementwise_affine=False)
+        self.mlp = SwiGLU(dim)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, cos, sin):
@@ -171,15 +188,18 @@ class JiTNet(nn.Module):
         super().__init__()
         p, D, self.grid = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch
         self.cfg = cfg
-        self.patch_embed = nn.Sequential(nn.Conv2d(3, cfg.bottleneck, p, p, bias=False), nn.Conv2d(cfg.bottleneck, D, 1))
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(3, cfg.bottleneck, p, p, bias=False),  # p x p x 3 pixels -> the bottleneck
+            nn.Conv2d(cfg.bottleneck, D, 1),  # -> the transformer width
+        )
         self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
         self.t_embed, self.y_embed = TimestepEmbedder(D), nn.Embedding(cfg.num_classes + 1, D)  # last class = null
         self.ctx_pos = nn.Parameter(torch.randn(1, cfg.in_context, D) * 0.02)  # in-context class tokens' own position
         for name, prefix in (("rope", 0), ("rope_ctx", cfg.in_context)):
-            cos, sin = rope_2d(self.grid, D // cfg.heads, prefix)
+            cos, sin = rope_2d(self.grid, D // cfg.heads, prefix, cfg.rope_base)
             self.register_buffer(name + "_cos", cos, persistent=False)
             self.register_buffer(name + "_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.attn_fp32) for _ in range(cfg.depth))
         self.norm_out = nn.RMSNorm(D, elementwise_affine=False)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.out = nn.Linear(D, p * p * 3)
@@ -272,10 +292,12 @@ class JiT(nn.Module):
         return guided(*v.chunk(2), t, scale, interval) if use_cfg else v
 
     @torch.no_grad()
-    def sample(self, y, steps=None, scale=None, interval=None, generator=None):
+    def sample(self, y, *, steps=None, scale=None, interval=None, generator=None):
         """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2)."""
         cfg = self.cfg
-        steps, scale, interval = steps or cfg.sample_steps, cfg.cfg if scale is None else scale, interval or cfg.cfg_interval
+        steps = steps or cfg.sample_steps
+        scale = cfg.cfg_scale if scale is None else scale
+        interval = interval or cfg.cfg_interval
         shape = (len(y), 3, cfg.image_size, cfg.image_size)
         z = torch.randn(shape, device=y.device, generator=generator) * cfg.noise_scale
         ts = torch.linspace(0, 1, steps + 1).tolist()
@@ -299,12 +321,6 @@ def toy_data(n, generator):
     return x + 0.03 * torch.randn(n, 2, generator=generator)
 
 
-def sliced_wasserstein(a, b, n_proj=256, seed=0):
-    """Mean over random directions of the 1-D Wasserstein-1 distance between projections (equal sample sizes)."""
-    d = F.normalize(torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed)), dim=0)
-    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
-
-
 def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
     """Sec. 3.3: 2-D data x = P x2 in R^D (P column-orthogonal), a 5-layer ReLU MLP (256 wide) predicting `pred`,
     trained with the v-loss, sampled with 50 Heun steps and projected back with P^T. -> (distance, samples [n, 2]).
@@ -313,8 +329,13 @@ def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     P = torch.linalg.qr(torch.randn(D, 2, generator=g))[0] if D > 2 else torch.eye(2)  # [D, 2], P^T P = I
-    mlp = nn.Sequential(nn.Linear(D + 1, 256), nn.ReLU(), *[m for _ in range(3) for m in (nn.Linear(256, 256), nn.ReLU())],
-                        nn.Linear(256, D))
+    mlp = nn.Sequential(
+        nn.Linear(D + 1, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, D),
+    )
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
     t_eps = 0.05
     for _ in range(steps):
@@ -333,7 +354,7 @@ def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
             v = vel(z, t)
             z = z + (tn - t) * v if i == 49 else z + (tn - t) * 0.5 * (v + vel(z + (tn - t) * v, tn))
         x2 = z @ P  # back to 2-D, [n, 2]
-    return sliced_wasserstein(x2, toy_data(n, torch.Generator().manual_seed(123))), x2
+    return common.sliced_wasserstein(x2, toy_data(n, torch.Generator().manual_seed(123))), x2
 
 
 def toy_png(panels, path, size=160):
@@ -364,112 +385,61 @@ def toy(args):
             panels[(D, pred)] = pts
             print0(f"D={D:4d} {pred:>3}-pred  sliced W1 = {dist:.4f}")
     with open(os.path.join(args.out, "toy.json"), "w") as f:
-        common.json.dump({"metric": "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)",
+        json.dump({"metric": "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)",
                           "results": rows}, f, indent=1)
     toy_png(panels, os.path.join(args.out, "toy.png"))
 
 
 # ---------------------------------------------------------------------------------------------------- train / main
 def make_config(args):
-    cfg = Config(**PRESETS[args.preset])
-    for k in ("data", "steps", "batch_size", "lr", "image_size", "pred", "loss", "seed"):
-        if getattr(args, k, None) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = common.configure(Config, PRESETS, args)
     if cfg.image_size % cfg.patch:
         raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
+    if cfg.pred not in ("x", "eps", "v") or cfg.loss not in ("x", "eps", "v"):
+        raise UsageError(f"pred and loss are x, eps or v (got {cfg.pred}, {cfg.loss})")
     cfg.noise_scale = max(1.0, cfg.image_size / 256)  # the paper's noise scale: 1 at 256 px, 2 at 512
     return cfg
 
 
 def train(args):
-    d = common.setup_dist(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        ckpt = common.load_checkpoint(path)
-        cfg = Config(**ckpt["config"])
-        cfg.steps = args.steps or cfg.steps
-    elif os.path.exists(path):
-        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    else:
-        cfg = make_config(args)
-    if cfg.batch_size % d.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    d, cfg, ckpt = common.start_run(args, Config, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = JiT(cfg).to(d.device)
     ema = common.Ema(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = 0
-    if args.resume:
-        model.load_state_dict(ckpt["model"]); ema.model.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"], d.rank, cfg.seed, step)
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
+    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {cfg.pred}-pred {cfg.loss}-loss, "
            f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
-    step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    step_model = torch.compile(step_model) if args.compile else step_model
+    step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    peak = common.peak_flops(d.device)
-    if peak:  # model FLOPs of one step, counted once (nanoGPT-style MFU); the RNG is put back afterwards
-        state = common.rng_state()
-        x, y = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)
+
+    def loss_of(net, step):  # Alg. 1 on this rank's batch of `step`
+        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, device=d.device)
         with common.autocast(d.device):
-            flops_per_img = common.flops_per_call(lambda: model(x, y).backward()) / bs
-        opt.zero_grad(set_to_none=True); common.set_rng_state(state)
-    log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
-    loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
-    pbar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.master, desc="train")
-    for step in pbar:
+            return net(x, y)
+
+    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    for step in log.steps(step, cfg.steps):
+        # learning rate: linear warm-up, then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
-        with common.autocast(d.device):
-            loss = step_model(x, y)
+        # forward, backward, update, EMA
+        loss = loss_of(step_model, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(model, step)
-        loss_sum += loss.detach(); n_sum += 1
+        # log, sample grid, checkpoint
         done = step + 1
-        save = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if done % cfg.log_every == 0 or save:
-            if d.world > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-            mean_loss, dt = loss_sum.item() / n_sum, time.time() - t0
-            if not math.isfinite(mean_loss):
-                raise common.TrainingError(f"loss is {mean_loss} at step {done}; stopped, {path} keeps the last good "
-                                           f"checkpoint")
-            row = dict(step=done, loss=mean_loss, img_per_s=round(n_sum * cfg.batch_size / dt, 1), lr=lr)
-            if peak:
-                row["mfu"] = round(flops_per_img * row["img_per_s"] / (peak * d.world), 4)
-            log(**row)
-            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=row["img_per_s"])
-            loss_sum.zero_(); n_sum, t0 = 0, time.time()
-        if d.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+        log(done, loss, lr=lr)
+        if d.master and common.due(done, cfg.sample_every, cfg.steps):
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
             y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
             common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
-        if d.master and save:
-            common.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                              step=done, config=asdict(cfg), rng=common.rng_state()))
-
-
-def load_for_inference(args):
-    d = common.setup_dist(args.device)
-    ckpt = common.load_checkpoint(args.ckpt)
-    try:
-        cfg = Config(**ckpt["config"])
-        model = JiT(cfg).to(d.device).eval()
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{args.ckpt} is not a jit_xpred.py checkpoint ({type(e).__name__})") from None
-    if args.compile:
-        model.net = torch.compile(model.net)
-    return d, ckpt, cfg, model
+        if common.due(done, cfg.ckpt_every, cfg.steps):
+            common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
 def generate(model, cfg, n, args, d):
@@ -477,21 +447,15 @@ def generate(model, cfg, n, args, d):
     per = math.ceil(n / d.world)
     y = (torch.arange(per) + d.rank * per) % cfg.num_classes
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
-    interval = args.cfg_interval or cfg.cfg_interval
-    xs = [model.sample(yb.to(d.device), args.sample_steps, args.cfg, interval, g)
-          for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)]
-    x = torch.cat(xs)
-    if d.world > 1:
-        parts = [torch.empty_like(x) for _ in range(d.world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        x = torch.cat(parts)
-    return x[:n]
+    xs = [model.sample(yb.to(d.device), steps=args.sample_steps, scale=args.cfg_scale, interval=args.cfg_interval,
+                       generator=g) for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)]
+    return common.gather(torch.cat(xs), n, d)
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz"):
+    if not args.out.endswith(".npz") or os.path.isdir(args.out):
         raise UsageError("--out must name an .npz file")
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg))
     x = generate(model, cfg, args.n, args, d)
     if d.master:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -500,43 +464,39 @@ def sample_cmd(args):
         print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
 
 
-@torch.no_grad()
-def features(model, images, t, depth, device, bs=256):
-    """Mean-pooled image tokens after block `depth` at noise level t (null class): JiT's own representation."""
-    out = []
-    for i in range(0, len(images), bs):
-        x = images[i:i + bs].to(device).float().div(127.5).sub(1)
+def features(model, images, t, depth, device):
+    """JiT's own representation: the image tokens after block `depth` of z_t (null class), mean-pooled -> [N, D]."""
+    def fn(x, i):
         B = len(x)
-        tt = torch.full((B,), t, device=device)
-        z = t * x + (1 - t) * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        z = t * x + (1 - t) * e  # Eq. 1
+        null = torch.full((B,), model.cfg.num_classes, device=device)
         with common.autocast(device):
-            out.append(model.net(z, tt, torch.full((B,), model.cfg.num_classes, device=device), feature_depth=depth).float())
-    return torch.cat(out)
+            return model.net(z, torch.full((B,), t, device=device), null, feature_depth=depth)
+    return common.extract(fn, images, device)
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg))
     data = args.data or cfg.data
-    x_tr, y_tr, _ = common.load_images(data, "train", cfg.image_size)
-    x_te, y_te, _ = common.load_images(data, "test", cfg.image_size)
     fd_net = common.FDFeatures(args.fd_model, d.device)
     x = generate(model, cfg, args.n, args, d)
     if not d.master:
         return
-    fd = common.frechet_distance(*fd_net.stats(x_te[:args.n]), *fd_net.stats(x))
-    n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    init = JiT(cfg).to(d.device).eval()  # the same network at initialisation: the probe's floor
     depth, t = cfg.depth // 2, 0.75
-    f_tr, f_te = features(model, x_tr[:n_tr], t, depth, d.device), features(model, x_te[:n_te], t, depth, d.device)
-    p_tr, p_te = x_tr[:n_tr].flatten(1).float().to(d.device), x_te[:n_te].flatten(1).float().to(d.device)
-    res = dict(step=ckpt["step"], data=data, n_samples=args.n, fd=round(fd, 4), fd_model=args.fd_model,
-               sample_steps=args.sample_steps or cfg.sample_steps, cfg=args.cfg if args.cfg is not None else cfg.cfg,
-               probe=f"mean-pooled tokens after block {depth}/{cfg.depth} at t={t}, null class",
-               probe_linear=round(common.linear_probe(f_tr, y_tr[:n_tr].to(d.device), f_te, y_te[:n_te].to(d.device)), 4),
-               probe_knn=round(common.knn_accuracy(f_tr, y_tr[:n_tr].to(d.device), f_te, y_te[:n_te].to(d.device)), 4),
-               probe_linear_pixels=round(common.linear_probe(p_tr, y_tr[:n_tr].to(d.device), p_te, y_te[:n_te].to(d.device)), 4))
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
-        common.json.dump(res, f, indent=1)
-    print0(common.json.dumps(res))
+    res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
+               fd_model=args.fd_model, n_samples=args.n, sample_steps=args.sample_steps or cfg.sample_steps,
+               cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+               probe=f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class")
+    for suffix, m in (("", model), ("_init", init)):
+        res.update(common.probes(features(m, x_tr, t, depth, d.device), y_tr,
+                                 features(m, x_te, t, depth, d.device), y_te, suffix))
+    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
+    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels"))
+    common.write_eval(args.ckpt, res)
 
 
 def main(argv=None):
@@ -545,14 +505,14 @@ def main(argv=None):
     tr.add_argument("--pred", choices=["x", "eps", "v"], help="network output (default x)")
     tr.add_argument("--loss", choices=["x", "eps", "v"], help="loss space (default v)")
     for s in (sa, ev):
-        s.add_argument("--sample-steps", type=int, help="Heun steps (default: the run's, 50)")
-        s.add_argument("--cfg", type=float, help="CFG scale (default: the run's)")
+        s.add_argument("--sample-steps", type=common.number(int), help="Heun steps (default: the run's, 50)")
+        s.add_argument("--cfg-scale", type=common.number(float, 0, strict=False), help="CFG scale (default: the run's)")
         s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo < t < hi (default 0.1 1.0)")
     to = sub.add_parser("toy", help="the paper's toy experiment (Sec. 3.3) on a CPU")
-    to.add_argument("--dims", type=int, nargs="+", default=[2, 8, 16, 512])
-    to.add_argument("--toy-steps", type=int, default=2000, help="training steps per model")
+    to.add_argument("--dims", type=common.number(int), nargs="+", default=[2, 8, 16, 512])
+    to.add_argument("--toy-steps", type=common.number(int), default=2000, help="training steps per model")
     to.add_argument("--out", required=True)
-    to.add_argument("--seed", type=int, default=0)
+    to.add_argument("--seed", type=common.number(int, 0, strict=False), default=0)
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "toy": toy}[args.cmd](args)
 

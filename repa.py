@@ -12,7 +12,8 @@ Claim: a diffusion transformer learns semantic features slowly; aligning its ear
     L = L_v + lambda L_align,  lambda = 0.5;  --proj-coeff 0 is the plain SiT, the same code path       (Eq. 9)
 
 Samplers: Heun on the probability-flow ODE dx/dt = v, and Euler-Maruyama on the reverse SDE
-dx = [v - w(t)/2 s] dt + sqrt(w(t)) dW with s = -(x + (1 - t) v)/t and w(t) = 2t (as REPA's sampler), CFG on an interval.
+dx = [v - w(t)/2 s] dt + sqrt(w(t)) dW with s = -(x + (1 - t) v)/t and w(t) = 2t on REPA's grid (N steps: N - 1 noisy
+steps on linspace(1, 0.04, N), then 0.04 -> 0 as the mean of one more step), CFG on an interval.
 
 Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's; needs the released file once, from the internet
 or put in torch.hub's cache), random-vit-s (the honest offline baseline), or a soda.py export. Append @RES to change
@@ -21,24 +22,35 @@ token counts differ, the encoder grid is interpolated to the SiT grid.
 
 Commands (python repa.py {train,sample,eval} -h lists every flag):
     CPU smoke, seconds: python repa.py train --preset tiny --out runs/repa_tiny --device cpu
+    shapes on a CPU:    python repa.py train --preset cpu --out runs/repa_cpu       (and --proj-coeff 0, runs/sit_cpu)
+                        python repa.py eval --ckpt runs/repa_cpu/ckpt.pt --n 1000     (the mechanism only: see below)
     one GPU, the claim: python repa.py train --data cifar10 --out runs/repa --compile
                         python repa.py train --data cifar10 --proj-coeff 0 --out runs/sit --compile
-                        python repa.py eval --ckpt runs/repa/ckpt.pt --fd-model inception:default_1.pt   (and runs/sit)
+                        python repa.py sample --ckpt runs/repa/ckpt.pt --n 50000 --sampler sde --cfg-scale 1.8 \
+                            --out runs/repa/samples.npz
+                        python repa.py eval --ckpt runs/repa/ckpt.pt --fd-model inception   (and runs/sit; the FID)
     torchrun:           torchrun --nproc_per_node 8 repa.py train --data cifar10 --out runs/repa --compile
+    any Config field:   --set align_depth=2 --set sampler=sde (train)
     latents (as the paper, SD-VAE): python repa.py train --data in256.npz --latents --preset B --out runs/repa_b
                         in256.npz: `latents` [N,4,32,32] (the VAE's mean x 0.18215), arr_0 the images [N,256,256,3]
                         uint8, `labels`. sample then writes `latents`; decode them with the same VAE.
-Expected: at equal steps, the aligned run has the lower FD and the higher probe of its own hidden tokens. Paper:
-SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without CFG; SiT-XL/2 1.42 with CFG.
+On a CPU (--preset cpu, measured on a shared 2-core machine, 1 thread): 1000 steps at ~0.45 s/step, 7.7 min (the plain
+SiT 3.7 min; the frozen ViT's forward is most of a step). Offline there is no DINOv2, so the target is random-vit-s@28,
+whose 2x2 tokens are interpolated to the 4x4 SiT grid. It shows the mechanism: the alignment term reaches cos 0.82 in
+50 steps and 0.86 at the end. It cannot show the paper's gain: a random ViT holds no semantics (its own probe on shapes:
+0.22 linear, chance 0.1), and its tokens are nearly alike, so aligning to them buys nothing. Measured (eval --n 1000,
+pixel FD): REPA FD 4.23, probe 0.18 linear / 0.13 kNN; plain SiT FD 3.82, probe 0.20 / 0.16; at init 0.10 / 0.11.
+Expected with DINOv2 (a GPU): at equal steps, the aligned run has the lower FD and the higher probe of its own hidden
+tokens. Paper: SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without CFG; SiT-XL/2 1.42
+with CFG.
 """
-import math, os, time
-from dataclasses import asdict, dataclass, field, replace
+import math, os
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -70,7 +82,7 @@ class Config:
     ema: float = 0.9999             # paper: 0.9999 (with warm-up here)
     sampler: str = "ode"            # ode (Heun) | sde (Euler-Maruyama; the paper's evaluation sampler)
     sample_steps: int = 50          # paper: 250 SDE steps
-    cfg: float = 1.0                # CFG scale (paper 1.8 for its best FID)
+    cfg_scale: float = 1.0          # CFG scale (paper 1.8 for its best FID)
     cfg_interval: list = field(default_factory=lambda: [0.0, 0.7])  # CFG where lo <= t <= hi (paper: t <= 0.7)
     probe_t: float = 0.25           # noise level at which eval probes the hidden tokens
     log_every: int = 50             # steps between log.jsonl rows
@@ -80,10 +92,16 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(data="shapes:2000", image_size=16, patch=4, hidden=64, depth=2, heads=2, encoder="random-vit-s@28",
+    # seconds, for tests
+    "tiny": dict(data="shapes:1000", image_size=16, patch=4, hidden=64, depth=2, heads=2, encoder="random-vit-s@28",
                  align_depth=1, proj_dim=64, steps=20, batch_size=16, lr=1e-3, ema=0.9, sample_steps=4, log_every=1,
                  sample_every=10, ckpt_every=10),
-    "default": dict(),  # SiT-S/2 on CIFAR-10 32x32, DINOv2-B at 224
+    # 2-core CPU, 7.7 min: the mechanism against a random ViT (offline: no DINOv2), not the paper's gain (docstring)
+    "cpu": dict(data="shapes:10000", image_size=16, patch=4, hidden=128, depth=4, heads=4, encoder="random-vit-s@28",
+                align_depth=2, proj_dim=256, steps=1000, batch_size=64, lr=5e-4, ema=0.999, sample_steps=20,
+                log_every=50, sample_every=500, ckpt_every=500),
+    # one GPU: SiT-S/2 on CIFAR-10 32x32, aligned to DINOv2-B at 224 (16x16 patch tokens, one per SiT token)
+    "default": dict(),
     "B": dict(hidden=768, depth=12, heads=12, align_depth=4),   # SiT-B/2
     "L": dict(hidden=1024, depth=24, heads=16, align_depth=8),  # SiT-L/2
 }
@@ -105,7 +123,9 @@ def modulate(x, shift, scale):
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -118,8 +138,9 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6), nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -149,7 +170,8 @@ class SiT(nn.Module):
         p, D, self.grid, self.cfg = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch, cfg
         self.patch_embed = nn.Conv2d(cfg.channels, D, p, p)
         self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
-        self.t_embed, self.y_embed = TimestepEmbedder(D), nn.Embedding(cfg.num_classes + 1, D)  # last class = null
+        self.t_embed = TimestepEmbedder(D)
+        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)  # last class = null
         self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
@@ -165,7 +187,7 @@ class SiT(nn.Module):
     def forward(self, x, t, y, stop_at=None):
         B, p, g, C = x.shape[0], self.cfg.patch, self.grid, self.cfg.channels
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
-        c = self.t_embed(t) + self.y_embed(y)
+        c = self.t_embed(t) + self.y_embed(y)  # conditioning vector [B, D]
         h_align = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
@@ -175,15 +197,18 @@ class SiT(nn.Module):
                     return None, h_align
         sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
         out = self.out(modulate(self.norm_out(h), sh, sc))  # [B, N, p*p*C]
-        out = out.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)  # [B,C,g,p,g,p] -> image
-        return out, h_align
+        out = out.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
+        return out.reshape(B, C, g * p, g * p), h_align
 
 
 # ---------------------------------------------------------------------------------------------------------- method
 def projector(dim, proj_dim, enc_dim):
     """h_phi: Linear, SiLU, Linear, SiLU, Linear, applied to every token."""
-    return nn.Sequential(nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
-                         nn.Linear(proj_dim, enc_dim))
+    return nn.Sequential(
+        nn.Linear(dim, proj_dim), nn.SiLU(),
+        nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+        nn.Linear(proj_dim, enc_dim),
+    )
 
 
 def to_grid(tokens, grid):
@@ -237,9 +262,11 @@ class REPA(nn.Module):
         return self.net(x, tt, y)[0].float()
 
     @torch.no_grad()
-    def sample(self, y, sampler=None, steps=None, scale=None, interval=None, generator=None):
+    def sample(self, y, *, sampler=None, steps=None, scale=None, interval=None, generator=None):
+        """Class labels y [B] -> images [B,3,H,W] in [-1, 1] (or latents [B,C,h,w]), from noise at t = 1."""
         cfg = self.cfg
-        scale, interval = cfg.cfg if scale is None else scale, interval or cfg.cfg_interval
+        scale = cfg.cfg_scale if scale is None else scale
+        interval = interval or cfg.cfg_interval
         x = torch.randn((len(y), cfg.channels, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
         with common.autocast(x.device):
             v = lambda x, t: self.velocity(x, t, y, scale, interval)
@@ -263,17 +290,18 @@ def sample_ode(v, x, steps, generator=None):
 
 
 def sample_sde(v, x, steps, generator=None):
-    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, from t = 1 to 0; the last
-    step is the deterministic Euler step of the ODE."""
-    ts = torch.linspace(1, 0, steps + 1).tolist()
+    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, on the official REPA grid
+    (samplers.py, euler_maruyama_sampler): t = linspace(1, 0.04, steps), then 0. steps - 1 noisy steps down to t = 0.04,
+    then 0.04 -> 0 as the mean of one more step (its drift, no noise): `steps` evaluations of v in all."""
+    ts = torch.linspace(1, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         d = v(x, t)
-        if i == steps - 1:
-            return x + (t_next - t) * d
-        w, score = 2 * t, -(x + (1 - t) * d) / t
-        noise = torch.randn(x.shape, device=x.device, generator=generator)
-        x = x + (d - 0.5 * w * score) * (t_next - t) + math.sqrt(w * (t - t_next)) * noise
+        w, s = 2 * t, -(x + (1 - t) * d) / t  # the diffusion w(t) and the score implied by v
+        x = x + (t_next - t) * (d - 0.5 * w * s)
+        if i < steps - 1:  # the last step (0.04 -> 0) is the mean: no noise
+            noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            x = x + math.sqrt(w * (t - t_next)) * noise  # sqrt(w |dt|) e
     return x
 
 
@@ -286,14 +314,14 @@ def load_data(cfg, split):
         images, labels, cfg.num_classes = common.load_images(cfg.data, split, cfg.image_size)
         return images, images, labels
     if not (cfg.data.endswith(".npz") and os.path.isfile(cfg.data)):
-        raise UsageError(f"--latents needs --data FILE.npz with `latents` [N,C,h,w] and the images in arr_0")
+        raise UsageError("--latents needs --data FILE.npz with `latents` [N,C,h,w] and the images in arr_0")
     f = np.load(cfg.data)
     latents, shape = (f["latents"], f["arr_0"].shape) if {"latents", "arr_0"} <= set(f.files) else (None, None)
     if latents is None or latents.ndim != 4 or len(latents) != shape[0]:
         raise UsageError(f"{cfg.data}: expected `latents` [N,C,h,w] beside N images in arr_0")
     latents = torch.from_numpy(latents.astype(np.float32))
     images, labels, cfg.num_classes = common.load_images(cfg.data, split, shape[1])
-    latents = latents[common.npz_split(len(latents), split)]  # the rows of load_images' split
+    latents = latents[common.split_rows(len(latents), split)]  # the rows of load_images' split
     cfg.channels, cfg.image_size = latents.shape[1], latents.shape[-1]
     if cfg.image_size % cfg.patch:
         raise UsageError(f"latent size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
@@ -301,218 +329,177 @@ def load_data(cfg, split):
 
 
 def make_config(args):
-    cfg = Config(**PRESETS[args.preset])
-    for k in ("data", "steps", "batch_size", "lr", "image_size", "seed", "encoder", "proj_coeff", "latents"):
-        if getattr(args, k, None) is not None:
-            setattr(cfg, k, getattr(args, k))
+    cfg = common.configure(Config, PRESETS, args)
     if cfg.image_size % cfg.patch:
         raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
     if not 1 <= cfg.align_depth <= cfg.depth:
-        raise UsageError(f"--align-depth {cfg.align_depth} is not a block of the {cfg.depth}-block SiT")
+        raise UsageError(f"align_depth {cfg.align_depth} is not a block of the {cfg.depth}-block SiT")
+    if cfg.sampler not in ("ode", "sde"):
+        raise UsageError(f"sampler is ode or sde (got {cfg.sampler!r})")
     return cfg
 
 
 def train(args):
-    d = common.setup_dist(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        ckpt = common.load_checkpoint(path)
-        cfg = Config(**ckpt["config"])
-        cfg.steps = args.steps or cfg.steps
-    elif os.path.exists(path):
-        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    else:
-        cfg = make_config(args)
-    if cfg.batch_size % d.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
-    xs, images, labels = load_data(cfg, "train")
+    d, cfg, ckpt = common.start_run(args, Config, make_config)
+    xs, images, labels = load_data(cfg, "train")  # xs: what the SiT models (the images, or their latents)
     encoder = common.load_encoder(cfg.encoder, d.device) if cfg.proj_coeff > 0 else None
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = REPA(cfg, encoder.dim if encoder else None).to(d.device)
     ema = common.Ema(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step = 0
-    if args.resume:
-        model.load_state_dict(ckpt["model"]); ema.model.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"], d.rank, cfg.seed, step)
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
-    print0(f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, "
-           f"{'REPA to ' + cfg.encoder + f' at block {cfg.align_depth}, lambda {cfg.proj_coeff}' if encoder else 'no alignment'}, "
-           f"{len(images)} {'latents' if cfg.latents else 'images'} of {cfg.data}, step {step} -> {cfg.steps}, "
-           f"{d.world} x {d.device}")
-    step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    step_model = torch.compile(step_model) if args.compile else step_model
+    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
+    align = f"REPA to {cfg.encoder} at block {cfg.align_depth}, lambda {cfg.proj_coeff}" if encoder else "no alignment"
+    kind = "latents" if cfg.latents else "images"
+    print0(f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, {align}, {len(xs)} {kind} of "
+           f"{cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
+    flip = not cfg.latents  # a flipped latent is not the latent of the flipped image: flip when precomputing
 
-    def loss_of(x, x_img, y):
+    def loss_of(net, step):  # Eq. 9 on this rank's batch of `step`
+        x, y = common.batch(xs, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)
+        if cfg.latents:  # the same rows: the encoder reads the images of these latents
+            x_img = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)[0]
+        else:
+            x_img = x
         z_enc = encoder(x_img)[1] if encoder else None  # patch tokens of the clean images [B, M, D_enc]
         with common.autocast(d.device):
-            return step_model(x, y, z_enc)
+            return net(x, y, z_enc)
 
-    peak = common.peak_flops(d.device)
-    if peak:  # model FLOPs of one step (encoder included), counted once; the RNG is put back afterwards
-        state = common.rng_state()
-        x, y = common.batch(xs, labels, bs, cfg.seed, 0, d.rank, device=d.device)
-        x_img = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)[0] if cfg.latents else x
-        flops_per_img = common.flops_per_call(lambda: loss_of(x, x_img, y).backward()) / bs
-        opt.zero_grad(set_to_none=True); common.set_rng_state(state)
-    log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
-    loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
-    pbar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.master, desc="train")
-    for step in pbar:
+    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    for step in log.steps(step, cfg.steps):
+        # learning rate: linear warm-up (none in the paper), then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        flip = not cfg.latents  # a flipped latent is not the latent of the flipped image: flip when precomputing
-        x, y = common.batch(xs, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)
-        # the same rows: the encoder reads the images of these latents
-        x_img = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)[0] if cfg.latents else x
-        loss = loss_of(x, x_img, y)
+        # forward, backward, clip, update, EMA
+        loss = loss_of(step_model, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step)
-        loss_sum += loss.detach(); n_sum += 1
+        # log (with the last step's two terms), sample grid (pixels only: latents need the VAE), checkpoint
         done = step + 1
-        save = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if done % cfg.log_every == 0 or save:
-            if d.world > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-            mean_loss, dt = loss_sum.item() / n_sum, time.time() - t0
-            if not math.isfinite(mean_loss):
-                raise common.TrainingError(f"loss is {mean_loss} at step {done}; stopped, {path} keeps the last good "
-                                           f"checkpoint")
-            row = dict(step=done, loss=mean_loss, img_per_s=round(n_sum * cfg.batch_size / dt, 1), lr=lr,
-                       **{k: v.item() for k, v in model.last.items()})  # the last step's two terms
-            if peak:
-                row["mfu"] = round(flops_per_img * row["img_per_s"] / (peak * d.world), 4)
-            log(**row)
-            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=row["img_per_s"])
-            loss_sum.zero_(); n_sum, t0 = 0, time.time()
-        if d.master and not cfg.latents and (done % cfg.sample_every == 0 or done == cfg.steps):  # latents: no VAE here
+        log(done, loss, lr=lr, **model.last)
+        if d.master and not cfg.latents and common.due(done, cfg.sample_every, cfg.steps):
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
             y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
             common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
-        if d.master and save:
-            common.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                              step=done, config=asdict(cfg), rng=common.rng_state()))
+        if common.due(done, cfg.ckpt_every, cfg.steps):
+            common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
-def load_for_inference(args):
-    d = common.setup_dist(args.device)
-    ckpt = common.load_checkpoint(args.ckpt)
-    try:
-        cfg = Config(**ckpt["config"])
-        enc_dim = ckpt["ema"]["proj.4.weight"].shape[0] if cfg.proj_coeff > 0 else None
-        model = REPA(cfg, enc_dim).to(d.device).eval()
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{args.ckpt} is not a repa.py checkpoint ({type(e).__name__})") from None
-    if args.compile:
-        model.net = torch.compile(model.net)
-    return d, ckpt, cfg, model
+def build(cfg, ckpt):
+    """The model of a checkpoint: the projector's output width is the encoder's, read from the saved weights."""
+    return REPA(cfg, ckpt["ema"]["proj.4.weight"].shape[0] if cfg.proj_coeff > 0 else None)
 
 
 def generate(model, cfg, n, args, d):
-    """n class-balanced samples, split over the processes and gathered: [n, 3, H, W] in [-1, 1] (on every rank)."""
+    """n class-balanced samples, split over the processes and gathered: [n, C, H, W] (on every rank); images in
+    [-1, 1], or latents."""
     per = math.ceil(n / d.world)
     y = (torch.arange(per) + d.rank * per) % cfg.num_classes
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
-    xs = [model.sample(yb.to(d.device), args.sampler, args.sample_steps, args.cfg, args.cfg_interval, g)
+    xs = [model.sample(yb.to(d.device), sampler=args.sampler, steps=args.sample_steps, scale=args.cfg_scale,
+                       interval=args.cfg_interval, generator=g)
           for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)]
-    x = torch.cat(xs)
-    if d.world > 1:
-        parts = [torch.empty_like(x) for _ in range(d.world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        x = torch.cat(parts)
-    return x[:n]
+    return common.gather(torch.cat(xs), n, d)
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz"):
+    if not args.out.endswith(".npz") or os.path.isdir(args.out):
         raise UsageError("--out must name an .npz file")
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = common.load_run(args, Config, build)
     x = generate(model, cfg, args.n, args, d)
-    if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if d.master and cfg.latents:  # decode them with the VAE that made the training latents
+    if not d.master:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if cfg.latents:  # decode them with the VAE that made the training latents
         np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
         print0(f"wrote {args.out}: {args.n} latents [{args.n},{cfg.channels},{cfg.image_size},{cfg.image_size}] "
                f"(decode them with your VAE)")
-    elif d.master:
+    else:
         np.savez(args.out, arr_0=common.to_uint8(x))
         common.save_grid(x[:64], args.out[:-4] + ".png")
         print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
 
 
-@torch.no_grad()
-def sit_features(model, xs, t, device, bs=256):
+def sit_features(model, xs, t, device):
     """SiT's own representation: the tokens after block align_depth of x_t (null class), mean-pooled -> [N, D].
     xs: uint8 images, or float latents."""
-    out = []
-    for i in range(0, len(xs), bs):
-        x = xs[i:i + bs].to(device)
-        x = x if x.is_floating_point() else x.float().div(127.5).sub(1)
+    def fn(x, i):
         B = len(x)
-        x_t = (1 - t) * x + t * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        x_t = (1 - t) * x + t * e  # Eq. 2
+        null = torch.full((B,), model.cfg.num_classes, device=device)
         with common.autocast(device):
-            h = model.net(x_t, torch.full((B,), t, device=device), torch.full((B,), model.cfg.num_classes, device=device),
-                          stop_at="align")[1]
-        out.append(h.float().mean(1))
-    return torch.cat(out)
+            return model.net(x_t, torch.full((B,), t, device=device), null, stop_at="align")[1].float().mean(1)
+    return common.extract(fn, xs, device, desc="SiT features")
 
 
-@torch.no_grad()
-def encoder_features(encoder, images, device, bs=256):
-    return torch.cat([encoder(images[i:i + bs].to(device).float() / 127.5 - 1)[0].float() for i in range(0, len(images), bs)])
+def probe_data(cfg, data):
+    """Uniform subsets of both splits (common.probe_data) -> (s_tr, x_tr, y_tr, s_te, x_te, y_te): what the SiT reads
+    (the images, or with --latents the latents of the same rows), the images, the labels."""
+    dcfg = replace(cfg, data=data)  # the run's config (size, latents) on the data asked for
+    s_tr, images, _ = load_data(dcfg, "train")
+    s_te = load_data(dcfg, "test")[0]
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, images.shape[-1])
+    if cfg.latents:  # the same rows: common.probe_data draws them with common.subset
+        s_tr = s_tr[common.subset(len(s_tr), len(x_tr))]
+        s_te = s_te[common.subset(len(s_te), len(x_te))]
+    else:
+        s_tr, s_te = x_tr, x_te
+    return s_tr, x_tr, y_tr, s_te, x_te, y_te
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = common.load_run(args, Config, build)
     data = args.data or cfg.data
-    dcfg = replace(cfg, data=data)  # the run's config (size, latents) on the data asked for
-    s_tr, x_tr, y_tr = load_data(dcfg, "train")  # s_*: what the SiT reads (images or latents), x_*: the images
-    s_te, x_te, y_te = load_data(dcfg, "test")
-    encoder = common.load_encoder(args.encoder or cfg.encoder, d.device)
-    fd, fd_model = None, "none: latent samples need the VAE that made the latents (sample writes them)"
+    s_tr, x_tr, y_tr, s_te, x_te, y_te = probe_data(cfg, data)
+    enc_spec = args.encoder or cfg.encoder
+    encoder = common.load_encoder(enc_spec, d.device)
+    fd = n = None
+    fd_model = "none: latent samples need the VAE that made the latents (sample writes them)"
     if not cfg.latents:
-        fd_net, fd_model = common.FDFeatures(args.fd_model, d.device), args.fd_model
-        x = generate(model, cfg, args.n, args, d)
-        fd = round(common.frechet_distance(*fd_net.stats(x_te[:args.n]), *fd_net.stats(x)), 4) if d.master else None
+        fd_net, fd_model, n = common.FDFeatures(args.fd_model, d.device), args.fd_model, args.n
+        x = generate(model, cfg, n, args, d)
     if not d.master:
         return
-    n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
-    ytr, yte = y_tr[:n_tr].to(d.device), y_te[:n_te].to(d.device)
-    probe = lambda f_tr, f_te: (round(common.linear_probe(f_tr, ytr, f_te, yte), 4), round(common.knn_accuracy(f_tr, ytr, f_te, yte), 4))
-    sit = probe(sit_features(model, s_tr[:n_tr], cfg.probe_t, d.device), sit_features(model, s_te[:n_te], cfg.probe_t, d.device))
-    enc = probe(encoder_features(encoder, x_tr[:n_tr], d.device), encoder_features(encoder, x_te[:n_te], d.device))
-    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff, n_samples=args.n, fd=fd,
-               fd_model=fd_model, sampler=args.sampler or cfg.sampler,
-               probe=f"SiT tokens after block {cfg.align_depth}/{cfg.depth} at t={cfg.probe_t}, null class, mean-pooled",
-               probe_linear=sit[0], probe_knn=sit[1], encoder=args.encoder or cfg.encoder,
-               encoder_probe_linear=enc[0], encoder_probe_knn=enc[1])
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
-        common.json.dump(res, f, indent=1)
-    print0(common.json.dumps(res))
+    if not cfg.latents:
+        fd = common.fd_to_train(fd_net, x, data, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    init = build(cfg, ckpt).to(d.device).eval()  # the same SiT at initialisation (train's seed and order): the floor
+    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff, fd=fd, fd_model=fd_model, n_samples=n,
+               sampler=args.sampler or cfg.sampler, sample_steps=args.sample_steps or cfg.sample_steps,
+               cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+               probe=f"SiT tokens after block {cfg.align_depth}/{cfg.depth} at t={cfg.probe_t}, null class, "
+                     f"mean-pooled")
+    for suffix, m in (("", model), ("_init", init)):
+        res.update(common.probes(sit_features(m, s_tr, cfg.probe_t, d.device), y_tr,
+                                 sit_features(m, s_te, cfg.probe_t, d.device), y_te, suffix))
+    enc = lambda x, i: encoder(x)[0]  # the frozen encoder's global token [B, D_enc]
+    enc_probes = common.probes(common.extract(enc, x_tr, d.device, desc="encoder features"), y_tr,
+                               common.extract(enc, x_te, d.device, desc="encoder features"), y_te)
+    res.update(encoder=enc_spec, **{f"encoder_{k}": v for k, v in enc_probes.items()})
+    common.write_eval(args.ckpt, res)
 
 
 def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
-    tr.add_argument("--encoder", help="frozen encoder spec (default dinov2_vitb14; see common.load_encoder)")
-    tr.add_argument("--proj-coeff", type=float, help="lambda of the alignment loss (default 0.5; 0 = plain SiT)")
+    tr.add_argument("--encoder", help="frozen encoder spec (default: the preset's; see common.load_encoder)")
+    tr.add_argument("--proj-coeff", type=common.number(float, 0, strict=False),
+                    help="lambda of the alignment loss (default 0.5; 0 = plain SiT)")
     tr.add_argument("--latents", action="store_true", default=None,
                     help="train on the `latents` [N,C,h,w] of the --data .npz (its arr_0 images feed the encoder)")
     ev.add_argument("--encoder", help="encoder probed beside the SiT (default: the run's)")
     for s in (sa, ev):
         s.add_argument("--sampler", choices=["ode", "sde"], help="Heun ODE or Euler-Maruyama SDE (default: the run's)")
-        s.add_argument("--sample-steps", type=int, help="sampler steps (default: the run's, 50)")
-        s.add_argument("--cfg", type=float, help="CFG scale (default: the run's, 1)")
-        s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo <= t <= hi (default 0 0.7)")
+        s.add_argument("--sample-steps", type=common.number(int), help="sampler steps (default: the run's, 50)")
+        s.add_argument("--cfg-scale", type=common.number(float, 0, strict=False), help="CFG scale (default: the run's)")
+        s.add_argument("--cfg-interval", type=common.number(float, 0, strict=False), nargs=2,
+                       help="CFG only for lo <= t <= hi (default 0 0.7)")
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd}[args.cmd](args)
 

@@ -17,23 +17,28 @@ The encoder is the DINOv2-layout ViT of common.py, so `export-encoder` writes a 
 a SODA checkpoint can serve as the frozen encoder of repa.py (--encoder enc.pt) offline.
 
 Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag):
-    CPU smoke, seconds: python soda.py train --preset tiny --out runs/soda_tiny --device cpu
-    one GPU:            python soda.py train --data cifar10 --out runs/soda --compile
-                        python soda.py eval --ckpt runs/soda/ckpt.pt
-                        python soda.py export-encoder --ckpt runs/soda/ckpt.pt --out runs/soda/enc.pt
-    torchrun:           torchrun --nproc_per_node 8 soda.py train --data cifar10 --out runs/soda --compile
+    CPU smoke, seconds:  python soda.py train --preset tiny --out runs/soda_tiny --device cpu
+    shapes on a CPU:     python soda.py train --preset cpu --out runs/soda_cpu --device cpu     # < 8 min
+                         python soda.py eval --ckpt runs/soda_cpu/ckpt.pt --device cpu
+    one GPU:             python soda.py train --data cifar10 --out runs/soda --compile
+                         python soda.py sample --ckpt runs/soda/ckpt.pt --n 10000 --out runs/soda/views.npz
+                         python soda.py eval --ckpt runs/soda/ckpt.pt --n 10000 --fd-model inception
+                         python soda.py export-encoder --ckpt runs/soda/ckpt.pt --out runs/soda/enc.pt
+    torchrun:            torchrun --nproc_per_node 8 soda.py train --data cifar10 --out runs/soda --compile
+`sample` and `eval` generate a view of each test image (drawn uniformly) from its own z; eval.json's `fd` is their FD
+against the training split, `psnr` their fidelity to the source, `probe_*` the probes of z (`*_init`: the same
+encoder at initialisation, `*_pixels`: raw pixels).
 Expected: the probe on z beats the same encoder at initialisation. A ResNet-18 reimplementation reports 80.0% linear /
 80.4% k-NN on CIFAR-10 after 800 epochs. At toy scale on `shapes` it does not: z fills with colour, not contour
 (the README's soda.py section has the measurements and why).
 """
-import math, os, time
-from dataclasses import asdict, dataclass, field
+import math, os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -77,10 +82,16 @@ class Config:
 
 
 PRESETS = {
+    # seconds, for tests
     "tiny": dict(data="shapes:2000", image_size=16, enc_patch=4, enc_dim=64, enc_depth=2, z_dim=12, channels=16,
                  ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=5, steps=20, batch_size=32, lr=1e-3,
                  warmup=0, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),
-    "default": dict(),  # CIFAR-10 32x32: ViT-S/4 encoder, z of 128, U-Net 128 channels
+    # shapes on a 2-core CPU in under 8 minutes: a ViT 128x4/4 encoder, z of 48 in 3 groups, the tiny U-Net at 16 px
+    "cpu": dict(data="shapes:10000", image_size=16, enc_patch=4, enc_dim=128, enc_depth=4, z_dim=48, channels=16,
+                ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=50, steps=2000, batch_size=32,
+                lr=1e-3, warmup=100, ema=0.999, log_every=50, sample_every=500, ckpt_every=500),
+    # one GPU: CIFAR-10 32x32, ViT-S/4 encoder, z of 128, U-Net of 128 channels
+    "default": dict(),
 }
 
 
@@ -101,12 +112,16 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in, c_out, emb_dim, z_chunk, dropout):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
         self.film = nn.Linear(emb_dim, 2 * c_out)  # t -> (scale, shift)
         self.z_film = nn.Linear(z_chunk, 2 * c_out)  # z_i -> (z_s, z_b)
-        self.norm2, self.drop, self.conv2 = group_norm(c_out), nn.Dropout(dropout), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.norm2 = group_norm(c_out)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight); nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x, emb, zmod):  # zmod [B, 2 C]: this block's (z_s, z_b), already masked
         h = self.conv1(F.silu(self.norm1(x)))
@@ -119,13 +134,19 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     def __init__(self, ch, heads=1):
         super().__init__()
-        self.heads, self.norm, self.qkv, self.proj = heads, group_norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight); nn.init.zeros_(self.proj.bias)
+        self.heads = heads
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)  # [B, h, HW, C/h]
-        return x + self.proj(common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W))  # -> [B, C, H, W]
+        qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W)  # [B, 3C, H, W] -> [B,3,h,C/h,HW]
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x [B, h, HW, C/h]
+        out = common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # [B, h, HW, C/h] -> [B, C, H, W]
+        return x + self.proj(out)
 
 
 class UNet(nn.Module):
@@ -138,13 +159,19 @@ class UNet(nn.Module):
         if cfg.z_dim % G:
             raise UsageError(f"z_dim {cfg.z_dim} does not split into {G} equal sub-vectors")
         self.ch, self.groups, zc = ch, G, cfg.z_dim // G
+        block = lambda c_in, c_out: ResBlock(c_in, c_out, emb_dim, zc, cfg.dropout)
+        attn = lambda c, res: AttnBlock(c) if res in cfg.attn_res else nn.Identity()
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down, self.up, self.block_group, skips, c, res = nn.ModuleList(), nn.ModuleList(), [], [ch], ch, cfg.image_size
+        self.down = nn.ModuleList()  # [ResBlock, attention] pairs and downsampling convs, in forward order
+        self.up = nn.ModuleList()  # [ResBlock, attention] pairs and upsampling, in forward order
+        self.block_group = []  # the z group of each ResBlock, in forward order
+        skips = [ch]  # channels of each skip connection the up path will concatenate
+        c = ch
+        res = cfg.image_size
         for i, m in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res):
-                self.down.append(nn.ModuleList([ResBlock(c, ch * m, emb_dim, zc, cfg.dropout),
-                                                AttnBlock(ch * m) if res in cfg.attn_res else nn.Identity()]))
+                self.down.append(nn.ModuleList([block(c, ch * m), attn(ch * m, res)]))
                 self.block_group.append(i)
                 c = ch * m
                 skips.append(c)
@@ -152,21 +179,22 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, zc, cfg.dropout), AttnBlock(c), ResBlock(c, c, emb_dim, zc, cfg.dropout)])
+        self.mid = nn.ModuleList([block(c, c), AttnBlock(c), block(c, c)])
         self.block_group += [G - 1, G - 1]
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res + 1):
-                self.up.append(nn.ModuleList([ResBlock(c + skips.pop(), ch * m, emb_dim, zc, cfg.dropout),
-                                              AttnBlock(ch * m) if res in cfg.attn_res else nn.Identity()]))
+                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m), attn(ch * m, res)]))
                 self.block_group.append(i)  # mirrored: up level i shares z_i with down level i
                 c = ch * m
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
                 res *= 2
-        self.res_blocks = [l[0] for l in self.down if isinstance(l, nn.ModuleList)] + [self.mid[0], self.mid[2]] + \
-                          [l[0] for l in self.up if isinstance(l, nn.ModuleList)]  # forward order, as block_group
-        self.norm_out, self.conv_out = group_norm(c), nn.Conv2d(c, 3, 3, 1, 1)
-        nn.init.zeros_(self.conv_out.weight); nn.init.zeros_(self.conv_out.bias)
+        pairs = lambda layers: [l[0] for l in layers if isinstance(l, nn.ModuleList)]
+        self.res_blocks = pairs(self.down) + [self.mid[0], self.mid[2]] + pairs(self.up)  # forward order
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
 
     def z_modulation(self, z, keep):
         """-> one [B, 2C] (z_s, z_b) per residual block: block b reads only sub-vector block_group[b] of z."""
@@ -183,7 +211,10 @@ class UNet(nn.Module):
             hs.append(h)
         h = self.mid[2](self.mid[1](self.mid[0](h, emb, next(mods))), emb, next(mods))
         for layer in self.up:
-            h = layer(h) if isinstance(layer, nn.Sequential) else layer[1](layer[0](torch.cat([h, hs.pop()], 1), emb, next(mods)))
+            if isinstance(layer, nn.Sequential):  # upsample
+                h = layer(h)
+            else:
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], 1), emb, next(mods)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -197,9 +228,9 @@ def random_crops(x, scale):
     sx, sy = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)  # half-extent / 1
     cx, cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - sx), (torch.rand(B, device=dev) * 2 - 1) * (1 - sy)
     flip = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)
+    theta = torch.zeros(B, 2, 3, device=dev)  # [B, 2, 3]: the affine map from output to input coordinates
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, cx, sy, cy
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [B, H, W, 2]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -237,7 +268,7 @@ class SODA(nn.Module):
         """[-1, 1] images -> z [B, z_dim]. ImageNet normalisation, as common.FrozenEncoder does for the export."""
         return self.head(self.encoder(((x + 1) / 2 - self.mean) / self.std)[0])
 
-    def forward(self, x, y=None):
+    def forward(self, x):
         cfg, B = self.cfg, x.shape[0]
         source = color_jitter(random_crops(x, cfg.source_scale), cfg.jitter)
         target = random_crops(x, cfg.target_scale)
@@ -261,7 +292,7 @@ class SODA(nn.Module):
         return (1 + w) * e_c - w * e_u
 
     @torch.no_grad()
-    def sample(self, z, steps=None, w=None, generator=None):
+    def sample(self, z, *, steps=None, w=None, generator=None):
         """DDIM (eta = 0) from t = 1 to 0 with the inverted cosine schedule, conditioned on z."""
         cfg = self.cfg
         steps, w = steps or cfg.sample_steps, cfg.guidance if w is None else w
@@ -278,172 +309,138 @@ class SODA(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- train / main
 def make_config(args):
-    cfg = Config(**PRESETS[args.preset])
-    for k in ("data", "steps", "batch_size", "lr", "image_size", "seed"):
-        if getattr(args, k, None) is not None:
-            setattr(cfg, k, getattr(args, k))
-    if cfg.image_size % cfg.enc_patch or cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
+    cfg = common.configure(Config, PRESETS, args)
+    sizes = ("enc_patch", "enc_dim", "enc_depth", "z_dim", "channels", "num_res", "sample_steps", "log_every",
+             "sample_every", "ckpt_every")
+    if min(getattr(cfg, k) for k in sizes) <= 0:
+        raise UsageError(f"{', '.join(sizes)} must be positive")
+    down = 2 ** (len(cfg.ch_mult) - 1)
+    if cfg.image_size % cfg.enc_patch or cfg.image_size % down:
         raise UsageError(f"image size {cfg.image_size} is not divisible by the encoder patch {cfg.enc_patch} and the "
-                         f"U-Net's {2 ** (len(cfg.ch_mult) - 1)}")
+                         f"U-Net's {down}")
+    if cfg.enc_dim % 64 or cfg.z_dim % (len(cfg.ch_mult) + 1):
+        raise UsageError(f"enc_dim ({cfg.enc_dim}) must be a multiple of 64 and z_dim ({cfg.z_dim}) of the "
+                         f"{len(cfg.ch_mult) + 1} groups")
     return cfg
 
 
 def train(args):
-    d = common.setup_dist(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        ckpt = common.load_checkpoint(path)
-        cfg = Config(**ckpt["config"])
-        cfg.steps = args.steps or cfg.steps
-    elif os.path.exists(path):
-        raise UsageError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    else:
-        cfg = make_config(args)
-    if cfg.batch_size % d.world:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    d, cfg, ckpt = common.start_run(args, Config, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = SODA(cfg).to(d.device)
     ema = common.Ema(model, cfg.ema)
     enc_params = list(model.encoder.parameters()) + list(model.head.parameters())
-    opt = torch.optim.AdamW([{"params": model.net.parameters(), "lr_mult": 1.0}, {"params": enc_params, "lr_mult": 2.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = 0
-    if args.resume:
-        model.load_state_dict(ckpt["model"]); ema.model.load_state_dict(ckpt["ema"]); opt.load_state_dict(ckpt["opt"])
-        step = ckpt["step"]
-        common.set_rng_state(ckpt["rng"], d.rank, cfg.seed, step)
-    else:
-        torch.manual_seed(cfg.seed * 1_000_003 + d.rank)
-    print0(f"SODA encoder {sum(p.numel() for p in enc_params) / 1e6:.1f}M + U-Net {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M "
-           f"params, z {cfg.z_dim} in {model.net.groups} groups, {len(images)} images of {cfg.data}, step {step} -> "
-           f"{cfg.steps}, {d.world} x {d.device}")
-    step_model = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else model
-    step_model = torch.compile(step_model) if args.compile else step_model
+    groups = [{"params": model.net.parameters(), "lr_mult": 1.0}, {"params": enc_params, "lr_mult": 2.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
+    n_enc, n_net = sum(p.numel() for p in enc_params) / 1e6, sum(p.numel() for p in model.net.parameters()) / 1e6
+    print0(f"SODA encoder {n_enc:.1f}M + U-Net {n_net:.1f}M params, z {cfg.z_dim} in {model.net.groups} groups, "
+           f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    peak = common.peak_flops(d.device)
-    if peak:  # model FLOPs of one step, counted once (nanoGPT-style MFU); the RNG is put back afterwards
-        state = common.rng_state()
-        x, _ = common.batch(images, labels, bs, cfg.seed, 0, d.rank, device=d.device)
+    x_show = common.to_float(images[common.subset(len(images), 8)]).to(d.device)  # sources of the grids
+
+    def loss_of(net, step):  # this rank's batch of `step`; the views (crops, flips, jitter) are made in forward
+        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=False, device=d.device)
         with common.autocast(d.device):
-            flops_per_img = common.flops_per_call(lambda: model(x).backward()) / bs
-        opt.zero_grad(set_to_none=True); common.set_rng_state(state)
-    log = common.Jsonl(os.path.join(args.out, "log.jsonl"), d.master)
-    x_show = images[:8].to(d.device).float() / 127.5 - 1  # fixed sources for the reconstruction grids
-    loss_sum, n_sum, t0 = torch.zeros((), device=d.device), 0, time.time()
-    pbar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, disable=not d.master, desc="train")
-    for step in pbar:
+            return net(x)
+
+    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    for step in log.steps(step, cfg.steps):
+        # learning rate: linear warm-up, then constant; the encoder at 2x
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=False, device=d.device)  # views flip
-        with common.autocast(d.device):
-            loss = step_model(x)
+        # forward, backward, clip, update, EMA
+        loss = loss_of(step_model, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step)
-        loss_sum += loss.detach(); n_sum += 1
+        # log, reconstruction grid (row 1: sources, row 2: views generated from their z), checkpoint
         done = step + 1
-        save = done % cfg.ckpt_every == 0 or done == cfg.steps
-        if done % cfg.log_every == 0 or save:
-            if d.world > 1:
-                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
-            mean_loss, dt = loss_sum.item() / n_sum, time.time() - t0
-            if not math.isfinite(mean_loss):
-                raise common.TrainingError(f"loss is {mean_loss} at step {done}; stopped, {path} keeps the last good "
-                                           f"checkpoint")
-            row = dict(step=done, loss=mean_loss, img_per_s=round(n_sum * cfg.batch_size / dt, 1), lr=lr)
-            if peak:
-                row["mfu"] = round(flops_per_img * row["img_per_s"] / (peak * d.world), 4)
-            log(**row)
-            pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=row["img_per_s"])
-            loss_sum.zero_(); n_sum, t0 = 0, time.time()
-        if d.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+        log(done, loss, lr=lr)
+        if d.master and common.due(done, cfg.sample_every, cfg.steps):
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
             with torch.no_grad():
-                recon = ema.model.sample(ema.model.encode(x_show), generator=g)
-            common.save_grid(torch.cat([x_show, recon]), os.path.join(args.out, f"samples_{done:07d}.png"))  # row 1: sources
-        if d.master and save:
-            common.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.model.state_dict(), opt=opt.state_dict(),
-                                              step=done, config=asdict(cfg), rng=common.rng_state()))
+                views = ema.model.sample(ema.model.encode(x_show), generator=g)
+            common.save_grid(torch.cat([x_show, views]), os.path.join(args.out, f"samples_{done:07d}.png"))
+        if common.due(done, cfg.ckpt_every, cfg.steps):
+            common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
-def load_for_inference(args):
-    d = common.setup_dist(args.device)
-    ckpt = common.load_checkpoint(args.ckpt)
-    try:
-        cfg = Config(**ckpt["config"])
-        model = SODA(cfg).to(d.device).eval()
-        model.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UsageError(f"{args.ckpt} is not a soda.py checkpoint ({type(e).__name__})") from None
-    if getattr(args, "compile", False):
-        model.net = torch.compile(model.net)
-    return d, ckpt, cfg, model
+def load(args):
+    return common.load_run(args, Config, lambda cfg, ckpt: SODA(cfg))
+
+
+def sources(spec, size, n):
+    """n test images of `spec`, drawn uniformly (common.subset); past the split's size it starts over -> uint8."""
+    x_te = common.load_images(spec, "test", size)[0]
+    return x_te[common.subset(len(x_te), len(x_te)).repeat(math.ceil(n / len(x_te)))[:n]]
 
 
 @torch.no_grad()
-def encode_all(model, images, device, bs=256):
-    return torch.cat([model.encode(images[i:i + bs].to(device).float() / 127.5 - 1).float() for i in range(0, len(images), bs)])
-
-
-@torch.no_grad()
-def reconstruct(model, images, args, device):
-    """Generate each image's view from its own z (source = the whole image): [N,3,H,W] in [-1, 1]."""
-    g = torch.Generator(device).manual_seed(args.seed)
-    out = []
-    for i in tqdm(range(0, len(images), args.batch), desc="reconstruct"):
-        x = images[i:i + args.batch].to(device).float() / 127.5 - 1
-        out.append(model.sample(model.encode(x), args.sample_steps, args.guidance, g))
-    return torch.cat(out)
+def generate(model, src, args, d):
+    """A view of each source image generated from its own z (the whole image is the source), split over the processes
+    and gathered: uint8 [n,3,H,W] -> [n,3,H,W] in [-1, 1] (on every rank)."""
+    per = math.ceil(len(src) / d.world)
+    rows = (torch.arange(per) + d.rank * per) % len(src)
+    g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
+    xs = []
+    for r in tqdm(rows.split(args.batch), desc="generate views", disable=not d.master):
+        z = model.encode(common.to_float(src[r].to(d.device)))
+        xs.append(model.sample(z, steps=args.sample_steps, w=args.guidance, generator=g))
+    return common.gather(torch.cat(xs), len(src), d)
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz"):
+    if not args.out.endswith(".npz") or os.path.isdir(args.out):
         raise UsageError("--out must name an .npz file")
-    d, ckpt, cfg, model = load_for_inference(args)
-    src, _, _ = common.load_images(args.data or cfg.data, "test", cfg.image_size)
-    x = reconstruct(model, src[:args.n], args, d.device)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, arr_0=common.to_uint8(x))
-    k = min(32, args.n)
-    pairs = torch.stack([src[:k].float() / 127.5 - 1, x[:k].cpu()], 1).flatten(0, 1)  # source, generated, ...
-    common.save_grid(pairs, args.out[:-4] + ".png")
-    print0(f"wrote {args.out}: views of {args.n} test images generated from their z")
+    d, ckpt, cfg, model = load(args)
+    src = sources(args.data or cfg.data, cfg.image_size, args.n)
+    x = generate(model, src, args, d)
+    if d.master:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        np.savez(args.out, arr_0=common.to_uint8(x))
+        k = min(32, args.n)
+        pairs = torch.stack([common.to_float(src[:k]), x[:k].cpu()], 1).flatten(0, 1)  # [k,2,3,H,W] -> [2k,3,H,W]
+        common.save_grid(pairs, args.out[:-4] + ".png")  # source, generated view, source, ...
+        print0(f"wrote {args.out}: views of {args.n} test images generated from their z")
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = load_for_inference(args)
+    d, ckpt, cfg, model = load(args)
     data = args.data or cfg.data
-    x_tr, y_tr, _ = common.load_images(data, "train", cfg.image_size)
-    x_te, y_te, _ = common.load_images(data, "test", cfg.image_size)
-    n_tr, n_te = min(len(x_tr), 10_000), min(len(x_te), 5_000)
-    ytr, yte = y_tr[:n_tr].to(d.device), y_te[:n_te].to(d.device)
-    torch.manual_seed(cfg.seed)
-    init = SODA(cfg).to(d.device).eval()  # the same initialisation as the run's
-    res = dict(step=ckpt["step"], data=data)
-    for name, m in (("z", model), ("z_init", init)):
-        f_tr, f_te = encode_all(m, x_tr[:n_tr], d.device), encode_all(m, x_te[:n_te], d.device)
-        res[f"probe_linear_{name}"] = round(common.linear_probe(f_tr, ytr, f_te, yte), 4)
-        res[f"probe_knn_{name}"] = round(common.knn_accuracy(f_tr, ytr, f_te, yte), 4)
-    n = min(args.n, len(x_te))
-    recon = reconstruct(model, x_te[:n], args, d.device)
     fd_net = common.FDFeatures(args.fd_model, d.device)
-    mse = ((recon.cpu() - (x_te[:n].float() / 127.5 - 1)) ** 2).flatten(1).mean(1)
-    res.update(n_reconstructed=n, psnr=round((10 * torch.log10(4 / mse)).mean().item(), 3),
-               fd_reconstructions=round(common.frechet_distance(*fd_net.stats(x_te[:n]), *fd_net.stats(recon)), 4),
-               fd_model=args.fd_model, guidance=cfg.guidance if args.guidance is None else args.guidance)
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval.json"), "w") as f:
-        common.json.dump(res, f, indent=1)
-    print0(common.json.dumps(res))
+    src = sources(data, cfg.image_size, args.n)
+    x = generate(model, src, args, d)
+    if not d.master:
+        return
+    mse = ((x.cpu().float() - common.to_float(src)) ** 2).flatten(1).mean(1)  # per image; the range [-1, 1] spans 2
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    init = SODA(cfg).to(d.device).eval()  # the same encoder at initialisation: the probe's floor
+    res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
+               fd_model=args.fd_model, n_samples=args.n, probe="z, the encoder's compact latent",
+               psnr=round((10 * torch.log10(4 / mse)).mean().item(), 3),
+               n_sources=min(args.n, len(common.load_images(data, "test", cfg.image_size)[0])),
+               sample_steps=args.sample_steps or cfg.sample_steps,
+               guidance=cfg.guidance if args.guidance is None else args.guidance)
+    for suffix, m in (("", model), ("_init", init)):
+        f_tr, f_te = (common.extract(lambda v, i: m.encode(v), xs, d.device, desc="encode") for xs in (x_tr, x_te))
+        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
+    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
+    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels"))
+    common.write_eval(args.ckpt, res)
 
 
 def export_encoder(args):
     """The EMA encoder as a DINOv2-layout state dict: common.load_encoder(PATH) reads it (at image_size)."""
-    _, ckpt, cfg, model = load_for_inference(args)
+    if os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out} is a folder; name the file to write")
+    _, ckpt, cfg, model = load(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, model.encoder.state_dict())
     print0(f"wrote {args.out}: ViT {cfg.enc_dim}x{cfg.enc_depth}, patch {cfg.enc_patch}; use --encoder {args.out}")
@@ -454,13 +451,15 @@ def main(argv=None):
     sa, ev = sub.choices["sample"], sub.choices["eval"]
     sa.add_argument("--data", help="source images: their test split (default: the run's)")
     for s in (sa, ev):
-        s.add_argument("--sample-steps", type=int, help="DDIM steps (default: the run's, 100)")
-        s.add_argument("--guidance", type=float, help="w of the guidance on z (default: the run's, 0.3)")
+        s.add_argument("--sample-steps", type=common.number(int), help="DDIM steps (default: the run's, 100)")
+        s.add_argument("--guidance", type=common.number(float, 0, strict=False),
+                       help="w of the guidance on z (default: the run's, 0.3)")
+    ev.set_defaults(n=1000)  # each view costs sample_steps passes; 1,000 are enough for PSNR and a rough FD
     ex = sub.add_parser("export-encoder", help="write the EMA encoder for common.load_encoder / --encoder PATH")
     ex.add_argument("--ckpt", required=True)
     ex.add_argument("--out", required=True)
-    ex.add_argument("--device", default="cpu")
-    ev.set_defaults(n=1000)  # reconstructions cost sample_steps passes each; 1,000 views are enough for PSNR
+    ex.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    ex.set_defaults(compile=False)  # common.load_run reads args.compile; nothing runs the network here
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "export-encoder": export_encoder}[args.cmd](args)
 

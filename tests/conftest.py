@@ -1,9 +1,11 @@
-import os, sys
+import os, subprocess, sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TORCH_HOME", os.path.join(ROOT, ".pytest_cache", "torch_home"))  # FD statistics, downloads
 torch.set_num_threads(2)
 
 
@@ -27,3 +29,14 @@ def logged_losses():
     """-> a function: run folder -> the losses of its log.jsonl, in order."""
     import json
     return lambda out: [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+@pytest.fixture
+def torchrun():
+    """-> a function (method file, argv, port) that runs the file under torchrun with 2 CPU processes (gloo)."""
+    def run(module_file, argv, port):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               module_file, *map(str, argv)]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return run

@@ -23,6 +23,25 @@ def _blobs(n, d=32, classes=5):
     return centres[y] + torch.randn(n, d, generator=g), y
 
 
+def test_probes_do_not_depend_on_the_global_seed():
+    f, y = _blobs(600, d=64, classes=10)
+    f = f + 12 * torch.randn(f.shape, generator=torch.Generator().manual_seed(1))  # a hard, noisy probe
+    accs = set()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        accs.add(common.linear_probe(f[:400], y[:400], f[400:], y[400:], epochs=20))
+    assert len(accs) == 1
+
+
+def test_knn_weights_votes_by_similarity():
+    # two neighbours of class 0 at similarity 0.6, one of class 1 at similarity 1: a majority vote says 0, DINO's
+    # exp(sim / 0.07) weights say 1 (exp(1/0.07) > 2 exp(0.6/0.07))
+    f_tr = torch.tensor([[0.6, 0.8], [0.6, -0.8], [1.0, 0.0]])
+    y_tr = torch.tensor([0, 0, 1])
+    assert common.knn_accuracy(f_tr, y_tr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=3) == 1.0
+    assert common.knn_accuracy(f_tr, y_tr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=3, T=100.0) == 0.0
+
+
 def test_probe_separable_and_shuffled():
     f, y = _blobs(1500)
     f_tr, y_tr, f_te, y_te = f[:1000], y[:1000], f[1000:], y[1000:]
@@ -82,29 +101,82 @@ def test_shapes_labels_are_learnable():
     assert acc > 0.5, acc
 
 
-def test_batch_is_a_function_of_step():
+def test_batch_is_a_function_of_step_and_rank():
     x, y = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous(), torch.arange(10)
     a, ya = common.batch(x, y, 8, seed=0, step=5)
     b, yb = common.batch(x, y, 8, seed=0, step=5)
     c, yc = common.batch(x, y, 8, seed=0, step=6)
+    r1, yr1 = common.batch(x, y, 8, seed=0, step=5, rank=1)
     assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(ya, yc)
-    assert a.min() >= -1 and a.max() <= 1
+    assert not torch.equal(ya, yr1)  # two ranks draw different rows at the same step
+    assert torch.equal(a[:, 0, 0, 0], common.to_float(x)[ya][:, 0, 0, 0])  # the rows of the labels, in [-1, 1]
+    # flips: a left-right asymmetric image comes back flipped in about half of the draws
+    img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    img[..., 1] = 255
+    flipped = [common.batch(img, torch.zeros(1, dtype=torch.long), 64, 0, s)[0][:, 0, 0, 0] for s in range(4)]
+    frac = (torch.cat(flipped) > 0).float().mean().item()  # the left pixel is bright only when flipped
+    assert 0.4 < frac < 0.6, frac
+    assert torch.equal(common.batch(img, torch.zeros(1, dtype=torch.long), 64, 0, 0, flip=False)[0][:, 0, 0, 0],
+                       torch.full((64,), -1.0))
 
 
-def test_npz_and_folder_data(tmp_path):
+def test_to_float_and_to_uint8_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    f = common.to_float(x)
+    assert f.min() == -1 and f.max() == 1
+    assert np.array_equal(common.to_uint8(f), x.permute(0, 2, 3, 1).numpy())
+
+
+def _write_folder(root, splits, classes, n, size=8):
     from PIL import Image
-    imgs = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
-    np.savez(tmp_path / "d.npz", arr_0=imgs, labels=np.arange(20) % 4)
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            d = os.path.join(root, split, c) if split else os.path.join(root, c)
+            os.makedirs(d)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(d, f"{i}.png"))
+
+
+def test_npz_split_is_seeded_and_keeps_every_class(tmp_path):
+    imgs = np.random.default_rng(0).integers(0, 256, (100, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=imgs, labels=np.arange(100) // 10)  # written class by class
     x, y, k = common.load_images(str(tmp_path / "d.npz"), "train", 8)
-    assert x.shape == (18, 3, 8, 8) and torch.equal(x[0], torch.from_numpy(imgs[0].transpose(2, 0, 1))) and k == 4
-    assert common.load_images(str(tmp_path / "d.npz"), "test", 8)[0].shape[0] == 2
-    for split in ("train", "test"):
-        for c in ("cat", "dog"):
-            os.makedirs(tmp_path / "f" / split / c)
-            for i in range(3):
-                Image.fromarray(imgs[i]).save(tmp_path / "f" / split / c / f"{i}.png")
+    xt, yt, kt = common.load_images(str(tmp_path / "d.npz"), "test", 8)
+    assert len(x) == 90 and len(xt) == 10 and k == kt == 10
+    assert len(set(yt.tolist())) > 3  # not the last class alone
+    rows = common.split_rows(100, "train")
+    assert torch.equal(x[0], torch.from_numpy(imgs[rows[0]].transpose(2, 0, 1)))
+    assert torch.equal(y, torch.from_numpy(rows // 10))
+    assert not set(rows) & set(common.split_rows(100, "test"))
+
+
+def test_image_folders(tmp_path):
+    # train/ and test/, class-sorted on disk: probe_data draws uniform subsets, so every class is in them
+    _write_folder(tmp_path / "f", ["train", "test"], ["a", "b", "c", "d"], 5)
     x, y, k = common.load_images(str(tmp_path / "f"), "test", 16)
-    assert x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1] and k == 2
+    assert x.shape == (20, 3, 16, 16) and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5 and k == 4
+    x_tr, y_tr, x_te, y_te = common.probe_data(str(tmp_path / "f"), 16, n_train=8, n_test=8)
+    assert len(x_tr) == len(x_te) == 8 and len(set(y_te.tolist())) >= 3 and len(set(y_tr.tolist())) >= 3
+    # a class folder missing from test/, and a hidden folder: the ids still come from train/
+    _write_folder(tmp_path / "g", ["train"], ["a", "b", "c"], 2)
+    _write_folder(tmp_path / "g", ["test"], [".cache", "c"], 2)
+    x, y, k = common.load_images(str(tmp_path / "g"), "test", 8)
+    assert y.tolist() == [2, 2] and k == 3
+    # a class that train/ does not have is an error, not a silent relabelling
+    _write_folder(tmp_path / "h", ["train"], ["a"], 2)
+    _write_folder(tmp_path / "h", ["test"], ["z"], 2)
+    with pytest.raises(common.UsageError, match="class folder 'z'"):
+        common.load_images(str(tmp_path / "h"), "test", 8)
+    # one folder without train/ and test/: a seeded split, the test images are not training images
+    _write_folder(tmp_path / "k", [""], ["a", "b"], 20)
+    x, _, _ = common.load_images(str(tmp_path / "k"), "train", 8)
+    xt, _, _ = common.load_images(str(tmp_path / "k"), "test", 8)
+    assert len(x) == 36 and len(xt) == 4 and not any(torch.equal(a, b) for a in xt for b in x)
+    # an unreadable image names itself
+    (tmp_path / "f" / "test" / "a" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(common.UsageError, match="broken.png"):
+        common.load_images(str(tmp_path / "f"), "test", 12)
 
 
 def test_bad_data_is_a_usage_error(monkeypatch):
@@ -139,3 +211,68 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     open(p, "wb").write(b"not a checkpoint")
     with pytest.raises(common.UsageError, match="cannot read"):
         common.load_checkpoint(p)
+
+
+class _FakeInception(torch.nn.Module):
+    """The StyleGAN2-ADA network's interface: uint8 [N,3,H,W] in, 2048-d features out with return_features=True."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.uint8
+        f = torch.nn.functional.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1)  # [N, 48]
+        return f.repeat(1, 43)[:, :2048] if return_features else f[:, :10]
+
+
+def test_standard_fid_network_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    path = tmp_path / "hub" / "checkpoints" / "inception-2015-12-05.pt"
+    with pytest.raises(common.UsageError, match=f"put {common.INCEPTION_URL} at {path}"):
+        common.FDFeatures("inception", torch.device("cpu"))
+    assert os.path.isdir(tmp_path / "hub" / "checkpoints")  # a fresh machine's hub has no checkpoints/ folder yet
+    torch.jit.save(torch.jit.script(_FakeInception()), str(path))
+    fd_net = common.FDFeatures("inception", torch.device("cpu"))
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (20, 3, 8, 8), dtype=np.uint8))
+    f = fd_net.features(x)
+    assert f.shape == (20, 2048) and torch.equal(fd_net.features(common.to_float(x)), f)  # [-1, 1] -> uint8 exactly
+
+
+def test_fd_reference_statistics_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    fd_net = common.FDFeatures("pixels", torch.device("cpu"))
+    x, _, _ = common.load_images("shapes:300", "train", 16)
+    assert common.fd_to_train(fd_net, x, "shapes:300", 16) == pytest.approx(0, abs=1e-6)  # the training set itself
+    fake = common.to_float(x[:100]).flip(2)  # other images: a positive distance
+    fd = common.fd_to_train(fd_net, fake, "shapes:300", 16)
+    assert fd > 0.01 and len(os.listdir(tmp_path / "repdiff_fd")) == 1
+    monkeypatch.setattr(common, "load_images", lambda *a: pytest.fail("recomputed the reference"))
+    assert common.fd_to_train(fd_net, fake, "shapes:300", 16) == fd  # read from the cache
+    fd_net.spec = "pixels-other"  # another network (or size, or data) has its own statistics
+    with pytest.raises(pytest.fail.Exception):
+        common.fd_to_train(fd_net, fake, "shapes:300", 16)
+
+
+def test_configure_types_set_values_from_the_config_fields():
+    import argparse
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 10
+        batch_size: int = 4
+        lr: float = 1e-3
+        image_size: int = 16
+        ema: float = 0.9
+        flag: bool = False
+        sizes: list = dataclasses.field(default_factory=lambda: [1, 2])
+        data: str = "shapes"
+    presets = {"tiny": dict(steps=5)}
+    args = argparse.Namespace(preset="tiny", steps=None, lr=2e-3, data=None, out="x",
+                              set=["flag=true", "sizes=1,2,4", "ema=0.99", "data=mnist"])
+    cfg = common.configure(Cfg, presets, args)
+    assert (cfg.steps, cfg.lr, cfg.flag, cfg.sizes, cfg.ema, cfg.data) == (5, 2e-3, True, [1, 2, 4], 0.99, "mnist")
+    for bad in (["nope=1"], ["flag=maybe"], ["steps=1.5"], ["ema"]):
+        with pytest.raises(common.UsageError):
+            common.configure(Cfg, presets, argparse.Namespace(preset="tiny", set=bad))

@@ -93,3 +93,33 @@ def test_encoder_errors(tmp_path, monkeypatch):
     (tmp_path / "bad.pt").write_bytes(b"not a state dict")
     with pytest.raises(common.UsageError, match="not a dinov2-layout"):
         common.load_encoder(str(tmp_path / "bad.pt"))
+
+
+def test_register_backbones_resize_positions_as_dinov2_hub():
+    """dinov2's hub builds the _reg4 backbones with interpolate_antialias=True, interpolate_offset=0 (an exact size),
+    the others without antialiasing at the scale factor (n + 0.1) / grid."""
+    for registers in (0, 4):
+        vit = common.DinoViT(64, 1, 1, patch=14, grid=37, registers=registers)
+        pos = vit.pos_embed[:, 1:].reshape(1, 37, 37, 64).permute(0, 3, 1, 2)
+        if registers:
+            expected = F.interpolate(pos, size=(16, 16), mode="bicubic", antialias=True)
+        else:
+            expected = F.interpolate(pos, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic")
+        assert torch.allclose(vit.resized_pos(16, 16), expected.permute(0, 2, 3, 1).reshape(1, 256, 64), atol=1e-6)
+    other = F.interpolate(pos, scale_factor=(16.1 / 37, 16.1 / 37), mode="bicubic").permute(0, 2, 3, 1)
+    assert not torch.allclose(vit.resized_pos(16, 16), other.reshape(1, 256, 64), atol=1e-3)  # the two differ
+
+
+def test_download_creates_the_hub_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "fresh"))
+    sd = _official_like_state_dict(registers=0)
+    seen = {}
+
+    def download(url, path, progress=False):
+        seen.update(url=url, progress=progress)
+        torch.save(sd, path)  # fails if the folder was not created first
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    enc = common.load_encoder("dinov2_vits14")
+    assert seen == {"url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+                    "progress": True}
+    assert enc.dim == 384 and os.path.isfile(tmp_path / "fresh" / "checkpoints" / "dinov2_vits14_pretrain.pth")

@@ -1,8 +1,9 @@
-import json, math, os
+import json, math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import repa as R
@@ -42,8 +43,10 @@ def test_proj_coeff_zero_is_exactly_the_baseline():
     base.net.load_state_dict(aligned.net.state_dict())
     assert base.proj is None
     x, y, z = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.randn(4, 4, 384)
-    torch.manual_seed(0); loss_a = aligned(x, y, z)
-    torch.manual_seed(0); loss_b = base(x, y)
+    torch.manual_seed(0)
+    loss_a = aligned(x, y, z)
+    torch.manual_seed(0)
+    loss_b = base(x, y)
     assert torch.equal(loss_b, aligned.last["loss_v"])
     assert torch.allclose(loss_a, loss_b + 0.5 * aligned.last["loss_align"])
     assert -1 <= aligned.last["loss_align"].item() <= 1
@@ -63,26 +66,49 @@ def test_samplers_integrate_a_known_velocity_field():
     err = {n: (R.sample_ode(_gaussian_velocity(mu, sigma), z.clone(), n) - (mu + sigma * z)).abs().max().item()
            for n in (50, 200)}  # the exact flow map of a Gaussian is affine: x_0 = mu + sigma z
     assert err[50] < 5e-3 and err[200] < err[50] / 8, err  # and Heun converges at second order (16x for 4x steps)
-    x = R.sample_sde(_gaussian_velocity(mu, sigma), z.clone(), 250, torch.Generator().manual_seed(1))
-    assert abs(x.mean().item() - mu) < 0.01 and abs(x.std().item() - sigma) < 0.01
+    # SDE on REPA's grid: v is evaluated at exactly linspace(1, 0.04, N), once each
+    calls, v = [], _gaussian_velocity(mu, sigma)
+    R.sample_sde(lambda x, t: calls.append(t) or v(x, t), z[:10].clone(), 7, torch.Generator().manual_seed(1))
+    assert calls == pytest.approx(torch.linspace(1, 0.04, 7, dtype=torch.float64).tolist(), abs=1e-12)
+    # Euler-Maruyama down to t = 0.04 reaches the marginal N((1 - t) mu, (1 - t)^2 sigma^2 + t^2); the last step to 0 is
+    # the mean of an EM step, x - t ((2 - t) v + x), affine in x with slope a: the end is N(mu, (a sd)^2), a bit
+    # narrower than the data (0.188 here, not 0.2); a plain Euler ODE step from 0.04 would give 0.196
+    x = R.sample_sde(v, z.clone(), 250, torch.Generator().manual_seed(1))
+    t = 0.04
+    s2 = (1 - t) ** 2 * sigma ** 2 + t ** 2
+    a = 1 - t * ((2 - t) * (t - (1 - t) * sigma ** 2) / s2 + 1)
+    assert abs(x.mean().item() - mu) < 0.005
+    assert abs(x.std().item() - a * math.sqrt(s2)) < 0.003, (x.std().item(), a * math.sqrt(s2))
 
 
 def test_train_resume_sample_eval(cli, logged_losses, tmp_path):
+    """A run resumed after step 1 logs the losses of an uninterrupted one (steps 1-10; a step does not depend on the
+    run's length); eval at step 40 beats eval of the same run at step 1 (FD), and the `_init` and encoder probes do
+    not depend on the step."""
     a, b = tmp_path / "a", tmp_path / "b"
+    evals = {}
     assert cli(R, ["train", *TINY, "--steps", 10, "--out", a]) == 0
-    assert cli(R, ["train", *TINY, "--steps", 5, "--out", b]) == 0
-    assert cli(R, ["train", *TINY, "--steps", 10, "--out", b, "--resume"]) == 0
-    assert logged_losses(b) == logged_losses(a)
+    assert cli(R, ["train", *TINY, "--steps", 1, "--out", b]) == 0
+    for steps in (1, 40):
+        if steps > 1:
+            assert cli(R, ["train", *TINY, "--steps", steps, "--out", b, "--resume"]) == 0
+        assert cli(R, ["eval", "--ckpt", b / "ckpt.pt", "--n", 100, "--sample-steps", 8]) == 0
+        evals[steps] = json.load(open(b / "eval.json"))
+    assert len(logged_losses(b)) == 40 and logged_losses(b)[:10] == logged_losses(a)  # bit-identical on CPU
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_v"] + 0.5 * row["loss_align"], rel=1e-5)
+    one, trained = evals[1], evals[40]
+    assert trained["step"] == 40 and trained["fd_model"] == "pixels" and trained["n_samples"] == 100
+    assert trained["fd"] < 0.85 * one["fd"], (trained["fd"], one["fd"])  # measured: 43 against 59
+    for k in ("probe_linear_init", "probe_knn_init", "encoder_probe_linear", "encoder_probe_knn"):
+        assert trained[k] == one[k], k
+    assert trained["encoder"] == "random-vit-s@28" and "block 1/2" in trained["probe"]
     for sampler in ("ode", "sde"):
-        assert cli(R, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sampler", sampler, "--out", tmp_path / "s.npz"]) == 0
-        arr = np.load(tmp_path / "s.npz")["arr_0"]
+        out = tmp_path / f"{sampler}.npz"
+        assert cli(R, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sampler", sampler, "--out", out]) == 0
+        arr = np.load(out)["arr_0"]
         assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
-    assert cli(R, ["eval", "--ckpt", b / "ckpt.pt", "--n", 32]) == 0
-    res = json.load(open(b / "eval.json"))
-    assert res["step"] == 10 and res["fd"] > 0 and res["encoder"] == "random-vit-s@28"
-    assert 0 <= res["probe_linear"] <= 1 and 0 <= res["encoder_probe_linear"] <= 1
+    assert (np.load(tmp_path / "ode.npz")["arr_0"] != np.load(tmp_path / "sde.npz")["arr_0"]).any()
 
 
 def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
@@ -91,21 +117,39 @@ def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
     assert cli(R, ["train", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"]) == 2
     assert "unknown --encoder" in capsys.readouterr().err
     assert cli(R, ["train", *TINY, "--image-size", 18, "--out", tmp_path / "y"]) == 2
+    assert "not divisible by the patch size" in capsys.readouterr().err
+    assert cli(R, ["train", *TINY, "--steps", 0, "--out", tmp_path / "z"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert cli(R, ["train", *TINY, "--set", "nope=1", "--out", tmp_path / "z"]) == 2
+    assert "nope=1" in capsys.readouterr().err
+    assert cli(R, ["train", *TINY, "--set", "align_depth=3", "--out", tmp_path / "z"]) == 2  # the tiny SiT has 2
+    assert "align_depth 3" in capsys.readouterr().err
+    sample = ["sample", "--ckpt", tmp_path / "sit" / "ckpt.pt", "--out", tmp_path / "s.npz"]
+    assert cli(R, [*sample, "--n", 0]) == 2
+    assert "--n" in capsys.readouterr().err
+    assert cli(R, [*sample, "--cfg-scale", -1]) == 2
+    assert "--cfg-scale" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_precomputed_latents(cli, tmp_path):
     """--latents: the SiT models the float `latents` of an .npz while the encoder reads the same rows' images."""
-    import torch.nn.functional as F
-    images, labels = common._shapes("train", 16, 200)
-    x = torch.from_numpy(images).float() / 127.5 - 1
-    pooled = F.avg_pool2d(x, 2)  # a stand-in for a VAE: [N,3,16,16] -> [N,3,8,8], plus a fourth channel
-    latents = torch.cat([pooled, pooled.mean(1, keepdim=True)], 1).numpy()  # [N,4,8,8]
+    images, labels = common._shapes("train", 16, 300)
+    pooled = F.avg_pool2d(common.to_float(torch.from_numpy(images)), 2)  # a stand-in for a VAE: [N,3,16,16] -> 8x8
+    code = torch.from_numpy(labels).float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8)  # the label as a channel [N,1,8,8]
+    latents = torch.cat([pooled, code], 1).numpy()  # [N,4,8,8]
     path = tmp_path / "lat.npz"
     np.savez(path, arr_0=images.transpose(0, 2, 3, 1), labels=labels, latents=latents)
     # the batches of latents and of images are the same rows (flips included)
     lat_b, y_l = common.batch(torch.from_numpy(latents), torch.from_numpy(labels), 8, 0, 3, flip=True)
     img_b, y_i = common.batch(torch.from_numpy(images), torch.from_numpy(labels), 8, 0, 3, flip=True)
     assert torch.equal(y_l, y_i) and torch.allclose(lat_b[:, :3], F.avg_pool2d(img_b, 2), atol=1e-5)
+    # so are eval's uniform probe subsets: each latent beside its own image and label (split_rows, then subset)
+    cfg = R.Config(**dict(R.PRESETS["tiny"], latents=True))
+    s_tr, x_tr, y_tr, s_te, x_te, y_te = R.probe_data(cfg, str(path))
+    assert len(s_tr) == len(x_tr) == len(y_tr) == 270 and len(s_te) == len(x_te) == len(y_te) == 30
+    for s, x, y in ((s_tr, x_tr, y_tr), (s_te, x_te, y_te)):
+        assert torch.equal(s[:, 3, 0, 0].long(), y) and torch.allclose(s[:, :3], F.avg_pool2d(common.to_float(x), 2))
     run = tmp_path / "run"
     assert cli(R, ["train", *TINY, "--data", path, "--latents", "--steps", 3, "--out", run]) == 0
     sd = torch.load(run / "ckpt.pt", weights_only=True)
@@ -115,5 +159,26 @@ def test_precomputed_latents(cli, tmp_path):
     assert np.load(tmp_path / "new" / "s.npz")["latents"].shape == (5, 4, 8, 8)
     assert cli(R, ["eval", "--ckpt", run / "ckpt.pt"]) == 0
     res = json.load(open(run / "eval.json"))
-    assert res["fd"] is None and 0 <= res["probe_linear"] <= 1 and 0 <= res["encoder_probe_linear"] <= 1
+    assert res["fd"] is None and res["n_samples"] is None and res["step"] == 3
     assert cli(R, ["train", *TINY, "--latents", "--out", tmp_path / "bad"]) == 2  # shapes has no latents
+
+
+def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+    """The DDP path (gloo on CPU): the logged step-1 loss is the mean of the two ranks' losses (velocity + alignment),
+    each recomputed here in one process from its own batch, encoder tokens and RNG stream."""
+    r = torchrun("repa.py", ["train", *TINY, "--steps", 3, "--out", tmp_path], 29533)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert [row["step"] for row in rows] == [1, 2, 3]
+    cfg = R.Config(**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"])
+    xs, labels, _ = common.load_images(cfg.data, "train", cfg.image_size)
+    encoder = common.load_encoder(cfg.encoder)
+    losses = []
+    for rank in (0, 1):
+        torch.manual_seed(cfg.seed)
+        model = R.REPA(cfg, encoder.dim)
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each rank's stream (common.restore)
+        x, y = common.batch(xs, labels, cfg.batch_size // 2, cfg.seed, 0, rank)
+        losses.append(model(x, y, encoder(x)[1]).item())
+    assert losses[0] != losses[1]  # the ranks see different batches
+    assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
