@@ -528,9 +528,12 @@ def train_gen(args):
 @torch.no_grad()
 def encode_all(ae, images, device):
     """-> (z_u [N, c_u], tokens [N, T, c]) of uint8 images."""
-    z_u = common.extract(lambda x, i: ae.encode(x)[0], images, device)
-    tokens = common.extract(lambda x, i: ae.encode(x)[1].flatten(1), images, device)
-    return z_u, tokens.view(len(images), n_tokens(ae.cfg), -1)
+    def flat(x, i):  # one encoder pass -> [b, c_u + T c]
+        z_u, tokens = ae.encode(x)
+        return torch.cat([z_u, tokens.flatten(1)], 1)
+    z = common.extract(flat, images, device)
+    c_u = ae.cfg.split[0]
+    return z[:, :c_u], z[:, c_u:].view(len(images), n_tokens(ae.cfg), -1)  # [N, c_u], [N, T, c]
 
 
 def load_any(args):
