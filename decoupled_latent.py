@@ -102,9 +102,9 @@ PRESETS = {
     "tiny": dict(data="shapes:2000", image_size=16, patch=4, split=[16, 16, 16], enc_dim=64, enc_depth=1, dec_dim=64,
                  dec_depth=1, gen_dim=64, gen_depth=1, gen_heads=2, sample_steps=4, steps=20, batch_size=32, lr=1e-3,
                  warmup=0, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),
-    # the claim on `shapes` on a 2-core CPU in under 10 minutes (per stage)
+    # the claim on `shapes` on a 2-core CPU in under 10 minutes (per stage; 0.43 s/step measured, 2 threads)
     "cpu": dict(data="shapes:10000", image_size=16, patch=4, split=[48, 48, 48], enc_dim=128, enc_depth=3,
-                dec_dim=128, dec_depth=3, gen_dim=128, gen_depth=4, gen_heads=2, sample_steps=20, steps=1500,
+                dec_dim=128, dec_depth=3, gen_dim=128, gen_depth=4, gen_heads=2, sample_steps=20, steps=1200,
                 batch_size=64, lr=1e-3, warmup=100, ema=0.99, sample_every=500, ckpt_every=500),
     # one GPU: CIFAR-10 32x32, 64 tokens, z of 3 x 128
     "default": dict(),
