@@ -349,6 +349,14 @@ class LatentGenerator(nn.Module):
         self.register_buffer("mu_tok", torch.zeros(c_tok))
         self.register_buffer("sd_tok", torch.ones(c_tok))
 
+    @torch.no_grad()
+    def set_stats(self, z_u, tokens):
+        """Per-channel mean and std of z_u [N, c_u] and of the tokens [N, T, c] (over images and tokens)."""
+        self.mu_u.copy_(z_u.mean(0))
+        self.sd_u.copy_(z_u.std(0) + 1e-4)
+        self.mu_tok.copy_(tokens.mean((0, 1)))
+        self.sd_tok.copy_(tokens.std((0, 1)) + 1e-4)
+
     def normalise(self, z_u, tokens):
         return (z_u - self.mu_u) / self.sd_u, (tokens - self.mu_tok) / self.sd_tok
 
@@ -487,9 +495,7 @@ def train_gen(args):
     torch.manual_seed(cfg.seed)
     model = LatentGenerator(cfg).to(d.device)
     if ckpt is None:  # latent statistics, once, on up to 10,000 training images
-        z_u, tok = encode_all(ae, images[common.subset(len(images), 10_000)], d.device)
-        model.mu_u.copy_(z_u.mean(0)), model.sd_u.copy_(z_u.std(0) + 1e-4)
-        model.mu_tok.copy_(tok.mean((0, 1))), model.sd_tok.copy_(tok.std((0, 1)) + 1e-4)
+        model.set_stats(*encode_all(ae, images[common.subset(len(images), 10_000)], d.device))
     ema = common.Ema(model, cfg.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
