@@ -229,6 +229,19 @@ def to_uint8(x):  # [-1, 1] [B,3,H,W] -> uint8 [B,H,W,3] numpy (the ADM evaluati
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def gaussian_blur(x, sigma):
+    """Per-image Gaussian blur (sigma [B] in pixels, or a float), separable, reflect padding. x [B,C,H,W]."""
+    B, C, H, W = x.shape
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(B).clamp_min(1e-3)
+    r = max(1, min(H // 2 - 1, int(math.ceil(3 * float(sigma.max())))))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, 2r+1]
+    y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=B * C)  # along W
+    y = F.conv2d(y, k[:, None, :, None], groups=B * C)  # along H
+    return y.view(B, C, H, W)
+
+
 def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu"):
     """Random batch for one optimiser step. The indices and flips depend only on (seed, step, rank), so a resumed run
     draws exactly the batches an uninterrupted one would. -> x in [-1, 1] float [B,3,H,W], y [B].
@@ -448,7 +461,7 @@ class DinoViT(nn.Module):
             self.register_tokens = nn.Parameter(torch.zeros(1, registers, dim))
         self.blocks = nn.ModuleList(DinoBlock(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.patch, self.grid, self.registers = patch, grid, registers
+        self.patch, self.grid, self.registers, self.dim = patch, grid, registers, dim
 
     def resized_pos(self, h, w):
         """The patch part of the position table at an h x w grid, in fp32 -> [1, h*w, D]."""
@@ -475,12 +488,69 @@ class DinoViT(nn.Module):
         return x[:, 0], x[:, 1 + self.registers:]
 
 
-class FrozenEncoder(nn.Module):
-    """Images in [-1, 1] at any size -> resize to `resolution` (bicubic), ImageNet normalisation -> the ViT."""
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, under its state-dict keys."""
 
-    def __init__(self, vit, resolution):
+    def __init__(self, c_in, c, stride):
         super().__init__()
-        self.vit, self.resolution, self.dim = vit.eval().requires_grad_(False), resolution, vit.norm.weight.shape[0]
+        self.conv1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = None
+        if stride != 1 or c_in != c:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(h + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet with BasicBlocks under the same state-dict keys, so its files load as they are (fc.* is
+    not kept); resnet18 is width 64, layers (2, 2, 2, 2). cifar_stem: a 3x3 stride-1 first conv and no max-pool, for
+    small images (SODA's CIFAR encoder); otherwise the 7x7 stride-2 conv and the max-pool.
+    forward(x normalised, [B,3,H,W]) -> (global average [B,C], the last stage's map as tokens [B,h*w,C])."""
+
+    def __init__(self, width=64, layers=(2, 2, 2, 2), cifar_stem=True):
+        super().__init__()
+        k, s = (3, 1) if cifar_stem else (7, 2)  # first conv: kernel, stride
+        self.conv1 = nn.Conv2d(3, width, k, s, k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(3, 2, 1)
+        c_in = width
+        for i, n in enumerate(layers):  # stage i: width * 2^i channels, stride 2 from the second stage on
+            c = width * 2 ** i
+            stage = [BasicBlock(c_in if j == 0 else c, c, 2 if i and not j else 1) for j in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+            c_in = c
+        self.stages, self.dim = len(layers), c_in
+
+    def forward(self, x):
+        h = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        for i in range(self.stages):
+            h = getattr(self, f"layer{i + 1}")(h)
+        tokens = h.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
+        return tokens.mean(1), tokens
+
+
+def resnet_from_state_dict(sd):
+    """Builds a ResNet whose shapes match a torchvision-layout state dict (torchvision file or soda.py export)."""
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
+    stages = 1 + max(int(k[5]) - 1 for k in sd if k.startswith("layer"))
+    layers = [1 + max(int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i + 1}.")) for i in range(stages)]
+    net = ResNet(sd["conv1.weight"].shape[0], layers, cifar_stem=sd["conv1.weight"].shape[-1] == 3)
+    net.load_state_dict(sd)
+    return net
+
+
+class FrozenEncoder(nn.Module):
+    """Images in [-1, 1] -> resized to `resolution` (bicubic; None keeps their size), ImageNet normalisation -> the
+    network (DinoViT or ResNet) -> (global token [B,D], tokens [B,N,D])."""
+
+    def __init__(self, net, resolution):
+        super().__init__()
+        self.net, self.resolution, self.dim = net.eval().requires_grad_(False), resolution, net.dim
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -489,8 +559,10 @@ class FrozenEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, x):
-        x = F.interpolate((x.float() + 1) / 2, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
-        return self.vit((x - self.mean) / self.std)
+        x = (x.float() + 1) / 2
+        if self.resolution:
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
+        return self.net((x - self.mean) / self.std)
 
 
 def vit_from_state_dict(sd):
@@ -506,7 +578,8 @@ def vit_from_state_dict(sd):
 def load_encoder(spec, device="cpu"):
     """A frozen encoder: images in [-1, 1] -> (global token [B,D], patch tokens [B,N,D]). `@RES` sets the input size.
     dinov2_vit{s,b,l}14[_reg]: released DINOv2 (torch.hub's cache; no hub code runs) at 224 px.
-    PATH: a dinov2-layout state dict (official file or soda.py export).
+    PATH: a dinov2-layout ViT state dict (official file, soda.py / decoupled_latent.py export) at its training size,
+    or a torchvision-layout ResNet state dict (torchvision file, soda.py export) at the images' own size.
     random-vit-{s,b,l}: the same ViT at a fixed random init."""
     name, _, res = spec.partition("@")
     if res and not (res.isdigit() and int(res) > 0):
@@ -519,18 +592,23 @@ def load_encoder(spec, device="cpu"):
     if os.path.isfile(path):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-            vit = vit_from_state_dict(sd.get("state_dict", sd))
+            sd = sd.get("state_dict", sd)
+            if "conv1.weight" in sd:
+                net, default_res = resnet_from_state_dict(sd), None
+            else:
+                net = vit_from_state_dict(sd)
+                default_res = 224 if net.patch == 14 else net.patch * net.grid
         except Exception as e:
-            raise UsageError(f"{path}: not a dinov2-layout ViT state dict ({type(e).__name__})") from None
-        default_res = 224 if vit.patch == 14 else vit.patch * vit.grid
+            raise UsageError(f"{path}: neither a dinov2-layout ViT nor a torchvision ResNet state dict "
+                             f"({type(e).__name__})") from None
     elif re.fullmatch(r"random-vit-[sbl]", name):
         dim, depth, heads = VIT_SIZES[name[-1]]
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            vit, default_res = DinoViT(dim, depth, heads), 224
+            net, default_res = DinoViT(dim, depth, heads), 224
     else:
         raise UsageError(f"unknown --encoder {spec!r}: use dinov2_vit{{s,b,l}}14[_reg], random-vit-{{s,b,l}} or a file")
-    return FrozenEncoder(vit, int(res) if res else default_res).to(device)
+    return FrozenEncoder(net, int(res) if res else default_res).to(device)
 
 
 # -------------------------------------------------------------------------------------------------------- runtime
@@ -687,15 +765,19 @@ def wrap(model, d, compile=False):
     return torch.compile(model) if compile else model
 
 
-def flops_per_image(loss_fn, batch_size, d):
+def flops_per_image(loss_fn, batch_size, d, model=None):
     """Model FLOPs per image of one step (loss_fn() -> loss, then backward), counted once where MFU can be reported
-    (a GPU of known peak), else None. The RNG is put back afterwards; the gradients are zeroed by the next step."""
+    (a GPU of known peak), else None. The RNG and the model's buffers (BatchNorm statistics) are put back afterwards,
+    so a resumed run stays exact; the gradients are zeroed by the next step."""
     if not peak_flops(d.device):
         return None
     state = rng_state()
+    buffers = [(b, b.clone()) for b in model.buffers()] if model is not None else []
     with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
         loss_fn().backward()
     set_rng_state(state)
+    for b, saved in buffers:
+        b.copy_(saved)
     return fc.get_total_flops() / batch_size
 
 

@@ -7,18 +7,24 @@ the image learns a strong, linearly separable representation (the seeds' "condit
 
     z = E(source view)  (a compact vector);  x_0 = target view (an independent crop of the same image)
     x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) e,  L = || e - eps_theta(x_t, t, z) ||^2              (Sec. 3)
-    abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s: the inverted cosine schedule (more weight on high noise, Sec. 3.3)
+    abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s: the inverted cosine schedule (Sec. 3.3). With t uniform it
+    puts 81% of the samples at abar in [0.2, 0.8] (the cosine schedule: 41%) and under 1% below 0.05: it
+    concentrates training on mid noise, where the coarse structure of the view is decided
     layer modulation: z = [z_0 .. z_m]; z_i modulates group i of the U-Net (down level i and its mirrored up level,
     the middle is group m) as h <- h (1 + z_s) + z_b after the time FiLM; layer masking drops groups at random and
     dropping all of them is the unconditional model for classifier-free guidance on z             (Sec. 3.2)
-Sampling: DDIM from t = 1 to 0 conditioned on z of a source image, eps = (1 + w) eps(z) - w eps(no z).
+Sampling: DDIM from t = 1 to 0 conditioned on z of a source image, eps = (1 + w) eps(z) - w eps(no z), x0 clamped to
+[-1, 1] (and, with recompute_eps, eps re-derived from the clamped x0).
 
-The encoder is the DINOv2-layout ViT of common.py, so `export-encoder` writes a file that common.load_encoder reads:
-a SODA checkpoint can serve as the frozen encoder of repa.py (--encoder enc.pt) offline.
+The encoder is the paper's ResNet (resnet18 with the CIFAR stem, as the public CIFAR reimplementation
+FutureXiang/soda; common.ResNet, torchvision's keys) or, with --set encoder=vit, the DINOv2-layout ViT of common.py.
+Either way `export-encoder` writes a file that common.load_encoder reads: a SODA checkpoint can serve as the frozen
+encoder of repa.py, rae.py or rcg.py (--encoder enc.pt) offline. The source view is a random resized crop with a flip,
+colour jitter, grayscale and blur; the target an independent crop with a flip.
 
 Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag):
     CPU smoke, seconds:  python soda.py train --preset tiny --out runs/soda_tiny --device cpu
-    shapes on a CPU:     python soda.py train --preset cpu --out runs/soda_cpu --device cpu     # < 8 min
+    shapes on a CPU:     python soda.py train --preset cpu --out runs/soda_cpu --device cpu     # 8 min
                          python soda.py eval --ckpt runs/soda_cpu/ckpt.pt --device cpu
     one GPU:             python soda.py train --data cifar10 --out runs/soda --compile
                          python soda.py sample --ckpt runs/soda/ckpt.pt --n 10000 --out runs/soda/views.npz
@@ -26,11 +32,13 @@ Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag)
                          python soda.py export-encoder --ckpt runs/soda/ckpt.pt --out runs/soda/enc.pt
     torchrun:            torchrun --nproc_per_node 8 soda.py train --data cifar10 --out runs/soda --compile
 `sample` and `eval` generate a view of each test image (drawn uniformly) from its own z; eval.json's `fd` is their FD
-against the training split, `psnr` their fidelity to the source, `probe_*` the probes of z (`*_init`: the same
-encoder at initialisation, `*_pixels`: raw pixels).
+against the training split, `psnr` their fidelity to the source (the same view: source and comparison are the whole
+image; `psnr_crop` is what an independent crop of the target distribution scores against it, the figure a perfect
+novel-view model would get), `probe_*` the probes of z, raw and `*_l2` L2-normalised (`*_init`: the same encoder at
+initialisation, `*_pixels`: raw pixels).
 Expected: the probe on z beats the same encoder at initialisation. A ResNet-18 reimplementation reports 80.0% linear /
-80.4% k-NN on CIFAR-10 after 800 epochs. At toy scale on `shapes` it does not: z fills with colour, not contour
-(the README's soda.py section has the measurements and why).
+80.4% k-NN on CIFAR-10 after 800 epochs. On `shapes` with the cpu preset (2-core CPU, 8 min): 0.24 linear against
+0.12 at initialisation (the README's soda.py section; a ViT encoder did not get there).
 """
 import math, os
 from dataclasses import dataclass, field
@@ -50,9 +58,12 @@ from common import UsageError, print0
 class Config:
     data: str = "cifar10"           # dataset (common.load_images)
     image_size: int = 32            # images are resized to image_size^2
-    enc_patch: int = 4              # encoder ViT patch (8x8 tokens at 32 px)
-    enc_dim: int = 384              # encoder width (a multiple of 64: heads = width / 64)
-    enc_depth: int = 12             # encoder blocks (ViT-S)
+    encoder: str = "resnet"         # E: "resnet" (the paper's) or "vit"
+    res_width: int = 64             # ResNet width and blocks per stage (resnet18: 64, 2 2 2 2), the CIFAR stem
+    res_layers: list = field(default_factory=lambda: [2, 2, 2, 2])
+    enc_patch: int = 4              # ViT encoder: patch (8x8 tokens at 32 px)
+    enc_dim: int = 384              # ViT encoder: width (a multiple of 64: heads = width / 64)
+    enc_depth: int = 12             # ViT encoder: blocks (ViT-S)
     z_dim: int = 128                # the compact latent (FutureXiang's CIFAR setting)
     channels: int = 128             # U-Net base width
     ch_mult: list = field(default_factory=lambda: [1, 2, 2])  # width per resolution; groups = len(ch_mult) + 1
@@ -62,11 +73,16 @@ class Config:
     source_scale: list = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area of the source view
     target_scale: list = field(default_factory=lambda: [0.2, 1.0])  # ... and of the independent target view
     jitter: float = 0.4             # colour jitter strength on the source (brightness, contrast, saturation)
+    gray: float = 0.2               # P(source made grayscale)
+    blur: list = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma of the source (pixels at 32 px),
+    blur_prob: float = 0.5          # applied with this probability (SimCLR's recipe)
     mask_prob: float = 0.1          # layer masking: each group loses its z_i with this probability
     z_drop: float = 0.1             # all of z dropped (the unconditional model for guidance)
     guidance: float = 0.3           # w in (1 + w) eps(z) - w eps(no z)
     schedule_s: float = 0.008       # s of the inverted cosine schedule
     sample_steps: int = 100         # DDIM steps
+    recompute_eps: bool = False     # DDIM: eps re-derived from the clamped x0 (GLIDE; diffusers' use_clipped_model_
+                                    # output). Off: it saturated 21% of the pixels, FD 15.4 against 10.1 (README)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
     lr: float = 1e-4                # AdamW (0.9, 0.95); the encoder gets 2x
@@ -83,14 +99,16 @@ class Config:
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:2000", image_size=16, enc_patch=4, enc_dim=64, enc_depth=2, z_dim=12, channels=16,
+    "tiny": dict(data="shapes:2000", image_size=16, res_width=8, res_layers=[1, 1], enc_dim=64, enc_depth=2,
+                 z_dim=12, channels=16,
                  ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=5, steps=20, batch_size=32, lr=1e-3,
                  warmup=0, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),
-    # shapes on a 2-core CPU in under 8 minutes: a ViT 128x4/4 encoder, z of 48 in 3 groups, the tiny U-Net at 16 px
-    "cpu": dict(data="shapes:10000", image_size=16, enc_patch=4, enc_dim=128, enc_depth=4, z_dim=48, channels=16,
-                ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=50, steps=2000, batch_size=32,
+    # shapes on a 2-core CPU in under 10 minutes: a ResNet of width 32 and one block per stage (resnet18 is too slow
+    # there), z of 48 in 3 groups, the tiny U-Net at 16 px
+    "cpu": dict(data="shapes:10000", image_size=16, res_width=32, res_layers=[1, 1, 1, 1], z_dim=48, channels=16,
+                ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=50, steps=4000, batch_size=32,
                 lr=1e-3, warmup=100, ema=0.999, log_every=50, sample_every=500, ckpt_every=500),
-    # one GPU: CIFAR-10 32x32, ViT-S/4 encoder, z of 128, U-Net of 128 channels
+    # one GPU: CIFAR-10 32x32, resnet18 encoder (CIFAR stem), z of 128, U-Net of 128 channels
     "default": dict(),
 }
 
@@ -234,14 +252,20 @@ def random_crops(x, scale):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def color_jitter(x, strength):
-    """Random brightness, contrast and saturation per image, in [-1, 1]."""
+def source_view(x, cfg):
+    """The encoder's view: a random resized crop with a flip, colour jitter (brightness, contrast, saturation), random
+    grayscale and random Gaussian blur, on the tensor batch. [-1, 1] -> [-1, 1]."""
     B, dev = x.shape[0], x.device
-    f = lambda: 1 + (torch.rand(B, 1, 1, 1, device=dev) * 2 - 1) * strength
-    x = (x + 1) / 2 * f()  # brightness
-    x = (x - x.mean((1, 2, 3), keepdim=True)) * f() + x.mean((1, 2, 3), keepdim=True)  # contrast
+    x = (random_crops(x, cfg.source_scale) + 1) / 2
+    f = lambda: 1 + (torch.rand(B, 1, 1, 1, device=dev) * 2 - 1) * cfg.jitter
+    x = x * f()  # brightness
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * f() + mean  # contrast
     gray = x.mean(1, keepdim=True)
     x = (x - gray) * f() + gray  # saturation
+    x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.gray, x.mean(1, keepdim=True).expand_as(x), x)
+    blurred = common.gaussian_blur(x, torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32)
+    x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.blur_prob, blurred, x)
     return x.clamp(0, 1) * 2 - 1
 
 
@@ -257,9 +281,12 @@ class SODA(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        g = cfg.image_size // cfg.enc_patch
-        self.encoder = common.DinoViT(cfg.enc_dim, cfg.enc_depth, cfg.enc_dim // 64, cfg.enc_patch, g)
-        self.head = nn.Linear(cfg.enc_dim, cfg.z_dim)  # global token -> z
+        if cfg.encoder == "resnet":
+            self.encoder = common.ResNet(cfg.res_width, cfg.res_layers, cifar_stem=True)
+        else:
+            g = cfg.image_size // cfg.enc_patch
+            self.encoder = common.DinoViT(cfg.enc_dim, cfg.enc_depth, cfg.enc_dim // 64, cfg.enc_patch, g)
+        self.head = nn.Linear(self.encoder.dim, cfg.z_dim)  # pooled feature / global token -> z (resnet18's fc)
         self.net = UNet(cfg)
         self.register_buffer("mean", torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -270,7 +297,7 @@ class SODA(nn.Module):
 
     def forward(self, x):
         cfg, B = self.cfg, x.shape[0]
-        source = color_jitter(random_crops(x, cfg.source_scale), cfg.jitter)
+        source = source_view(x, cfg)
         target = random_crops(x, cfg.target_scale)
         z = self.encode(source)
         keep = (torch.rand(B, self.net.groups, device=x.device) >= cfg.mask_prob) & \
@@ -303,6 +330,8 @@ class SODA(nn.Module):
                 a, a_next = abar(ts[i], cfg.schedule_s), abar(ts[i + 1], cfg.schedule_s)
                 e = self.eps(x, ts[i].item(), z, w)
                 x0 = ((x - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1)
+                if cfg.recompute_eps:
+                    e = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise consistent with the clamped x0
                 x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
         return x0
 
@@ -310,17 +339,20 @@ class SODA(nn.Module):
 # ---------------------------------------------------------------------------------------------------- train / main
 def make_config(args):
     cfg = common.configure(Config, PRESETS, args)
-    sizes = ("enc_patch", "enc_dim", "enc_depth", "z_dim", "channels", "num_res", "sample_steps", "log_every",
-             "sample_every", "ckpt_every")
-    if min(getattr(cfg, k) for k in sizes) <= 0:
-        raise UsageError(f"{', '.join(sizes)} must be positive")
+    sizes = ("res_width", "enc_patch", "enc_dim", "enc_depth", "z_dim", "channels", "num_res", "sample_steps",
+             "log_every", "sample_every", "ckpt_every")
+    if min(getattr(cfg, k) for k in sizes) <= 0 or not cfg.res_layers or min(cfg.res_layers) <= 0:
+        raise UsageError(f"{', '.join(sizes)} and res_layers must be positive")
+    if cfg.encoder not in ("resnet", "vit"):
+        raise UsageError(f"encoder {cfg.encoder!r}: resnet or vit")
     down = 2 ** (len(cfg.ch_mult) - 1)
-    if cfg.image_size % cfg.enc_patch or cfg.image_size % down:
-        raise UsageError(f"image size {cfg.image_size} is not divisible by the encoder patch {cfg.enc_patch} and the "
-                         f"U-Net's {down}")
-    if cfg.enc_dim % 64 or cfg.z_dim % (len(cfg.ch_mult) + 1):
-        raise UsageError(f"enc_dim ({cfg.enc_dim}) must be a multiple of 64 and z_dim ({cfg.z_dim}) of the "
-                         f"{len(cfg.ch_mult) + 1} groups")
+    if cfg.image_size % down:
+        raise UsageError(f"image size {cfg.image_size} is not divisible by the U-Net's {down}")
+    if cfg.encoder == "vit" and (cfg.image_size % cfg.enc_patch or cfg.enc_dim % 64):
+        raise UsageError(f"ViT encoder: the image size ({cfg.image_size}) must be divisible by the patch "
+                         f"({cfg.enc_patch}) and enc_dim ({cfg.enc_dim}) a multiple of 64")
+    if cfg.z_dim % (len(cfg.ch_mult) + 1):
+        raise UsageError(f"z_dim ({cfg.z_dim}) must be a multiple of the {len(cfg.ch_mult) + 1} groups")
     return cfg
 
 
@@ -346,7 +378,7 @@ def train(args):
         with common.autocast(d.device):
             return net(x)
 
-    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d, model))
     for step in log.steps(step, cfg.steps):
         # learning rate: linear warm-up, then constant; the encoder at 2x
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
@@ -418,32 +450,41 @@ def eval_cmd(args):
     x = generate(model, src, args, d)
     if not d.master:
         return
-    mse = ((x.cpu().float() - common.to_float(src)) ** 2).flatten(1).mean(1)  # per image; the range [-1, 1] spans 2
+    psnr = lambda a, b: (10 * torch.log10(4 / ((a - b) ** 2).flatten(1).mean(1))).mean().item()  # [-1, 1] spans 2
+    x_src = common.to_float(src)
+    with torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        crops = random_crops(x_src, cfg.target_scale)  # what a perfect novel-view model would generate
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     torch.manual_seed(cfg.seed)
     init = SODA(cfg).to(d.device).eval()  # the same encoder at initialisation: the probe's floor
     res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
                fd_model=args.fd_model, n_samples=args.n, probe="z, the encoder's compact latent",
-               psnr=round((10 * torch.log10(4 / mse)).mean().item(), 3),
+               psnr=round(psnr(x.cpu().float(), x_src), 3), psnr_crop=round(psnr(crops, x_src), 3),
                n_sources=min(args.n, len(common.load_images(data, "test", cfg.image_size)[0])),
                sample_steps=args.sample_steps or cfg.sample_steps,
                guidance=cfg.guidance if args.guidance is None else args.guidance)
     for suffix, m in (("", model), ("_init", init)):
         f_tr, f_te = (common.extract(lambda v, i: m.encode(v), xs, d.device, desc="encode") for xs in (x_tr, x_te))
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
+        l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||
+        res[f"probe_linear{suffix}_l2"] = round(l2, 4)
     p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
     res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels"))
     common.write_eval(args.ckpt, res)
 
 
 def export_encoder(args):
-    """The EMA encoder as a DINOv2-layout state dict: common.load_encoder(PATH) reads it (at image_size)."""
+    """The EMA encoder as a state dict common.load_encoder(PATH) reads: torchvision's ResNet layout (at the images'
+    size) or DINOv2's ViT layout (at image_size)."""
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; name the file to write")
     _, ckpt, cfg, model = load(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, model.encoder.state_dict())
-    print0(f"wrote {args.out}: ViT {cfg.enc_dim}x{cfg.enc_depth}, patch {cfg.enc_patch}; use --encoder {args.out}")
+    arch = f"ResNet width {cfg.res_width}, layers {cfg.res_layers}" if cfg.encoder == "resnet" else \
+        f"ViT {cfg.enc_dim}x{cfg.enc_depth}, patch {cfg.enc_patch}"
+    print0(f"wrote {args.out}: {arch}; use --encoder {args.out}")
 
 
 def main(argv=None):

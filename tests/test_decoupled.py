@@ -38,21 +38,32 @@ def test_dropping_z_d_zeroes_only_z_d():
     assert torch.equal(tok[1, :, 0], tokens[1, :, 0]) and (tok[1, :, 1] == 0).all()  # dropped: z_d is 0, z_s kept
 
 
+def test_reconstruction_does_not_reach_z_u():
+    """detach_u: the decoder reads z_u, but L_rec sends E_u no gradient; without it (or in the control) it does."""
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    for kw, reaches in ((dict(), False), (dict(detach_u=False), True), (dict(decouple=False), True)):
+        m = _model(sem_coeff=0.0, drop_d=0.0, **kw)
+        m(x).backward()
+        g = sum(p.grad.abs().sum() for p in m.enc_u.parameters() if p.grad is not None)
+        assert (g > 0) == reaches, kw
+        assert m.decoder.embed_u.weight.grad.abs().sum() > 0  # the decoder does use z_u
+
+
 def test_lowpass_target_is_a_gaussian_blur():
     x = torch.zeros(1, 3, 16, 16)
     x[0, :, 8, 8] = 1.0
     sigma = 1.5
-    y = DL.gaussian_blur(x, sigma)
+    y = common.gaussian_blur(x, sigma)
     r = torch.arange(16.0) - 8
     g = torch.exp(-0.5 * (r / sigma) ** 2)
     g = g / g[8 - 5:8 + 6].sum()  # the kernel is cut at 3 sigma (radius 5)
     expected = torch.outer(g, g)
     expected[(r.abs() > 5)[:, None] | (r.abs() > 5)[None]] = 0
     assert torch.allclose(y[0, 0], expected, atol=1e-6)
-    assert torch.allclose(DL.gaussian_blur(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 2.0])),
+    assert torch.allclose(common.gaussian_blur(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 2.0])),
                           torch.full((2, 3, 16, 16), 0.3), atol=1e-6)  # a constant image is its own low pass
     m = _model()
-    assert torch.allclose(m.lowpass(x), DL.gaussian_blur(x, m.cfg.lowpass * 16 / 32))
+    assert torch.allclose(m.lowpass(x), common.gaussian_blur(x, m.cfg.lowpass))  # in pixels, at any size
 
 
 def test_simsiam_gradient_passes_only_through_the_predictor():
@@ -95,6 +106,18 @@ def test_shape_factors_match_what_was_drawn():
     assert all(("stripe" in k) == (j >= 11) for j, k in enumerate(common.FACTORS))
 
 
+def test_r2_read_outs():
+    """Linear ridge: a linear factor is read exactly, one that is an even function of the features not at all; the MLP
+    reads both (the stripe case: a waveform whose phase varies)."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(3000, 4, generator=g)
+    v = torch.stack([2 * f[:, 0] - f[:, 1], f[:, 2] ** 2 + f[:, 3] ** 2], 1)  # [N, 2]
+    lin = DL.r2_scores(f[:2000], v[:2000], f[2000:], v[2000:], ridge=1e-6)
+    mlp = DL.r2_mlp(f[:2000], v[:2000], f[2000:], v[2000:])
+    assert lin[0] > 0.999 and lin[1] < 0.05
+    assert mlp[0] > 0.95 and mlp[1] > 0.9
+
+
 def test_train_resume_eval_export_and_generation(cli, logged_losses, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(DL, ["train", *TINY, "--steps", 10, "--out", a]) == 0
@@ -108,13 +131,14 @@ def test_train_resume_eval_export_and_generation(cli, logged_losses, tmp_path):
     assert set(res["parts"]) == {"z_u", "z_s", "z_d", "z_us", "all"} and res["fd"] is None
     assert res["probe_linear"] == res["parts"]["z_u"]["probe_linear"]
     assert res["probe_linear_init"] == res["parts_init"]["z_u"]["probe_linear"]
-    assert [k for k in res["parts"]["z_d"]["r2"] if "stripe" in k] == [k for k in common.FACTORS if "stripe" in k]
+    for key in ("r2", "r2_mlp"):
+        assert [k for k in res["parts"]["z_d"][key] if "stripe" in k] == [k for k in common.FACTORS if "stripe" in k]
     # export: common.load_encoder gives E_u's global token, from which z_u is one linear map
     assert cli(DL, ["export-encoder", "--ckpt", b / "ckpt.pt", "--out", tmp_path / "enc.pt"]) == 0
     enc = common.load_encoder(str(tmp_path / "enc.pt"))
     cfg, ae = DL.load_ae(str(b / "ckpt.pt"), "cpu")
     x = torch.rand(3, 3, 16, 16) * 2 - 1
-    assert enc.resolution == 16 and torch.allclose(ae.head_u(enc(x)[0]), ae.encode(x)[0], atol=1e-4)
+    assert enc.resolution is None and torch.allclose(ae.head_u(enc(x)[0]), ae.encode(x)[0], atol=1e-4)
     # stage 2 on the latent, then sample and eval with FD
     g = tmp_path / "g"
     assert cli(DL, ["train-gen", *TINY, "--steps", 6, "--ae", b / "ckpt.pt", "--out", g]) == 0

@@ -77,7 +77,7 @@ def test_random_vit_is_deterministic_and_frozen():
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(a(x)[1], b(x)[1]) and a(x)[1].shape == (2, 4, 384)
     a.train()
-    assert not a.vit.training
+    assert not a.net.training
 
 
 def test_encoder_errors(tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_encoder_errors(tmp_path, monkeypatch):
     with pytest.raises(common.UsageError, match="unknown --encoder"):
         common.load_encoder("resnet50")
     (tmp_path / "bad.pt").write_bytes(b"not a state dict")
-    with pytest.raises(common.UsageError, match="not a dinov2-layout"):
+    with pytest.raises(common.UsageError, match="neither a dinov2-layout ViT nor a torchvision ResNet"):
         common.load_encoder(str(tmp_path / "bad.pt"))
 
 
@@ -123,3 +123,33 @@ def test_download_creates_the_hub_folder(tmp_path, monkeypatch):
     assert seen == {"url": "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
                     "progress": True}
     assert enc.dim == 384 and os.path.isfile(tmp_path / "fresh" / "checkpoints" / "dinov2_vits14_pretrain.pth")
+
+
+def test_torchvision_resnet_layout_loads_and_matches(tmp_path):
+    """A torchvision resnet18 file (ImageNet stem, with its fc) loads through load_encoder and gives torchvision's own
+    pooled feature and last-stage map; the CIFAR stem (3x3 stride 1, no max-pool) is read off the first conv."""
+    import torchvision
+    tv = torchvision.models.resnet18().eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # BatchNorm statistics away from their init, so eval mode matters
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2, generator=g)
+    torch.save(tv.state_dict(), tmp_path / "r18.pt")
+    enc = common.load_encoder(str(tmp_path / "r18.pt"))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    pooled, tokens = enc(x)
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    xn = ((x + 1) / 2 - mean) / std
+    trunk = torch.nn.Sequential(*list(tv.children())[:-2])  # conv1 ... layer4
+    with torch.no_grad():
+        fmap = trunk(xn)
+    assert enc.resolution is None and enc.dim == 512 and tokens.shape == (2, 4, 512)  # 64 px / 32 -> 2 x 2
+    assert torch.allclose(tokens, fmap.flatten(2).transpose(1, 2), atol=1e-4)
+    assert torch.allclose(pooled, tv.avgpool(fmap).flatten(1), atol=1e-4)
+    small = common.ResNet(16, (1, 1), cifar_stem=True)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    enc = common.load_encoder(str(tmp_path / "small.pt"))
+    assert isinstance(enc.net.maxpool, torch.nn.Identity) and enc.dim == 32
+    assert enc(torch.zeros(1, 3, 16, 16))[1].shape == (1, 64, 32)  # stride 1, then one stride-2 stage: 8 x 8
