@@ -41,7 +41,8 @@ Commands (python decoupled_latent.py {train,train-gen,sample,eval,export-encoder
     the claim on a CPU: python decoupled_latent.py train --preset cpu --out runs/dl_cpu              # < 10 min
                         python decoupled_latent.py eval --ckpt runs/dl_cpu/ckpt.pt
                         python decoupled_latent.py train --preset cpu --no-decouple --out runs/dl_cpu_ctrl  (control)
-    generation:         python decoupled_latent.py train-gen --preset cpu --ae runs/dl_cpu/ckpt.pt --out runs/dl_gen
+    generation:         python decoupled_latent.py train-gen --preset cpu --steps 4000 --ae runs/dl_cpu/ckpt.pt \
+                            --out runs/dl_gen                                                    # ~7 min
                         python decoupled_latent.py eval --ckpt runs/dl_gen/ckpt.pt     # the table + FD of samples
     one GPU:            python decoupled_latent.py train --data cifar10 --out runs/dl --compile   (then train-gen)
     frozen encoder:     python decoupled_latent.py export-encoder --ckpt runs/dl/ckpt.pt --out runs/dl/enc.pt
@@ -482,14 +483,17 @@ def load_ae(path, device, ckpt=None):
     return cfg, model.to(device).eval().requires_grad_(False)
 
 
+AE_KEYS = ("data", "image_size", "patch", "split", "decouple", "u_width", "u_layers", "enc_dim", "enc_depth", "dec_dim",
+           "dec_depth")  # what a stage-2 run takes from its stage-1 autoencoder's config
+
+
 def train_gen(args):
     """Stage 2: the DiT over the frozen autoencoder's normalised latent."""
     ae_cfg, ae = load_ae(args.ae, "cpu")
 
     def gen_config(args):  # the stage-1 run's data and latent, this run's schedule and generator
         cfg = make_config(args)
-        for k in ("data", "image_size", "patch", "split", "decouple", "u_width", "u_layers", "enc_dim", "enc_depth",
-                  "dec_dim", "dec_depth"):
+        for k in AE_KEYS:
             setattr(cfg, k, getattr(ae_cfg, k))
         return cfg
 
