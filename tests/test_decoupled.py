@@ -1,4 +1,4 @@
-import json
+import json, math
 
 import numpy as np
 import pytest
@@ -118,6 +118,17 @@ def test_r2_read_outs():
     assert mlp[0] > 0.95 and mlp[1] > 0.9
 
 
+def test_spectrum_finds_the_stripes_whatever_their_phase():
+    xx = torch.arange(16.0).view(1, 16).expand(16, 16)
+    for phase in (0.0, 1.0, 2.5):
+        x = torch.sin(2 * math.pi * 5 / 16 * xx + phase).expand(1, 3, 16, 16)  # 5 cycles along x
+        s = DL.spectrum(x).view(16, 16)
+        assert s.argmax().item() in (5, 11)  # row 0 (no variation along y), column 5 or its mirror 16 - 5
+    a = DL.spectrum(torch.sin(2 * math.pi * 5 / 16 * xx).expand(1, 3, 16, 16))
+    b = DL.spectrum(torch.sin(2 * math.pi * 5 / 16 * xx + 2.0).expand(1, 3, 16, 16))
+    assert a[0, 5].item() == pytest.approx(b[0, 5].item(), rel=1e-2)  # the peak's power (the blur pads by reflection)
+
+
 def test_train_resume_eval_export_and_generation(cli, logged_losses, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(DL, ["train", *TINY, "--steps", 10, "--out", a]) == 0
@@ -131,6 +142,7 @@ def test_train_resume_eval_export_and_generation(cli, logged_losses, tmp_path):
     assert set(res["parts"]) == {"z_u", "z_s", "z_d", "z_us", "all"} and res["fd"] is None
     assert res["probe_linear"] == res["parts"]["z_u"]["probe_linear"]
     assert res["probe_linear_init"] == res["parts_init"]["z_u"]["probe_linear"]
+    assert set(res["stripe_r2_decoded"]) == {"images", "all", "drop_d"}
     for key in ("r2", "r2_mlp"):
         assert [k for k in res["parts"]["z_d"][key] if "stripe" in k] == [k for k in common.FACTORS if "stripe" in k]
     # export: common.load_encoder gives E_u's global token, from which z_u is one linear map
