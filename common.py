@@ -474,7 +474,8 @@ class DinoViT(nn.Module):
             pos = F.interpolate(pos, scale_factor=((h + 0.1) / self.grid, (w + 0.1) / self.grid), mode="bicubic")
         return pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)  # [1, D, h, w] -> [1, h*w, D]
 
-    def forward(self, x):
+    def forward(self, x, affine=True):
+        """affine=False: the final LayerNorm without its learnt scale and shift (RAE's latent)."""
         B, _, H, W = x.shape
         h, w = H // self.patch, W // self.patch
         x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, D, h, w] -> [B, h*w, D]
@@ -484,7 +485,7 @@ class DinoViT(nn.Module):
             x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], 1)
         for block in self.blocks:
             x = block(x)
-        x = self.norm(x)
+        x = self.norm(x) if affine else F.layer_norm(x, (self.dim,), eps=self.norm.eps)
         return x[:, 0], x[:, 1 + self.registers:]
 
 
@@ -546,7 +547,8 @@ def resnet_from_state_dict(sd):
 
 class FrozenEncoder(nn.Module):
     """Images in [-1, 1] -> resized to `resolution` (bicubic; None keeps their size), ImageNet normalisation -> the
-    network (DinoViT or ResNet) -> (global token [B,D], tokens [B,N,D])."""
+    network (DinoViT or ResNet) -> (global token [B,D], tokens [B,N,D]). affine=False drops a ViT's final LayerNorm
+    affine (RAE); grad=True lets gradients flow to the input (a perceptual loss), the weights stay frozen."""
 
     def __init__(self, net, resolution):
         super().__init__()
@@ -557,12 +559,13 @@ class FrozenEncoder(nn.Module):
     def train(self, mode=True):  # stays in eval mode
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, x):
-        x = (x.float() + 1) / 2
-        if self.resolution:
-            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
-        return self.net((x - self.mean) / self.std)
+    def forward(self, x, affine=True, grad=False):
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            x = (x.float() + 1) / 2
+            if self.resolution:
+                x = F.interpolate(x, size=(self.resolution,) * 2, mode="bicubic", align_corners=False)
+            x = (x - self.mean) / self.std
+            return self.net(x) if affine or not isinstance(self.net, DinoViT) else self.net(x, affine=False)
 
 
 def vit_from_state_dict(sd):

@@ -1,0 +1,195 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import rae as R
+
+TINY = ["--preset", "tiny", "--device", "cpu"]
+
+
+def tiny_cfg(**kw):
+    return replace(R.Config(**R.PRESETS["tiny"]), **kw)
+
+
+def test_time_shift_by_hand():
+    t = torch.linspace(0, 1, 101, dtype=torch.float64)
+    assert torch.equal(R.time_shift(t, 1.0), t)  # a = 1: the identity
+    for a in (0.5, 2.0, 6.93):
+        s = R.time_shift(t, a)
+        assert s[0] == 0 and s[-1] == 1 and (s.diff() > 0).all()  # endpoints fixed, monotone
+    assert R.time_shift(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)  # 1.5 / (1 + 2 * 0.5)
+    m = 16 * 16 * 768  # DINOv2-B at 224: the paper's a = 6.93
+    assert R.RAE(tiny_cfg(), 4, 384).a == pytest.approx(0.6124, abs=1e-4)
+    assert (m / 4096) ** 0.5 == pytest.approx(6.93, abs=0.01)
+
+
+def test_the_same_shift_in_training_and_sampling():
+    model = R.RAE(tiny_cfg(shift=3.0, label_drop=0.0), 4, 8)
+    seen = []
+
+    class Stub(torch.nn.Module):
+        def forward(self, x, t, y):
+            seen.append(t.clone())
+            return torch.zeros_like(x)
+
+    model.net = Stub()
+    z = torch.randn(5, 4, 8)
+    torch.manual_seed(0)
+    model(z, torch.zeros(5, dtype=torch.long))
+    torch.manual_seed(0)
+    assert torch.allclose(seen[0], R.time_shift(torch.sigmoid(torch.randn(5)), 3.0))  # logit-normal, then shift
+    seen.clear()
+    model.sample(torch.zeros(2, dtype=torch.long), steps=4)
+    grid = R.time_shift(torch.linspace(1, 0, 5, dtype=torch.float64), 3.0)[:-1]
+    assert torch.allclose(torch.stack([s[0] for s in seen]).double(), grid, atol=1e-6)
+
+
+def test_euler_on_the_shifted_grid_by_hand():
+    x = torch.zeros(1)
+    assert torch.allclose(R.sample_euler(lambda x, t: torch.full_like(x, 2.0), x, 7, 3.0), torch.tensor([-2.0]))
+    # dx/dt = t on shift([1, .5, 0], a=3) = [1, .75, 0]: x = -(0.25 * 1) - (0.75 * 0.75) = -0.8125
+    out = R.sample_euler(lambda x, t: torch.full_like(x, t), x, 2, 3.0)
+    assert out.item() == pytest.approx(-0.8125)
+
+
+def test_latent_normalisation_round_trip():
+    dec = R.RAEDecoder(tiny_cfg(), 4, 6)
+    z = torch.randn(500, 4, 6) * (torch.rand(4, 6) * 3 + 0.5) + torch.randn(4, 6)
+    dec.set_stats(z)
+    n = dec.normalize(z)
+    assert torch.allclose(n.mean(0), torch.zeros(4, 6), atol=1e-5)  # per element
+    assert torch.allclose(n.std(0), torch.ones(4, 6), atol=1e-4)
+    assert torch.allclose(dec.denormalize(n), z, atol=1e-5)
+    assert set(dec.state_dict()) >= {"mu", "sigma"}  # the statistics travel with the checkpoint
+
+
+def test_latent_is_the_layernorm_without_affine():
+    enc = common.load_encoder("random-vit-s@28")
+    with torch.no_grad():
+        enc.net.norm.weight.mul_(3).add_(1)
+        enc.net.norm.bias.add_(0.5)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = R.latent(enc, x)
+    assert z.shape == (2, 4, 384)  # the class token dropped
+    assert torch.allclose(z.mean(-1), torch.zeros(2, 4), atol=1e-4)
+    assert torch.allclose(z.var(-1, unbiased=False), torch.ones(2, 4), atol=1e-3)
+    w, b = enc.net.norm.weight, enc.net.norm.bias
+    assert torch.allclose(enc(x)[1], z * w + b, atol=1e-4)  # with the affine: the released output
+
+
+def test_noise_augmentation_only_in_training():
+    torch.manual_seed(0)
+    dec = R.RAEDecoder(tiny_cfg(perc_coeff=0.0), 4, 6)
+    x, z = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 4, 6)
+    dec.eval()
+    clean = (dec.decode(z) - x).abs().mean()
+    assert dec(x, z).item() == pytest.approx(clean.item()) and dec(x, z).item() == dec(x, z).item()
+    dec.train()
+    assert dec(x, z).item() != dec(x, z).item()  # a fresh s n each call
+    dec.cfg = replace(dec.cfg, noise_tau=0.0)
+    assert dec(x, z).item() == pytest.approx(clean.item())
+
+
+def test_perceptual_term_reaches_the_decoder_not_the_encoder():
+    enc = common.load_encoder("random-vit-s@28")
+    torch.manual_seed(0)
+    dec = R.RAEDecoder(tiny_cfg(perc_coeff=2.0), 4, 384).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    z = dec.normalize(R.latent(enc, x))
+    loss = dec(x, z, enc)
+    x_hat = dec.decode(z)
+    perc = ((dec.normalize(R.latent(enc, x_hat)) - z) ** 2).mean()
+    assert loss.item() == pytest.approx((x_hat - x).abs().mean().item() + 2 * perc.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in dec.parameters())
+    assert all(p.grad is None for p in enc.parameters())
+    dec.zero_grad()
+    ((dec.normalize(R.latent(enc, dec.decode(z), grad=True)) - z) ** 2).mean().backward()  # the perceptual part
+    assert dec.net.out.weight.grad.abs().sum() > 0  # reaches the decoder through the frozen encoder
+    assert all(p.grad is None for p in enc.parameters())
+
+
+def test_head_reads_the_trunks_per_token_condition():
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    net = R.DiTDH(cfg, 4, 6)
+    for p in net.parameters():  # away from the zero init, so every path carries signal
+        torch.nn.init.normal_(p, std=0.1)
+    seen = {}
+    net.blocks[-1].register_forward_hook(lambda m, a, out: seen.update(trunk=out))
+    net.head_blocks[0].register_forward_hook(lambda m, a, out: seen.update(cond=a[1]))
+    x, t, y = torch.randn(2, 4, 6), torch.tensor([0.3, 0.8]), torch.tensor([1, 2])
+    v = net(x, t, y)
+    assert v.shape == (2, 4, 6) and seen["cond"].shape == (2, 4, cfg.head_dim)
+    expected = net.head_cond(F.silu(net.t_embed(t)[:, None] + seen["trunk"]))
+    assert torch.allclose(seen["cond"], expected, atol=1e-6)
+    assert (seen["cond"][:, 0] - seen["cond"][:, 1]).abs().max() > 1e-3  # one condition per token
+    with torch.no_grad():
+        net.blocks[0].mlp[0].weight.add_(0.5)  # change the trunk: the head's condition and v follow
+    assert not torch.allclose(net(x, t, y), v)
+
+
+def test_plain_control_matches_the_parameter_count():
+    cfg = replace(R.Config(), num_classes=10)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    wide, plain = R.DiTDH(cfg, 256, 768), R.DiTDH(replace(cfg, head="none"), 256, 768)
+    assert len(plain.blocks) > len(wide.blocks) and not hasattr(plain, "head_blocks")
+    assert abs(count(plain) - count(wide)) < 0.5 * count(plain.blocks[0])
+
+
+def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path):
+    a, b = tmp_path / "dec_a", tmp_path / "dec_b"
+    assert cli(R, ["train-decoder", *TINY, "--steps", 10, "--out", a]) == 0
+    assert cli(R, ["train-decoder", *TINY, "--steps", 4, "--out", b]) == 0
+    assert cli(R, ["train-decoder", *TINY, "--steps", 10, "--out", b, "--resume"]) == 0
+    assert logged_losses(b) == logged_losses(a)  # exact resume, noise augmentation included
+    row = json.loads(open(a / "log.jsonl").readline())
+    assert row["loss"] == pytest.approx(row["loss_l1"] + row["loss_perc"], rel=1e-5)  # tiny: perc_coeff 1
+    assert cli(R, ["eval", "--ckpt", a / "ckpt.pt", "--device", "cpu"]) == 0
+    res = json.load(open(a / "eval.json"))
+    assert res["fd"] is None and res["psnr"] > res["psnr_init"] and res["rfd"] < res["rfd_init"]
+    assert {"probe_linear", "probe_knn", "probe_linear_pixels"} <= set(res)
+    g, h = tmp_path / "gen_a", tmp_path / "gen_b"
+    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 10, "--out", g]) == 0
+    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 4, "--out", h]) == 0
+    assert cli(R, ["train", *TINY, "--steps", 10, "--out", h, "--resume"]) == 0
+    assert logged_losses(h) == logged_losses(g)
+    assert cli(R, ["sample", "--ckpt", g / "ckpt.pt", "--n", 6, "--device", "cpu", "--out", tmp_path / "s.npz"]) == 0
+    arr = np.load(tmp_path / "s.npz")["arr_0"]
+    assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
+    assert cli(R, ["eval", "--ckpt", g / "ckpt.pt", "--n", 50, "--device", "cpu"]) == 0
+    res_g = json.load(open(g / "eval.json"))
+    assert res_g["fd"] > 0 and res_g["head"] == "wide" and res_g["psnr"] == res["psnr"]  # the decoder travels
+    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--head", "none", "--steps", 2, "--out",
+                   tmp_path / "plain"]) == 0
+
+
+def test_bad_inputs(cli, tmp_path, capsys):
+    assert cli(R, ["train-decoder", *TINY, "--steps", 2, "--out", tmp_path / "dec"]) == 0
+    dec = tmp_path / "dec" / "ckpt.pt"
+    torch.save({"model": {}, "config": {}}, tmp_path / "other.pt")
+    capsys.readouterr()
+    for argv in (["train", *TINY, "--out", tmp_path / "x"],
+                 ["train", *TINY, "--decoder", tmp_path / "none.pt", "--out", tmp_path / "x"],
+                 ["train", *TINY, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "x"],
+                 ["train", *TINY, "--decoder", dec, "--set", "head=deep", "--out", tmp_path / "x"],
+                 ["train-decoder", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
+                 ["train-decoder", *TINY, "--image-size", 15, "--out", tmp_path / "x"],
+                 ["train-decoder", *TINY, "--set", "noise_tau=-1", "--out", tmp_path / "x"],
+                 ["sample", "--ckpt", dec, "--out", tmp_path / "s.npz"],
+                 ["eval", "--ckpt", tmp_path / "other.pt"]):
+        assert cli(R, argv) == 2, argv
+        assert capsys.readouterr().err.count("\n") == 1, argv
+    assert not (tmp_path / "x" / "ckpt.pt").exists()
+
+
+def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+    r = torchrun("rae.py", ["train-decoder", *TINY, "--steps", 3, "--out", tmp_path], 29545)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
+    assert R.load_decoder(str(tmp_path / "ckpt.pt"), "cpu")[1].mu.shape == (4, 384)
