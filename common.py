@@ -306,11 +306,34 @@ def sliced_wasserstein(a, b, n_proj=256, seed=0):
     return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
 
 
-def probes(f_tr, y_tr, f_te, y_te, suffix=""):
-    """-> {probe_linear<suffix>, probe_knn<suffix>}: the two numbers every eval.json reports for a representation."""
+def probes(f_tr, y_tr, f_te, y_te, suffix="", data=None):
+    """-> {probe_linear<suffix>, probe_knn<suffix>}: the two numbers every eval.json reports for a representation;
+    on `shapes` (data) also r2_stripes<suffix> (stripe_r2: how much of the detail the representation carries)."""
     y_tr, y_te = y_tr.to(f_tr.device), y_te.to(f_te.device)
-    return {f"probe_linear{suffix}": round(linear_probe(f_tr, y_tr, f_te, y_te), 4),
-            f"probe_knn{suffix}": round(knn_accuracy(f_tr, y_tr, f_te, y_te), 4)}
+    out = {f"probe_linear{suffix}": round(linear_probe(f_tr, y_tr, f_te, y_te), 4),
+           f"probe_knn{suffix}": round(knn_accuracy(f_tr, y_tr, f_te, y_te), 4)}
+    if data and data.startswith("shapes"):
+        out[f"r2_stripes{suffix}"] = stripe_r2(f_tr, f_te, data)
+    return out
+
+
+def r2_scores(f_tr, v_tr, f_te, v_te, ridge=1e-3):
+    """R^2 on the test split of a ridge regression per factor, fitted on standardised features. -> [F]."""
+    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
+    a = torch.cat([(f_tr - mu) / sd, torch.ones(len(f_tr), 1)], 1).double()
+    b = torch.cat([(f_te - mu) / sd, torch.ones(len(f_te), 1)], 1).double()
+    w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ v_tr.double())
+    res = ((b @ w - v_te.double()) ** 2).sum(0)
+    return 1 - res / ((v_te.double() - v_te.double().mean(0)) ** 2).sum(0)
+
+
+def stripe_r2(f_tr, f_te, spec):
+    """On `shapes`: the mean R^2 of a linear (ridge) read-out of the four stripe factors (frequency, angle, amplitude)
+    from features of the uniform subsets subset() draws (probe_data's, any size) -> float."""
+    cols = [k for k, name in enumerate(FACTORS) if "stripe" in name]
+    v_tr, v_te = shape_factors(spec, "train"), shape_factors(spec, "test")
+    v_tr, v_te = v_tr[subset(len(v_tr), len(f_tr))][:, cols], v_te[subset(len(v_te), len(f_te))][:, cols]
+    return round(float(r2_scores(f_tr.float().cpu(), v_tr, f_te.float().cpu(), v_te).mean()), 4)
 
 
 @torch.no_grad()

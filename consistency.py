@@ -440,7 +440,8 @@ def eval_cmd(args):
     res = dict(step=ckpt["step"], data=data, fd=fd[1], fd_2step=fd[2], fd_model=args.fd_model, n_samples=args.n,
                mid_t=cfg.mid_t, probe=f"mean-pooled U-Net bottleneck of x + t e at t={t} (EMA weights)")
     for suffix, m in (("", model), ("_init", init)):
-        res.update(common.probes(features(m, x_tr, t, d.device), y_tr, features(m, x_te, t, d.device), y_te, suffix))
+        res.update(common.probes(features(m, x_tr, t, d.device), y_tr, features(m, x_te, t, d.device), y_te, suffix,
+                                 data))
     common.write_eval(args.ckpt, res)
 
 

@@ -589,16 +589,6 @@ def sample_cmd(args):
         print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
 
 
-def r2_scores(f_tr, v_tr, f_te, v_te, ridge=1e-3):
-    """R^2 on the test split of a ridge regression per factor, fitted on standardised features. -> [F]."""
-    mu, sd = f_tr.mean(0), f_tr.std(0) + 1e-6
-    a = torch.cat([(f_tr - mu) / sd, torch.ones(len(f_tr), 1)], 1).double()
-    b = torch.cat([(f_te - mu) / sd, torch.ones(len(f_te), 1)], 1).double()
-    w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ v_tr.double())
-    res = ((b @ w - v_te.double()) ** 2).sum(0)
-    return 1 - res / ((v_te.double() - v_te.double().mean(0)) ** 2).sum(0)
-
-
 def r2_mlp(f_tr, v_tr, f_te, v_te, hidden=256, steps=300, lr=3e-3, wd=1e-3):
     """R^2 on the test split of a one-hidden-layer MLP regressing all factors at once (standardised features and
     targets, full-batch Adam, seeded start) -> [F]. A stripe's phase varies from image to image, so a part that holds
@@ -633,7 +623,7 @@ def table(ae, data, device, n_train=10_000, n_test=5_000):
         f_tr, f_te = p_tr[name].cpu(), p_te[name].cpu()
         out[name] = dict(dim=f_tr.shape[1], **common.probes(f_tr, y_tr[i], f_te, y_te[j]))
         if factors:
-            for key, fn in (("r2", r2_scores), ("r2_mlp", r2_mlp)):
+            for key, fn in (("r2", common.r2_scores), ("r2_mlp", r2_mlp)):
                 out[name][key] = {k: round(float(r), 4) for k, r in zip(common.FACTORS, fn(f_tr, v_tr, f_te, v_te))}
     return out
 
@@ -670,7 +660,7 @@ def reconstruction(ae, data, device, n=1000):
         f_tr = spectrum(common.to_float(x_tr[i]))
         v_tr, v_te = common.shape_factors(data, "train"), common.shape_factors(data, "test")
         cols = [k for k, name in enumerate(common.FACTORS) if "stripe" in name]
-        fit = lambda r: r2_scores(f_tr, v_tr[i][:, cols], spectrum(r).cpu(), v_te[j][:, cols])  # [4]
+        fit = lambda r: common.r2_scores(f_tr, v_tr[i][:, cols], spectrum(r).cpu(), v_te[j][:, cols])  # [4]
         out["stripe_r2_decoded"] = {name: {common.FACTORS[k]: round(float(v), 4) for k, v in zip(cols, fit(r))}
                                     for name, r in rec.items()}
     return out
@@ -694,6 +684,8 @@ def eval_cmd(args):
     res.update(probe="z_u (the understanding part of the latent)", probe_linear=parts["z_u"]["probe_linear"],
                probe_knn=parts["z_u"]["probe_knn"], probe_linear_init=parts_init["z_u"]["probe_linear"],
                probe_knn_init=parts_init["z_u"]["probe_knn"], parts=parts, parts_init=parts_init,
+               r2_stripes=round(float(np.mean([v for k, v in parts["z_u"]["r2"].items() if "stripe" in k])), 4)
+               if "r2" in parts["z_u"] else None,
                **reconstruction(ae, data, d.device))
     common.write_eval(args.ckpt, res)
     for name, row in parts.items():

@@ -493,9 +493,9 @@ def eval_cmd(args):
                probe=f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class")
     for suffix, m in (("", model), ("_init", init)):
         res.update(common.probes(features(m, x_tr, t, depth, d.device), y_tr,
-                                 features(m, x_te, t, depth, d.device), y_te, suffix))
+                                 features(m, x_te, t, depth, d.device), y_te, suffix, data))
     p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
-    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels"))
+    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
     common.write_eval(args.ckpt, res)
 
 

@@ -8,7 +8,8 @@ head (DiT^DH) trains in this wide latent to FID 1.51 at ImageNet 256 without gui
 Stage 1, the autoencoder (`train-decoder`): the encoder stays frozen, only the decoder D trains.
     z = LN(E(x))                 patch tokens after the final LayerNorm without its affine; class / registers dropped
     z~ = (z - mu) / sigma        per element (mu, sigma [N, C]), from the training data once, kept in the checkpoint
-    x^ = D(z~ + s n),  s = tau u,  u ~ U(0, 1),  n ~ N(0, I),  tau = 0.8          (noise augmentation, training only)
+    x^ = D(z~ + s n / sigma),  s = tau u,  u ~ U(0, 1),  n ~ N(0, I),  tau = 0.8
+                             (noise augmentation, training only, on z itself as the official encode() adds it)
     L = |x^ - x|_1 + lambda_p |z~(x^) - z~(x)|^2
 The paper's loss is L1 + LPIPS + an adaptive GAN from epoch 8. LPIPS needs downloaded VGG weights, so the perceptual
 term here is the distance between the frozen encoder's normalised latents of the reconstruction and of the input (no
@@ -40,9 +41,10 @@ Commands (python rae.py {train-decoder,train,sample,eval} -h lists every flag):
                         python rae.py train --decoder runs/rae_dec/ckpt.pt --out runs/rae --compile
                         python rae.py train --decoder runs/rae_dec/ckpt.pt --head none --out runs/rae_plain --compile
                         python rae.py sample --ckpt runs/rae/ckpt.pt --n 50000 --out runs/rae/samples.npz
-Expected on a CPU (`shapes`, random-vit-s@56: 4 x 4 tokens of 384): see the README's rae.py section for the measured
-psnr against the decoder at initialisation (the issue's bar: 3 dB) and the stage-2 FD.
-"""
+Expected on a CPU (`shapes`, random-vit-s@56: 4 x 4 tokens of 384; train-decoder 6.0 min on 2 idle cores): psnr
+29.4 dB against 7.9 dB for the decoder at initialisation, rFD 0.03 against 56.5 (pixel features). A random ViT keeps
+enough of a 16 px image in 6,144 numbers to reconstruct it, stripes included. Stage 2 (1,000 steps, 9 min): DiT^DH
+v-loss 0.29, pixel FD 7.4, against 0.89 and 11.8 for the plain DiT of equal parameters (--head none)."""
 import math, os
 from dataclasses import asdict, dataclass, field, replace
 
@@ -86,7 +88,8 @@ class Config:
     # the schedule of the command that runs (train-decoder: STAGE1 below)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size (paper: 1024 at 256 px)
-    lr: float = 2e-4                # AdamW (0.9, 0.95), weight decay 0 (paper, stage 2)
+    lr: float = 2e-4                # AdamW (0.9, 0.95), weight decay 0 (paper, stage 2; it warms up 40 epochs, then
+                                    # decays linearly to 2e-5: constant here, as in the other files' short runs)
     warmup: int = 0                 # linear warm-up steps
     grad_clip: float = 1.0          # paper: 1
     ema: float = 0.9995             # paper: 0.9995 (with warm-up here)
@@ -102,17 +105,18 @@ PRESETS = {
                  dec_depth=1, dec_heads=2, hidden=64, depth=1, heads=2, head_dim=96, head_depth=1, head_heads=2,
                  sample_steps=4, steps=20, batch_size=16, lr=1e-3, ema=0.9, log_every=1, sample_every=10,
                  ckpt_every=10),
-    # 2-core CPU, under 10 min a stage: 4 x 4 random-ViT tokens of a 16 px image, encoded once (the ViT is the cost)
+    # 2-core CPU, under 10 min a stage: 4 x 4 random-ViT tokens of a 16 px image, encoded once (the ViT is the cost);
+    # the head is as wide as a token (384), the trunk is not (128): the paper's case for the wide head
     "cpu": dict(data="shapes:10000", image_size=16, encoder="random-vit-s@56", cache_latents=True, dec_dim=128,
-                dec_depth=4, dec_heads=4, perc_coeff=0.0, hidden=128, depth=4, heads=4, head_dim=256, head_depth=2,
-                head_heads=4, sample_steps=20, steps=1500, batch_size=64, lr=5e-4, warmup=100, ema=0.999,
+                dec_depth=4, dec_heads=4, perc_coeff=0.0, hidden=128, depth=4, heads=4, head_dim=384, head_depth=2,
+                head_heads=6, sample_steps=20, steps=1000, batch_size=64, lr=5e-4, warmup=100, ema=0.999,
                 sample_every=500, ckpt_every=500),
     # one GPU: CIFAR-10 32 px, DINOv2-B/14 with registers at 224 (16 x 16 x 768), DiT^DH-S
     "default": dict(),
 }
 STAGE1 = {  # the decoder's schedule, over the preset (train-decoder)
     "tiny": dict(),
-    "cpu": dict(steps=3000, lr=1e-3, ema=0.999, sample_every=1000, ckpt_every=1000),  # 5.7 min; perc_coeff 0
+    "cpu": dict(steps=3000, lr=1e-3, ema=0.999, sample_every=1000, ckpt_every=1000),  # 6.0 min; perc_coeff 0
     # in the preset: the perceptual term's backward through the ViT triples a step
     "default": dict(steps=50_000, batch_size=256, lr=2e-4, ema=0.999),
 }
@@ -293,8 +297,8 @@ class RAEDecoder(nn.Module):
 
     def forward(self, x, z, encoder=None):
         cfg, B = self.cfg, x.shape[0]
-        if self.training:  # noise augmentation, s = tau u per image
-            z = z + cfg.noise_tau * torch.rand(B, 1, 1, device=z.device) * torch.randn_like(z)
+        if self.training:  # noise augmentation, s = tau u per image, on z = sigma z~ + mu (the official code's space)
+            z = z + cfg.noise_tau * torch.rand(B, 1, 1, device=z.device) * torch.randn_like(z) / self.sigma
         x_hat = self.net(z).float()
         loss_l1 = (x_hat - x).abs().mean()
         self.last = dict(loss_l1=loss_l1.detach())
@@ -350,7 +354,8 @@ class RAE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------- sampler
 def sample_euler(v, x, steps, a):
-    """Euler on dx/dt = v(x, t) from t = 1 (noise) to 0 over the shifted grid shift(linspace(1, 0, steps + 1))."""
+    """Euler on dx/dt = v(x, t) from t = 1 (noise) to 0 over the shifted grid shift(linspace(1, 0, steps + 1)). (The
+    official grid, shift(1 - linspace(0, 0.999, steps)), stops at t = 0.007 after steps - 1 steps.)"""
     ts = time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), a).tolist()
     for i in range(steps):
         x = x + (ts[i + 1] - ts[i]) * v(x, ts[i])
@@ -366,6 +371,7 @@ class Latents:
         self.cfg, self.encoder, self.d = cfg, encoder, d
         self.images, self.labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
         self.cache = None
+        check_grid(cfg, self.shape()[0])
         if cfg.cache_latents:
             fn = lambda x, i: latent(encoder, x).flatten(1)
             self.cache = common.extract(fn, self.images, d.device, desc="encode the training set").cpu()
@@ -418,7 +424,6 @@ def train_decoder(args):
     encoder = common.load_encoder(cfg.encoder, d.device)
     data = Latents(cfg, encoder, d)
     n_tokens, c = data.shape()
-    check_grid(cfg, n_tokens)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = RAEDecoder(cfg, n_tokens, c).to(d.device)
     if ckpt is None:  # latent statistics, once
@@ -599,10 +604,9 @@ def eval_cmd(args):
                rfd_init=round(common.frechet_distance(*fd_net.stats(rec_init), *fd_net.stats(x)), 4))
     enc = lambda x, i: latent(encoder, x).mean(1)  # the latent, mean-pooled over tokens
     res.update(probe="the encoder's latent LN(E(x)), mean-pooled", **common.probes(
-        common.extract(enc, x_tr, d.device, desc="latent"), y_tr, common.extract(enc, x_te, d.device), y_te))
-    pix = lambda x, i: F.adaptive_avg_pool2d(x, 8).flatten(1)  # floor: the image itself, 8 x 8
-    res.update(common.probes(common.extract(pix, x_tr, d.device), y_tr, common.extract(pix, x_te, d.device), y_te,
-                             "_pixels"))
+        common.extract(enc, x_tr, d.device, desc="latent"), y_tr, common.extract(enc, x_te, d.device), y_te, "", data))
+    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)  # floor: the pixels
+    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
     common.write_eval(args.ckpt, res)
 
 

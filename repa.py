@@ -477,7 +477,7 @@ def eval_cmd(args):
                      f"mean-pooled")
     for suffix, m in (("", model), ("_init", init)):
         res.update(common.probes(sit_features(m, s_tr, cfg.probe_t, d.device), y_tr,
-                                 sit_features(m, s_te, cfg.probe_t, d.device), y_te, suffix))
+                                 sit_features(m, s_te, cfg.probe_t, d.device), y_te, suffix, data))
     enc = lambda x, i: encoder(x)[0]  # the frozen encoder's global token [B, D_enc]
     enc_probes = common.probes(common.extract(enc, x_tr, d.device, desc="encoder features"), y_tr,
                                common.extract(enc, x_te, d.device, desc="encoder features"), y_te)

@@ -466,11 +466,11 @@ def eval_cmd(args):
                guidance=cfg.guidance if args.guidance is None else args.guidance)
     for suffix, m in (("", model), ("_init", init)):
         f_tr, f_te = (common.extract(lambda v, i: m.encode(v), xs, d.device, desc="encode") for xs in (x_tr, x_te))
-        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
+        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix, data))
         l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||
         res[f"probe_linear{suffix}_l2"] = round(l2, 4)
     p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
-    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels"))
+    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
     common.write_eval(args.ckpt, res)
 
 

@@ -112,7 +112,7 @@ def test_r2_read_outs():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(3000, 4, generator=g)
     v = torch.stack([2 * f[:, 0] - f[:, 1], f[:, 2] ** 2 + f[:, 3] ** 2], 1)  # [N, 2]
-    lin = DL.r2_scores(f[:2000], v[:2000], f[2000:], v[2000:], ridge=1e-6)
+    lin = common.r2_scores(f[:2000], v[:2000], f[2000:], v[2000:], ridge=1e-6)
     mlp = DL.r2_mlp(f[:2000], v[:2000], f[2000:], v[2000:])
     assert lin[0] > 0.999 and lin[1] < 0.05
     assert mlp[0] > 0.95 and mlp[1] > 0.9
