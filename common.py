@@ -904,6 +904,22 @@ def number(kind, low=0, strict=True):
     return parse
 
 
+def npz_path(text):
+    """An argparse type: a path ending in .npz that is not a folder."""
+    if not text.endswith(".npz") or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} must name an .npz file")
+    return text
+
+
+def write_samples(path, x, grid=None):
+    """Samples [N,3,H,W] in [-1, 1] -> PATH.npz with arr_0 uint8 [N,H,W,3] (the ADM evaluation suite's input) and a PNG
+    grid beside it (default: the first 64)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, arr_0=to_uint8(x))
+    save_grid(x[:64] if grid is None else grid, path[:-4] + ".png")
+    print0(f"wrote {path}: {len(x)} images, uint8 [{len(x)},{x.shape[-2]},{x.shape[-1]},3]")
+
+
 def make_parser(doc, presets):
     """The command line every method file shares; each file adds its own flags to the returned subparsers."""
     p = Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -913,7 +929,7 @@ def make_parser(doc, presets):
     sa = sub.add_parser("sample", help="generate; writes an .npz (arr_0 uint8 [N,H,W,3]) and a PNG grid")
     sa.add_argument("--ckpt", required=True)
     sa.add_argument("--n", type=number(int), default=64, help="number of images")
-    sa.add_argument("--out", required=True, help="output .npz")
+    sa.add_argument("--out", required=True, type=npz_path, help="output .npz")
     ev = sub.add_parser("eval", help="measure; writes eval.json beside the checkpoint")
     ev.add_argument("--ckpt", required=True)
     ev.add_argument("--data", help="reference data (default: the run's)")

@@ -576,17 +576,12 @@ def generate(ae, gen, n, args, d):
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz") or os.path.isdir(args.out):
-        raise UsageError("--out must name an .npz file")
     d, ckpt, cfg, ae, gen = load_any(args)
     if gen is None:
         raise UsageError(f"{args.ckpt} is a stage-1 autoencoder: sample needs a train-gen checkpoint")
     x = generate(ae, gen, args.n, args, d)
     if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        np.savez(args.out, arr_0=common.to_uint8(x))
-        common.save_grid(x[:64], args.out[:-4] + ".png")
-        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
+        common.write_samples(args.out, x)
 
 
 def r2_mlp(f_tr, v_tr, f_te, v_te, hidden=256, steps=300, lr=3e-3, wd=1e-3):

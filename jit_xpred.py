@@ -26,7 +26,6 @@ README.md lists the measured GPU figures (img/s, FID) with their commands.
 import json, math, os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -453,15 +452,10 @@ def generate(model, cfg, n, args, d):
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz") or os.path.isdir(args.out):
-        raise UsageError("--out must name an .npz file")
     d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg))
     x = generate(model, cfg, args.n, args, d)
     if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        np.savez(args.out, arr_0=common.to_uint8(x))
-        common.save_grid(x[:64], args.out[:-4] + ".png")
-        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
+        common.write_samples(args.out, x)
 
 
 def features(model, images, t, depth, device):

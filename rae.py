@@ -48,7 +48,6 @@ v-loss 0.29, pixel FD 7.4, against 0.89 and 11.8 for the plain DiT of equal para
 import math, os
 from dataclasses import asdict, dataclass, field, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -556,17 +555,12 @@ def generate(decoder, model, n, args, d):
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz") or os.path.isdir(args.out):
-        raise UsageError("--out must name an .npz file")
     d, ckpt, dec_cfg, decoder, model = load_any(args)
     if model is None:
         raise UsageError(f"{args.ckpt} is a stage-1 decoder: sample needs a `train` (stage 2) checkpoint")
     x = generate(decoder, model, args.n, args, d)
     if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        np.savez(args.out, arr_0=common.to_uint8(x))
-        common.save_grid(x[:64], args.out[:-4] + ".png")
-        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{dec_cfg.image_size},{dec_cfg.image_size},3]")
+        common.write_samples(args.out, x)
 
 
 @torch.no_grad()

@@ -512,18 +512,13 @@ def generate(gen, rdm, n, args, d):
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz") or os.path.isdir(args.out):
-        raise UsageError("--out must name an .npz file")
     d = common.setup_dist(args.device)
     ckpt, gen, rdm = load_pair(args, d)
     if gen is None:
         raise UsageError(f"{args.ckpt} is an RDM: sample takes the generator's checkpoint and --rdm")
     x = generate(gen, rdm, args.n, args, d)
     if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        np.savez(args.out, arr_0=common.to_uint8(x))
-        common.save_grid(x[:64], args.out[:-4] + ".png")
-        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{gen.cfg.image_size},{gen.cfg.image_size},3]")
+        common.write_samples(args.out, x)
 
 
 def rep_fd(rdm, real, n, args, device):

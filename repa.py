@@ -408,8 +408,6 @@ def generate(model, cfg, n, args, d):
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz") or os.path.isdir(args.out):
-        raise UsageError("--out must name an .npz file")
     d, ckpt, cfg, model = common.load_run(args, Config, build)
     x = generate(model, cfg, args.n, args, d)
     if not d.master:
@@ -420,9 +418,7 @@ def sample_cmd(args):
         print0(f"wrote {args.out}: {args.n} latents [{args.n},{cfg.channels},{cfg.image_size},{cfg.image_size}] "
                f"(decode them with your VAE)")
     else:
-        np.savez(args.out, arr_0=common.to_uint8(x))
-        common.save_grid(x[:64], args.out[:-4] + ".png")
-        print0(f"wrote {args.out}: {args.n} images, uint8 [{args.n},{cfg.image_size},{cfg.image_size},3]")
+        common.write_samples(args.out, x)
 
 
 def sit_features(model, xs, t, device):

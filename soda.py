@@ -43,7 +43,6 @@ Expected: the probe on z beats the same encoder at initialisation. A ResNet-18 r
 import math, os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -428,18 +427,13 @@ def generate(model, src, args, d):
 
 
 def sample_cmd(args):
-    if not args.out.endswith(".npz") or os.path.isdir(args.out):
-        raise UsageError("--out must name an .npz file")
     d, ckpt, cfg, model = load(args)
     src = sources(args.data or cfg.data, cfg.image_size, args.n)
     x = generate(model, src, args, d)
     if d.master:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        np.savez(args.out, arr_0=common.to_uint8(x))
         k = min(32, args.n)
         pairs = torch.stack([common.to_float(src[:k]), x[:k].cpu()], 1).flatten(0, 1)  # [k,2,3,H,W] -> [2k,3,H,W]
-        common.save_grid(pairs, args.out[:-4] + ".png")  # source, generated view, source, ...
-        print0(f"wrote {args.out}: views of {args.n} test images generated from their z")
+        common.write_samples(args.out, x, grid=pairs)  # grid: source, generated view, source, ...
 
 
 def eval_cmd(args):
