@@ -1,10 +1,11 @@
 """What every repdiff method file needs, and nothing else (no method logic lives here).
 
-data: load_images() (cifar10 | mnist | shapes | image folder | .npz -> uint8 [N,3,H,W]), batch(), subset(), to_float(),
-to_uint8().  attention().  probing: linear_probe(), knn_accuracy(), probes().  FD: frechet_distance(), FDFeatures,
-fd_to_train().  frozen encoder: load_encoder().  runtime: setup_dist(), print0(), autocast(), Ema, gather().
-run bookkeeping (the part of a train loop that is not the method): start_run(), restore(), wrap(), flops_per_image(),
-Log, due(), save_run(), load_run(), write_eval().  command line: make_parser(), configure(), cli().
+data: load_images() (cifar10 | mnist | shapes | image folder | .npy folder | .npz -> uint8 [N,3,H,W], in memory or a
+memory-mapped ImageArray), load_latents(), batch(), subset(), to_float(), to_uint8().  attention().  probing:
+linear_probe(), knn_accuracy(), probes().  FD: frechet_distance(), FDFeatures, fd_to_train().  frozen encoder:
+load_encoder().  runtime: setup_dist(), print0(), autocast(), Ema, gather().  run bookkeeping (the part of a train
+loop that is not the method): start_run(), restore(), wrap(), flops_per_image(), Log, due(), save_run(), load_run(),
+write_eval().  command line: make_parser(), configure(), cli().
 """
 import argparse, collections, contextlib, dataclasses, functools, hashlib, json, math, os, re, sys, time
 from concurrent.futures import ThreadPoolExecutor
@@ -115,8 +116,8 @@ def _shapes(split, size, n_train=50_000):
     return np.stack([o[0] for o in out]), np.array([o[1] for o in out])
 
 
-def _resize(x, size):  # uint8 [N,3,h,w] -> uint8 [N,3,size,size] (bicubic, antialiased)
-    if x.shape[-1] == size and x.shape[-2] == size:
+def _resize(x, size):  # uint8 [N,3,h,w] -> uint8 [N,3,size,size] (bicubic, antialiased); size None: as it is
+    if size is None or (x.shape[-1] == size and x.shape[-2] == size):
         return x
     out = []
     for i in range(0, len(x), 1024):
@@ -136,12 +137,55 @@ def split_rows(n, split, seed=0):
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def _image_folder(root, split, size):
-    from PIL import Image
+class ImageArray:
+    """The rows of a memory-mapped .npy file, read from disk only when indexed: uint8 images [N,H,W,3] (or [N,H,W,1])
+    come out as uint8 tensors [B,3,size,size] (resized when the file's side is not `size`), float latents [N,C,h,w] as
+    float32 tensors. Index it as a tensor (an int, a slice, rows as a tensor or array); len() and .shape as a tensor's.
+    `rows`: the file rows this array shows (a split of a file), in order."""
+
+    def __init__(self, path, size=None, rows=None, what="images"):
+        try:
+            self.a = np.load(path, mmap_mode="r")  # a truncated file fails here (mmap length > file size)
+        except Exception as e:
+            raise UsageError(f"cannot memory-map {path} ({type(e).__name__}: {e})") from None
+        self.path, self.rows, self.is_images = path, rows, what == "images"
+        if self.is_images and (self.a.dtype != np.uint8 or self.a.ndim != 4 or self.a.shape[-1] not in (1, 3)):
+            raise UsageError(f"{path}: expected uint8 images [N,H,W,3], got {self.a.dtype} {list(self.a.shape)}")
+        if not self.is_images and (self.a.dtype.kind != "f" or self.a.ndim != 4):
+            raise UsageError(f"{path}: expected float latents [N,C,h,w], got {self.a.dtype} {list(self.a.shape)}")
+        self.size = size or self.a.shape[1]
+
+    def __len__(self):
+        return len(self.a) if self.rows is None else len(self.rows)
+
+    @property
+    def shape(self):
+        return torch.Size([len(self), 3, self.size, self.size] if self.is_images else [len(self), *self.a.shape[1:]])
+
+    def __getitem__(self, i):
+        one = isinstance(i, (int, np.integer)) or (torch.is_tensor(i) and i.ndim == 0)
+        if isinstance(i, slice):
+            i = np.arange(*i.indices(len(self)))
+        i = np.atleast_1d(np.asarray(i.cpu() if torch.is_tensor(i) else i, dtype=np.int64))
+        if len(i) and (i.min() < -len(self) or i.max() >= len(self)):
+            raise IndexError(f"a row index out of range for the {len(self)} rows of {self.path}")
+        i = i % max(len(self), 1)
+        x = self.a[i if self.rows is None else self.rows[i]]  # reads these rows only: [B,H,W,C] or [B,C,h,w]
+        if self.is_images:
+            x = x if x.shape[-1] == 3 else np.repeat(x, 3, -1)  # grey [B,H,W,1] -> [B,H,W,3]
+            x = torch.from_numpy(_resize(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), self.size))  # -> [B,3,H,W]
+        else:
+            x = torch.from_numpy(x.astype(np.float32))
+        return x[0] if one else x
+
+
+def _folder_listing(root, split):
+    """-> ([(path, class)], number of classes) of an image folder's split: class folders (ids from train/ alone) or
+    loose images; without train/ and test/, a seeded 90/10 split."""
     has_splits = os.path.isdir(os.path.join(root, "train"))
     listdir = lambda p: sorted(f for f in os.listdir(p) if not f.startswith("."))  # hidden files and folders ignored
     base = os.path.join(root, "train") if has_splits else root
-    classes = [c for c in listdir(base) if os.path.isdir(os.path.join(base, c))]  # class ids come from train/ alone
+    classes = [c for c in listdir(base) if os.path.isdir(os.path.join(base, c))]
     folder = os.path.join(root, split) if has_splits else root
     if not os.path.isdir(folder):
         raise UsageError(f"{root} has train/ but no {split}/")
@@ -158,20 +202,158 @@ def _image_folder(root, split, size):
         raise UsageError(f"no images found in {folder}")
     if not has_splits:  # one folder: a seeded 90/10 split, so the probe never tests on its own training images
         files = [files[i] for i in split_rows(len(files), split)]
+    return files, max(len(classes), 1)
 
-    def read(path):
+
+def _read_image(path, size):  # -> uint8 [size,size,3]: centre crop to a square, bicubic resize
+    from PIL import Image
+    try:
+        im = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise UsageError(f"cannot read image {path} ({type(e).__name__})") from None
+    s = min(im.size)
+    im = im.crop(((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2))
+    return np.asarray(im.resize((size, size), Image.BICUBIC) if s != size else im)
+
+
+class CacheOption(argparse.Action):
+    """--cache DIR: sets $REPDIFF_CACHE, the folder load_images decodes image folders into."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        os.environ["REPDIFF_CACHE"] = os.path.abspath(value)
+        setattr(namespace, self.dest, value)
+
+
+CACHE_HELP = "where image folders are decoded to, once (default: $REPDIFF_CACHE or ~/.cache/repdiff)"
+
+
+def cache_dir():
+    return os.environ.get("REPDIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repdiff")
+
+
+def _checksum(a):  # sha1 of 64 rows spread over a uint8 [N,...] array (and its shape): cheap, catches overwrites
+    rows = np.unique(np.linspace(0, len(a) - 1, 64).astype(np.int64)) if len(a) else []
+    return hashlib.sha1(str(a.shape).encode() + b"".join(a[int(r)].tobytes() for r in rows)).hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive lock on `path` (released when the process ends, even when killed): ranks take turns."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; one process per machine there
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            im = Image.open(path).convert("RGB")
-        except Exception as e:
-            raise UsageError(f"cannot read image {path} ({type(e).__name__})") from None
-        s = min(im.size)  # centre crop to a square, then resize
-        im = im.crop(((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2))
-        return np.asarray(im.resize((size, size), Image.BICUBIC) if s != size else im).transpose(2, 0, 1)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
-    with ThreadPoolExecutor(8) as ex:
-        x = np.stack(list(tqdm(ex.map(read, [f for f, _ in files]), total=len(files), desc=f"read {folder}",
-                               disable=len(files) < 5000)))
-    return x, np.array([c for _, c in files]), max(len(classes), 1)
+
+def _cached_folder(root, split, size):
+    """An image folder, decoded once (threads, a progress bar) into CACHE/<key>.npy, uint8 [N,size,size,3], key =
+    (folder, size, split); its .json, written last, holds the folder's fingerprint (names, sizes, mtimes) and a checksum
+    of sampled rows. Later starts memory-map it; a changed folder, a missing .json, a truncated or altered file are
+    rebuilt. -> (ImageArray, labels, classes)."""
+    files, k = _folder_listing(root, split)
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    stamp = hashlib.sha1()
+    for f, _ in files:
+        s = os.stat(f)
+        stamp.update(f"{f}|{s.st_size}|{s.st_mtime_ns}\n".encode())
+    key = hashlib.sha1(f"{os.path.abspath(root)}|{size}|{split}".encode()).hexdigest()[:16]
+    base = os.path.join(cache_dir(), f"images_{key}")
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        with _file_lock(base + ".lock"):
+            why = _cache_problem(base, stamp.hexdigest(), (len(files), size, size, 3))
+            if why:
+                print(f"image cache {base}.npy: {why}; decoding {root} ({split}) once", file=sys.stderr, flush=True)
+                _decode(files, size, base, dict(folder=os.path.abspath(root), split=split, size=size,
+                                                fingerprint=stamp.hexdigest()))
+    except OSError as e:
+        raise UsageError(f"cannot write the image cache in {cache_dir()} ({e.strerror}); name a writable folder with "
+                         f"--cache DIR or $REPDIFF_CACHE") from None
+    return ImageArray(base + ".npy", size), labels, k
+
+
+def _cache_problem(base, fingerprint, shape):
+    """-> None if CACHE/<key>.npy is whole and current, else why not."""
+    try:
+        with open(base + ".json") as f:
+            meta = json.load(f)
+        a = np.load(base + ".npy", mmap_mode="r")
+    except FileNotFoundError:
+        return "not built yet"
+    except Exception as e:
+        return f"unreadable ({type(e).__name__})"
+    if meta.get("fingerprint") != fingerprint:
+        return "the folder changed"
+    if a.shape != shape or a.dtype != np.uint8 or meta.get("checksum") != _checksum(a):
+        return "corrupt (shape or checksum)"
+    return None
+
+
+def _decode(files, size, base, meta):
+    tmp = f"{base}.{os.getpid()}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
+    with ThreadPoolExecutor(min(32, os.cpu_count() or 4)) as ex, tqdm(total=len(files), desc="decode") as bar:
+        for i in range(0, len(files), 4096):  # in chunks: memory stays one chunk, whatever the folder's size
+            chunk = [f for f, _ in files[i:i + 4096]]
+            out[i:i + len(chunk)] = np.stack(list(ex.map(functools.partial(_read_image, size=size), chunk)))
+            bar.update(len(chunk))
+    out.flush()
+    meta["checksum"] = _checksum(out)
+    del out
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(base + ".json")  # the old stamp goes first: a crash between the two replaces leaves no stale pair
+    os.replace(tmp, base + ".npy")
+    with open(base + ".json.tmp", "w") as f:
+        json.dump(meta, f)
+    os.replace(base + ".json.tmp", base + ".json")
+
+
+def _npy_folder(root, split, size):
+    """A folder of .npy files, memory-mapped: {split}_images.npy uint8 [N,H,W,3], optional {split}_labels.npy [N]
+    (integers); without test_images.npy the test split is a seeded tenth of train's rows (split_rows)."""
+    own = os.path.isfile(os.path.join(root, "test_images.npy"))  # else both splits are rows of train's file
+    name = split if own else "train"
+    x = ImageArray(os.path.join(root, f"{name}_images.npy"), size)
+    n = len(x.a)
+    x.rows = None if own else split_rows(n, split)
+    path = os.path.join(root, f"{name}_labels.npy")
+    try:
+        y = np.load(path, mmap_mode="r") if os.path.isfile(path) else np.zeros(n, np.int64)
+    except Exception as e:
+        raise UsageError(f"cannot read {path} ({type(e).__name__})") from None
+    if y.shape != (n,) or y.dtype.kind not in "iu" or (n and y.min() < 0):
+        raise UsageError(f"{path}: expected {n} non-negative integer labels, got {y.dtype} {list(y.shape)}")
+    k = int(y.max()) + 1 if n else 1  # classes counted over the whole file
+    y = np.array(y if x.rows is None else y[x.rows], np.int64)  # a copy in memory (N x 8 bytes)
+    return x, torch.from_numpy(y), k
+
+
+def load_latents(spec, split):
+    """Precomputed latents, the rows of load_images' `split`: SPEC/{split}_latents.npy (memory-mapped; train's rows
+    split_rows picks without a test file) or the `latents` of an .npz -> float [N,C,h,w] (ImageArray or tensor)."""
+    if os.path.isdir(spec):
+        own = os.path.isfile(os.path.join(spec, "test_images.npy"))
+        name = split if own else "train"
+        path = os.path.join(spec, f"{name}_latents.npy")
+        if not os.path.isfile(path):
+            raise UsageError(f"--latents: no {path} (float [N,C,h,w], one row per row of {name}_images.npy)")
+        z = ImageArray(path, what="latents")
+        z.rows = None if own else split_rows(len(z.a), split)
+        return z
+    if not (spec.endswith(".npz") and os.path.isfile(spec)):
+        raise UsageError("--latents needs --data DIR with train_latents.npy or FILE.npz with `latents`")
+    f = np.load(spec)
+    if "latents" not in f.files or f["latents"].ndim != 4:
+        raise UsageError(f"{spec}: expected `latents` [N,C,h,w]")
+    z = f["latents"]
+    return torch.from_numpy(z[split_rows(len(z), split)].astype(np.float32))
 
 
 def _npz(path, split):
@@ -190,8 +372,10 @@ def _npz(path, split):
 
 @functools.lru_cache(maxsize=4)
 def load_images(spec, split="train", size=32, root="./data"):
-    """-> (uint8 tensor [N,3,size,size], int64 labels [N], number of classes). The whole split is held in memory.
-    `shapes` has 50,000 train / 10,000 test images; `shapes:N` has N train / N/5 test."""
+    """-> (images [N,3,size,size] uint8, int64 labels [N], number of classes). In memory (a tensor): cifar10, mnist,
+    `shapes` (50,000 train / 10,000 test; `shapes:N`: N / N/5) and .npz files. Memory-mapped (an ImageArray, read
+    row by row as batches index it): an image folder, decoded once into the cache (--cache), and a folder of .npy
+    files (train_images.npy, ...; _npy_folder). size None: the files' own side (.npz, .npy)."""
     from torchvision import datasets
     if spec in ("cifar10", "mnist"):
         cls = datasets.CIFAR10 if spec == "cifar10" else datasets.MNIST
@@ -206,11 +390,13 @@ def load_images(spec, split="train", size=32, root="./data"):
         x, y = _shapes(split, size, int(spec[7:]) if ":" in spec else 50_000)
         k = len(SHAPE_CLASSES)
     elif os.path.isdir(spec):
-        x, y, k = _image_folder(spec, split, size)
+        npy = os.path.isfile(os.path.join(spec, "train_images.npy"))
+        return _npy_folder(spec, split, size) if npy else _cached_folder(spec, split, size)
     elif spec.endswith(".npz") and os.path.isfile(spec):
         x, y, k = _npz(spec, split)
     else:
-        raise UsageError(f"unknown --data {spec!r}: use cifar10, mnist, shapes, an image folder or an .npz file")
+        raise UsageError(f"unknown --data {spec!r}: use cifar10, mnist, shapes, an image folder, a folder of .npy "
+                         f"files or an .npz file")
     x = _resize(np.ascontiguousarray(x), size)
     return torch.from_numpy(x), torch.from_numpy(np.asarray(y, dtype=np.int64)), k
 
@@ -242,18 +428,23 @@ def gaussian_blur(x, sigma):
     return y.view(B, C, H, W)
 
 
-def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu"):
-    """Random batch for one optimiser step. The indices and flips depend only on (seed, step, rank), so a resumed run
-    draws exactly the batches an uninterrupted one would. -> x in [-1, 1] float [B,3,H,W], y [B].
-    A float `images` (precomputed latents [N,C,h,w]) is taken as it is; two calls with the same (seed, step, rank)
-    pick the same rows and flips, so latents and their images stay paired."""
+def batch_rows(n, batch_size, seed, step, rank=0):
+    """The rows and flips of one optimiser step's batch: a function of (seed, step, rank) alone, so a resumed run
+    draws exactly the batches an uninterrupted one would. -> (rows [B] of n, flip mask [B] bool)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step * 997 + rank)
-    idx = torch.randint(len(images), (batch_size,), generator=g)
+    idx = torch.randint(n, (batch_size,), generator=g)
+    return idx, torch.rand(batch_size, generator=g) < 0.5
+
+
+def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu"):
+    """Random batch for one optimiser step (batch_rows) -> x in [-1, 1] float [B,3,H,W], y [B]. `images`: a tensor or
+    an ImageArray (only the batch's rows are read). A float `images` (precomputed latents [N,C,h,w]) is taken as it
+    is; two calls with the same (seed, step, rank) pick the same rows and flips, so latents and images stay paired."""
+    idx, m = batch_rows(len(images), batch_size, seed, step, rank)
     x = images[idx].to(device, non_blocking=True)
     x = x if x.is_floating_point() else to_float(x)
     if flip:
-        m = (torch.rand(batch_size, generator=g) < 0.5).to(device)
-        x = torch.where(m[:, None, None, None], x.flip(3), x)
+        x = torch.where(m.to(device)[:, None, None, None], x.flip(3), x)
     return x, labels[idx].to(device)
 
 
@@ -315,6 +506,12 @@ def probes(f_tr, y_tr, f_te, y_te, suffix="", data=None):
     if data and data.startswith("shapes"):
         out[f"r2_stripes{suffix}"] = stripe_r2(f_tr, f_te, data)
     return out
+
+
+def pixel_probes(x_tr, y_tr, x_te, y_te, data, device):
+    """probes() of the raw pixels (uint8 images, flattened): the floor every eval.json reports as *_pixels."""
+    f = lambda x: x.flatten(1).float().to(device)
+    return probes(f(x_tr), y_tr, f(x_te), y_te, "_pixels", data)
 
 
 def r2_scores(f_tr, v_tr, f_te, v_te, ridge=1e-3):
@@ -416,8 +613,9 @@ class FDFeatures:
 
     def stats(self, images, bs=200):
         """images: uint8 or [-1, 1] float, [N,3,H,W] -> (mean, covariance) of their features, float64."""
-        f = torch.cat([self.features(x) for x in tqdm(images.split(bs), desc=f"FD features ({self.spec})",
-                                                      leave=False, disable=len(images) < 5000)]).cpu().numpy()
+        chunks = tqdm(range(0, len(images), bs), desc=f"FD features ({self.spec})", leave=False,
+                      disable=len(images) < 5000)  # by index: a tensor or an ImageArray (read chunk by chunk)
+        f = torch.cat([self.features(images[i:i + bs]) for i in chunks]).cpu().numpy()
         return f.mean(0), np.cov(f, rowvar=False)
 
 
@@ -933,6 +1131,7 @@ def make_parser(doc, presets):
     ev = sub.add_parser("eval", help="measure; writes eval.json beside the checkpoint")
     ev.add_argument("--ckpt", required=True)
     ev.add_argument("--data", help="reference data (default: the run's)")
+    ev.add_argument("--cache", action=CacheOption, help=CACHE_HELP)
     ev.add_argument("--n", type=number(int), default=10_000, help="samples for FD")
     ev.add_argument("--fd-model", default="pixels", help="pixels | inception (the standard FID) | inception:PATH")
     for s in (sa, ev):
@@ -945,7 +1144,9 @@ def make_parser(doc, presets):
 
 def train_flags(tr, presets):
     """The flags of `train` (and of a file's other training commands): -> the parser."""
-    tr.add_argument("--data", help="cifar10 | mnist | shapes[:N] | image folder | .npz (default: the preset's)")
+    tr.add_argument("--data", help="cifar10 | mnist | shapes[:N] | image folder | folder of .npy | .npz (default: "
+                                   "the preset's)")
+    tr.add_argument("--cache", action=CacheOption, help=CACHE_HELP)
     tr.add_argument("--preset", default="default", choices=list(presets), help="model size and schedule")
     tr.add_argument("--steps", type=number(int), help="total optimiser steps (default: the preset's)")
     tr.add_argument("--batch-size", type=number(int), help="global batch size (default: the preset's)")

@@ -436,6 +436,7 @@ def eval_cmd(args):
     for suffix, m in (("", model), ("_init", init)):
         res.update(common.probes(features(m, x_tr, t, d.device), y_tr, features(m, x_te, t, d.device), y_te, suffix,
                                  data))
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
 
 

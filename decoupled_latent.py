@@ -676,12 +676,14 @@ def eval_cmd(args):
     torch.manual_seed(cfg.seed)
     init = DecoupledAE(cfg, ae.align[-1].out_features if ae.align is not None else None).to(d.device).eval()
     parts_init = table(init, data, d.device)  # the same networks at initialisation: the floor
+    stripes = lambda row: round(float(np.mean([v for k, v in row["r2"].items() if "stripe" in k])), 4) \
+        if "r2" in row else None  # the mean R^2 of the stripe factors (common.stripe_r2's)
     res.update(probe="z_u (the understanding part of the latent)", probe_linear=parts["z_u"]["probe_linear"],
                probe_knn=parts["z_u"]["probe_knn"], probe_linear_init=parts_init["z_u"]["probe_linear"],
-               probe_knn_init=parts_init["z_u"]["probe_knn"], parts=parts, parts_init=parts_init,
-               r2_stripes=round(float(np.mean([v for k, v in parts["z_u"]["r2"].items() if "stripe" in k])), 4)
-               if "r2" in parts["z_u"] else None,
+               probe_knn_init=parts_init["z_u"]["probe_knn"], r2_stripes=stripes(parts["z_u"]),
+               r2_stripes_init=stripes(parts_init["z_u"]), parts=parts, parts_init=parts_init,
                **reconstruction(ae, data, d.device))
+    res.update(common.pixel_probes(*common.probe_data(data, cfg.image_size), data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
     for name, row in parts.items():
         stripe = {key: np.mean([v for k, v in row[key].items() if "stripe" in k]) for key in ("r2", "r2_mlp")

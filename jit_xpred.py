@@ -488,8 +488,7 @@ def eval_cmd(args):
     for suffix, m in (("", model), ("_init", init)):
         res.update(common.probes(features(m, x_tr, t, depth, d.device), y_tr,
                                  features(m, x_te, t, depth, d.device), y_te, suffix, data))
-    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
-    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
 
 

@@ -599,8 +599,7 @@ def eval_cmd(args):
     enc = lambda x, i: latent(encoder, x).mean(1)  # the latent, mean-pooled over tokens
     res.update(probe="the encoder's latent LN(E(x)), mean-pooled", **common.probes(
         common.extract(enc, x_tr, d.device, desc="latent"), y_tr, common.extract(enc, x_te, d.device), y_te, "", data))
-    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)  # floor: the pixels
-    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
 
 

@@ -362,23 +362,25 @@ def sample_ode(v, x, steps):
 
 # ---------------------------------------------------------------------------------------------------- train / main
 class Data:
-    """The training images (and their mirror images with flip_aug) with their representations, computed once.
-    batch(step, bs) -> (x [B, 3, H, W] in [-1, 1], r [B, D]): the same rows of both."""
+    """The training images with their representations, computed once (with flip_aug, also of the mirror images).
+    batch(step, bs) -> (x [B, 3, H, W] in [-1, 1], r [B, D]): the same rows, mirrored together."""
 
     def __init__(self, cfg, rep, d):
         self.cfg, self.d, self.reps = cfg, d, None
-        images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
-        if cfg.flip_aug:
-            images, labels = torch.cat([images, images.flip(3)]), torch.cat([labels, labels])
-        self.images, self.labels = images, labels
+        self.images, self.labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
         if rep is not None:  # (none for the --no-rep baseline)
-            self.reps = common.extract(lambda x, i: rep(x), images, d.device, desc="representations").cpu()
+            fn = lambda flip: lambda x, i: rep(x.flip(3) if flip else x)
+            self.reps = [common.extract(fn(flip), self.images, d.device, desc="representations").cpu()
+                         for flip in ((False, True) if cfg.flip_aug else (False,))]  # [N, D] each
 
     def batch(self, step, bs):  # -> (x [B, 3, H, W] in [-1, 1], r [B, D] or None): the same rows
-        args = (self.labels, bs, self.cfg.seed, step, self.d.rank)
-        x, _ = common.batch(self.images, *args, flip=False, device=self.d.device)
-        r = common.batch(self.reps, *args, flip=False, device=self.d.device)[0] if self.reps is not None else None
-        return x, r
+        n = len(self.images)
+        idx = common.batch_rows(n * (1 + self.cfg.flip_aug), bs, self.cfg.seed, step, self.d.rank)[0]  # 2N views
+        m, idx = idx >= n, idx % n  # rows n..2n-1: the mirror images of rows 0..n-1
+        x = common.to_float(self.images[idx])
+        x = torch.where(m[:, None, None, None], x.flip(3), x).to(self.d.device)
+        r = None if self.reps is None else torch.where(m[:, None], self.reps[-1][idx], self.reps[0][idx])
+        return x, None if r is None else r.to(self.d.device)
 
 
 def make_config(args, rdm=False):
@@ -404,7 +406,8 @@ def train_rdm(args):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"RDM {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {cfg.encoder}'s {rep.dim}-d "
-           f"representations of {len(data.reps)} images, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+           f"representations of {len(data.images)} images (x{len(data.reps)} views), step {step} -> {cfg.steps}, "
+           f"{d.world} x {d.device}")
     step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
     loss_of = lambda net, step: net(data.batch(step, bs)[1])  # fp32: the RDM is small, its targets exact
@@ -552,8 +555,7 @@ def eval_cmd(args):
     r_te = common.extract(lambda x, i: rep(x), x_te, d.device)
     res.update(probe=f"{cfg.encoder}'s global token{f', projected to {rep.dim}' if cfg.rep_dim else ''}, "
                      f"standardised", **common.probes(r_tr, y_tr, r_te, y_te, "", data))
-    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)  # floor: the pixels
-    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     if rdm is not None:
         torch.manual_seed(rdm.cfg.seed)
         init = RDM(rdm.cfg, rdm.dim).to(d.device).eval()  # train-rdm's initial weights: the floor

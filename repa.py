@@ -31,9 +31,10 @@ Commands (python repa.py {train,sample,eval} -h lists every flag):
                         python repa.py eval --ckpt runs/repa/ckpt.pt --fd-model inception   (and runs/sit; the FID)
     torchrun:           torchrun --nproc_per_node 8 repa.py train --data cifar10 --out runs/repa --compile
     any Config field:   --set align_depth=2 --set sampler=sde (train)
-    latents (as the paper, SD-VAE): python repa.py train --data in256.npz --latents --preset B --out runs/repa_b
-                        in256.npz: `latents` [N,4,32,32] (the VAE's mean x 0.18215), arr_0 the images [N,256,256,3]
-                        uint8, `labels`. sample then writes `latents`; decode them with the same VAE.
+    latents (as the paper, SD-VAE): python repa.py train --data in256/ --latents --preset B --out runs/repa_b
+                        in256/: train_latents.npy [N,4,32,32] (the VAE's mean x 0.18215), train_images.npy uint8
+                        [N,256,256,3], train_labels.npy, memory-mapped (README: Data); or one .npz with `latents`,
+                        arr_0, `labels`. sample then writes `latents`; decode them with the same VAE.
 On a CPU (--preset cpu, measured on a shared 2-core machine, 1 thread): 1000 steps at ~0.45 s/step, 7.7 min (the plain
 SiT 3.7 min; the frozen ViT's forward is most of a step). Offline there is no DINOv2, so the target is random-vit-s@28,
 whose 2x2 tokens are interpolated to the 4x4 SiT grid. It shows the mechanism: the alignment term reaches cos 0.82 in
@@ -308,20 +309,16 @@ def sample_sde(v, x, steps, generator=None):
 # ---------------------------------------------------------------------------------------------------- train / main
 def load_data(cfg, split):
     """-> (what the SiT models, the images the encoder reads, labels); fills in cfg.num_classes. In pixel space both
-    are the uint8 images. With --latents, the SiT models the float `latents` [N,C,h,w] of the --data .npz (the paper
-    precomputes SD-VAE latents x 0.18215) and the encoder reads the same file's images (arr_0, [N,H,W,3] uint8)."""
+    are the uint8 images. With --latents, the SiT models the float latents [N,C,h,w] the paper precomputes (SD-VAE's
+    mean x 0.18215): --data DIR with train_latents.npy beside train_images.npy (memory-mapped), or an .npz with
+    `latents`; the encoder reads the same rows' images at their own size (common.load_latents)."""
     if not cfg.latents:
         images, labels, cfg.num_classes = common.load_images(cfg.data, split, cfg.image_size)
         return images, images, labels
-    if not (cfg.data.endswith(".npz") and os.path.isfile(cfg.data)):
-        raise UsageError("--latents needs --data FILE.npz with `latents` [N,C,h,w] and the images in arr_0")
-    f = np.load(cfg.data)
-    latents, shape = (f["latents"], f["arr_0"].shape) if {"latents", "arr_0"} <= set(f.files) else (None, None)
-    if latents is None or latents.ndim != 4 or len(latents) != shape[0]:
-        raise UsageError(f"{cfg.data}: expected `latents` [N,C,h,w] beside N images in arr_0")
-    latents = torch.from_numpy(latents.astype(np.float32))
-    images, labels, cfg.num_classes = common.load_images(cfg.data, split, shape[1])
-    latents = latents[common.split_rows(len(latents), split)]  # the rows of load_images' split
+    latents = common.load_latents(cfg.data, split)
+    images, labels, cfg.num_classes = common.load_images(cfg.data, split, None)
+    if len(latents) != len(images):
+        raise UsageError(f"{cfg.data}: {len(latents)} latents for {len(images)} images")
     cfg.channels, cfg.image_size = latents.shape[1], latents.shape[-1]
     if cfg.image_size % cfg.patch:
         raise UsageError(f"latent size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
@@ -478,6 +475,7 @@ def eval_cmd(args):
     enc_probes = common.probes(common.extract(enc, x_tr, d.device, desc="encoder features"), y_tr,
                                common.extract(enc, x_te, d.device, desc="encoder features"), y_te)
     res.update(encoder=enc_spec, **{f"encoder_{k}": v for k, v in enc_probes.items()})
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
 
 

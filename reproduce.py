@@ -4,6 +4,7 @@
     python reproduce.py gpu --out runs/repro_gpu    # one GPU: each file's CIFAR-10 quick reproduction (see README)
     python reproduce.py tiny --out DIR              # every command at --preset tiny, seconds each: the runner itself
     python reproduce.py bench [--compile]           # img/s, MFU, peak memory of JiT-B/2 and SiT-B/2 + REPA steps
+    python reproduce.py bench-data --root DIR       # start time, memory and batch() rate of a 1M-image folder
     --only jit_xpred.py,rae.py runs some rows; a finished row (its result file exists) is not run again.
 
 It only calls the method files' own commands (each printed before it runs) and reads what they write: DIR/results.json
@@ -41,8 +42,9 @@ def plan(machine, out):
         s = ["--steps", str(steps[key])] if steps[key] else []
         return [file, cmd, *preset, *s, *extra, "--out", d(name)]
 
-    def rep(res):  # the figures every row reports
-        return {k: res.get(k) for k in ("fd", "probe_linear", "probe_knn", "probe_linear_init", "r2_stripes")}
+    def rep(res):  # the figures every row reports, with the floors: the network at initialisation, the raw pixels
+        return {k + s: res.get(k + s) for k in ("probe_linear", "probe_knn", "r2_stripes")
+                for s in ("", "_init", "_pixels")} | {"fd": res.get("fd")}
 
     toy_steps = ["--toy-steps", "50"] if tiny else []
     # offline GPU: soda.py's encoder, trained first in the same run, is the frozen encoder of repa, rae and rcg
@@ -106,6 +108,20 @@ def plan(machine, out):
     return rows
 
 
+def commit():  # -> the checkout's commit (with "+changes" when the tree differs from it), or None outside git
+    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+    head = run("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if run("status", "--porcelain", "--untracked-files=no").stdout else "")
+
+
+def figures(row):
+    """-> the row's figures, read from the result file its commands wrote, and whether its claim held."""
+    f = row["read"](json.load(open(row["result"])))
+    return {**f, "held": row["held"](f) if row["held"] else None}
+
+
 def run_row(row, log):
     t0 = time.time()
     for argv in row["runs"]:
@@ -119,14 +135,20 @@ def run_row(row, log):
 
 
 def table(rows):
-    """The README's table (markdown) from results.json's rows."""
-    fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| method | minutes | FD | probe linear | probe kNN | R^2 stripes | claim | held |",
+    """The README's table (markdown) from results.json's rows: each probe beside its floor at initialisation, and a
+    last row with the raw pixels' (of the first row that has them)."""
+    fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+    pair = lambda r, k: fmt(r.get(k)) + (f" ({fmt(r[k + '_init'])})" if r.get(k + "_init") is not None else "")
+    cols = ("probe_linear", "probe_knn", "r2_stripes")
+    lines = ["| method | minutes | FD | probe linear (init) | probe kNN (init) | R^2 stripes (init) | claim | held |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
         held = {True: "yes", False: "**no**", None: ""}[r.get("held")]
-        lines.append(f"| {r['method']} | {fmt(r['minutes'])} | {fmt(r.get('fd'))} | {fmt(r.get('probe_linear'))} | "
-                     f"{fmt(r.get('probe_knn'))} | {fmt(r.get('r2_stripes'))} | {r['claim'] or ''} | {held} |")
+        lines.append(f"| {r['method']} | {fmt(r['minutes'])} | {fmt(r.get('fd'))} | "
+                     f"{' | '.join(pair(r, k) for k in cols)} | {r['claim'] or ''} | {held} |")
+    px = next((r for r in rows if r.get("probe_linear_pixels") is not None), None)
+    if px:
+        lines.append(f"| raw pixels (floor) | | | {' | '.join(fmt(px[k + '_pixels']) for k in cols)} | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -172,6 +194,90 @@ def bench(args):
                               peak_mem_gib=round(mem, 2) if mem else None)), flush=True)
 
 
+def bench_data(args):
+    """For synthetic image folders (N images x side, JPEG, 1,000 classes), written once under --root: the first start
+    of common.load_images (decoding into the cache), a later start (memory-mapping it), the process's resident memory
+    (anonymous: what the loader holds; file: page cache of the map, reclaimable), and at batch 256 the rate of reading
+    a batch's rows (the host's part of a step) and of common.batch() on the device (on a CPU it also converts to float
+    and flips there), each start in a fresh process. Against it: the step rate of the default presets of jit_xpred.py and
+    repa.py on one H100 were every FLOP at its bf16 peak (989 TFLOP/s), a bound no run reaches."""
+    import numpy as np, torch
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    from tqdm import tqdm
+    import common, jit_xpred, repa
+    for n, size in args.sets:
+        folder = os.path.join(args.root, f"synthetic_{n}x{size}")
+        if not os.path.isdir(folder):
+            def write(i):  # smooth colour fields with noise: JPEG sizes near natural images'
+                rng = np.random.default_rng(i)
+                im = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), 3)
+                d = os.path.join(folder + ".tmp", "train", f"c{i % 1000:03d}")
+                im.save(os.path.join(d, f"{i:07d}.jpg"), quality=90)
+            for c in range(1000):
+                os.makedirs(os.path.join(folder + ".tmp", "train", f"c{c:03d}"), exist_ok=True)
+            with ThreadPoolExecutor(8) as ex:
+                list(tqdm(ex.map(write, range(n), chunksize=256), total=n, desc=f"write {n} x {size}px JPEGs"))
+            os.replace(folder + ".tmp", folder)
+        cache = os.path.join(args.root, f"cache_{n}x{size}")
+        for f in (os.listdir(cache) if os.path.isdir(cache) else []):
+            os.remove(os.path.join(cache, f))  # the first start decodes
+        for start in ("first", "later"):
+            child = f"import reproduce; reproduce._bench_data_child({folder!r}, {size}, {args.batches})"
+            r = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True,
+                               env=dict(os.environ, REPDIFF_CACHE=cache))
+            if r.returncode:
+                print(r.stderr[-2000:], file=sys.stderr)
+                sys.exit(1)
+            print(json.dumps(dict(images=n, side=size, start=start, **json.loads(r.stdout.splitlines()[-1]))),
+                  flush=True)
+    for name, mod, enc in (("jit_xpred.py", jit_xpred, None), ("repa.py", repa, "random-vit-b")):
+        cfg = mod.Config()
+        torch.manual_seed(0)
+        e = common.load_encoder(enc, torch.device("cpu")) if enc else None
+        model = mod.REPA(cfg, e.dim) if e else mod.JiT(cfg)
+        x, y = torch.rand(4, 3, cfg.image_size, cfg.image_size) * 2 - 1, torch.randint(0, 10, (4,))
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as fc:
+            (model(x, y, e(x)[1]) if e else model(x, y)).backward()
+        step = fc.get_total_flops() / 4 * cfg.batch_size
+        print(json.dumps(dict(preset=f"{name} default", batch=cfg.batch_size, tflop_per_step=round(step / 1e12, 3),
+                              h100_steps_per_s_at_peak=round(989e12 / step, 1))), flush=True)
+
+
+def sizes(text):
+    """An argparse type: comma-separated NxSIDE -> [(N, SIDE)]."""
+    try:
+        out = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(len(o) != 2 or min(o) < 1 for o in out):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NxSIDE[,NxSIDE...]")
+    return out
+
+
+def _bench_data_child(folder, size, batches):
+    import torch
+    import common
+    t0 = time.time()
+    x, y, _ = common.load_images(folder, "train", size)
+    start = time.time() - t0
+    mem = {k: int(v.split()[0]) / 2 ** 20 for k, v in (line.split(":") for line in open("/proc/self/status"))
+           if k in ("RssAnon", "RssFile")}  # GiB
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rate = {}
+    for name, fn in (("read", lambda s: x[common.batch_rows(len(x), 256, 0, s)[0]]),  # the rows: the host's part
+                     ("batch", lambda s: common.batch(x, y, 256, 0, s, device=device))):  # + to_float, flips
+        t0 = time.time()
+        for step in range(batches):
+            fn(step + (batches if name == "batch" else 0))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rate[name] = batches / (time.time() - t0)
+    print(json.dumps(dict(start_s=round(start, 2), rss_anon_gib=round(mem["RssAnon"], 3),
+                          rss_file_gib=round(mem["RssFile"], 3), read_batches_per_s=round(rate["read"], 1),
+                          batch_device=device, batch_per_s=round(rate["batch"], 1))))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="machine", required=True)
@@ -185,9 +291,15 @@ def main(argv=None):
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--device", default="auto")
     b.add_argument("--compile", action="store_true")
+    bd = sub.add_parser("bench-data", help="start time, memory and batch() rate of large image folders")
+    bd.add_argument("--root", required=True, help="folder for the synthetic image folders and their cache")
+    bd.add_argument("--sets", default="1000000x32,100000x256", type=sizes, help="comma-separated NxSIDE")
+    bd.add_argument("--batches", type=int, default=200, help="batch() calls timed")
     args = p.parse_args(argv)
     if args.machine == "bench":
         return bench(args)
+    if args.machine == "bench-data":
+        return bench_data(args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"error: --out {args.out} is a file", file=sys.stderr)
         sys.exit(2)
@@ -204,18 +316,21 @@ def main(argv=None):
     done = {r["method"]: r for r in json.load(open(path))["rows"]} if os.path.isfile(path) else {}
     with open(os.path.join(args.out, "log.txt"), "a") as log:
         for row in rows:
-            if row["method"] in done and "error" not in done[row["method"]] and os.path.isfile(row["result"]):
-                continue  # finished in an earlier call
+            old = done.get(row["method"])
+            if old and "error" not in old and os.path.isfile(row["result"]):  # finished in an earlier call: read again
+                done[row["method"]] = {**old, "claim": row["claim"], "paper": row["paper"], **figures(row)}
+                continue
             err, minutes = run_row(row, log)
-            out = dict(method=row["method"], command=" && ".join("python " + " ".join(a) for a in row["runs"]),
+            command = " && ".join("python " + " ".join(a) for a in row["runs"]).replace(ROOT + os.sep, "")
+            out = dict(method=row["method"], command=command,
                        minutes=round(minutes, 2), claim=row["claim"], paper=row["paper"], **err)
-            if not err:
-                figures = row["read"](json.load(open(row["result"])))
-                out.update(figures, held=row["held"](figures) if row["held"] else None)
-            done[row["method"]] = out
+            done[row["method"]] = out if err else {**out, **figures(row)}
+            print(json.dumps(done[row["method"]]), flush=True)
             with open(path, "w") as f:  # after every row: a stopped run keeps what it finished
                 json.dump(dict(machine=args.machine, rows=list(done.values())), f, indent=1)
-            print(json.dumps(out), flush=True)
+    with open(path, "w") as f:
+        json.dump(dict(machine=args.machine, commit=commit(), cpus=os.cpu_count(), rows=list(done.values())), f,
+                  indent=1)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table(list(done.values())))
     print(table(list(done.values())))

@@ -463,8 +463,7 @@ def eval_cmd(args):
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix, data))
         l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||
         res[f"probe_linear{suffix}_l2"] = round(l2, 4)
-    p_tr, p_te = x_tr.flatten(1).float().to(d.device), x_te.flatten(1).float().to(d.device)
-    res.update(common.probes(p_tr, y_tr, p_te, y_te, "_pixels", data))
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
 
 
@@ -485,6 +484,7 @@ def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     sa, ev = sub.choices["sample"], sub.choices["eval"]
     sa.add_argument("--data", help="source images: their test split (default: the run's)")
+    sa.add_argument("--cache", action=common.CacheOption, help=common.CACHE_HELP)
     for s in (sa, ev):
         s.add_argument("--sample-steps", type=common.number(int), help="DDIM steps (default: the run's, 100)")
         s.add_argument("--guidance", type=common.number(float, 0, strict=False),

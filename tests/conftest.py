@@ -6,6 +6,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TORCH_HOME", os.path.join(ROOT, ".pytest_cache", "torch_home"))  # FD statistics, downloads
+os.environ.setdefault("REPDIFF_CACHE", os.path.join(ROOT, ".pytest_cache", "repdiff_cache"))  # decoded folders
 torch.set_num_threads(2)
 
 

@@ -118,6 +118,22 @@ def test_batch_size_one():
     assert rep(torch.rand(1, 3, 16, 16) * 2 - 1).shape == (1, 384)
 
 
+def test_data_pairs_each_image_with_its_own_representation():
+    """flip_aug: a mirrored image comes with the representation of the mirror image (computed once, not re-flipped)."""
+    d = common.setup_dist("cpu")
+    rep = lambda x: x[:, 0].flatten(1)  # the red channel: it turns around when the image is mirrored
+    data = R.Data(tiny_cfg(data="shapes:200"), rep, d)
+    assert len(data.reps) == 2
+    mirrored = 0
+    for step in range(3):
+        x, r = data.batch(step, 64)
+        assert torch.equal(r, x[:, 0].flatten(1))
+        mirrored += (~(r[:, None] == data.reps[0][None]).all(-1).any(-1)).sum().item()  # not a row as stored
+    assert 40 < mirrored < 150  # about half of 192
+    x, r = R.Data(tiny_cfg(data="shapes:200", flip_aug=False), rep, d).batch(0, 64)
+    assert torch.equal(r, x[:, 0].flatten(1))
+
+
 def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path):
     a, b = tmp_path / "rdm_a", tmp_path / "rdm_b"
     assert cli(R, ["train-rdm", *TINY, "--steps", 10, "--out", a]) == 0
