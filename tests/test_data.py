@@ -143,3 +143,15 @@ def test_train_on_a_cached_folder_and_the_cache_flag(cli, tmp_path, capsys):
     common.load_images.cache_clear()
     assert cli(J, [*argv, "--cache", blocked / "sub", "--out", tmp_path / "run2"]) == 2
     assert "--cache" in capsys.readouterr().err and not (tmp_path / "run2" / "ckpt.pt").exists()
+
+
+def test_two_ranks_share_one_decode(torchrun, tmp_path):
+    """torchrun, 2 CPU processes on one folder with no cache yet: the lock lets one rank decode; the other finds the
+    finished file (one "decoding" line, one cache file), and both train on it."""
+    write_folder(tmp_path / "f", size=16)
+    argv = ["train", "--preset", "tiny", "--device", "cpu", "--data", tmp_path / "f", "--image-size", 16, "--steps", 2,
+            "--cache", tmp_path / "c", "--out", tmp_path / "run"]
+    r = torchrun("jit_xpred.py", argv, 29541)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stderr.count("decoding") == 1 and len([f for f in os.listdir(tmp_path / "c") if f.endswith(".npy")]) == 1
+    assert (tmp_path / "run" / "ckpt.pt").exists()
