@@ -299,13 +299,18 @@ def _cache_problem(base, fingerprint, shape):
 def _decode(files, size, base, meta):
     tmp = f"{base}.{os.getpid()}.tmp.npy"
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), size, size, 3))
-    with ThreadPoolExecutor(min(32, os.cpu_count() or 4)) as ex, tqdm(total=len(files), desc="decode") as bar:
-        for i in range(0, len(files), 4096):  # in chunks: memory stays one chunk, whatever the folder's size
-            chunk = [f for f, _ in files[i:i + 4096]]
-            out[i:i + len(chunk)] = np.stack(list(ex.map(functools.partial(_read_image, size=size), chunk)))
-            bar.update(len(chunk))
-    out.flush()
-    meta["checksum"] = _checksum(out)
+    try:
+        with ThreadPoolExecutor(min(32, os.cpu_count() or 4)) as ex, tqdm(total=len(files), desc="decode") as bar:
+            for i in range(0, len(files), 4096):  # in chunks: memory stays one chunk, whatever the folder's size
+                chunk = [f for f, _ in files[i:i + 4096]]
+                out[i:i + len(chunk)] = np.stack(list(ex.map(functools.partial(_read_image, size=size), chunk)))
+                bar.update(len(chunk))
+        out.flush()
+        meta["checksum"] = _checksum(out)
+    except BaseException:  # an unreadable image, a full disk, Ctrl-C: no half-written file stays in the cache
+        del out
+        os.remove(tmp)
+        raise
     del out
     with contextlib.suppress(FileNotFoundError):
         os.remove(base + ".json")  # the old stamp goes first: a crash between the two replaces leaves no stale pair

@@ -90,6 +90,14 @@ def test_a_damaged_cache_is_rebuilt_never_read(tmp_path, decodes, damage, capsys
     assert "decoding" in capsys.readouterr().err
 
 
+def test_an_unreadable_image_names_itself_and_leaves_no_partial_cache(tmp_path):
+    write_folder(tmp_path / "f")
+    (tmp_path / "f" / "train" / "a" / "zz.png").write_bytes(b"not a png")
+    with pytest.raises(common.UsageError, match="zz.png"):
+        load(tmp_path / "f")
+    assert not [f for f in os.listdir(os.environ["REPDIFF_CACHE"]) if f.endswith(".npy")]
+
+
 def test_npy_folder_batches_equal_in_memory_batches(tmp_path):
     rng = np.random.default_rng(0)
     imgs, labels = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8), rng.integers(0, 5, 50)
