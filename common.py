@@ -320,14 +320,21 @@ def _decode(files, size, base, meta):
     os.replace(base + ".json.tmp", base + ".json")
 
 
+def _npy_split(root, split):
+    """-> (the file prefix of `split` in a folder of .npy files, None or n -> its rows): with test_images.npy each split
+    is its own files; without, both are split_rows of train's."""
+    if os.path.isfile(os.path.join(root, "test_images.npy")):
+        return split, None
+    return "train", lambda n: split_rows(n, split)
+
+
 def _npy_folder(root, split, size):
     """A folder of .npy files, memory-mapped: {split}_images.npy uint8 [N,H,W,3], optional {split}_labels.npy [N]
     (integers); without test_images.npy the test split is a seeded tenth of train's rows (split_rows)."""
-    own = os.path.isfile(os.path.join(root, "test_images.npy"))  # else both splits are rows of train's file
-    name = split if own else "train"
+    name, rows = _npy_split(root, split)
     x = ImageArray(os.path.join(root, f"{name}_images.npy"), size)
     n = len(x.a)
-    x.rows = None if own else split_rows(n, split)
+    x.rows = None if rows is None else rows(n)
     path = os.path.join(root, f"{name}_labels.npy")
     try:
         y = np.load(path, mmap_mode="r") if os.path.isfile(path) else np.zeros(n, np.int64)
@@ -344,13 +351,12 @@ def load_latents(spec, split):
     """Precomputed latents, the rows of load_images' `split`: SPEC/{split}_latents.npy (memory-mapped; train's rows
     split_rows picks without a test file) or the `latents` of an .npz -> float [N,C,h,w] (ImageArray or tensor)."""
     if os.path.isdir(spec):
-        own = os.path.isfile(os.path.join(spec, "test_images.npy"))
-        name = split if own else "train"
+        name, rows = _npy_split(spec, split)
         path = os.path.join(spec, f"{name}_latents.npy")
         if not os.path.isfile(path):
             raise UsageError(f"--latents: no {path} (float [N,C,h,w], one row per row of {name}_images.npy)")
         z = ImageArray(path, what="latents")
-        z.rows = None if own else split_rows(len(z.a), split)
+        z.rows = None if rows is None else rows(len(z.a))
         return z
     if not (spec.endswith(".npz") and os.path.isfile(spec)):
         raise UsageError("--latents needs --data DIR with train_latents.npy or FILE.npz with `latents`")
