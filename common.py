@@ -391,7 +391,9 @@ def load_images(spec, split="train", size=32, root="./data"):
     if spec in ("cifar10", "mnist"):
         cls = datasets.CIFAR10 if spec == "cifar10" else datasets.MNIST
         try:
-            ds = cls(root, train=split == "train", download=True)
+            os.makedirs(root, exist_ok=True)
+            with _file_lock(os.path.join(root, f".{spec}.lock")):  # processes take turns: one downloads, the rest find it
+                ds = cls(root, train=split == "train", download=True)
         except Exception as e:  # offline: torchvision raises URLError / RuntimeError
             raise UsageError(f"cannot get {spec} into {root} ({type(e).__name__}); use --data shapes, "
                              f"an image folder (train/<class>/*.png) or an .npz of uint8 images") from None
@@ -426,11 +428,17 @@ def to_uint8(x):  # [-1, 1] [B,3,H,W] -> uint8 [B,H,W,3] numpy (the ADM evaluati
     return (x.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def gaussian_blur(x, sigma):
-    """Per-image Gaussian blur (sigma [B] in pixels, or a float), separable, reflect padding. x [B,C,H,W]."""
+def gaussian_blur(x, sigma, sigma_max=None):
+    """Per-image Gaussian blur, separable, reflect padding. x [B,C,H,W]; sigma: a float, or [B] in pixels with
+    sigma_max (a float) their upper bound, which sets the kernel's radius without reading the tensor (no GPU sync, no
+    graph break or recompile under torch.compile)."""
     B, C, H, W = x.shape
+    if sigma_max is None:
+        if torch.is_tensor(sigma):
+            raise ValueError("gaussian_blur: a tensor of sigmas needs sigma_max")
+        sigma_max = sigma
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(B).clamp_min(1e-3)
-    r = max(1, min(H // 2 - 1, int(math.ceil(3 * float(sigma.max())))))
+    r = max(1, min(H // 2 - 1, math.ceil(3 * sigma_max)))
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B*C, 2r+1]
     y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
@@ -462,9 +470,11 @@ def batch(images, labels, batch_size, seed, step, rank=0, flip=True, device="cpu
 # ------------------------------------------------------------------------------------------------------ attention
 def attention(q, k, v, fp32=False):
     """q, k, v: [B, heads, N, head_dim] -> [B, heads, N, head_dim]. Fused (flash / memory-efficient) where available;
-    fp32=True computes it in float32 (JiT's official code does, after loss spikes with bf16 attention)."""
+    fp32=True computes it in float32 even inside bf16 autocast (which would cast q, k, v back to bf16) and returns
+    float32 (JiT's official code computes attention in fp32, after loss spikes with bf16 attention)."""
     if fp32:
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     return F.scaled_dot_product_attention(q, k, v)
 
 
@@ -579,12 +589,15 @@ def hub_file(url, what):
     """A file from torch.hub's cache (checkpoints/), downloaded once with a progress bar; offline, a UsageError that
     names the URL and the path to put it at."""
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.isfile(path):
+    if os.path.isfile(path):
+        return path
+    try:
         os.makedirs(os.path.dirname(path), exist_ok=True)  # a fresh machine has no checkpoints/ folder yet
-        try:
-            torch.hub.download_url_to_file(url, path, progress=True)
-        except Exception as e:
-            raise UsageError(f"cannot download {what} ({type(e).__name__}); put {url} at {path}") from None
+        with _file_lock(path + ".lock"):  # processes take turns: one downloads, the others find the file
+            if not os.path.isfile(path):
+                torch.hub.download_url_to_file(url, path, progress=True)
+    except Exception as e:
+        raise UsageError(f"cannot download {what} ({type(e).__name__}); put {url} at {path}") from None
     return path
 
 
@@ -877,9 +890,25 @@ def print0(*a, **k):
 
 
 def autocast(device, enabled=True):
-    """bf16 autocast on CUDA (where the method tolerates it: enabled), nothing elsewhere."""
-    on = enabled and device.type == "cuda"
-    return torch.autocast("cuda", torch.bfloat16) if on else contextlib.nullcontext()
+    """The precision of a region, set in one place. enabled (where the method tolerates bf16): bf16 autocast on CUDA,
+    and on a CPU when $REPDIFF_CPU_BF16=1 (how the tests run the GPU's path); else plain fp32 there.
+    enabled=False (where a file promises fp32): autocast off and TF32 off inside, on every device (setup_dist turns
+    TF32 on for everything else on a GPU)."""
+    if not enabled:
+        return _true_fp32(device)
+    on = device.type == "cuda" or os.environ.get("REPDIFF_CPU_BF16") == "1"
+    return torch.autocast(device.type, torch.bfloat16) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _true_fp32(device):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 class Ema:

@@ -225,7 +225,7 @@ def views(x, cfg):
     gray = v.mean(1, keepdim=True)
     v = torch.where(torch.rand(B, 1, 1, 1, device=dev) < 0.2, gray.expand_as(v), (v - gray) * f() + gray)  # saturation
     v = torch.gather(v, 1, torch.rand(B, 3, device=dev).argsort(1)[:, :, None, None].expand_as(v))  # channel shuffle
-    v = common.gaussian_blur(v, torch.empty(B, device=dev).uniform_(*cfg.blur))
+    v = common.gaussian_blur(v, torch.empty(B, device=dev).uniform_(*cfg.blur), cfg.blur[1])
     return v.clamp(0, 1) * 2 - 1
 
 
@@ -258,7 +258,8 @@ class DecoupledAE(nn.Module):
         self.head_sd = nn.Linear(D, self.c_s + self.c_d)
         self.decoder = Decoder(cfg)
         sem_dim = c_u if cfg.decouple else c_u + c_s + c_d  # what L_sem acts on
-        self.predictor = mlp(sem_dim, 4 * sem_dim, sem_dim)  # SimSiam's p
+        # one of the two semantic heads (DDP needs every parameter to get a gradient):
+        self.predictor = None if enc_dim else mlp(sem_dim, 4 * sem_dim, sem_dim)  # SimSiam's p
         self.align = mlp(sem_dim, 4 * sem_dim, enc_dim) if enc_dim else None  # g: z_u -> the frozen encoder's space
         self.register_buffer("mean", torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -666,12 +667,12 @@ def eval_cmd(args):
     data = args.data or cfg.data
     res = dict(step=ckpt["step"], data=data, decouple=cfg.decouple, split=cfg.split, fd=None, fd_model=args.fd_model,
                n_samples=0)
-    if gen is not None:
-        fd_net = common.FDFeatures(args.fd_model, d.device)
-        x = generate(ae, gen, args.n, args, d)
-        res.update(fd=common.fd_to_train(fd_net, x, data, cfg.image_size), n_samples=args.n)
+    x = generate(ae, gen, args.n, args, d) if gen is not None else None  # every rank samples its share
     if not d.master:
         return
+    if x is not None:  # FD on rank 0 alone: one Inception pass, one writer of the statistics cache
+        fd_net = common.FDFeatures(args.fd_model, d.device)
+        res.update(fd=common.fd_to_train(fd_net, x, data, cfg.image_size), n_samples=args.n)
     parts = table(ae, data, d.device)
     torch.manual_seed(cfg.seed)
     init = DecoupledAE(cfg, ae.align[-1].out_features if ae.align is not None else None).to(d.device).eval()

@@ -60,7 +60,7 @@ def test_lowpass_target_is_a_gaussian_blur():
     expected = torch.outer(g, g)
     expected[(r.abs() > 5)[:, None] | (r.abs() > 5)[None]] = 0
     assert torch.allclose(y[0, 0], expected, atol=1e-6)
-    assert torch.allclose(common.gaussian_blur(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 2.0])),
+    assert torch.allclose(common.gaussian_blur(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 2.0]), 2.0),
                           torch.full((2, 3, 16, 16), 0.3), atol=1e-6)  # a constant image is its own low pass
     m = _model()
     assert torch.allclose(m.lowpass(x), common.gaussian_blur(x, m.cfg.lowpass))  # in pixels, at any size
