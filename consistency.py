@@ -8,21 +8,32 @@ A consistency function maps any point x_t = x + t e of a noise trajectory to its
     f(x_t, t) = c_skip(t) x_t + c_out(t) F(c_in(t) x_t, c_noise(t))                       (CM Eq. 7, EDM scalings)
     c_skip = s_d^2 / ((t - t_min)^2 + s_d^2),  c_out = s_d (t - t_min) / sqrt(t^2 + s_d^2),
     c_in = 1 / sqrt(t^2 + s_d^2),  c_noise = log(t) / 4
-    so f(x, t_min) = x exactly (the boundary condition, CM Eq. 5).
+    so f(x, t_min) = x exactly (the boundary condition, CM Eq. 5). As ECT's ECMPrecond, this holds in eval mode
+    (sampling); in training mode t_min = 0 (EDM's scalings) and the loss imposes the boundary (target x where r = 0).
     t ~ lognormal(P_mean, P_std);  r = ECT mapping of t (below);  x_t = x + t e,  x_r = x + r e  (one shared e)
-    L = d(f_theta(x_t, t), stopgrad f_theta(x_r, r)) / (t - r),  d = pseudo-Huber  (iCT Sec. 3.3, ECT Eq. 9)
+    L = d(f_theta(x_t, t), stopgrad f_theta(x_r, r)) / (t - r),  d = sqrt(||.||^2 + c^2) - c   (ECT Eq. 9; iCT 3.3)
 The curriculum (ECT Sec. 3.2): stage 0 is plain denoising (r = 0, the target is x itself, i.e. diffusion pretraining);
 stage s >= 1 uses r = max(t (1 - q^-s (1 + k sigmoid(-b t))), 0), so t - r shrinks by q each stage and the model moves
 from a denoiser to a consistency model. ECT's continuous mapping is the default here rather than iCT's discrete grid
 with step doubling: it needs no N(k) schedule, every t is used, and it is what makes from-scratch training converge in
 hours instead of days. The teacher is the same network without gradient (iCT: no EMA teacher), with the same dropout
-mask.
+mask: as ECMLoss, the student runs first and the teacher replays the generator's state from before it.
 Precision: f is computed in fp32 by default, as ECT trains. Late in the curriculum f(x_t, t) - f(x_r, r) is a difference
 of two nearly equal outputs, and bf16 rounding would swamp it (`--set bf16=true` turns bf16 autocast on, CUDA only).
 
 Backbone: a compact DDPM++-style U-Net (residual conv blocks with time FiLM, self-attention at 16x16 through
 common.attention, dropout), because the CM/iCT/ECT results are all U-Net results and consistency training is known to
 be sensitive to the architecture; a ViT would add a question this file is not about.
+
+Checked against the official code, locuslab/ect at 4311059 (tests/test_consistency.py; fixtures
+tests/reference/ect_*.pt made by tests/reference/make_ect.py), with this file's U-Net as the network on both sides: f
+(training/networks.py ECMPrecond, training and eval mode), the loss on a fixed seed at stages 0-3 with c = 0 and c > 0
+(training/loss.py ECMLoss: its draws in its order, the t -> r mapping, the mask r > 0, the shared dropout mask, the
+weighting 1/(t - r), and the gradients) and the 1- and 2-step sampler from the same noise (ct_eval.py generator_fn).
+Kept apart on purpose: ECT fine-tunes EDM's DDPM++ SongUNet from an EDM checkpoint; this file trains its own U-Net from
+scratch, so (1) no released ECT checkpoint loads here (another network), (2) stage 0 here is the denoising that the EDM
+checkpoint stands for, and stage s >= 1 here is the official `stage` s - 1 (the paper's exponent a = ceil(iters / d)),
+(3) Adam with a warm-up, as for pretraining (ECT: RAdam, lr 1e-4, batch 128, no warm-up), and the EMA warms up.
 
 Commands (python consistency.py {train,sample,eval,toy} -h lists every flag):
     CPU smoke, seconds:  python consistency.py train --preset tiny --out runs/ct_tiny --device cpu
@@ -60,23 +71,25 @@ class Config:
     attn_res: list = field(default_factory=lambda: [16])      # resolutions with self-attention
     dropout: float = 0.2            # ECT/iCT use dropout; the teacher shares the student's mask
     sigma_data: float = 0.5         # s_d in c_skip, c_out, c_in
-    t_min: float = 0.002            # sigma_min: f(x, t_min) = x
-    t_max: float = 80.0             # sigma_max: where 1-step sampling starts
+    t_min: float = 0.003            # sigma_min of ECMPrecond (CM: 0.002): f(x, t_min) = x in eval mode
+    t_max: float = 80.0             # sigma_max: where 1-step sampling starts (t is not clamped in training, as ECT)
     P_mean: float = -1.1            # t ~ lognormal(P_mean, P_std) (iCT Sec. 3.5, ECT)
     P_std: float = 2.0
     q: float = 2.0                  # ECT: t - r shrinks by q each stage
-    k: float = 8.0                  # ECT mapping: r = t (1 - q^-s (1 + k sigmoid(-b t)))
+    k: float = 8.0                  # ECT mapping: r = t (1 - q^-s (1 + k sigmoid(-b t))), s here = official stage + 1
     b: float = 1.0
-    stage_steps: int = 12_500       # steps per curriculum stage; stage 0 is plain denoising
-    huber_c: float = 0.00054        # pseudo-Huber c = huber_c * sqrt(dim) (iCT Sec. 3.3)
+    stage_steps: int = 12_500       # steps per curriculum stage (3.2M images: ECT's 25k steps at batch 128); stage 0
+                                    # is plain denoising, which ECT takes from an EDM checkpoint
+    huber_c: float = 0.0            # pseudo-Huber c = huber_c * sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 run (its -c
+                                    # unset in run_ecm.sh); iCT's is 0.00054
     mid_t: list = field(default_factory=lambda: [0.821])  # re-noising levels for multi-step sampling (ECT 2-step)
-    bf16: bool = False              # bf16 autocast (CUDA). ECT trains in fp32: at late stages (t - r)/t is 1-4%, and
-                                    # bf16 rounding in f was measured at 4-6x the pseudo-Huber c (default U-Net, init)
+    bf16: bool = False              # bf16 autocast (CUDA). ECT trains in fp32, TF32 off: at late stages (t - r)/t is
+                                    # 1-4%, and bf16 rounding in f was measured at 4-6x iCT's c (default U-Net, init)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
-    lr: float = 2e-4                # Adam (ECT: 1e-4 at batch 128 when fine-tuning)
+    lr: float = 2e-4                # Adam, from scratch (ECT fine-tunes with RAdam, 1e-4 at batch 128, no warm-up)
     warmup: int = 1_000             # linear lr warm-up steps
-    ema: float = 0.9999             # EMA decay for evaluation
+    ema: float = 0.9999             # EMA decay for evaluation (ECT's run_ecm.sh; with common.Ema's warm-up)
     num_classes: int = 10           # filled in from the data (unconditional: used only by the probe)
     log_every: int = 50             # steps between log.jsonl rows
     sample_every: int = 5_000       # steps between sample grids
@@ -233,31 +246,36 @@ class Consistency(nn.Module):
         self.cfg, self.net = cfg, net if net is not None else UNet(cfg)
 
     def f(self, x_t, t):
-        """The consistency function (CM Eq. 7); t [B]."""
-        scales = scalings(t, self.cfg.sigma_data, self.cfg.t_min)
+        """The consistency function (CM Eq. 7) as ECT's ECMPrecond; t [B]. Training mode: EDM's scalings (t_min = 0,
+        the loss imposes the boundary); eval mode (sampling, the EMA model): CM's, f(x, t_min) = x."""
+        scales = scalings(t, self.cfg.sigma_data, 0.0 if self.training else self.cfg.t_min)
         c_skip, c_out, c_in = (s.view(-1, *[1] * (x_t.dim() - 1)) for s in scales)  # [B] -> [B, 1, 1, 1]
         return c_skip * x_t + c_out * self.net(c_in * x_t, t.log() / 4).float()
 
     def forward(self, x, stage):
+        """The loss at curriculum stage `stage`. The draws come in ECMLoss's order (t's normals, e, the dropout masks),
+        so the same seed gives its numbers."""
         cfg, B = self.cfg, x.shape[0]
-        t = (torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).exp().clamp(cfg.t_min, cfg.t_max)  # lognormal
-        r = ect_r(t, stage, cfg.q, cfg.k, cfg.b)
-        e = torch.randn_like(x)
         bt = lambda s: s.view(-1, *[1] * (x.dim() - 1))  # [B] -> [B, 1, 1, 1]
-        seed = int(torch.randint(2 ** 62, (1,)))  # one dropout mask for student and teacher
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices):
-            torch.manual_seed(seed)
-            target = torch.where(bt(r) >= cfg.t_min, self.f(x + bt(r) * e, r.clamp_min(cfg.t_min)), x)  # r < t_min: x
-        with torch.random.fork_rng(devices):
-            torch.manual_seed(seed)
-            pred = self.f(x + bt(t) * e, t)
+        t = (torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).exp()  # t ~ lognormal(P_mean, P_std)
+        r = ect_r(t, stage, cfg.q, cfg.k, cfg.b)
+        e = torch.randn_like(x)  # one noise direction for x_t and x_r
+        rng = torch.cuda if x.device.type == "cuda" else torch  # the generator that draws the dropout masks
+        state = rng.get_rng_state()
+        pred = self.f(x + bt(t) * e, t)  # the student
+        target = x  # stage 0: r = 0, the target is x itself (denoising)
+        if stage > 0:
+            rng.set_rng_state(state)  # the teacher replays the student's dropout mask
+            with torch.no_grad():
+                f_r = self.f(x + bt(r) * e, torch.where(r > 0, r, t))  # t where r = 0: log(r) stays finite
+                target = torch.where(bt(r) > 0, f_r, x)  # r = 0: the boundary, f(x, 0) = x
         c = cfg.huber_c * math.sqrt(x[0].numel())
         return (pseudo_huber(pred, target, c) / (t - r)).mean()  # weight 1/(t - r) (ECT)
 
     @torch.no_grad()
     def sample(self, n, *, mid_t=None, generator=None, device="cpu", shape=None):
-        """1 step: x = f(t_max z, t_max). k steps: re-noise to each mid level and apply f again (CM Alg. 1)."""
+        """1 step: x = f(t_max z, t_max). k steps: re-noise to each mid level and apply f again (CM Alg. 1, without its
+        sqrt(s^2 - t_min^2), as ECT's generator_fn). In eval mode (the boundary scalings, no dropout)."""
         cfg = self.cfg
         shape = shape or (3, cfg.image_size, cfg.image_size)
         mid_t = cfg.mid_t if mid_t is None else mid_t
@@ -266,7 +284,7 @@ class Consistency(nn.Module):
         with common.autocast(torch.device(device), cfg.bf16):
             x = self.f(cfg.t_max * z(), tt(cfg.t_max))
             for s in mid_t:
-                x = self.f(x + math.sqrt(s ** 2 - cfg.t_min ** 2) * z(), tt(s))
+                x = self.f(x + s * z(), tt(s))
         return x.clamp(-1, 1) if len(shape) == 3 else x
 
 
@@ -299,9 +317,10 @@ def toy(args):
     cfg = Config(stage_steps=max(1, args.toy_steps // 6), mid_t=[0.4])
     model = Consistency(cfg, ToyMLP())
     real = toy_data(2000, torch.Generator().manual_seed(123))
-    draw = lambda steps: model.sample(2000, mid_t=[] if steps == 1 else cfg.mid_t, generator=g, shape=(2,))
+    draw = lambda steps: model.eval().sample(2000, mid_t=[] if steps == 1 else cfg.mid_t, generator=g, shape=(2,))
     rows = [dict(model="init", steps=1, distance=round(common.sliced_wasserstein(draw(1), real), 4))]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
     for step in tqdm(range(args.toy_steps), desc="toy"):
         loss = model(toy_data(512, g), step // cfg.stage_steps)
         opt.zero_grad()

@@ -22,6 +22,17 @@ Commands (python jit_xpred.py {train,sample,eval,toy} -h lists every flag):
                          --set attn_fp32=true computes attention in fp32, as the official code does
 Expected: the toy gives x-prediction a low distance at every D and eps/v-prediction a high one at D=512 (README table);
 README.md lists the measured GPU figures (img/s, FID) with their commands.
+
+Checked against the official code (LTH14/JiT's model_jit.py, denoiser.py, util/model_util.py, as in zlong928/JiT at
+cbc743a): its state dict loads unchanged (the names are its own), and the network, the training loss (with its draws of
+label drop, t and noise) and the Heun sampler with CFG and its interval agree to 1e-5 in fp32 (tests/test_jit.py). Kept
+on purpose: one EMA (official: 0.9999 and 0.9996), qk-norm in the autocast dtype, fused attention unless attn_fp32, a
+final clamp to [-1, 1] (the official clips when it writes PNGs). The released ImageNet checkpoints (JiT-{B,L,H}/16 at
+256 px, /32 at 512 px; the official README's link) load with strict=True into the presets B, L, H; the sample and eval
+commands read this file's own checkpoints, so in Python (a trusted file only: it holds an argparse.Namespace):
+    cfg = Config(**PRESETS["L"], image_size=256, patch=16, num_classes=1000, cfg_scale=2.4)  # /32: 512, noise_scale=2
+    model = JiT(cfg).cuda().eval(); model.load_state_dict(torch.load(PATH, weights_only=False)["model_ema1"])
+    x = model.sample(torch.arange(8, device="cuda"))  # [8, 3, 256, 256] in [-1, 1]
 """
 import json, math, os
 from dataclasses import dataclass, field
@@ -41,20 +52,21 @@ class Config:
     data: str = "cifar10"           # dataset (common.load_images)
     image_size: int = 32            # images are resized to image_size^2
     patch: int = 2                  # p: pixel patch side; a token sees p*p*3 values
-    bottleneck: int = 128           # linear patch-embedding bottleneck width (Sec. 4.1; 128 for B/L)
-    hidden: int = 384               # transformer width (S 384, B 768, L 1024)
-    depth: int = 12                 # transformer blocks (S/B 12, L 24)
+    bottleneck: int = 128           # linear patch-embedding bottleneck width (Sec. 4.1; 128 for B/L, 256 for H)
+    hidden: int = 384               # transformer width (S 384, B 768, L 1024, H 1280)
+    depth: int = 12                 # transformer blocks (S/B 12, L 24, H 32)
     heads: int = 6                  # attention heads (head_dim 64)
     in_context: int = 32            # in-context class tokens (32 in the paper)
-    in_context_start: int = 4       # block where they are prepended (4 for B, 8 for L)
+    in_context_start: int = 4       # block where they are prepended (4 for B, 8 for L, 10 for H)
     pred: str = "x"                 # what the network outputs: x | eps | v (Table 2 columns)
     loss: str = "v"                 # where the loss is taken: x | eps | v (Table 2 rows; the paper's default is v)
     P_mean: float = -0.8            # t = sigmoid(N(P_mean, P_std^2)), logit-normal (Sec. 4.2)
     P_std: float = 0.8
     t_eps: float = 0.05             # clamp of 1 - t (and of t) in divisions, training and sampling
-    rope_base: float = 10_000.0     # RoPE base (the official code's, EVA's VisionRotaryEmbeddingFast)
+    rope_base: float = 10_000.0     # RoPE base (official: EVA's VisionRotaryEmbeddingFast, theta 10000)
     attn_fp32: bool = False         # attention in fp32 (official code: bf16 SDPA gave eps/v loss spikes); fused: off
-    noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); set to max(1, image_size/256) as in the paper
+    proj_dropout: float = 0.0       # dropout after attention and in the MLP, middle half of the blocks (0.2 for H)
+    noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); train sets max(1, image_size / 256): 1, 2 at 512 px
     label_drop: float = 0.1         # class dropped to the null class for classifier-free guidance
     num_classes: int = 10           # filled in from the data
     steps: int = 100_000            # optimiser steps
@@ -62,10 +74,10 @@ class Config:
     lr: float = 5e-5                # peak lr; the paper's rule is 5e-5 x batch_size / 256 (batch 256 here)
     warmup: int = 2_000             # linear warm-up steps, then constant (paper: 5 epochs)
     weight_decay: float = 0.0       # paper: 0
-    ema: float = 0.9995             # EMA decay (paper 0.9999 over 200+ epochs; shorter runs need a shorter horizon)
+    ema: float = 0.9995             # EMA decay (official 0.9999 over 600 epochs; shorter runs need a shorter horizon)
     sample_steps: int = 50          # Heun steps (49 Heun + 1 Euler)
     cfg_scale: float = 1.0          # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
-    cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])  # CFG applied for lo < t < hi
+    cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])  # CFG for lo < t < hi (and t = 0 when lo = 0)
     log_every: int = 50             # steps between log.jsonl rows
     sample_every: int = 5_000       # steps between sample grids
     ckpt_every: int = 2_500         # steps between checkpoints
@@ -88,32 +100,35 @@ PRESETS = {
                    in_context_start=2, steps=20_000, lr=3e-4, warmup=1_000, sample_every=5_000),
     "B": dict(hidden=768, depth=12, heads=12),                        # JiT-B
     "L": dict(hidden=1024, depth=24, heads=16, in_context_start=8),  # JiT-L
+    "H": dict(hidden=1280, depth=32, heads=16, bottleneck=256, in_context_start=10, proj_dropout=0.2),  # JiT-H
 }
 
 
 # -------------------------------------------------------------------------------------------------------- backbone
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim] (half the channels for rows, half for columns)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: the first half of the channels encode the column, the
+    second half the row, each as [sin, cos] (the official get_2d_sincos_pos_embed's order; computed in float64)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    out = [torch.outer(p.flatten().float(), omega) for p in (yy, xx)]  # 2 x [N, dim/4]
-    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1)
+    out = [torch.outer(p.flatten().double(), omega) for p in (xx, yy)]  # 2 x [N, dim/4]
+    return torch.cat([out[0].sin(), out[0].cos(), out[1].sin(), out[1].cos()], 1).float()
 
 
 def rope_2d(grid, head_dim, prefix=0, base=10_000.0):
-    """Axial 2-D RoPE angles -> (cos, sin), each [prefix + grid*grid, head_dim/2]. Half of the rotated pairs turn with
-    the row index, half with the column. The `prefix` in-context tokens get angle 0 (no rotation)."""
-    freqs = base ** (-torch.arange(head_dim // 4) / (head_dim // 4))
+    """Axial 2-D RoPE (EVA's VisionRotaryEmbeddingFast) -> (cos, sin), each [prefix + grid*grid, head_dim]. Channels
+    (2i, 2i+1) form a rotated pair; the pairs of the first half of the channels turn with the row index, those of the
+    second half with the column. The `prefix` in-context tokens get angle 0 (no rotation)."""
+    freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # [hd/4]
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     rows, cols = torch.outer(yy.flatten().float(), freqs), torch.outer(xx.flatten().float(), freqs)  # [N, hd/4] each
-    ang = torch.cat([rows, cols], 1)  # [N, hd/2]
-    ang = torch.cat([torch.zeros(prefix, head_dim // 2), ang])
+    ang = torch.cat([rows, cols], 1).repeat_interleave(2, 1)  # [N, hd]: one angle per pair, twice
+    ang = torch.cat([torch.zeros(prefix, head_dim), ang])
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x, cos, sin):  # x [B, heads, N, hd]; rotates the pairs (x_i, x_{i + hd/2})
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+def apply_rope(x, cos, sin):  # x [B, heads, N, hd]; rotates the pairs (x_2i, x_2i+1)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # 2 x [B, heads, N, hd/2]
+    return x * cos + torch.stack([-x2, x1], -1).flatten(-2) * sin
 
 
 def modulate(x, shift, scale):
@@ -121,49 +136,51 @@ def modulate(x, shift, scale):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads, fp32=False):
+    def __init__(self, dim, heads, fp32=False, drop=0.0):
         super().__init__()
         self.heads, self.fp32 = heads, fp32
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(dim // heads)  # qk-norm
-        self.k_norm = nn.RMSNorm(dim // heads)
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)  # qk-norm
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x, cos, sin):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, hd]
-        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype))  # qk-norm in the autocast dtype (fused kernel)
-        k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype))
+        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), 1e-6)  # in the autocast dtype (fused kernel)
+        k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), 1e-6)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = common.attention(q, k, v, self.fp32)  # [B, h, N, hd]
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # -> [B, N, D]
+        return self.drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))  # -> [B, N, D]
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, drop=0.0):
         super().__init__()
         h = int(4 * dim * 2 / 3)  # keeps the parameter count of a 4x MLP
         self.w12 = nn.Linear(dim, 2 * h)
         self.w3 = nn.Linear(h, dim)
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, -1)
-        return self.w3(F.silu(a) * b)
+        return self.w3(self.drop(F.silu(a) * b))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-zero: c gives shift, scale and a zero-initialised gate per branch."""
 
-    def __init__(self, dim, heads, attn_fp32=False):
+    def __init__(self, dim, heads, attn_fp32=False, drop=0.0):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim, elementwise_affine=False)
-        self.attn = Attention(dim, heads, attn_fp32)
-        self.norm2 = nn.RMSNorm(dim, elementwise_affine=False)
-        self.mlp = SwiGLU(dim)
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.norm1 = nn.RMSNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, attn_fp32, drop)
+        self.norm2 = nn.RMSNorm(dim, eps=1e-6)
+        self.mlp = SwiGLU(dim, drop)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, cos, sin):
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1), cos, sin)
         return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
@@ -174,65 +191,73 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):  # t [B] in [0, 1] -> [B, dim]
+    def forward(self, t):  # t [B] in [0, 1], raw (not x1000: the official code's, whose weights load here) -> [B, dim]
         f = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
-        a = 1000 * t[:, None].float() * f[None]
+        a = t[:, None].float() * f[None]
         return self.mlp(torch.cat([a.cos(), a.sin()], 1))
 
 
 class JiTNet(nn.Module):
-    """Pixel patches -> bottleneck linear embed -> ViT (adaLN-zero, RoPE, qk-norm, SwiGLU) -> patches of the output."""
+    """Pixel patches -> bottleneck linear embed -> ViT (adaLN-zero, RoPE, qk-norm, SwiGLU) -> patches of the output.
+    Parameter names are the official model_jit.py's, so its checkpoints load with strict=True."""
 
     def __init__(self, cfg):
         super().__init__()
         p, D, self.grid = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch
         self.cfg = cfg
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(3, cfg.bottleneck, p, p, bias=False),  # p x p x 3 pixels -> the bottleneck
-            nn.Conv2d(cfg.bottleneck, D, 1),  # -> the transformer width
-        )
-        self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
-        self.t_embed, self.y_embed = TimestepEmbedder(D), nn.Embedding(cfg.num_classes + 1, D)  # last class = null
-        self.ctx_pos = nn.Parameter(torch.randn(1, cfg.in_context, D) * 0.02)  # in-context class tokens' own position
+        self.x_embedder = nn.ModuleDict(dict(
+            proj1=nn.Conv2d(3, cfg.bottleneck, p, p, bias=False),  # p x p x 3 pixels -> the bottleneck
+            proj2=nn.Conv2d(cfg.bottleneck, D, 1),  # -> the transformer width
+        ))
+        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])  # [1, N, D], fixed (in the state dict)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(cfg.num_classes + 1, D)))  # last: null
+        self.in_context_posemb = nn.Parameter(torch.randn(1, cfg.in_context, D) * 0.02)  # in-context tokens' position
         for name, prefix in (("rope", 0), ("rope_ctx", cfg.in_context)):
             cos, sin = rope_2d(self.grid, D // cfg.heads, prefix, cfg.rope_base)
             self.register_buffer(name + "_cos", cos, persistent=False)
             self.register_buffer(name + "_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.attn_fp32) for _ in range(cfg.depth))
-        self.norm_out = nn.RMSNorm(D, elementwise_affine=False)
-        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.out = nn.Linear(D, p * p * 3)
+        mid = range(cfg.depth // 4, cfg.depth // 4 * 3)  # dropout only in the middle half of the blocks (official)
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.attn_fp32, cfg.proj_dropout * (i in mid))
+                                    for i in range(cfg.depth))
+        self.final_layer = nn.ModuleDict(dict(norm_final=nn.RMSNorm(D, eps=1e-6), linear=nn.Linear(D, p * p * 3),
+                                              adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))))
         self.initialize()
 
     def initialize(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-        for conv in self.patch_embed:
+        for conv in self.x_embedder.values():  # like nn.Linear
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
-        nn.init.normal_(self.y_embed.weight, std=0.02)
+        nn.init.zeros_(self.x_embedder.proj2.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for m in self.t_embedder.mlp[::2]:
+            nn.init.normal_(m.weight, std=0.02)
         for b in self.blocks:  # adaLN-zero: every residual branch starts closed
-            nn.init.zeros_(b.ada[-1].weight); nn.init.zeros_(b.ada[-1].bias)
-        for m in (self.ada_out[-1], self.out):  # zero output: x_pred = 0 at init
+            nn.init.zeros_(b.adaLN_modulation[-1].weight); nn.init.zeros_(b.adaLN_modulation[-1].bias)
+        for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):  # zero output: x_pred = 0 at init
             nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
 
     def forward(self, z, t, y, feature_depth=None):
         """z [B,3,H,W], t [B], y [B] -> network output [B,3,H,W]; with feature_depth=k, the image tokens after block k
         mean-pooled [B, D] (for probing)."""
         B, p, g = z.shape[0], self.cfg.patch, self.grid
-        x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
-        y_emb = self.y_embed(y)
-        c = self.t_embed(t) + y_emb  # conditioning vector [B, D]
+        x = self.x_embedder.proj2(self.x_embedder.proj1(z)).flatten(2).transpose(1, 2)  # [B, D, g, g] -> [B, N, D]
+        x = x + self.pos_embed
+        y_emb = self.y_embedder.embedding_table(y)
+        c = self.t_embedder(t) + y_emb  # conditioning vector [B, D]
         cos, sin, n_ctx = self.rope_cos, self.rope_sin, 0
         for i, block in enumerate(self.blocks):
             if i == self.cfg.in_context_start and self.cfg.in_context:
-                x = torch.cat([y_emb[:, None] + self.ctx_pos, x], 1)  # [B, n_ctx + N, D]
+                x = torch.cat([y_emb[:, None] + self.in_context_posemb, x], 1)  # [B, n_ctx + N, D]
                 cos, sin, n_ctx = self.rope_ctx_cos, self.rope_ctx_sin, self.cfg.in_context
             x = block(x, c, cos, sin)
             if feature_depth == i + 1:
                 return x[:, n_ctx:].float().mean(1)
-        sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
-        x = self.out(modulate(self.norm_out(x[:, n_ctx:]), sh, sc))  # [B, N, p*p*3]
+        f = self.final_layer  # adaLN, then a linear map to the patches
+        sh, sc = f.adaLN_modulation(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
+        x = f.linear(modulate(f.norm_final(x[:, n_ctx:]), sh, sc))  # [B, N, p*p*3]
         x = x.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, g, p, g, p]
         return x.reshape(B, 3, g * p, g * p)
 
@@ -251,10 +276,15 @@ def to_x_eps_v(kind, out, z, t, t_eps):
     raise ValueError(kind)
 
 
-def guided(v_cond, v_uncond, t, scale, interval):
-    """Classifier-free guidance on v, only inside the interval lo < t < hi (else the conditional v)."""
+def in_interval(t, interval):
+    """The CFG interval: lo < t < hi, and t = 0 too when lo = 0 (the official code's test)."""
     lo, hi = interval
-    return v_uncond + scale * (v_cond - v_uncond) if lo < t < hi else v_cond
+    return t < hi and (lo == 0 or t > lo)
+
+
+def guided(v_cond, v_uncond, t, scale, interval):
+    """Classifier-free guidance on v, only inside the interval (else the conditional v)."""
+    return v_uncond + scale * (v_cond - v_uncond) if in_interval(t, interval) else v_cond
 
 
 class JiT(nn.Module):
@@ -266,8 +296,9 @@ class JiT(nn.Module):
 
     def forward(self, x, y):
         cfg, B = self.cfg, x.shape[0]
+        if self.training:  # the class dropped to the null class, for CFG (drawn first, as in the official code)
+            y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)
         t = torch.sigmoid(torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean)  # logit-normal t
-        y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
         e = torch.randn_like(x) * cfg.noise_scale
         t4 = t.view(B, 1, 1, 1)
         z = t4 * x + (1 - t4) * e  # Eq. 1
@@ -281,7 +312,7 @@ class JiT(nn.Module):
         """v_pred(z, t) with CFG; t is a float shared by the batch."""
         B, cfg = z.shape[0], self.cfg
         tt = torch.full((B,), t, device=z.device)
-        use_cfg = scale != 1 and interval[0] < t < interval[1]
+        use_cfg = scale != 1 and in_interval(t, interval)
         if use_cfg:  # conditional and unconditional in one batch
             zz, tt, yy = torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, cfg.num_classes)])
         else:
@@ -292,7 +323,7 @@ class JiT(nn.Module):
 
     @torch.no_grad()
     def sample(self, y, *, steps=None, scale=None, interval=None, generator=None):
-        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2)."""
+        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2); -> [-1, 1]."""
         cfg = self.cfg
         steps = steps or cfg.sample_steps
         scale = cfg.cfg_scale if scale is None else scale

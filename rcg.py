@@ -10,18 +10,31 @@ one into an image. Unconditional FID at ImageNet 256: DiT-XL 27.32 -> 4.89 with 
 The representation (frozen, no labels): r = E(x), the encoder's global token (optionally a fixed orthonormal projection
 to rep_dim), standardised per vector as the official code does: r <- (r - mean_d r) / std_d r.
 
-The RDM (`train-rdm`), a DDPM on r with the x0-parameterisation:
+The RDM (`train-rdm`), a DDPM on r with the x0-parameterisation (AdamW (0.9, 0.999), no clipping, fp32):
     r_t = sqrt(abar_t) r + sqrt(1 - abar_t) e,  t in {0..T-1},  L = |f(r_t, t) - r|^2
     beta_t = (linspace(sqrt(0.0015), sqrt(0.0195), T))^2  (LDM's "linear", T = 1000),  abar_t = prod (1 - beta)
-    f: the paper's residual MLP (LayerNorm, SiLU, Linear, plus the time embedding; LayerNorm, SiLU, zero-init Linear;
-       12 blocks of width 1536), sampled with DDIM at eta = 1:
+    f: the official SimpleMLP (its names; LayerNorm, SiLU, Linear, plus the time embedding; LayerNorm, SiLU,
+       zero-init Linear; 12 blocks of width 1536), sampled with DDIM at eta = 1:
     r_prev = sqrt(abar_prev) r^ + sqrt(1 - abar_prev - s^2) e^ + s n,  s = eta sqrt((1 - abar_prev)/(1 - abar_t))
              sqrt(1 - abar_t / abar_prev),  e^ = (r_t - sqrt(abar_t) r^) / sqrt(1 - abar_t)
-The pixel generator (`train`): a DiT with c = t_emb + Linear(r) (the simplest of the paper's four generators), r
-replaced by a learned null vector with p = 0.1; trained with the linear interpolant and v-loss of repa.py's SiT
-(x_t = (1 - t) x + t e, v = e - x; the paper's DiT uses DDPM eps-prediction: the same network, a simpler loss), Heun
-sampling with representation guidance v = v_null + s (v_r - v_null). `--no-rep` trains the same DiT without r: the
-unconditional baseline RCG beats.
+The pixel generator (`train`): RCG's DiT (the simplest of the paper's four generators; exact GELU), c = t_emb +
+rep_embedder(r), r replaced by the learned fake_latent with p = 0.1, representation guidance v = v_null + s (v_r -
+v_null); AdamW (0.9, 0.95), no clipping, fp32 sampling. It differs from the official DiT in three ways, so that it
+runs offline at CIFAR scale: (1) pixels, where the official denoises SD-VAE latents (4 channels, 32x32 at 256 px; no
+VAE to download, none needed at 32 px); (2) repa.py's linear interpolant and v-loss (x_t = (1 - t) x + t e, v = e - x;
+t in [0, 1] enters the net as 1000 t) with Heun sampling, where the official is an eps-prediction DDPM (1000 linear
+betas) with learned sigma (twice the output channels, ADM's hybrid loss) sampled by 250 ancestral steps; (3) bf16
+autocast in training on a GPU (official: fp32). `--no-rep` trains the same DiT without r, c = t_emb + y_emb (the
+official unconditional DiT's one-class table): the unconditional baseline RCG beats.
+
+Checked against LTH14/rcg 0c4433c (tests/test_rcg.py; fixtures by tests/reference/make_rcg.py), same weights, fp32,
+within 1e-5: the RDM network (raw and EMA weights), betas and abar, the standardisation, the loss at fixed t and noise
+and at a seed (the same draws), DDIM (eta 1 and 0, the official grid, the same draws); the DiT (3 channels, no sigma
+half) with r, with the null r, without r, guided, and with r dropped in training (the same draws).
+Released checkpoints: the class-unconditional RDMs (MoCo v3 ViT-B / ViT-L, LTH14/rcg's README) load with their EMA
+weights, `rcg.load_official_rdm("rdm.pth").sample(16)` drawing standardised 256-d MoCo v3 representations; no
+generator here can use them (MoCo v3 has no loader here). The class-conditional RDMs (context layers) and the DiT-XL
+(SD-VAE latents, learned sigma) do not load.
 
 Encoders (--encoder, common.load_encoder): the paper's MoCo v3 ViT-B with its 256-d projection head has no loader here;
 dinov2_vitb14 (the internet, or torch.hub's cache), a soda.py or decoupled_latent.py export, or random-vit-s (offline).
@@ -38,7 +51,7 @@ Commands (python rcg.py {train-rdm,train,sample,eval} -h lists every flag):
                             --out runs/rcg/samples.npz
 Expected on a CPU (`shapes`, random-vit-s@28's 384-d token, 2 idle cores): train-rdm 2.7 min, then eval: rep_fd
 9.3 against 376 for the RDM at initialisation and 2.8 between held-out real representations and the training ones
-(the floor); the pixel generators (1,500 steps, 3.4 min): FD 2.58 with RCG against 3.36 with --no-rep (pixel
+(the floor); the pixel generators (1,500 steps, 3.4 min): FD 3.08 with RCG against 3.82 with --no-rep (pixel
 features, 1,000 samples). The README's rcg.py section has the table.
 """
 import math, os
@@ -75,16 +88,17 @@ class Config:
     hidden: int = 384
     depth: int = 12
     heads: int = 6
-    rep_drop: float = 0.1           # r replaced by the learned null vector (paper: 0.1)
+    rep_drop: float = 0.1           # r replaced by the learned null r, fake_latent (paper: 0.1)
     rep_cfg: float = 1.0            # representation guidance scale (1: none)
     sample_steps: int = 50          # Heun steps
     # the schedule of the command that runs (train-rdm: RDM_SCHEDULE below)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
-    lr: float = 1e-4                # AdamW, constant (DiT)
+    lr: float = 1e-4                # AdamW, constant (official DiT: 1e-4 at batch 2048)
     weight_decay: float = 0.0       # DiT: 0
+    adam_beta2: float = 0.95        # official DiT: AdamW betas (0.9, 0.95); the RDM: (0.9, 0.999) (RDM_SCHEDULE)
     warmup: int = 0                 # linear warm-up steps
-    grad_clip: float = 1.0
+    grad_clip: float = 0.0          # > 0: clip the gradient norm (official: no clipping, RDM nor DiT)
     ema: float = 0.9999             # paper: 0.9999 (with warm-up here)
     log_every: int = 50             # steps between log.jsonl rows
     sample_every: int = 5_000       # steps between sample grids
@@ -106,9 +120,9 @@ PRESETS = {
     "default": dict(),
 }
 RDM_SCHEDULE = {  # over the preset, for train-rdm (paper: batch 512, lr 5.12e-4, AdamW weight decay 0.01)
-    "tiny": dict(),
-    "cpu": dict(steps=4000, batch_size=256, lr=1e-3, weight_decay=0.01),
-    "default": dict(steps=100_000, batch_size=512, lr=5.12e-4, weight_decay=0.01),
+    "tiny": dict(adam_beta2=0.999),
+    "cpu": dict(steps=4000, batch_size=256, lr=1e-3, weight_decay=0.01, adam_beta2=0.999),
+    "default": dict(steps=100_000, batch_size=512, lr=5.12e-4, weight_decay=0.01, adam_beta2=0.999),
 }
 
 
@@ -141,16 +155,11 @@ class Representation:
 
 
 # --------------------------------------------------------------------------------------------------------- the RDM
-class TimeEmbed(nn.Module):
-    def __init__(self, dim, freq_dim=256, scale=1.0):
-        super().__init__()
-        self.freq_dim, self.scale = freq_dim, scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def forward(self, t):  # t [B] (integer steps, or a float in [0, 1] times `scale`) -> [B, dim]
-        f = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
-        a = self.scale * t[:, None].float() * f[None]
-        return self.mlp(torch.cat([a.cos(), a.sin()], 1))
+def timestep_embedding(t, dim):
+    """t [B] (integer steps, or floats) -> [B, dim]: [cos, sin] of t * 10000^(-i / (dim/2)) (ADM's, the official)."""
+    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    a = t[:, None].float() * f[None]
+    return torch.cat([a.cos(), a.sin()], 1)
 
 
 class ResBlock(nn.Module):
@@ -158,33 +167,33 @@ class ResBlock(nn.Module):
 
     def __init__(self, w, t_dim):
         super().__init__()
-        self.inp = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, w))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, w))
-        self.out = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, w))
-        nn.init.zeros_(self.out[-1].weight)
-        nn.init.zeros_(self.out[-1].bias)
+        self.in_layers = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, w))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, w))
+        self.out_layers = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Dropout(0.0), nn.Linear(w, w))  # official: p 0
+        nn.init.zeros_(self.out_layers[-1].weight)
+        nn.init.zeros_(self.out_layers[-1].bias)
 
-    def forward(self, h, t_emb):
-        return h + self.out(self.inp(h) + self.emb(t_emb))
+    def forward(self, h, emb):
+        return h + self.out_layers(self.in_layers(h) + self.emb_layers(emb))
 
 
 class SimpleMLP(nn.Module):
-    """The RDM's network f(r_t, t) -> r^ [B, D]. The time embedding: a width-d sinusoid of the integer step, an MLP to
-    256 (the official time_embed_dim), a Linear to the width in each block."""
+    """The RDM's network f(r_t, t) -> r^ [B, D], with the official module's names (its state dict loads as it is).
+    The time embedding: a width-wide sinusoid of the integer step, an MLP to t_dim (the official time_embed_dim)."""
 
     def __init__(self, dim, width, depth, t_dim=256):
         super().__init__()
-        self.inp = nn.Linear(dim, width)
-        self.t_embed = TimeEmbed(t_dim, freq_dim=width)
-        self.blocks = nn.ModuleList(ResBlock(width, t_dim) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.time_embed = nn.Sequential(nn.Linear(width, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.input_proj = nn.Linear(dim, width)
+        self.res_blocks = nn.ModuleList(ResBlock(width, t_dim) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width, eps=1e-6), nn.SiLU(), nn.Linear(width, dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, r, t):
-        h, t_emb = self.inp(r), self.t_embed(t)
-        for block in self.blocks:
-            h = block(h, t_emb)
+        h, emb = self.input_proj(r), self.time_embed(timestep_embedding(t, self.input_proj.out_features))
+        for block in self.res_blocks:
+            h = block(h, emb)
         return self.out(h)
 
 
@@ -195,16 +204,18 @@ def betas_linear_sqrt(T, start, end):
 class RDM(nn.Module):
     """forward(r [B, D]) -> the x0-parameterised DDPM loss; sample(n) -> generated representations [n, D]."""
 
-    def __init__(self, cfg, dim):
+    def __init__(self, cfg, dim, t_dim=256):
         super().__init__()
-        self.cfg, self.dim, self.net = cfg, dim, SimpleMLP(dim, cfg.rdm_width, cfg.rdm_depth)
+        self.cfg, self.dim, self.net = cfg, dim, SimpleMLP(dim, cfg.rdm_width, cfg.rdm_depth, t_dim)
         abar = torch.cumprod(1 - betas_linear_sqrt(cfg.T, cfg.beta_start, cfg.beta_end), 0)
-        self.register_buffer("abar", abar.float(), persistent=False)  # [T]
+        self.register_buffer("abar", abar, persistent=False)  # [T], float64: sqrt rounded once, as official
 
-    def forward(self, r):
-        t = torch.randint(0, self.cfg.T, (len(r),), device=r.device)
+    def forward(self, r, t=None, e=None):
+        """t [B] (integer steps) and e [B, D] (the noise) are drawn when not given."""
+        t = torch.randint(0, self.cfg.T, (len(r),), device=r.device) if t is None else t
+        e = torch.randn_like(r) if e is None else e
         a = self.abar[t][:, None]
-        r_t = a.sqrt() * r + (1 - a).sqrt() * torch.randn_like(r)
+        r_t = a.sqrt().float() * r + (1 - a).sqrt().float() * e
         return ((self.net(r_t, t).float() - r) ** 2).mean()
 
     @torch.no_grad()
@@ -215,10 +226,10 @@ class RDM(nn.Module):
         eta = cfg.eta if eta is None else eta
         c = cfg.T // (steps or cfg.rdm_sample_steps)
         ts = [min(k + 1, cfg.T - 1) for k in range(0, cfg.T, c)][::-1]  # descending
+        abar = self.abar.float()  # the official sampler's float32 table
         x = torch.randn((n, self.dim), device=device, generator=generator)
         for i, t in enumerate(ts):
-            a = self.abar[t]
-            a_prev = self.abar[ts[i + 1] if i + 1 < len(ts) else 0]
+            a, a_prev = abar[t], abar[ts[i + 1] if i + 1 < len(ts) else 0]
             r_hat = self.net(x, torch.full((n,), t, device=device)).float()
             e_hat = (x - a.sqrt() * r_hat) / (1 - a).sqrt()
             s = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
@@ -227,13 +238,30 @@ class RDM(nn.Module):
         return x
 
 
+def load_official_rdm(path, ema=True):
+    """A released RDM (LTH14/rcg's main_rdm.py checkpoint, {"model": state dict}, or that state dict) -> our RDM with
+    its EMA weights (those the official sampler uses; ema=False: the raw ones). Sizes are read from the weights; T
+    and the betas are the released configs' (the defaults here)."""
+    sd = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)["model"]
+    pre = "model.diffusion_model."
+    net = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    if ema:  # LitEma's buffers: the parameter's name without dots
+        net = {k: sd["model_ema.diffusion_model" + k.replace(".", "")] for k in net}
+    width, dim = net["input_proj.weight"].shape
+    depth = len({k.split(".")[1] for k in net if k.startswith("res_blocks.")})
+    rdm = RDM(Config(rdm_width=width, rdm_depth=depth), dim, t_dim=len(net["time_embed.0.weight"]))
+    rdm.net.load_state_dict(net)
+    return rdm.eval()
+
+
 # ------------------------------------------------------------------------------------------- the pixel generator
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim] (half the channels for rows, half for columns)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: [sin, cos] of the column, then of the row (MAE's
+    get_2d_sincos_pos_embed, in float64 as there)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    out = [torch.outer(p.flatten().float(), omega) for p in (yy, xx)]  # 2 x [N, dim/4]
-    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1)
+    out = [torch.outer(p.flatten().double(), omega) for p in (xx, yy)]  # 2 x [N, dim/4]
+    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1).float()
 
 
 def modulate(x, shift, scale):
@@ -254,52 +282,80 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """DiT block: LayerNorm, attention, GELU MLP, adaLN-zero modulation from c."""
+    """DiT block: LayerNorm, attention, GELU MLP (exact GELU, as RCG's DiT), adaLN-zero modulation from c."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))  # timm's Mlp
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
-        return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x + g2 * self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(modulate(self.norm2(x), sh2, sc2))))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim, self.mlp = freq_dim, nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
 class DiT(nn.Module):
-    """forward(x_t [B, 3, H, W], t [B] in [0, 1], r [B, D] or None) -> v [B, 3, H, W]; c = t_emb + Linear(r)."""
+    """forward(x_t [B, 3, H, W], t [B] in [0, 1], r [B, D] or None) -> v [B, 3, H, W]. The official DiT's names:
+    c = t_emb(1000 t) + rep_embedder(r), r replaced by fake_latent with p = rep_drop in training; without r,
+    c = t_emb + y_emb(0) (the official unconditional DiT's one-class table: frozen, unused, when r conditions)."""
 
     def __init__(self, cfg, rep_dim):
         super().__init__()
-        p, D, self.grid, self.p = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch, cfg.patch
-        self.patch_embed = nn.Conv2d(3, D, p, p)
-        self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
-        self.t_embed = TimeEmbed(D, scale=1000)
-        self.rep_embed = nn.Linear(rep_dim, D) if rep_dim else None
+        p, D = cfg.patch, cfg.hidden
+        self.grid, self.p, self.rep_dropout_prob = cfg.image_size // p, p, cfg.rep_drop
+        self.x_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(3, D, p, p)))
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(1, D))).requires_grad_(not rep_dim)
+        self.rep_embedder = nn.Linear(rep_dim, D) if rep_dim else None
+        self.fake_latent = nn.Parameter(0.02 * torch.randn(1, rep_dim)) if rep_dim else None  # the null r
+        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])  # [1, N, D] (official: a frozen parameter)
         self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
-        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.out = nn.Linear(D, p * p * 3)
-        for m in self.modules():
+        self.final_layer = nn.ModuleDict(dict(norm_final=nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
+                                              linear=nn.Linear(D, p * p * 3),
+                                              adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))))
+        for m in self.modules():  # the official init
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in [b.ada[-1] for b in self.blocks] + [self.ada_out[-1], self.out]:  # adaLN-zero, zero output
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(D, -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for m in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(m.weight, std=0.02)
+        f = self.final_layer
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [f.adaLN_modulation[-1], f.linear]:  # adaLN-zero
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, r=None):
         B, p, g = x.shape[0], self.p, self.grid
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
-        c = self.t_embed(t) + (self.rep_embed(r) if self.rep_embed is not None else 0)
+        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, D, g, g] -> [B, N, D]
+        c = self.t_embedder(1000 * t)  # the official DDPM's step scale
+        if r is None:
+            c = c + self.y_embedder.embedding_table.weight[0]
+        else:
+            if self.training and self.rep_dropout_prob > 0:
+                drop = torch.rand(B, device=x.device) < self.rep_dropout_prob
+                r = torch.where(drop[:, None], self.fake_latent.to(r.dtype), r)
+            c = c + self.rep_embedder(r)
         for block in self.blocks:
             h = block(h, c)
-        sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
-        out = self.out(modulate(self.norm_out(h), sh, sc))  # [B, N, p*p*3]
+        f = self.final_layer
+        sh, sc = f.adaLN_modulation(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
+        out = f.linear(modulate(f.norm_final(h), sh, sc))  # [B, N, p*p*3]
         out = out.view(B, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # [B, 3, g, p, g, p]
         return out.reshape(B, 3, g * p, g * p)
 
@@ -312,37 +368,33 @@ class RCG(nn.Module):
         super().__init__()
         self.cfg, self.rep_dim = cfg, 0 if cfg.no_rep else rep_dim
         self.net = DiT(cfg, self.rep_dim)
-        self.null = nn.Parameter(torch.zeros(self.rep_dim)) if self.rep_dim else None  # the learned null vector
 
     def forward(self, x, r=None):
         B = x.shape[0]
-        if self.null is not None:
-            drop = torch.rand(B, device=x.device) < self.cfg.rep_drop
-            r = torch.where(drop[:, None], self.null.to(r.dtype).expand(B, -1), r)
         t = torch.rand(B, device=x.device)
         e = torch.randn_like(x)
         x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e
-        return ((self.net(x_t, t, r).float() - (e - x)) ** 2).mean()
+        return ((self.net(x_t, t, r).float() - (e - x)) ** 2).mean()  # r dropped inside the net
 
     def velocity(self, x, t, r, scale):
         """v(x, t | r) with representation guidance: v_null + scale (v_r - v_null); t is a float for the batch."""
         B = x.shape[0]
         tt = torch.full((B,), t, device=x.device)
-        if self.null is None or scale == 1:
+        if not self.rep_dim or scale == 1:
             return self.net(x, tt, r).float()
-        v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([r, self.null.expand(B, -1)])).float()
-        v_r, v_null = v.chunk(2)
+        v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([r, self.net.fake_latent.expand(B, -1)]))
+        v_r, v_null = v.float().chunk(2)
         return v_null + scale * (v_r - v_null)
 
     @torch.no_grad()
     def sample(self, r=None, *, n=None, steps=None, scale=None, generator=None, device="cpu"):
-        """Representations r [B, D] (or n with --no-rep) -> images [B, 3, H, W] in [-1, 1], from noise at t = 1."""
+        """Representations r [B, D] (or n with --no-rep) -> images [B, 3, H, W] in [-1, 1], from noise at t = 1;
+        in fp32, as the official sampler."""
         cfg = self.cfg
         n = len(r) if r is not None else n
         x = torch.randn((n, 3, cfg.image_size, cfg.image_size), device=device, generator=generator)
         scale = cfg.rep_cfg if scale is None else scale
-        with common.autocast(x.device):
-            x = sample_ode(lambda x, t: self.velocity(x, t, r, scale), x, steps or cfg.sample_steps)
+        x = sample_ode(lambda x, t: self.velocity(x, t, r, scale), x, steps or cfg.sample_steps)
         return x.clamp(-1, 1)
 
 
@@ -390,8 +442,8 @@ def make_config(args, rdm=False):
         raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.rdm_sample_steps > cfg.T or min(cfg.T, cfg.rep_dim + 1) < 1:
         raise UsageError("need 0 < beta_start < beta_end < 1, 1 <= rdm_sample_steps <= T and rep_dim >= 0")
-    if not (0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1):
-        raise UsageError("rep_drop must be in [0, 1) and eta in [0, 1]")
+    if not (0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1):
+        raise UsageError("rep_drop and adam_beta2 must be in [0, 1) and eta in [0, 1]")
     return cfg
 
 
@@ -403,7 +455,7 @@ def train_rdm(args):
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = RDM(cfg, rep.dim).to(d.device)
     ema = common.Ema(model, cfg.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"RDM {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {cfg.encoder}'s {rep.dim}-d "
            f"representations of {len(data.images)} images (x{len(data.reps)} views), step {step} -> {cfg.steps}, "
@@ -420,7 +472,8 @@ def train_rdm(args):
         loss = loss_of(step_model, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step)
         done = step + 1
@@ -437,7 +490,7 @@ def train(args):
     torch.manual_seed(cfg.seed)
     model = RCG(cfg, rep.dim if rep else 0).to(d.device)
     ema = common.Ema(model, cfg.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
            f"{f'conditioned on {cfg.encoder} ({rep.dim}-d)' if rep else 'unconditional'}, "
@@ -459,7 +512,8 @@ def train(args):
         loss = loss_of(step_model, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(model, step)
         done = step + 1

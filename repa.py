@@ -11,16 +11,29 @@ Claim: a diffusion transformer learns semantic features slowly; aligning its ear
               h_phi = 3-layer MLP projector (SiLU), y_* = the encoder's patch tokens of the clean x        (Eq. 8)
     L = L_v + lambda L_align,  lambda = 0.5;  --proj-coeff 0 is the plain SiT, the same code path       (Eq. 9)
 
-Samplers: Heun on the probability-flow ODE dx/dt = v, and Euler-Maruyama on the reverse SDE
-dx = [v - w(t)/2 s] dt + sqrt(w(t)) dW with s = -(x + (1 - t) v)/t and w(t) = 2t on REPA's grid (N steps: N - 1 noisy
-steps on linspace(1, 0.04, N), then 0.04 -> 0 as the mean of one more step), CFG on an interval.
+Samplers (official samplers.py, state in float64): Euler (`ode`, generate.py's default) or Heun (`heun`) on the
+probability-flow ODE dx/dt = v, and Euler-Maruyama (`sde`, the paper's) on the reverse SDE (sample_sde: REPA's grid
+ends at 0.04, then one mean step to 0). CFG on all channels where lo <= t <= hi (paper: t <= 0.7, scale 1.8).
+
+Checked against the official code (sihyun-yu/REPA 67f7145, fp32 CPU, within 1e-5: tests/reference/make_repa.py): the
+SiT's velocity and projector tokens (models/sit.py: raw t in [0, 1] into the time embedding, the sin-cos table columns
+first), the loss (loss.py's SILoss + 0.5 x the projection loss from one seed: t, noise, dropped labels), euler_sampler
+(Euler, Heun) and euler_maruyama_sampler with CFG on t <= 0.7. The names are the official ones: the released SiT-XL/2
+(ImageNet 256, SD-VAE latents, DINOv2-B; generate.py's last.pt) loads with strict=True. `import` makes it a run (heads
+16 and align depth 8 by default), `sample` writes its latents:
+    python repa.py import --official last.pt --out runs/repa_xl
+    python repa.py sample --ckpt runs/repa_xl/ckpt.pt --n 50000 --sampler sde --sample-steps 250 --cfg-scale 1.8 \
+        --out runs/repa_xl/latents.npz
+The SD-VAE is not in this repository: decode with stabilityai/sd-vae-ft-ema, vae.decode(z / 0.18215), then (x + 1) / 2.
+Kept deviations: bf16 autocast on CUDA (official: fp16 training, tf32 sampling), the EMA's warm-up, class-balanced
+sample labels (official: random), the null class's row even without label dropout.
 
 Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's; needs the released file once, from the internet
 or put in torch.hub's cache), random-vit-s (the honest offline baseline), or a soda.py export. Append @RES to change
 the encoder's input size (224 by default: 16x16 = 256 patch tokens, one per SiT/2 token of a 32x32 image). When the
 token counts differ, the encoder grid is interpolated to the SiT grid.
 
-Commands (python repa.py {train,sample,eval} -h lists every flag):
+Commands (python repa.py {train,sample,eval,import} -h lists every flag):
     CPU smoke, seconds: python repa.py train --preset tiny --out runs/repa_tiny --device cpu
     shapes on a CPU:    python repa.py train --preset cpu --out runs/repa_cpu       (and --proj-coeff 0, runs/sit_cpu)
                         python repa.py eval --ckpt runs/repa_cpu/ckpt.pt --n 1000     (the mechanism only: see below)
@@ -40,13 +53,15 @@ SiT 3.7 min; the frozen ViT's forward is most of a step). Offline there is no DI
 whose 2x2 tokens are interpolated to the 4x4 SiT grid. It shows the mechanism: the alignment term reaches cos 0.82 in
 50 steps and 0.86 at the end. It cannot show the paper's gain: a random ViT holds no semantics (its own probe on shapes:
 0.22 linear, chance 0.1), and its tokens are nearly alike, so aligning to them buys nothing. Measured (eval --n 1000,
-pixel FD): REPA FD 4.23, probe 0.18 linear / 0.13 kNN; plain SiT FD 3.82, probe 0.20 / 0.16; at init 0.10 / 0.11.
+pixel FD): REPA FD 4.23, probe 0.18 linear / 0.13 kNN; plain SiT FD 3.82, probe 0.20 / 0.16; at init 0.10 / 0.11
+(measured when the time embedding took 1000 t, not the official raw t; to be rerun).
 Expected with DINOv2 (a GPU): at equal steps, the aligned run has the lower FD and the higher probe of its own hidden
 tokens. Paper: SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without CFG; SiT-XL/2 1.42
 with CFG.
 """
-import math, os
-from dataclasses import dataclass, field, replace
+import argparse, math, os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -68,7 +83,7 @@ class Config:
     patch: int = 2                  # SiT/2
     hidden: int = 384               # SiT-S width (B 768, L 1024, XL 1152)
     depth: int = 12                 # blocks (S/B 12, L 24, XL 28)
-    heads: int = 6
+    heads: int = 6                  # attention heads (B 12, L/XL 16)
     encoder: str = "dinov2_vitb14"  # frozen encoder (paper: DINOv2-B)
     align_depth: int = 4            # block whose tokens are aligned (B: 4, L/XL: 8)
     proj_dim: int = 2048            # projector width
@@ -81,7 +96,7 @@ class Config:
     grad_clip: float = 1.0          # paper: 1
     warmup: int = 0                 # paper: none
     ema: float = 0.9999             # paper: 0.9999 (with warm-up here)
-    sampler: str = "ode"            # ode (Heun) | sde (Euler-Maruyama; the paper's evaluation sampler)
+    sampler: str = "heun"           # heun (2nd order at 50 steps) | ode (Euler: generate.py's default) | sde (paper)
     sample_steps: int = 50          # paper: 250 SDE steps
     cfg_scale: float = 1.0          # CFG scale (paper 1.8 for its best FID)
     cfg_interval: list = field(default_factory=lambda: [0.0, 0.7])  # CFG where lo <= t <= hi (paper: t <= 0.7)
@@ -105,16 +120,18 @@ PRESETS = {
     "default": dict(),
     "B": dict(hidden=768, depth=12, heads=12, align_depth=4),   # SiT-B/2
     "L": dict(hidden=1024, depth=24, heads=16, align_depth=8),  # SiT-L/2
+    "XL": dict(hidden=1152, depth=28, heads=16, align_depth=8),  # SiT-XL/2, the released checkpoint's (`import`)
 }
 
 
 # -------------------------------------------------------------------------------------------------------- backbone
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim] (half the channels for rows, half for columns)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
-    yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    out = [torch.outer(p.flatten().float(), omega) for p in (yy, xx)]  # 2 x [N, dim/4]
-    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1)
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim], in float64 as MAE's numpy code (official sit.py):
+    the first half of the channels encodes the column, the second the row, each as [sin, cos]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    out = [torch.outer(p.flatten().double(), omega) for p in (cols, rows)]  # 2 x [N, dim/4]
+    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1).float()
 
 
 def modulate(x, shift, scale):
@@ -124,9 +141,7 @@ def modulate(x, shift, scale):
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -142,11 +157,12 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        mlp = dict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(approximate="tanh"), fc2=nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(OrderedDict(mlp))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
         return x + g2 * self.mlp(modulate(self.norm2(x), sh2, sc2))
 
@@ -157,38 +173,43 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):  # t [B] in [0, 1] -> [B, dim]
+    def forward(self, t):  # t [B] in [0, 1], raw (not x1000, as the official SiT) -> [B, dim]
         f = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
-        a = 1000 * t[:, None].float() * f[None]
+        a = t[:, None].float() * f[None]
         return self.mlp(torch.cat([a.cos(), a.sin()], 1))
 
 
 class SiT(nn.Module):
-    """forward(x_t, t, y) -> (v_pred [B,C,H,W], tokens after block align_depth [B,N,D])."""
+    """forward(x_t, t, y) -> (v_pred [B,C,H,W], tokens after block align_depth [B,N,D]). Parameter names are the
+    official ones (models/sit.py), projectors included: the released state dicts load with strict=True."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, enc_dim=None):
         super().__init__()
         p, D, self.grid, self.cfg = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch, cfg
-        self.patch_embed = nn.Conv2d(cfg.channels, D, p, p)
-        self.register_buffer("pos", sincos_2d(self.grid, D)[None], persistent=False)  # [1, N, D]
-        self.t_embed = TimestepEmbedder(D)
-        self.y_embed = nn.Embedding(cfg.num_classes + 1, D)  # last class = null
+        self.x_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(cfg.channels, D, p, p)))
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(cfg.num_classes + 1, D)))  # last: null
+        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])  # [1, N, D], fixed
         self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
-        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.out = nn.Linear(D, p * p * cfg.channels)
+        self.projectors = nn.ModuleList([projector(D, cfg.proj_dim, enc_dim)] if enc_dim else [])  # h_phi
+        self.final_layer = nn.ModuleDict(dict(norm_final=nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
+                                              linear=nn.Linear(D, p * p * cfg.channels),
+                                              adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))))
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(D, -1))
-        nn.init.normal_(self.y_embed.weight, std=0.02)
-        for m in [b.ada[-1] for b in self.blocks] + [self.ada_out[-1], self.out]:  # adaLN-zero, zero output
+        nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(D, -1))
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for m in self.t_embedder.mlp[::2]:
+            nn.init.normal_(m.weight, std=0.02)
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                 self.final_layer.linear]:  # adaLN-zero, zero output
             nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
 
     def forward(self, x, t, y, stop_at=None):
         B, p, g, C = x.shape[0], self.cfg.patch, self.grid, self.cfg.channels
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos  # [B, D, g, g] -> [B, N, D]
-        c = self.t_embed(t) + self.y_embed(y)  # conditioning vector [B, D]
+        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, D, g, g] -> [B, N, D]
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(y)  # conditioning vector [B, D]
         h_align = None
         for i, block in enumerate(self.blocks):
             h = block(h, c)
@@ -196,20 +217,18 @@ class SiT(nn.Module):
                 h_align = h
                 if stop_at == "align":  # for probing: the tokens REPA aligns
                     return None, h_align
-        sh, sc = self.ada_out(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
-        out = self.out(modulate(self.norm_out(h), sh, sc))  # [B, N, p*p*C]
+        fl = self.final_layer
+        sh, sc = fl.adaLN_modulation(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
+        out = fl.linear(modulate(fl.norm_final(h), sh, sc))  # [B, N, p*p*C]
         out = out.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
         return out.reshape(B, C, g * p, g * p), h_align
 
 
 # ---------------------------------------------------------------------------------------------------------- method
 def projector(dim, proj_dim, enc_dim):
-    """h_phi: Linear, SiLU, Linear, SiLU, Linear, applied to every token."""
-    return nn.Sequential(
-        nn.Linear(dim, proj_dim), nn.SiLU(),
-        nn.Linear(proj_dim, proj_dim), nn.SiLU(),
-        nn.Linear(proj_dim, enc_dim),
-    )
+    """h_phi: Linear, SiLU, Linear, SiLU, Linear, applied to every token (official build_mlp)."""
+    return nn.Sequential(nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+                         nn.Linear(proj_dim, enc_dim))
 
 
 def to_grid(tokens, grid):
@@ -229,72 +248,78 @@ def align_loss(h_proj, z_enc):
 
 class REPA(nn.Module):
     """forward(x, y, z_enc) -> L_v + lambda L_align; sample(y) -> images (or latents). z_enc: the frozen encoder's
-    patch tokens of the clean images."""
+    patch tokens of the clean images. The projector h_phi lives in the SiT (net.projectors.0), as officially."""
 
     def __init__(self, cfg, enc_dim=None):
         super().__init__()
-        self.cfg, self.net = cfg, SiT(cfg)
-        self.proj = projector(cfg.hidden, cfg.proj_dim, enc_dim) if cfg.proj_coeff > 0 else None
+        self.cfg, self.net = cfg, SiT(cfg, enc_dim if cfg.proj_coeff > 0 else None)
 
     def forward(self, x, y, z_enc=None):
         cfg, B = self.cfg, x.shape[0]
-        t = torch.rand(B, device=x.device)
-        y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
+        t = torch.rand(B, device=x.device)  # the official loss.py's order of draws: t, noise, then the dropped labels
         e = torch.randn_like(x)
+        if cfg.label_drop > 0:
+            y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
         t4 = t.view(B, 1, 1, 1)
         x_t = (1 - t4) * x + t4 * e  # Eq. 2
         v_pred, h = self.net(x_t, t, y)
         loss_v = ((v_pred.float() - (e - x)) ** 2).mean()  # Eq. 3
         self.last = {"loss_v": loss_v.detach()}
-        if self.proj is None:
+        if not self.net.projectors:
             return loss_v
-        loss_align = align_loss(self.proj(h), to_grid(z_enc, self.net.grid))
+        loss_align = align_loss(self.net.projectors[0](h), to_grid(z_enc, self.net.grid))
         self.last["loss_align"] = loss_align.detach()
         return loss_v + cfg.proj_coeff * loss_align  # Eq. 9
 
-    def velocity(self, x, t, y, scale, interval):
-        """v(x, t) with CFG inside lo <= t <= hi; t is a float shared by the batch."""
-        B, cfg = x.shape[0], self.cfg
+    def velocity(self, x, t, y, scale, interval, t_cfg=None):
+        """v(x, t) in float64 (x: float64, the official samplers' state), with CFG on all channels where lo <= t_cfg <=
+        hi (t_cfg = t, except Heun's second evaluation: the official one keeps the step's decision)."""
+        B, t_cfg = x.shape[0], t if t_cfg is None else t_cfg
         tt = torch.full((B,), t, device=x.device)
-        if scale != 1 and interval[0] <= t <= interval[1]:
-            v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, cfg.num_classes)]))[0]
-            v_c, v_u = v.float().chunk(2)
+        if scale != 1 and interval[0] <= t_cfg <= interval[1]:
+            y_null = torch.cat([y, torch.full_like(y, self.cfg.num_classes)])  # conditional, then the null class
+            v_c, v_u = self.net(torch.cat([x, x]).float(), torch.cat([tt, tt]), y_null)[0].double().chunk(2)
             return v_u + scale * (v_c - v_u)
-        return self.net(x, tt, y)[0].float()
+        return self.net(x.float(), tt, y)[0].double()
 
     @torch.no_grad()
     def sample(self, y, *, sampler=None, steps=None, scale=None, interval=None, generator=None):
         """Class labels y [B] -> images [B,3,H,W] in [-1, 1] (or latents [B,C,h,w]), from noise at t = 1."""
         cfg = self.cfg
-        scale = cfg.cfg_scale if scale is None else scale
-        interval = interval or cfg.cfg_interval
+        scale, interval = cfg.cfg_scale if scale is None else scale, interval or cfg.cfg_interval
+        sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
         x = torch.randn((len(y), cfg.channels, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
         with common.autocast(x.device):
-            v = lambda x, t: self.velocity(x, t, y, scale, interval)
-            solve = sample_sde if (sampler or cfg.sampler) == "sde" else sample_ode
-            x = solve(v, x, steps or cfg.sample_steps, generator)
+            v = lambda x, t, t_cfg=None: self.velocity(x, t, y, scale, interval, t_cfg)
+            x = sample_sde(v, x, steps, generator) if sampler == "sde" else sample_ode(v, x, steps, sampler == "heun")
         return x if cfg.latents else x.clamp(-1, 1)
 
 
 # --------------------------------------------------------------------------------------------------------- samplers
-def sample_ode(v, x, steps, generator=None):
-    """Heun on dx/dt = v(x, t) from t = 1 (noise) to 0; the last step is Euler (no evaluation at t = 0)."""
-    ts = torch.linspace(1, 0, steps + 1).tolist()
+SAMPLERS = ("heun", "ode", "sde")
+
+
+def sample_ode(v, x, steps, heun=False):
+    """Euler (or Heun) on dx/dt = v(x, t) from t = 1 (noise) to 0 on linspace(1, 0, steps + 1), in float64 as the
+    official euler_sampler; Heun's last step is Euler (no evaluation at t = 0). -> float32."""
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    x = x.double()
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         d = v(x, t)
-        if i == steps - 1:
-            x = x + (t_next - t) * d
-        else:
-            x = x + (t_next - t) * 0.5 * (d + v(x + (t_next - t) * d, t_next))
-    return x
+        x_next = x + (t_next - t) * d
+        if heun and i < steps - 1:
+            x_next = x + (t_next - t) * (0.5 * d + 0.5 * v(x_next, t_next, t))  # CFG decided at t, as officially
+        x = x_next
+    return x.float()
 
 
 def sample_sde(v, x, steps, generator=None):
-    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, on the official REPA grid
-    (samplers.py, euler_maruyama_sampler): t = linspace(1, 0.04, steps), then 0. steps - 1 noisy steps down to t = 0.04,
-    then 0.04 -> 0 as the mean of one more step (its drift, no noise): `steps` evaluations of v in all."""
+    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, on the official grid
+    (euler_maruyama_sampler): steps - 1 noisy steps on linspace(1, 0.04, steps), then 0.04 -> 0 as the mean of one more
+    step; state and noise in float64. CFG on v is the official CFG on the drift (affine in v). -> float32."""
     ts = torch.linspace(1, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
+    x = x.double()
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         d = v(x, t)
@@ -303,7 +328,7 @@ def sample_sde(v, x, steps, generator=None):
         if i < steps - 1:  # the last step (0.04 -> 0) is the mean: no noise
             noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
             x = x + math.sqrt(w * (t - t_next)) * noise  # sqrt(w |dt|) e
-    return x
+    return x.float()
 
 
 # ---------------------------------------------------------------------------------------------------- train / main
@@ -331,8 +356,8 @@ def make_config(args):
         raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
     if not 1 <= cfg.align_depth <= cfg.depth:
         raise UsageError(f"align_depth {cfg.align_depth} is not a block of the {cfg.depth}-block SiT")
-    if cfg.sampler not in ("ode", "sde"):
-        raise UsageError(f"sampler is ode or sde (got {cfg.sampler!r})")
+    if cfg.sampler not in SAMPLERS:
+        raise UsageError(f"sampler is one of {', '.join(SAMPLERS)} (got {cfg.sampler!r})")
     return cfg
 
 
@@ -389,7 +414,7 @@ def train(args):
 
 def build(cfg, ckpt):
     """The model of a checkpoint: the projector's output width is the encoder's, read from the saved weights."""
-    return REPA(cfg, ckpt["ema"]["proj.4.weight"].shape[0] if cfg.proj_coeff > 0 else None)
+    return REPA(cfg, ckpt["ema"]["net.projectors.0.4.weight"].shape[0] if cfg.proj_coeff > 0 else None)
 
 
 def generate(model, cfg, n, args, d):
@@ -412,8 +437,7 @@ def sample_cmd(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if cfg.latents:  # decode them with the VAE that made the training latents
         np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
-        print0(f"wrote {args.out}: {args.n} latents [{args.n},{cfg.channels},{cfg.image_size},{cfg.image_size}] "
-               f"(decode them with your VAE)")
+        print0(f"wrote {args.out}: latents {list(x.shape)} (decode them with the VAE that made the training latents)")
     else:
         common.write_samples(args.out, x)
 
@@ -479,6 +503,29 @@ def eval_cmd(args):
     common.write_eval(args.ckpt, res)
 
 
+def import_cmd(args):
+    """An official state dict (the released last.pt, or a train.py checkpoint's "ema") -> OUT/ckpt.pt of this file,
+    for `sample` (latents) and `eval`. Sizes are read from the weights; heads and align_depth are not in them."""
+    with torch.serialization.safe_globals([argparse.Namespace]):  # train.py's checkpoints hold their args
+        sd = common.load_checkpoint(args.official)
+    try:
+        sd = sd.get("ema", sd)
+        w, n = sd["x_embedder.proj.weight"], 1 + max(int(k.split(".")[1]) for k in sd if k[:7] == "blocks.")
+        cfg = Config(latents=True, channels=w.shape[1], patch=w.shape[2], hidden=w.shape[0], depth=n, heads=args.heads,
+                     image_size=w.shape[2] * math.isqrt(sd["pos_embed"].shape[1]), align_depth=args.align_depth,
+                     proj_dim=sd["projectors.0.0.weight"].shape[0],
+                     num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1)
+        if cfg.hidden % cfg.heads or cfg.align_depth > n:
+            raise UsageError(f"--heads must divide the width {cfg.hidden}, --align-depth is at most {n}")
+        model = REPA(cfg, sd["projectors.0.4.weight"].shape[0])
+        model.net.load_state_dict(sd, strict=True)
+    except (AttributeError, KeyError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{args.official}: not an official REPA SiT state dict ({type(e).__name__}: {e})") from None
+    os.makedirs(args.out, exist_ok=True)
+    common.save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(ema=model.state_dict(), step=0, config=asdict(cfg)))
+    print0(f"wrote {args.out}/ckpt.pt: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters")
+
+
 def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
@@ -489,13 +536,18 @@ def main(argv=None):
                     help="train on the `latents` [N,C,h,w] of the --data .npz (its arr_0 images feed the encoder)")
     ev.add_argument("--encoder", help="encoder probed beside the SiT (default: the run's)")
     for s in (sa, ev):
-        s.add_argument("--sampler", choices=["ode", "sde"], help="Heun ODE or Euler-Maruyama SDE (default: the run's)")
+        s.add_argument("--sampler", choices=SAMPLERS, help="Heun or Euler ODE, Euler-Maruyama SDE (default: the run's)")
         s.add_argument("--sample-steps", type=common.number(int), help="sampler steps (default: the run's, 50)")
         s.add_argument("--cfg-scale", type=common.number(float, 0, strict=False), help="CFG scale (default: the run's)")
         s.add_argument("--cfg-interval", type=common.number(float, 0, strict=False), nargs=2,
                        help="CFG only for lo <= t <= hi (default 0 0.7)")
+    im = sub.add_parser("import", help="an official REPA state dict -> OUT/ckpt.pt (for sample, eval)")
+    im.add_argument("--official", required=True, help="the released last.pt, or a train.py checkpoint")
+    im.add_argument("--out", required=True, help="run folder")
+    im.add_argument("--heads", type=common.number(int), default=16, help="attention heads (SiT-XL/2: 16)")
+    im.add_argument("--align-depth", type=common.number(int), default=8, help="encoder depth (SiT-XL/2: 8)")
     args = p.parse_args(argv)
-    {"train": train, "sample": sample_cmd, "eval": eval_cmd}[args.cmd](args)
+    {"train": train, "sample": sample_cmd, "eval": eval_cmd, "import": import_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

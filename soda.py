@@ -11,16 +11,33 @@ the image learns a strong, linearly separable representation (the seeds' "condit
     puts 81% of the samples at abar in [0.2, 0.8] (the cosine schedule: 41%) and under 1% below 0.05: it
     concentrates training on mid noise, where the coarse structure of the view is decided
     layer modulation: z = [z_0 .. z_m]; z_i modulates group i of the U-Net (down level i and its mirrored up level,
-    the middle is group m) as h <- h (1 + z_s) + z_b after the time FiLM; layer masking drops groups at random and
-    dropping all of them is the unconditional model for classifier-free guidance on z             (Sec. 3.2)
+    the middle is group m) as h <- h (1 + z_s) + z_b, (z_s, z_b) = Linear(SiLU(z_i)), after the time FiLM; layer
+    masking drops groups at random and dropping all of them is the unconditional model for guidance on z   (Sec. 3.2)
 Sampling: DDIM from t = 1 to 0 conditioned on z of a source image, eps = (1 + w) eps(z) - w eps(no z), x0 clamped to
 [-1, 1] (and, with recompute_eps, eps re-derived from the clamped x0).
 
-The encoder is the paper's ResNet (resnet18 with the CIFAR stem, as the public CIFAR reimplementation
-FutureXiang/soda; common.ResNet, torchvision's keys) or, with --set encoder=vit, the DINOv2-layout ViT of common.py.
-Either way `export-encoder` writes a file that common.load_encoder reads: a SODA checkpoint can serve as the frozen
-encoder of repa.py, rae.py or rcg.py (--encoder enc.pt) offline. The source view is a random resized crop with a flip,
-colour jitter, grayscale and blur; the target an independent crop with a flip.
+Checked against FutureXiang/soda (commit 79f9c0a), a public CIFAR reimplementation, read file by file (its
+config/cifar10.yaml, model/, datasets.py, train.py, test.py, metric.py); no fixture, since its z pathway differs by
+design (below). Its residual block equals ours once its FiLM scales are written as 1 + s (checked by loading one
+block's weights). The same as it: resnet18 with the CIFAR stem and its fc to z of 128; a U-Net of 128 channels,
+ch_mult 1 2 2 2, two blocks a level, attention at 16 px, dropout 0.1, a SiLU before each block's t and z FiLM; z
+dropped with p 0.1; w = 0.3 in (1 + w) eps(z) - w eps(no z); DDIM, 100 steps, eta 0, x0 clamped; AdamW (0.9, 0.95),
+weight decay 0.05, lr 4e-4 (its 1e-4 per process x 4) and 2x for the encoder, global batch 512, about 800 epochs
+with a 20-epoch warm-up, clipping at 1, EMA 0.9999. Ours where they differ, the paper's first: the inverted cosine
+schedule (its CIFAR config uses linear betas 1e-4..0.02 over 1000 steps, the inverted one commented out); one
+sub-vector per group with layer masking (it feeds all of z to every block; masking is its TODO). Then our choices:
+both FiLMs as h (1 + s) + b, so that a masked sub-vector means no modulation (there h s + b, and a dropped z = 0
+still passes the Linear's bias); the views (there source and target are each a RandomResizedCrop over 0.08-1 of
+the area with a flip, p 0.95, then RandAugment, p 0.65, the source with CIFAR mean/std and N(0, 0.1^2) noise added);
+continuous t into the sinusoids as 1000 t (there the step / 1000); eps not re-derived from the clamped x0 unless
+recompute_eps (it is there); the final GroupNorm's 32 groups (8 there); zero-initialised output convolutions (ADM's);
+common.Ema's warm-up (ema_pytorch's 1 - (1 + step)^(-2/3) there: 0.9995 at the last step); bf16 (fp16 there).
+No released checkpoint exists (neither the paper nor the reimplementation published weights).
+
+The encoder is the paper's ResNet (common.ResNet, torchvision's keys) or, with --set encoder=vit, the DINOv2-layout
+ViT of common.py. Either way `export-encoder` writes a file that common.load_encoder reads: a SODA checkpoint can
+serve as the frozen encoder of repa.py, rae.py or rcg.py (--encoder enc.pt) offline. The source view is a random
+resized crop with a flip, colour jitter, grayscale and blur; the target an independent crop with a flip.
 
 Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag):
     CPU smoke, seconds:  python soda.py train --preset tiny --out runs/soda_tiny --device cpu
@@ -34,11 +51,16 @@ Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag)
 `sample` and `eval` generate a view of each test image (drawn uniformly) from its own z; eval.json's `fd` is their FD
 against the training split, `psnr` their fidelity to the source (the same view: source and comparison are the whole
 image; `psnr_crop` is what an independent crop of the target distribution scores against it, the figure a perfect
-novel-view model would get), `probe_*` the probes of z, raw and `*_l2` L2-normalised (`*_init`: the same encoder at
-initialisation, `*_pixels`: raw pixels).
-Expected: the probe on z beats the same encoder at initialisation. A ResNet-18 reimplementation reports 80.0% linear /
-80.4% k-NN on CIFAR-10 after 800 epochs. On `shapes` with the cpu preset (2-core CPU, 8 min): 0.24 linear against
-0.12 at initialisation (the README's soda.py section; a ViT encoder did not get there).
+novel-view model would get), `probe_*` the probes of z, raw and `*_l2` L2-normalised, `probe_knn_uniform` the
+unweighted 20-NN (`*_init`: the same encoder at initialisation, `*_pixels`: raw pixels).
+Expected: the probe on z beats the same encoder at initialisation. FutureXiang/soda reports 80.0% linear / 80.4% k-NN
+on CIFAR-10 after 800 epochs, with the recipe and the differences above, on 4 GPUs (SyncBatchNorm over 512: one GPU
+at batch 512 gives BatchNorm the same batch), and other probes: test.py fits BatchNorm + a linear layer (Adam 1e-3,
+cosine, 15 epochs, batch 128) on z / ||z|| of all 50k training images, re-augmented each epoch (crop and flip, p
+0.65), and votes over 20 neighbours of one augmented pass, on the 10k test images; eval here fits full-batch Adam
+on standardised z of 10k unaugmented training images and tests 5k (`probe_linear_l2`, `probe_knn_uniform` are the
+closest). On `shapes` with the cpu preset (2-core CPU, 8 min idle): 0.173 linear against 0.124 at initialisation
+(the README's soda.py section has 0.24 from an earlier version, its table 0.17; a ViT encoder did not get there).
 """
 import math, os
 from dataclasses import dataclass, field
@@ -63,31 +85,35 @@ class Config:
     enc_patch: int = 4              # ViT encoder: patch (8x8 tokens at 32 px)
     enc_dim: int = 384              # ViT encoder: width (a multiple of 64: heads = width / 64)
     enc_depth: int = 12             # ViT encoder: blocks (ViT-S)
-    z_dim: int = 128                # the compact latent (FutureXiang's CIFAR setting)
+    z_dim: int = 128                # the compact latent (FutureXiang's CIFAR setting), split as evenly as it goes
+                                    # over the groups (26 26 26 25 25 at the default's 5)
     channels: int = 128             # U-Net base width
-    ch_mult: list = field(default_factory=lambda: [1, 2, 2])  # width per resolution; groups = len(ch_mult) + 1
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])  # width per resolution (32, 16, 8, 4 px, FutureXiang's
+                                    # CIFAR U-Net); groups = len(ch_mult) + 1
     num_res: int = 2                # residual blocks per resolution
     attn_res: list = field(default_factory=lambda: [16])      # resolutions with self-attention
-    dropout: float = 0.1
-    source_scale: list = field(default_factory=lambda: [0.2, 1.0])  # random-resized-crop area of the source view
+    dropout: float = 0.1            # in each residual block, before its second conv (FutureXiang's 0.1)
+    source_scale: list = field(default_factory=lambda: [0.2, 1.0])  # crop area of the source view (FutureXiang: 0.08)
     target_scale: list = field(default_factory=lambda: [0.2, 1.0])  # ... and of the independent target view
     jitter: float = 0.4             # colour jitter strength on the source (brightness, contrast, saturation)
     gray: float = 0.2               # P(source made grayscale)
     blur: list = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma of the source (pixels at 32 px),
     blur_prob: float = 0.5          # applied with this probability (SimCLR's recipe)
-    mask_prob: float = 0.1          # layer masking: each group loses its z_i with this probability
+    mask_prob: float = 0.1          # layer masking: each group loses its z_i with this probability (FutureXiang: none)
     z_drop: float = 0.1             # all of z dropped (the unconditional model for guidance)
     guidance: float = 0.3           # w in (1 + w) eps(z) - w eps(no z)
-    schedule_s: float = 0.008       # s of the inverted cosine schedule
+    schedule_s: float = 0.008       # s of the paper's inverted cosine schedule (FutureXiang's CIFAR: linear betas)
     sample_steps: int = 100         # DDIM steps
     recompute_eps: bool = False     # DDIM: eps re-derived from the clamped x0 (GLIDE; diffusers' use_clipped_model_
-                                    # output). Off: it saturated 21% of the pixels, FD 15.4 against 10.1 (README)
-    steps: int = 100_000            # optimiser steps
-    batch_size: int = 256           # global batch size
-    lr: float = 1e-4                # AdamW (0.9, 0.95); the encoder gets 2x
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0
-    warmup: int = 1_000             # linear warm-up steps
+                                    # output; FutureXiang's). Off: 21% of pixels saturated, FD 15.4 vs 10.1 (README)
+    steps: int = 78_000             # optimiser steps: 800 epochs of CIFAR-10 at 512 (FutureXiang's 800 epochs)
+    batch_size: int = 512           # global batch size (FutureXiang's 4 GPUs x 128; on one GPU BatchNorm sees the 512
+                                    # its SyncBatchNorm does)
+    lr: float = 4e-4                # the U-Net's AdamW (0.9, 0.95) lr: FutureXiang's 1e-4 per process x 4 processes
+    enc_lr_ratio: float = 2.0       # the encoder's lr / the U-Net's (FutureXiang's lrate_ratio)
+    weight_decay: float = 0.05      # AdamW's (FutureXiang's 0.05)
+    grad_clip: float = 1.0          # max global gradient norm (FutureXiang's 1)
+    warmup: int = 2_000             # linear warm-up steps (about 20 epochs at 512, FutureXiang's warm_epoch)
     ema: float = 0.9999             # EMA decay (with warm-up)
     num_classes: int = 10           # filled in from the data (only the probe uses labels)
     log_every: int = 50             # steps between log.jsonl rows
@@ -125,14 +151,15 @@ def group_norm(ch):
 
 
 class ResBlock(nn.Module):
-    """Residual conv block with time FiLM, then the FiLM of its group's sub-vector z_i (zero when masked)."""
+    """Residual conv block with time FiLM, then the FiLM of its group's sub-vector z_i (zero when masked). Both FiLMs
+    read their input through a SiLU (ADM's emb_layers; FutureXiang's time_emb and z_emb)."""
 
     def __init__(self, c_in, c_out, emb_dim, z_chunk, dropout):
         super().__init__()
         self.norm1 = group_norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.film = nn.Linear(emb_dim, 2 * c_out)  # t -> (scale, shift)
-        self.z_film = nn.Linear(z_chunk, 2 * c_out)  # z_i -> (z_s, z_b)
+        self.film = nn.Linear(emb_dim, 2 * c_out)  # SiLU(emb(t)) -> (scale, shift)
+        self.z_film = nn.Linear(z_chunk, 2 * c_out)  # SiLU(z_i) -> (z_s, z_b)
         self.norm2 = group_norm(c_out)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
@@ -142,7 +169,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb, zmod):  # zmod [B, 2 C]: this block's (z_s, z_b), already masked
         h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
+        scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
         z_s, z_b = zmod[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
         h = (self.norm2(h) * (1 + scale) + shift) * (1 + z_s) + z_b
         return self.skip(x) + self.conv2(self.drop(F.silu(h)))
@@ -167,16 +194,17 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, z, keep): a U-Net whose residual blocks are grouped (down level i + up level i, and the middle)
+    """eps_theta(x_t, t, z, keep): a U-Net whose residual blocks are grouped (down level i + up level i; the middle)
     and modulated by their own sub-vector of z. keep [B, groups] in {0, 1} masks the groups (layer masking / CFG)."""
 
     def __init__(self, cfg):
         super().__init__()
         ch, emb_dim, G = cfg.channels, 4 * cfg.channels, len(cfg.ch_mult) + 1
-        if cfg.z_dim % G:
-            raise UsageError(f"z_dim {cfg.z_dim} does not split into {G} equal sub-vectors")
-        self.ch, self.groups, zc = ch, G, cfg.z_dim // G
-        block = lambda c_in, c_out: ResBlock(c_in, c_out, emb_dim, zc, cfg.dropout)
+        if cfg.z_dim < G:
+            raise UsageError(f"z_dim ({cfg.z_dim}) must be at least the {G} groups")
+        self.ch, self.groups = ch, G
+        self.z_sizes = [len(c) for c in torch.arange(cfg.z_dim).tensor_split(G)]  # sub-vector sizes, as evenly as goes
+        block = lambda c_in, c_out, g: ResBlock(c_in, c_out, emb_dim, self.z_sizes[g], cfg.dropout)
         attn = lambda c, res: AttnBlock(c) if res in cfg.attn_res else nn.Identity()
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
@@ -188,7 +216,7 @@ class UNet(nn.Module):
         res = cfg.image_size
         for i, m in enumerate(cfg.ch_mult):
             for _ in range(cfg.num_res):
-                self.down.append(nn.ModuleList([block(c, ch * m), attn(ch * m, res)]))
+                self.down.append(nn.ModuleList([block(c, ch * m, i), attn(ch * m, res)]))
                 self.block_group.append(i)
                 c = ch * m
                 skips.append(c)
@@ -196,11 +224,11 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([block(c, c), AttnBlock(c), block(c, c)])
+        self.mid = nn.ModuleList([block(c, c, G - 1), AttnBlock(c), block(c, c, G - 1)])
         self.block_group += [G - 1, G - 1]
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res + 1):
-                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m), attn(ch * m, res)]))
+                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m, i), attn(ch * m, res)]))
                 self.block_group.append(i)  # mirrored: up level i shares z_i with down level i
                 c = ch * m
             if i > 0:
@@ -215,8 +243,8 @@ class UNet(nn.Module):
 
     def z_modulation(self, z, keep):
         """-> one [B, 2C] (z_s, z_b) per residual block: block b reads only sub-vector block_group[b] of z."""
-        chunks = z.chunk(self.groups, 1)  # G x [B, z_dim / G]
-        return [blk.z_film(chunks[g]) * keep[:, g:g + 1] for blk, g in zip(self.res_blocks, self.block_group)]
+        chunks = z.tensor_split(self.groups, 1)  # G x [B, z_sizes[g]]
+        return [blk.z_film(F.silu(chunks[g])) * keep[:, g:g + 1] for blk, g in zip(self.res_blocks, self.block_group)]
 
     def forward(self, x, t, z, keep):
         emb = self.emb(timestep_embedding(t, self.ch))
@@ -263,7 +291,8 @@ def source_view(x, cfg):
     gray = x.mean(1, keepdim=True)
     x = (x - gray) * f() + gray  # saturation
     x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.gray, x.mean(1, keepdim=True).expand_as(x), x)
-    blurred = common.gaussian_blur(x, torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32)
+    blurred = common.gaussian_blur(x, torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32,
+                                    cfg.blur[1] * x.shape[-1] / 32)
     x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.blur_prob, blurred, x)
     return x.clamp(0, 1) * 2 - 1
 
@@ -350,9 +379,18 @@ def make_config(args):
     if cfg.encoder == "vit" and (cfg.image_size % cfg.enc_patch or cfg.enc_dim % 64):
         raise UsageError(f"ViT encoder: the image size ({cfg.image_size}) must be divisible by the patch "
                          f"({cfg.enc_patch}) and enc_dim ({cfg.enc_dim}) a multiple of 64")
-    if cfg.z_dim % (len(cfg.ch_mult) + 1):
-        raise UsageError(f"z_dim ({cfg.z_dim}) must be a multiple of the {len(cfg.ch_mult) + 1} groups")
+    if cfg.z_dim < len(cfg.ch_mult) + 1:
+        raise UsageError(f"z_dim ({cfg.z_dim}) must be at least the {len(cfg.ch_mult) + 1} groups")
     return cfg
+
+
+def make_optimizer(model, cfg):
+    """AdamW (0.9, 0.95) over the U-Net at lr and the encoder (with its head) at enc_lr_ratio x lr: lr_mult."""
+    enc = list(model.encoder.parameters()) + list(model.head.parameters())
+    groups = [{"params": list(model.net.parameters()), "lr_mult": 1.0}, {"params": enc, "lr_mult": cfg.enc_lr_ratio}]
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_mult"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
 def train(args):
@@ -360,12 +398,12 @@ def train(args):
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = SODA(cfg).to(d.device)
+    if d.world > 1 and d.device.type == "cuda":  # BatchNorm over the global batch, as FutureXiang's SyncBatchNorm
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = common.Ema(model, cfg.ema)
-    enc_params = list(model.encoder.parameters()) + list(model.head.parameters())
-    groups = [{"params": model.net.parameters(), "lr_mult": 1.0}, {"params": enc_params, "lr_mult": 2.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
-    n_enc, n_net = sum(p.numel() for p in enc_params) / 1e6, sum(p.numel() for p in model.net.parameters()) / 1e6
+    n_net, n_enc = (sum(p.numel() for p in g["params"]) / 1e6 for g in opt.param_groups)
     print0(f"SODA encoder {n_enc:.1f}M + U-Net {n_net:.1f}M params, z {cfg.z_dim} in {model.net.groups} groups, "
            f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
     step_model = common.wrap(model, d, args.compile)
@@ -379,7 +417,7 @@ def train(args):
 
     log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d, model))
     for step in log.steps(step, cfg.steps):
-        # learning rate: linear warm-up, then constant; the encoder at 2x
+        # learning rate: linear warm-up, then constant; the encoder at enc_lr_ratio x
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
@@ -450,6 +488,7 @@ def eval_cmd(args):
         torch.manual_seed(args.seed)
         crops = random_crops(x_src, cfg.target_scale)  # what a perfect novel-view model would generate
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
+    y_tr, y_te = y_tr.to(d.device), y_te.to(d.device)  # beside the features (the probes below run on the device)
     torch.manual_seed(cfg.seed)
     init = SODA(cfg).to(d.device).eval()  # the same encoder at initialisation: the probe's floor
     res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
@@ -463,6 +502,8 @@ def eval_cmd(args):
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix, data))
         l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||
         res[f"probe_linear{suffix}_l2"] = round(l2, 4)
+        knn = common.knn_accuracy(f_tr, y_tr, f_te, y_te, T=float("inf"))
+        res[f"probe_knn{suffix}_uniform"] = round(knn, 4)  # 20 equal votes, FutureXiang's test.py (sklearn's)
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
     common.write_eval(args.ckpt, res)
 

@@ -41,3 +41,12 @@ def torchrun():
                module_file, *map(str, argv)]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return run
+
+
+@pytest.fixture
+def reference():
+    """-> a function (method, name) -> the fixture tests/reference/{method}_{name}.pt, made from the official code by
+    tests/reference/make_references.py (its `meta` names the repository, commit and versions)."""
+    def load(method, name):
+        return torch.load(os.path.join(ROOT, "tests", "reference", f"{method}_{name}.pt"), weights_only=True)
+    return load

@@ -29,6 +29,7 @@ def test_cfg_interval_by_hand():
     assert J.guided(vc, vu, 0.5, 2.0, (0.1, 1.0)).item() == 5.0  # 1 + 2 * (3 - 1)
     assert J.guided(vc, vu, 0.05, 2.0, (0.1, 1.0)).item() == 3.0  # outside: conditional only
     assert J.guided(vc, vu, 1.0, 2.0, (0.1, 1.0)).item() == 3.0  # the interval is open
+    assert J.guided(vc, vu, 0.0, 2.0, (0.0, 1.0)).item() == 5.0  # but lo = 0 takes t = 0 in (the official test)
 
 
 def test_network_starts_at_x_pred_zero_and_keeps_shapes():
@@ -45,7 +46,7 @@ def test_output_patch_lands_where_its_input_patch_was():
     alone: a change inside one input patch must show up in exactly that patch of the output (checks the unpatchify)."""
     cfg = J.Config(**J.PRESETS["tiny"])
     net = J.JiTNet(cfg)
-    torch.nn.init.normal_(net.out.weight)
+    torch.nn.init.normal_(net.final_layer.linear.weight)
     p = cfg.patch
     z, t, y = torch.randn(1, 3, 16, 16), torch.rand(1), torch.zeros(1, dtype=torch.long)
     z2 = z.clone()
@@ -177,3 +178,70 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path):
         losses.append(model(x, y).item())
     assert losses[0] != losses[1]  # the ranks see different batches
     assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ against the official code
+# Fixtures made by tests/reference/make_jit.py from LTH14/JiT's model_jit.py and denoiser.py (fp32, CPU): the official
+# Denoiser's state dict loads unchanged into J.JiT with strict=True, and the same inputs give the same numbers.
+def official_weights(reference):
+    ref = reference("jit", "net")
+    model = J.JiT(J.Config(**ref["config"]))
+    model.load_state_dict(ref["state_dict"], strict=True)
+    return model, ref
+
+
+def test_network_matches_official(reference):
+    ref = reference("jit", "net")
+    net = J.JiT(J.Config(**ref["config"])).net
+    # what is not in our state dict: the sin-cos table (columns first) and the RoPE tables (interleaved pairs)
+    torch.testing.assert_close(net.pos_embed, ref["state_dict"]["net.pos_embed"], rtol=0, atol=1e-7)
+    torch.testing.assert_close(net.rope_ctx_cos, ref["rope_cos"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(net.rope_ctx_sin, ref["rope_sin"], rtol=0, atol=1e-6)
+    model, ref = official_weights(reference)
+    with torch.no_grad():
+        torch.testing.assert_close(model.net.t_embedder(ref["t"]), ref["t_emb"], rtol=1e-5, atol=1e-6)  # raw t
+        torch.testing.assert_close(model.net(ref["z"], ref["t"], ref["y"]), ref["out"], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_and_its_draws_match_official(reference):
+    model, net_ref = official_weights(reference)
+    ref, cfg = reference("jit", "loss"), model.cfg
+    torch.manual_seed(ref["seed"])
+    u, n, e = torch.rand(4), torch.randn(4), torch.randn_like(ref["x"])  # the raw draws, in the official order
+    assert torch.equal(u, ref["u"]) and torch.equal(n, ref["n"]) and torch.equal(e, ref["e"])
+    assert torch.equal(torch.where(u < cfg.label_drop, cfg.num_classes, ref["labels"]), ref["y_drop"])
+    torch.testing.assert_close(torch.sigmoid(n * cfg.P_std + cfg.P_mean), ref["t"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(e * cfg.noise_scale, ref["e_scaled"], rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(ref["seed"])
+    loss = model(ref["x"], ref["labels"])
+    loss.backward()
+    torch.testing.assert_close(loss, ref["loss"], rtol=1e-5, atol=1e-6)
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    for k, g in ref["grads"].items():
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("run", ["lo0", "mid"])
+def test_sampler_matches_official(reference, run):
+    """4 Heun steps + 1 Euler with CFG 2.5 in (0, 0.7) (lo = 0: t = 0 is guided) and in (0.3, 1); the official returns
+    z unclamped and clips when it writes PNGs, ours clamps to [-1, 1] at the end."""
+    model, _ = official_weights(reference)
+    ref = reference("jit", "sample")
+    g = torch.Generator().manual_seed(ref["seed"])
+    assert torch.equal(torch.randn(ref["noise"].shape, generator=g) * model.cfg.noise_scale, ref["noise"])
+    g.manual_seed(ref["seed"])
+    r = ref["runs"][run]
+    model.eval()
+    out = model.sample(ref["y"], steps=ref["steps"], scale=ref["cfg_scale"], interval=r["interval"], generator=g)
+    torch.testing.assert_close(out, r["out"].clamp(-1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_released_checkpoints_load_into_our_presets(reference):
+    """JiT-{B,L,H}/16 at 256 px and /32 at 512 px: the official state dicts' keys and shapes are ours (strict=True)."""
+    for name, shapes in reference("jit", "keys")["shapes"].items():
+        size, patch = name.split("-")[1].split("/")
+        cfg = J.Config(**J.PRESETS[size], patch=int(patch), image_size=256 if patch == "16" else 512, num_classes=1000)
+        with torch.device("meta"):
+            ours = {k: list(v.shape) for k, v in J.JiT(cfg).state_dict().items()}
+        assert ours == shapes, name

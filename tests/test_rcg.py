@@ -35,7 +35,7 @@ def test_linear_sqrt_betas_by_hand():
     assert b[0].item() == pytest.approx(0.0015) and b[-1].item() == pytest.approx(0.0195)
     assert b[1].item() == pytest.approx(((0.0015 ** 0.5 + 0.0195 ** 0.5) / 2) ** 2)
     rdm = R.RDM(tiny_cfg(T=3), 4)
-    assert torch.allclose(rdm.abar, torch.cumprod(1 - b, 0).float())
+    assert torch.equal(rdm.abar, torch.cumprod(1 - b, 0))  # float64
 
 
 def test_ddim_steps_by_hand():
@@ -95,17 +95,21 @@ def test_null_vector_and_guidance():
         torch.nn.init.normal_(p, std=0.1)
     x, r = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8)
     model(x, r).backward()
-    assert model.null.grad.abs().sum() > 0 and model.net.rep_embed.weight.grad is not None  # r dropped -> null
+    net = model.net
+    assert net.fake_latent.grad.abs().sum() > 0 and net.rep_embedder.weight.grad is not None  # r dropped -> null
+    assert net.y_embedder.embedding_table.weight.grad is None  # the unconditional table: frozen, unused
     model.zero_grad()
-    model.cfg = replace(model.cfg, rep_drop=0.0)
+    net.rep_dropout_prob = 0.0
     model(x, r).backward()
-    assert model.null.grad is None or model.null.grad.abs().sum() == 0  # never dropped: the null is unused
+    assert net.fake_latent.grad is None or net.fake_latent.grad.abs().sum() == 0  # never dropped: the null is unused
+    model.eval()
     t = torch.full((2,), 0.4)
-    v_r, v_null = model.net(x, t, r), model.net(x, t, model.null.expand(2, -1))
+    v_r, v_null = net(x, t, r), net(x, t, net.fake_latent.expand(2, -1))
     assert torch.allclose(model.velocity(x, 0.4, r, 3.0), v_null + 3.0 * (v_r - v_null), atol=1e-5)
     assert torch.allclose(model.velocity(x, 0.4, r, 1.0), v_r, atol=1e-6)
     plain = R.RCG(tiny_cfg(no_rep=True), 8)
-    assert plain.null is None and plain.net.rep_embed is None and plain.rep_dim == 0
+    assert plain.net.fake_latent is None and plain.net.rep_embedder is None and plain.rep_dim == 0
+    assert plain.net.y_embedder.embedding_table.weight.requires_grad  # c = t_emb + y_emb: trained
 
 
 def test_batch_size_one():
@@ -192,3 +196,77 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for k in ("rdm", "gen"):
         assert [json.loads(line)["step"] for line in open(tmp_path / k / "log.jsonl")] == [1, 2, 3]
+
+
+# ------------------------------------------------------- against the official code (tests/reference/make_rcg.py)
+def close(ours, ref):
+    """Within 1e-5 relative, and 1e-6 of the largest |value| absolute (fp32 rounding where values cross zero)."""
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * max(1.0, ref.abs().max().item()))
+
+
+def test_official_rdm_network(reference):
+    """The official SimpleMLP's state dict loads as it is; load_official_rdm reads the EMA weights of the official
+    RDM's state dict (model_ema.*), the ones its sampler uses."""
+    ref = reference("rcg", "rdm")
+    c, pre = ref["config"], "model.diffusion_model."
+    net = R.SimpleMLP(c["dim"], c["rdm_width"], c["rdm_depth"], c["t_dim"])
+    net.load_state_dict({k[len(pre):]: v for k, v in ref["state_dict"].items() if k.startswith(pre)})
+    close(net(ref["r_t"], ref["t"]), ref["out"])
+    rdm = R.load_official_rdm(ref["state_dict"])
+    close(rdm.net(ref["r_t"], ref["t"]), ref["out_ema"])
+    assert (rdm.cfg.T, rdm.cfg.beta_start, rdm.cfg.beta_end) == (c["T"], c["beta_start"], c["beta_end"])
+
+
+def test_official_rdm_loss(reference):
+    """Betas, abar, the standardisation of the representations, the loss at fixed t and noise, and at a seed: the
+    same draws (t, then the noise), the same loss."""
+    lo = reference("rcg", "loss")
+    rdm = R.load_official_rdm(reference("rcg", "rdm")["state_dict"], ema=False).train()
+    close(R.betas_linear_sqrt(1000, 0.0015, 0.0195).float(), lo["betas"])
+    close(rdm.abar.float(), lo["alphas_cumprod"])
+    close(R.standardise(lo["raw"]), lo["rep"])
+    close(rdm(lo["rep"], lo["t"], lo["e"]), lo["loss"])
+    torch.manual_seed(lo["seed"])
+    assert torch.equal(torch.randint(0, 1000, (4,)), lo["t_seed"]) and torch.equal(torch.randn(4, 16), lo["e_seed"])
+    torch.manual_seed(lo["seed"])
+    close(rdm(lo["rep"]), lo["loss_seed"])
+
+
+def test_official_ddim(reference):
+    """The official DDIM (eta 1 and 0) on its grid from the same initial noise and per-step draws (a generator here,
+    the global RNG there: the same stream)."""
+    rdm = R.load_official_rdm(reference("rcg", "rdm")["state_dict"])
+    for run in reference("rcg", "ddim")["runs"]:
+        g = torch.Generator().manual_seed(run["seed"])
+        assert torch.equal(torch.stack([torch.randn(3, 16, generator=g) for _ in run["draws"]]), run["draws"])
+        seen = []
+        hook = rdm.net.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].item()))
+        out = rdm.sample(3, steps=run["steps"], eta=run["eta"], generator=torch.Generator().manual_seed(run["seed"]))
+        hook.remove()
+        assert seen == run["timesteps"].flip(0).tolist(), (run["steps"], seen)
+        close(out, run["out"])
+
+
+def test_official_dit(reference):
+    """RCG's DiT (3 channels, no learned-sigma half) loads as it is (x_embedder, t_embedder, y_embedder,
+    rep_embedder, fake_latent, pos_embed, blocks, final_layer); the same output with r, with the null r, without r
+    (c = t + y), guided, and in training with r dropped by the same draws."""
+    ref = reference("rcg", "dit")
+    c = ref["config"]
+    cfg = R.Config(**{k: v for k, v in c.items() if k != "rep_dim"}, rep_cfg=ref["cfg_scale"])
+    model = R.RCG(cfg, c["rep_dim"]).eval()
+    net = model.net
+    net.load_state_dict(ref["state_dict"])
+    close(R.sincos_2d(c["image_size"] // c["patch"], c["hidden"])[None], ref["state_dict"]["pos_embed"])
+    x, t, rep = ref["x"], ref["t"], ref["rep"]
+    with torch.no_grad():
+        close(net(x, t, rep), ref["out_rep"])
+        close(net(x, t, net.fake_latent.expand(len(x), -1)), ref["out_null"])
+        close(net(x, t), ref["out_uncond"])
+        guided = [model.velocity(x[i:i + 1], t[i].item(), rep[i:i + 1], ref["cfg_scale"]) for i in range(len(x))]
+        close(torch.cat(guided), ref["out_cfg"])
+        net.train()
+        torch.manual_seed(ref["drop_seed"])
+        assert torch.equal(torch.rand(len(x)) < c["rep_drop"], ref["drop"])
+        torch.manual_seed(ref["drop_seed"])
+        close(net(x, t, rep), ref["out_train"])

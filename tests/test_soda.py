@@ -53,6 +53,53 @@ def test_layer_masking_and_guidance():
     assert torch.allclose(m.eps(x_t, 0.5, z, 0.0), e_c, atol=1e-6)
 
 
+def test_films_read_t_and_z_through_silu():
+    """One block by hand: h = GN(conv1(SiLU(GN(x)))) (1 + s) + b with (s, b) = W SiLU(emb) + c, then
+    h (1 + z_s) + z_b with (z_s, z_b) = W_z SiLU(z_i) + c_z (zero for a masked group); out = skip(x) + conv2(SiLU(h)).
+    This equals FutureXiang's block (t_s h + t_b, then z_s h + z_b, each Linear after a SiLU) with 1 moved into the
+    scale biases."""
+    m = _model()
+    silu = lambda v: v * torch.sigmoid(v)
+    z, keep = torch.randn(2, 12), torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    mods = m.net.z_modulation(z, keep)
+    for blk, g, mod in zip(m.net.res_blocks, m.net.block_group, mods):
+        by_hand = silu(z[:, 4 * g:4 * g + 4]) @ blk.z_film.weight.T + blk.z_film.bias
+        torch.testing.assert_close(mod, by_hand * keep[:, g:g + 1])
+    blk, mod = m.net.res_blocks[1], mods[1]  # down level 1: 16 -> 32 channels, a 1x1 skip
+    x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 64)
+    h = blk.conv1(silu(blk.norm1(x)))
+    s, b = (silu(emb) @ blk.film.weight.T + blk.film.bias)[:, :, None, None].chunk(2, 1)
+    z_s, z_b = mod[:, :, None, None].chunk(2, 1)
+    h = (blk.norm2(h) * (1 + s) + b) * (1 + z_s) + z_b
+    torch.testing.assert_close(blk(x, emb, mod), blk.skip(x) + blk.conv2(silu(h)))
+
+
+def test_default_preset_is_the_reimplementation_recipe():
+    """The default (one-GPU CIFAR-10) preset: FutureXiang/soda's config/cifar10.yaml on its 4 processes: U-Net ch_mult
+    1 2 2 2, z of 128 (here in 5 groups as evenly as goes), batch 4 x 128, lr 4 x 1e-4 for the U-Net and twice that for
+    the encoder (with its head), AdamW (0.9, 0.95), weight decay 0.05, 800 epochs with 20 of warm-up."""
+    cfg = S.make_config(common.make_parser(S.__doc__, S.PRESETS)[0].parse_args(["train", "--out", "x"]))
+    assert (cfg.data, cfg.image_size, cfg.channels, cfg.ch_mult, cfg.num_res, cfg.attn_res) == \
+        ("cifar10", 32, 128, [1, 2, 2, 2], 2, [16])
+    assert (cfg.encoder, cfg.res_width, cfg.res_layers, cfg.z_dim, cfg.dropout, cfg.z_drop) == \
+        ("resnet", 64, [2, 2, 2, 2], 128, 0.1, 0.1)
+    assert (cfg.guidance, cfg.sample_steps, cfg.grad_clip, cfg.ema, cfg.batch_size) == (0.3, 100, 1.0, 0.9999, 512)
+    assert cfg.steps * cfg.batch_size / 50_000 == pytest.approx(800, rel=0.01)
+    assert cfg.warmup * cfg.batch_size / 50_000 == pytest.approx(20, rel=0.03)
+    torch.manual_seed(0)
+    model = S.SODA(cfg)
+    assert model.net.groups == 5 and model.net.z_sizes == [26, 26, 26, 25, 25]
+    assert [blk.z_film.in_features for blk in model.net.res_blocks] == [[26, 26, 26, 25, 25][g]
+                                                                        for g in model.net.block_group]
+    opt = S.make_optimizer(model, cfg)
+    enc = {id(p) for p in list(model.encoder.parameters()) + list(model.head.parameters())}
+    net, encoder = opt.param_groups
+    assert {id(p) for p in encoder["params"]} == enc and {id(p) for p in net["params"]} == {
+        id(p) for p in model.net.parameters()}
+    assert (net["lr"], encoder["lr"]) == (pytest.approx(4e-4), pytest.approx(8e-4))
+    assert all(g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.05 for g in opt.param_groups)
+
+
 def test_views_differ_but_come_from_one_image():
     torch.manual_seed(0)
     x = -torch.ones(2, 3, 16, 16)
@@ -160,7 +207,8 @@ def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path):
     assert (trained["probe_linear_init"], trained["probe_knn_init"]) == (start["probe_linear_init"],
                                                                          start["probe_knn_init"])
     assert all(0.0 <= trained[k] <= 1.0 for k in ("probe_linear", "probe_knn", "probe_linear_init", "probe_knn_init",
-                                                  "probe_linear_l2", "probe_linear_init_l2"))
+                                                  "probe_linear_l2", "probe_linear_init_l2", "probe_knn_uniform",
+                                                  "probe_knn_init_uniform"))
     assert trained["psnr_crop"] == start["psnr_crop"] and 5 < trained["psnr_crop"] < 40  # data and seed alone
 
 
@@ -195,8 +243,8 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert cli(S, ["train", *TINY, "--set", "nope=1", "--out", tmp_path / "x"]) == 2
     assert "nope=1" in capsys.readouterr().err
-    assert cli(S, ["train", *TINY, "--set", "z_dim=10", "--out", tmp_path / "x"]) == 2  # 3 groups do not divide 10
-    assert "z_dim" in capsys.readouterr().err
+    assert cli(S, ["train", *TINY, "--set", "z_dim=2", "--out", tmp_path / "x"]) == 2  # fewer dims than the 3 groups
+    assert "z_dim (2) must be at least the 3 groups" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
     assert cli(S, ["sample", "--ckpt", tmp_path / "none.pt", "--n", 0, "--out", tmp_path / "s.npz"]) == 2
     assert "--n" in capsys.readouterr().err

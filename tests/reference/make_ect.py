@@ -1,0 +1,210 @@
+"""ECT: the official training/networks.py (ECMPrecond), training/loss.py (ECMLoss) and generator_fn (ct_eval.py; the
+same function in training/ct_training_loop.py) against consistency.py (fixtures ect_net, ect_loss, ect_sample; bench).
+
+The official network is EDM's SongUNet; consistency.py's U-Net differs by design, so both sides run this repo's U-Net:
+ECMPrecond builds it as its `model_type` (a subclass registered in training.networks), and each fixture's state dict
+is ECMPrecond's (the U-Net's keys under `model.`). ECMLoss shares the dropout mask by torch.cuda.get/set_rng_state:
+on a CPU those two calls go to the CPU generator. ct_training_loop.py imports psutil for its memory log only: a stub.
+The persistence decorator's check that a network pickles (for its snapshots) is turned off: the U-Net class is local.
+"""
+import contextlib, math, os, sys, time, types
+
+import torch
+
+from make_references import official, save
+
+# a small U-Net (16x16, width 8, one attention level) with dropout 0.3, so that a mask the teacher did not share shows
+CONFIG = dict(image_size=16, channels=8, ch_mult=[1, 2], num_res=1, attn_res=[8], dropout=0.3)
+HUBER_C = 0.00054  # iCT's c / sqrt(dim), for the pseudo-Huber case (ECT's CIFAR-10 run has c = 0)
+GRADS = ("model.conv_out.weight", "model.emb.0.weight", "model.mid.0.conv2.weight", "model.mid.1.qkv.weight",
+         "model.down.0.0.film.bias")
+
+
+@contextlib.contextmanager
+def cpu_rng():
+    """torch.cuda.get/set_rng_state -> the CPU generator's (ECMLoss replays the dropout mask through them)."""
+    saved = torch.cuda.get_rng_state, torch.cuda.set_rng_state
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    try:
+        yield
+    finally:
+        torch.cuda.get_rng_state, torch.cuda.set_rng_state = saved
+
+
+def official_precond(C, cfg):
+    """ECMPrecond (its defaults: sigma_min 0.003, sigma_data 0.5) around consistency.UNet(cfg)."""
+    from training import networks
+    from torch_utils import persistence
+    persistence._check_pickleable = lambda obj: None  # its check that a snapshot pickles: the U-Net class is local
+
+    class RepdiffUNet(C.UNet):  # ECMPrecond calls model(c_in x, c_noise, class_labels=..., **model_kwargs)
+        def __init__(self, img_resolution, in_channels, out_channels, label_dim, cfg):
+            super().__init__(cfg)
+
+        def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+            return super().forward(x, noise_labels)
+
+    networks.RepdiffUNet = RepdiffUNet
+    return networks.ECMPrecond(img_resolution=cfg.image_size, img_channels=3, model_type="RepdiffUNet", cfg=cfg)
+
+
+def official_generator_fn():
+    """ct_training_loop.generator_fn, imported with a stub psutil that is removed afterwards."""
+    stub = sys.modules.setdefault("psutil", types.ModuleType("psutil"))
+    from training.ct_training_loop import generator_fn
+    if sys.modules["psutil"] is stub and stub.__spec__ is None:
+        del sys.modules["psutil"]
+    return generator_fn
+
+
+def official_defaults(path):
+    """ECT's CIFAR-10 settings: ct_train.py's option defaults, overridden by run_ecm.sh's flags, plus the defaults of
+    ECMPrecond (sigma_min, sigma_data) and generator_fn (t_max) -> a dict of plain values."""
+    import ast, inspect, re
+    from training.networks import ECMPrecond
+    out = {}
+    for dec in next(n for n in ast.parse(open(os.path.join(path, "ct_train.py")).read()).body
+                    if isinstance(n, ast.FunctionDef) and n.name == "main").decorator_list:
+        kw = {k.arg: k.value for k in dec.keywords}
+        if dec.args and "default" in kw:
+            out[dec.args[-1].value.lstrip("-")] = ast.literal_eval(kw["default"])
+    script = open(os.path.join(path, "run_ecm.sh")).read().split("ct_train.py")[1]  # the flags after torchrun's
+    for key, value in re.findall(r"--(\w+)=(\S+)", script):
+        out[key] = float(value) if re.fullmatch(r"[\d.e-]+", value) else value
+    sig = inspect.signature(ECMPrecond.__bases__[0].__init__).parameters  # the class under the persistence decorator
+    out.update(sigma_min=sig["sigma_min"].default, sigma_data=sig["sigma_data"].default,
+               t_max=inspect.signature(official_generator_fn()).parameters["t_max"].default)
+    return out
+
+
+def randomise(pre):
+    """Every parameter away from its init: the zero-initialised residual branches, attention and output open."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pre.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if ".norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * r)
+            elif p.dim() == 1:
+                p.copy_(0.1 * r)
+            else:
+                p.copy_(r / p[0].numel() ** 0.5 * (0.3 if "conv_out" in name else 1.0))
+
+
+def state(pre):
+    return {k: v.detach().clone() for k, v in pre.state_dict().items()}
+
+
+def make(repos):
+    path = official("ect", repos)
+    import consistency as C
+    from training.loss import ECMLoss
+    generator_fn = official_generator_fn()
+    torch.manual_seed(0)
+    cfg = C.Config(**CONFIG)
+    pre = official_precond(C, cfg)
+    randomise(pre)
+    sd = state(pre)
+    g = torch.Generator().manual_seed(1)
+    S = cfg.image_size
+
+    # (a) the preconditioned denoiser D(x, sigma): eval mode (CM's boundary scalings, sigma_min 0.003: D(x, 0.003) = x)
+    # and training mode (EDM's scalings, dropout drawn after torch.manual_seed(drop_seed))
+    sigma = torch.tensor([0.003, 0.002, 0.02, 0.821, 5.0, 80.0])
+    x0 = torch.rand(len(sigma), 3, S, S, generator=g) * 2 - 1
+    x = x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    drop_seed = 5
+    with torch.no_grad():
+        d_eval = pre.eval()(x, sigma)
+        torch.manual_seed(drop_seed)
+        d_train = pre.train()(x, sigma)
+    assert torch.equal(d_eval[0], x[0])
+    save("ect", "net", config=CONFIG, state_dict=sd, x=x, sigma=sigma, d_eval=d_eval, d_train=d_train,
+         drop_seed=drop_seed, sigma_min=pre.sigma_min, sigma_data=pre.sigma_data)
+
+    # (b) the loss: ECMLoss on the same batch after torch.manual_seed(seed), at our stage s = official stage s - 1
+    # (s = 0: official stage -1, where the mapping gives r = 0 everywhere); the seed is the first whose draws put one
+    # t outside [t_min, t_max] (ECT does not clamp) and give at stage 1 both r = 0 and r > 0
+    B = 8
+    x = torch.rand(B, 3, S, S, generator=g) * 2 - 1
+    c_abs = HUBER_C * math.sqrt(x[0].numel())
+    seed = 0
+    while True:
+        torch.manual_seed(seed)
+        t = (torch.randn(B) * cfg.P_std + cfg.P_mean).exp()
+        r1 = (t * (1 - (1 + cfg.k * torch.sigmoid(-cfg.b * t)) / cfg.q)).clamp(min=0)  # official stage 0
+        if ((t < cfg.t_min) | (t > cfg.t_max)).any() and (r1 == 0).any() and (r1 > 0).any():
+            break
+        seed += 1
+    cases = []
+    for stage, c in ((0, 0.0), (1, 0.0), (2, 0.0), (3, 0.0), (2, c_abs)):
+        fn = ECMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data, q=cfg.q, c=c, k=cfg.k, b=cfg.b)
+        fn.update_schedule(stage - 1)
+        seen = {}
+        t_to_r = fn.t_to_r
+        fn.t_to_r = lambda t: seen.setdefault("r", t_to_r(seen.setdefault("t", t)))
+        pre.train().zero_grad()
+        torch.manual_seed(seed)
+        with cpu_rng():
+            per = fn(net=pre, images=x)
+        per.mean().backward()
+        grads = {k: p.grad.clone() for k, p in pre.named_parameters() if k in GRADS}
+        cases.append(dict(stage=stage, c=c, huber_c=HUBER_C if c else 0.0, t=seen["t"].flatten(),
+                          r=seen["r"].flatten(), loss_per_sample=per.detach(), loss=per.mean().detach(), grads=grads))
+        print(f"stage {stage} (official {stage - 1}) c {c:.4f}: loss {per.mean().item():.5f}, "
+              f"r = 0 for {int((seen['r'] == 0).sum())} of {B}")
+    torch.manual_seed(seed)
+    rnd = torch.randn(B, 1, 1, 1)  # the raw draws after the seed, in ECMLoss's order (the same at every stage)
+    eps = torch.randn_like(x)
+    defaults = official_defaults(path)
+    print("official defaults:", defaults)
+    save("ect", "loss", config=CONFIG, state_dict=sd, x=x, seed=seed, rnd_normal=rnd.flatten(), eps=eps, cases=cases,
+         defaults=defaults)
+
+    # (c) the sampler: generator_fn from the same initial noise, its re-noising draws (float64 there) replaced by ours
+    n = 4
+    gen = torch.Generator().manual_seed(7)
+    latents = torch.randn(n, 3, S, S, generator=gen)
+    noise = [torch.randn(n, 3, S, S, generator=gen) for _ in range(2)]
+    pre.eval()
+    outs = {}
+    for key, mid_t in (("x1", []), ("x2", [0.821]), ("x3", [2.0, 0.821])):
+        draws = iter(noise)
+        saved = torch.randn_like
+        torch.randn_like = lambda x, *a, **k: next(draws).to(x.dtype)
+        try:
+            outs[key] = generator_fn(pre, latents, mid_t=mid_t)
+        finally:
+            torch.randn_like = saved
+        assert outs[key].abs().max() <= 1  # inside [-1, 1]: our sampler's clamp hides nothing
+    save("ect", "sample", config=CONFIG, state_dict=sd, seed=7, latents=latents, noise=torch.stack(noise),
+         t_max=80.0, **outs)
+
+
+def bench(repos, batch=8, repeats=7):
+    """Forward + backward of the loss at stage 1 (official stage 0), the same U-Net (width 32, 32x32) on both sides."""
+    official("ect", repos)
+    import consistency as C
+    from training.loss import ECMLoss
+    torch.manual_seed(0)
+    cfg = C.Config(image_size=32, channels=32, ch_mult=[1, 2, 2], num_res=1, attn_res=[16], dropout=0.2)
+    pre = official_precond(C, cfg).train()
+    ours = C.Consistency(cfg).train()
+    ours.net.load_state_dict({k[len("model."):]: v for k, v in pre.state_dict().items()})
+    fn = ECMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data, q=cfg.q, c=0.0, k=cfg.k, b=cfg.b)
+    fn.update_schedule(0)
+    x = torch.rand(batch, 3, 32, 32) * 2 - 1
+    runs = {"official": lambda: fn(net=pre, images=x).mean().backward(), "ours": lambda: ours(x, 1).backward()}
+    times = {name: [] for name in runs}
+    with cpu_rng():
+        for name, step in runs.items():
+            step()  # warm-up
+        for _ in range(repeats):  # interleaved, so that a busy moment of a shared CPU hits both
+            for name, step in runs.items():
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
+    ms = {name: sorted(v)[len(v) // 2] / batch * 1e3 for name, v in times.items()}  # the median
+    print(f"ect loss fwd+bwd, batch {batch}, width 32, 32x32 (median of {repeats}): official {ms['official']:.2f} "
+          f"ms/image, ours {ms['ours']:.2f} ms/image, ours/official {ms['ours'] / ms['official']:.2f}")
