@@ -16,10 +16,12 @@ The curriculum (ECT Sec. 3.2): stage 0 is plain denoising (r = 0, the target is 
 stage s >= 1 uses r = max(t (1 - q^-s (1 + k sigmoid(-b t))), 0), so t - r shrinks by q each stage and the model moves
 from a denoiser to a consistency model. ECT's continuous mapping is the default here rather than iCT's discrete grid
 with step doubling: it needs no N(k) schedule, every t is used, and it is what makes from-scratch training converge in
-hours instead of days. The teacher is the same network without gradient (iCT: no EMA teacher), with the same dropout
-mask: as ECMLoss, the student runs first and the teacher replays the generator's state from before it.
-Precision: f is computed in fp32 by default, as ECT trains. Late in the curriculum f(x_t, t) - f(x_r, r) is a difference
-of two nearly equal outputs, and bf16 rounding would swamp it (`--set bf16=true` turns bf16 autocast on, CUDA only).
+hours instead of days. The teacher is the same network without gradient (iCT: no EMA teacher) and with the student's
+dropout: the loss draws the dropout masks once and hands them to both passes (ECMLoss replays the generator's state
+instead; the draws are the same, so the numbers are too).
+Precision: f is computed in true fp32 by default (TF32 off, the backward too), as ECT trains. Late in the curriculum
+f(x_t, t) - f(x_r, r) is a difference of two nearly equal outputs, and bf16 rounding would swamp it (`--set bf16=true`
+turns bf16 autocast on).
 
 Backbone: a compact DDPM++-style U-Net (residual conv blocks with time FiLM, self-attention at 16x16 through
 common.attention, dropout), because the CM/iCT/ECT results are all U-Net results and consistency training is known to
@@ -34,18 +36,28 @@ Kept apart on purpose: ECT fine-tunes EDM's DDPM++ SongUNet from an EDM checkpoi
 scratch, so (1) no released ECT checkpoint loads here (another network), (2) stage 0 here is the denoising that the EDM
 checkpoint stands for, and stage s >= 1 here is the official `stage` s - 1 (the paper's exponent a = ceil(iters / d)),
 (3) Adam with a warm-up, as for pretraining (ECT: RAdam, lr 1e-4, batch 128, no warm-up), and the EMA warms up.
+Checkpoints: a run's own OUT/ckpt.pt (its EMA weights) samples with the `sample` command, or in Python:
+    import torch, consistency as C
+    ckpt = torch.load("runs/ct/ckpt.pt", map_location="cpu", weights_only=True)
+    model = C.Consistency(C.Config(**ckpt["config"])).eval()
+    model.load_state_dict(ckpt["ema"])
+    x = model.sample(16, mid_t=[])  # [16, 3, 32, 32] in [-1, 1], 1 step (mid_t=[0.821]: ECT's 2 steps)
 
 Commands (python consistency.py {train,sample,eval,toy} -h lists every flag):
     CPU smoke, seconds:  python consistency.py train --preset tiny --out runs/ct_tiny --device cpu
     the claim on a CPU:  python consistency.py toy --out runs/ct_toy          # 2-D mixture, 1- and 2-step, ~1 min
     shapes on a CPU:     python consistency.py train --preset cpu --out runs/ct_cpu --device cpu     # < 8 min
+                         python consistency.py eval --ckpt runs/ct_cpu/ckpt.pt --n 1000
     one GPU:             python consistency.py train --data cifar10 --out runs/ct --compile
                          python consistency.py sample --ckpt runs/ct/ckpt.pt --n 50000 --sample-steps 2 \\
                              --out runs/ct/s.npz     # 2 steps: re-noised at t = 0.821 (ECT)
                          python consistency.py eval --ckpt runs/ct/ckpt.pt --fd-model inception    # FID, 1 and 2 steps
     torchrun:            torchrun --nproc_per_node 8 consistency.py train --data cifar10 --out runs/ct --compile
+eval.json: FD at --sample-steps (fd) and at 2 steps (fd_2step); probes of the U-Net bottleneck at t = 0.5 and at five t;
+on shapes, detail_r2 of the one-step output f(x + t e, t) at t = 0.5.
 Expected: the toy's 1-step samples land on the data far better than at initialisation (README table). ECT reports
 CIFAR-10 FID 3.60 (1 step) / 2.11 (2 steps) after fine-tuning an EDM checkpoint; from scratch in minutes, far less.
+The CIFAR-10 default preset has not yet run on a GPU.
 """
 import json, math, os
 from dataclasses import dataclass, field
@@ -83,16 +95,17 @@ class Config:
     huber_c: float = 0.0            # pseudo-Huber c = huber_c * sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 run (its -c
                                     # unset in run_ecm.sh); iCT's is 0.00054
     mid_t: list = field(default_factory=lambda: [0.821])  # re-noising levels for multi-step sampling (ECT 2-step)
-    bf16: bool = False              # bf16 autocast (CUDA). ECT trains in fp32, TF32 off: at late stages (t - r)/t is
-                                    # 1-4%, and bf16 rounding in f was measured at 4-6x iCT's c (default U-Net, init)
+    bf16: bool = False              # bf16 autocast. ECT trains in fp32, TF32 off: at late stages (t - r)/t is 1-4%,
+                                    # and bf16 rounding in f was measured at 4-6x iCT's c (default U-Net, init)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
     lr: float = 2e-4                # Adam, from scratch (ECT fine-tunes with RAdam, 1e-4 at batch 128, no warm-up)
     warmup: int = 1_000             # linear lr warm-up steps
-    ema: float = 0.9999             # EMA decay for evaluation (ECT's run_ecm.sh; with common.Ema's warm-up)
+    ema: float = 0.9999             # EMA decay for evaluation (ECT's run_ecm.sh; with the loop's warm-up)
     num_classes: int = 10           # filled in from the data (unconditional: used only by the probe)
     log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between sample grids
+    sample_every: int = 5_000       # steps between sample grids (drawn when the step is a multiple)
+    grid: int = 64                  # images in the sample grids (0: none); first half 1 step, second half 2 steps
     ckpt_every: int = 2_500         # steps between checkpoints
     seed: int = 0
 
@@ -109,112 +122,6 @@ PRESETS = {
     # one GPU: CIFAR-10 32x32, U-Net 128 channels, 8 stages of 12.5k steps
     "default": dict(),
 }
-
-
-# -------------------------------------------------------------------------------------------------------- backbone
-def timestep_embedding(c, dim):
-    """Sinusoidal embedding of c_noise = log(t)/4 (scaled by 1000 like DDPM's step index) -> [B, dim]."""
-    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=c.device) / (dim // 2))
-    a = 1000 * c[:, None].float() * f[None]
-    return torch.cat([a.cos(), a.sin()], 1)
-
-
-def group_norm(ch):
-    return nn.GroupNorm(min(32, ch // 4), ch)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c_in, c_out, emb_dim, dropout):
-        super().__init__()
-        self.norm1 = group_norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.film = nn.Linear(emb_dim, 2 * c_out)  # time -> (scale, shift)
-        self.norm2 = group_norm(c_out)
-        self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (or its skip projection)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(emb)[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
-        h = F.silu(self.norm2(h) * (1 + scale) + shift)
-        return self.skip(x) + self.conv2(self.drop(h))
-
-
-class AttnBlock(nn.Module):
-    def __init__(self, ch, heads=1):
-        super().__init__()
-        self.heads = heads
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)  # starts as the identity
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W)  # [B, 3, h, C/h, HW]
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x [B, h, HW, C/h]
-        h = common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # [B, h, C/h, HW] -> [B, C, H, W]
-        return x + self.proj(h)
-
-
-class UNet(nn.Module):
-    """F_theta(c_in x, c_noise): down path with skips, a middle (res, attn, res), up path; zero-initialised output."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        ch, emb_dim = cfg.channels, 4 * cfg.channels
-        block = lambda c_in, c_out: ResBlock(c_in, c_out, emb_dim, cfg.dropout)
-        attn = lambda c, res: AttnBlock(c) if res in cfg.attn_res else nn.Identity()
-        self.ch = ch
-        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down = nn.ModuleList()
-        skips = [ch]  # channels of every down-path output, consumed in reverse by the up path
-        c, res = ch, cfg.image_size
-        for i, m in enumerate(cfg.ch_mult):
-            for _ in range(cfg.num_res):
-                self.down.append(nn.ModuleList([block(c, ch * m), attn(ch * m, res)]))
-                c = ch * m
-                skips.append(c)
-            if i < len(cfg.ch_mult) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
-                skips.append(c)
-                res //= 2
-        self.mid = nn.ModuleList([
-            block(c, c),
-            AttnBlock(c),
-            block(c, c),
-        ])
-        self.up = nn.ModuleList()
-        for i, m in reversed(list(enumerate(cfg.ch_mult))):
-            for _ in range(cfg.num_res + 1):
-                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m), attn(ch * m, res)]))
-                c = ch * m
-            if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
-                res *= 2
-        self.norm_out = group_norm(c)
-        self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
-        nn.init.zeros_(self.conv_out.weight)  # F = 0 at init: f(x_t, t) = c_skip x_t
-        nn.init.zeros_(self.conv_out.bias)
-
-    def forward(self, x, c_noise, return_mid=False):
-        emb = self.emb(timestep_embedding(c_noise, self.ch))
-        h = self.conv_in(x)
-        hs = [h]
-        for layer in self.down:
-            h = layer(h) if isinstance(layer, nn.Conv2d) else layer[1](layer[0](h, emb))
-            hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
-        if return_mid:
-            return h.float().mean((2, 3))  # [B, C, h, w] -> [B, C] pooled bottleneck features, for probing
-        for layer in self.up:
-            h = layer(h) if isinstance(layer, nn.Sequential) else layer[1](layer[0](torch.cat([h, hs.pop()], 1), emb))
-        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ---------------------------------------------------------------------------------------------------------- method
@@ -239,38 +146,41 @@ def pseudo_huber(a, b, c):
 
 
 class Consistency(nn.Module):
-    """forward(x) -> consistency-training loss at the given curriculum stage; sample(n) -> images in 1 or k steps."""
+    """forward(x, stage) -> (ECT's loss at that curriculum stage, its terms); sample(n) -> images in 1 or k steps."""
 
     def __init__(self, cfg, net=None):
         super().__init__()
         self.cfg, self.net = cfg, net if net is not None else UNet(cfg)
 
-    def f(self, x_t, t):
-        """The consistency function (CM Eq. 7) as ECT's ECMPrecond; t [B]. Training mode: EDM's scalings (t_min = 0,
-        the loss imposes the boundary); eval mode (sampling, the EMA model): CM's, f(x, t_min) = x."""
+    def f(self, x_t, t, masks=None):
+        """The consistency function (CM Eq. 7) as ECT's ECMPrecond; t [B]; masks: the network's dropout masks (None:
+        no dropout). Training mode: EDM's scalings (t_min = 0, the loss imposes the boundary); eval mode (sampling,
+        the EMA model): CM's, f(x, t_min) = x."""
         scales = scalings(t, self.cfg.sigma_data, 0.0 if self.training else self.cfg.t_min)
         c_skip, c_out, c_in = (s.view(-1, *[1] * (x_t.dim() - 1)) for s in scales)  # [B] -> [B, 1, 1, 1]
-        return c_skip * x_t + c_out * self.net(c_in * x_t, t.log() / 4).float()
+        return c_skip * x_t + c_out * self.net(c_in * x_t, t.log() / 4, masks).float()
 
     def forward(self, x, stage):
-        """The loss at curriculum stage `stage`. The draws come in ECMLoss's order (t's normals, e, the dropout masks),
-        so the same seed gives its numbers."""
-        cfg, B = self.cfg, x.shape[0]
-        bt = lambda s: s.view(-1, *[1] * (x.dim() - 1))  # [B] -> [B, 1, 1, 1]
-        t = (torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).exp()  # t ~ lognormal(P_mean, P_std)
-        r = ect_r(t, stage, cfg.q, cfg.k, cfg.b)
-        e = torch.randn_like(x)  # one noise direction for x_t and x_r
-        rng = torch.cuda if x.device.type == "cuda" else torch  # the generator that draws the dropout masks
-        state = rng.get_rng_state()
-        pred = self.f(x + bt(t) * e, t)  # the student
-        target = x  # stage 0: r = 0, the target is x itself (denoising)
-        if stage > 0:
-            rng.set_rng_state(state)  # the teacher replays the student's dropout mask
-            with torch.no_grad():
-                f_r = self.f(x + bt(r) * e, torch.where(r > 0, r, t))  # t where r = 0: log(r) stays finite
-                target = torch.where(bt(r) > 0, f_r, x)  # r = 0: the boundary, f(x, 0) = x
-        c = cfg.huber_c * math.sqrt(x[0].numel())
-        return (pseudo_huber(pred, target, c) / (t - r)).mean()  # weight 1/(t - r) (ECT)
+        """ECT's loss (Eq. 9) on images x [B, 3, H, W] at curriculum stage `stage` -> (loss, terms). The draws come in
+        ECMLoss's order (t's normals, e, the dropout masks), so the same seed gives its numbers."""
+        cfg = self.cfg
+        bc = lambda s: s.view(-1, *[1] * (x.dim() - 1))  # [B] -> [B, 1, 1, 1], to scale images
+        t = (torch.randn(len(x), device=x.device) * cfg.P_std + cfg.P_mean).exp()  # t ~ lognormal(P_mean, P_std) [B]
+        r = ect_r(t, stage, cfg.q, cfg.k, cfg.b)  # 0 <= r < t, the curriculum's mapping [B]
+        e = torch.randn_like(x)  # one noise direction for both points of the trajectory [B, 3, H, W]
+        # The teacher must be the student's own function, dropout included: the masks are drawn once, here, and both
+        # passes apply them (None without dropout). They are plain tensors, so they stay shared under torch.compile.
+        masks = self.net.dropout_masks(len(x), x.device)
+        pred = self.f(x + bc(t) * e, t, masks)  # the student f(x_t, t) [B, 3, H, W]
+        if stage == 0:
+            target = x  # stage 0: r = 0 everywhere, the target is x itself: plain denoising
+        else:
+            with torch.no_grad():  # stopgrad f(x_r, r): the same network and masks, no gradient (no EMA teacher)
+                f_r = self.f(x + bc(r) * e, torch.where(r > 0, r, t), masks)  # t where r = 0: log(r) stays finite
+            target = torch.where(bc(r) > 0, f_r, x)  # r = 0 (small t): the boundary f(x, 0) = x
+        dist = pseudo_huber(pred, target, cfg.huber_c * math.sqrt(x[0].numel()))  # d(f(x_t, t), target) [B]
+        loss = (dist / (t - r)).mean()  # ECT Eq. 9: weighted by 1 / (t - r)
+        return loss, dict(distance=dist.detach().mean(), boundary=(r == 0).float().mean())
 
     @torch.no_grad()
     def sample(self, n, *, mid_t=None, generator=None, device="cpu", shape=None):
@@ -281,11 +191,141 @@ class Consistency(nn.Module):
         mid_t = cfg.mid_t if mid_t is None else mid_t
         z = lambda: torch.randn((n, *shape), device=device, generator=generator)
         tt = lambda s: torch.full((n,), s, device=device)
-        with common.autocast(torch.device(device), cfg.bf16):
+        with common.autocast(torch.device(device), cfg.bf16):  # true fp32 (TF32 off) unless bf16
             x = self.f(cfg.t_max * z(), tt(cfg.t_max))
             for s in mid_t:
                 x = self.f(x + s * z(), tt(s))
         return x.clamp(-1, 1) if len(shape) == 3 else x
+
+
+def mid_levels(cfg, steps):
+    """Re-noising levels for a k-step sample: ECT's 0.821 for 2 steps, else geometric between t_max and t_min."""
+    if steps == 1:
+        return []
+    if steps == 2:
+        return cfg.mid_t
+    return np.geomspace(cfg.t_max, cfg.t_min, steps + 1)[1:-1].tolist()
+
+
+# -------------------------------------------------------------------------------------------------------- backbone
+def timestep_embedding(c, dim):
+    """Sinusoidal embedding of c_noise = log(t)/4 (scaled by 1000 like DDPM's step index) -> [B, dim]."""
+    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=c.device) / (dim // 2))
+    a = 1000 * c[:, None].float() * f[None]
+    return torch.cat([a.cos(), a.sin()], 1)
+
+
+def group_norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in, c_out, emb_dim, res):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.film = nn.Linear(emb_dim, 2 * c_out)  # time -> (scale, shift)
+        self.norm2 = group_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.mask_shape = (c_out, res, res)  # of the dropout mask on the input of conv2
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity (or its skip projection)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, emb, mask=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        h = h if mask is None else h * mask  # dropout, its mask from UNet.dropout_masks
+        return self.skip(x) + self.conv2(h)
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, ch, heads=1):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)  # starts as the identity
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W)  # [B, 3, h, C/h, HW]
+        # head dim last and contiguous (a copy): the fused attention kernels need it, else they fall back to the math
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)  # 3 x [B, h, HW, C/h]
+        h = common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # [B, h, C/h, HW] -> [B, C, H, W]
+        return x + self.proj(h)
+
+
+class UNet(nn.Module):
+    """F_theta(c_in x, c_noise): down path with skips, a middle (res, attn, res), up path; zero-initialised output."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, emb_dim = cfg.channels, 4 * cfg.channels
+        block = lambda c_in, c_out, res: ResBlock(c_in, c_out, emb_dim, res)
+        attn = lambda c, res: AttnBlock(c) if res in cfg.attn_res else nn.Identity()
+        self.ch, self.p = ch, cfg.dropout
+        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.down = nn.ModuleList()
+        skips = [ch]  # channels of every down-path output, consumed in reverse by the up path
+        c, res = ch, cfg.image_size
+        for i, m in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res):
+                self.down.append(nn.ModuleList([block(c, ch * m, res), attn(ch * m, res)]))
+                c = ch * m
+                skips.append(c)
+            if i < len(cfg.ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([
+            block(c, c, res),
+            AttnBlock(c),
+            block(c, c, res),
+        ])
+        self.up = nn.ModuleList()
+        for i, m in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res + 1):
+                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m, res), attn(ch * m, res)]))
+                c = ch * m
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
+                res *= 2
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
+        nn.init.zeros_(self.conv_out.weight)  # F = 0 at init: f(x_t, t) = c_skip x_t
+        nn.init.zeros_(self.conv_out.bias)
+        self.mask_shapes = [m.mask_shape for m in self.modules() if isinstance(m, ResBlock)]  # in forward's order
+
+    def dropout_masks(self, B, device):
+        """Dropout as explicit masks, one [B, C, H, W] per residual block in forward's order, each drawn as F.dropout
+        draws it on a CPU (Bernoulli(1 - p) / (1 - p)); None in eval mode or at p = 0 (nothing drawn)."""
+        if not self.training or self.p == 0:
+            return None
+        return [torch.empty(B, *s, device=device).bernoulli_(1 - self.p) / (1 - self.p) for s in self.mask_shapes]
+
+    def forward(self, x, c_noise, masks=None, return_mid=False):
+        emb = self.emb(timestep_embedding(c_noise, self.ch))
+        drop = iter(masks or [])  # the residual blocks take their masks in order (none: no dropout)
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h) if isinstance(layer, nn.Conv2d) else layer[1](layer[0](h, emb, next(drop, None)))
+            hs.append(h)
+        h = self.mid[0](h, emb, next(drop, None))
+        h = self.mid[2](self.mid[1](h), emb, next(drop, None))
+        if return_mid:
+            return h.float().mean((2, 3))  # [B, C, h, w] -> [B, C] pooled bottleneck features, for probing
+        for layer in self.up:
+            if isinstance(layer, nn.Sequential):
+                h = layer(h)
+            else:
+                h = layer[1](layer[0](torch.cat([h, hs.pop()], 1), emb, next(drop, None)))  # [B, C + C_skip, H, W] in
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ------------------------------------------------------------------------------------------------------------- toy
@@ -300,7 +340,10 @@ class ToyMLP(nn.Module):
             nn.Linear(width, dim),
         )
 
-    def forward(self, x, c_noise):
+    def dropout_masks(self, B, device):
+        return None  # no dropout
+
+    def forward(self, x, c_noise, masks=None):
         return self.mlp(torch.cat([x, timestep_embedding(c_noise, 64)], 1))
 
 
@@ -322,7 +365,8 @@ def toy(args):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     for step in tqdm(range(args.toy_steps), desc="toy"):
-        loss = model(toy_data(512, g), step // cfg.stage_steps)
+        # forward (the stage: step // stage_steps), backward, update; no EMA, no log
+        loss, _ = model(toy_data(512, g), step // cfg.stage_steps)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -355,60 +399,50 @@ def make_config(args):
     cfg = common.configure(Config, PRESETS, args)
     if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
         raise UsageError(f"image size {cfg.image_size} is not divisible by the U-Net's {2 ** (len(cfg.ch_mult) - 1)}")
+    if cfg.grid < 0:
+        raise UsageError(f"grid ({cfg.grid}) must be >= 0")
     return cfg
 
 
 def train(args):
-    d, cfg, ckpt = common.start_run(args, Config, make_config)
+    d, cfg, ckpt = common.start_run(args, Config, PRESETS, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = Consistency(cfg).to(d.device)
-    ema = common.Ema(model, cfg.ema)
+    ema = common.Ema(model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"consistency U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {len(images)} images of "
            f"{cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}, {'bf16' if cfg.bf16 else 'fp32'}")
-    step_model = common.wrap(model, d, args.compile)
+    step_model = common.wrap(model, d, args.compile)  # the whole loss (student, teacher, masks) is one graph
     bs = cfg.batch_size // d.world
-
-    def loss_of(net, step):  # the consistency loss at the curriculum stage of `step`, on this rank's batch
-        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, device=d.device)
-        with common.autocast(d.device, cfg.bf16):  # fp32 by default (see Config.bf16)
-            return net(x, step // cfg.stage_steps)
-
-    flops = common.flops_per_image(lambda: loss_of(model, cfg.stage_steps), bs, d)  # a stage-1 step: with the teacher
-    log = common.Log(args.out, d, cfg, step, flops)
+    log = common.Log(args.out, d, cfg, step)
     for step in log.steps(step, cfg.steps):
         # learning rate: linear warm-up, then constant; the curriculum stage (ECT Sec. 3.2)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
         stage = step // cfg.stage_steps
-        # forward (teacher without gradient, then student), backward, update, EMA
-        loss = loss_of(step_model, step)
+        # forward (the student, then the teacher without gradient), backward, update, EMA
+        # this rank's batch: rows drawn with replacement, mirrored at random; x [B, 3, H, W] in [-1, 1]
+        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
+        with common.autocast(d.device, cfg.bf16):  # true fp32 (TF32 off) unless bf16: see Config.bf16
+            loss, terms = step_model(x, stage)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with common.autocast(d.device, False):  # the backward in true fp32 too (no autocast, TF32 off)
+            loss.backward()
         opt.step()
-        ema.update(model, step)
-        # log, sample grid (rows 1-4: 1 step, rows 5-8: 2 steps), checkpoint
+        ema.update(model, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, its decay warmed up
+        # log (averaged over the processes; a NaN stops the run), sample grid, checkpoint
         done = step + 1
-        log(done, loss, lr=lr, stage=stage)
-        if d.master and common.due(done, cfg.sample_every, cfg.steps):
+        log(done, loss, lr=lr, stage=stage, **terms)
+        if d.master and cfg.grid and done % cfg.sample_every == 0:  # the first half in 1 step, the rest in 2
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
-            x1 = ema.model.sample(32, mid_t=[], generator=g, device=d.device)
-            x2 = ema.model.sample(32, generator=g, device=d.device)
+            x1 = ema.model.sample(cfg.grid // 2, mid_t=[], generator=g, device=d.device)
+            x2 = ema.model.sample(cfg.grid - cfg.grid // 2, generator=g, device=d.device)
             common.save_grid(torch.cat([x1, x2]), os.path.join(args.out, f"samples_{done:07d}.png"))
         if common.due(done, cfg.ckpt_every, cfg.steps):
             common.save_run(args.out, d, done, cfg, model, ema, opt)
-
-
-def mid_levels(cfg, steps):
-    """Re-noising levels for a k-step sample: ECT's 0.821 for 2 steps, else geometric between t_max and t_min."""
-    if steps == 1:
-        return []
-    if steps == 2:
-        return cfg.mid_t
-    return np.geomspace(cfg.t_max, cfg.t_min, steps + 1)[1:-1].tolist()
 
 
 def generate(model, cfg, n, steps, args, d):
@@ -421,49 +455,69 @@ def generate(model, cfg, n, steps, args, d):
 
 
 def sample_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: Consistency(cfg))
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: Consistency(cfg), compile_net=args.compile)
     x = generate(model, cfg, args.n, args.sample_steps, args, d)
     if d.master:
         common.write_samples(args.out, x)
 
 
+T_PROBE = 0.5  # the probe's noise level: t = s_d, signal and noise of equal power
+# probe_linear_by_t: training's lognormal(-1.1, 2) has its median at t = 0.33 and ~54% of its mass in [0.1, 2]; 0.1
+# barely touches an image (data std 0.5), 2 leaves 1/16 of its power; beyond, the features head for chance
+PROBE_TS = (0.1, 0.3, 0.5, 1.0, 2.0)
+
+
+def at_t(model, images, t, device, fn):
+    """fn(x_t, t [B]) over images, with x_t = x + t e, e seeded by the chunk's first row: the same noisy inputs for
+    every model and figure at that t -> [N, ...]."""
+    def one(x, i):
+        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        with common.autocast(device, model.cfg.bf16):
+            return fn(x + t * e, torch.full((len(x),), t, device=device))
+    return common.extract(one, images, device)
+
+
 def features(model, images, t, device):
     """The consistency model's own representation: the U-Net bottleneck of c_in (x + t e), mean-pooled -> [N, C]."""
-    def fn(x, i):
-        tt = torch.full((len(x),), t, device=device)
-        x_t = x + t * torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+    def fn(x_t, tt):  # tt: t [B]
         c_in = scalings(tt, model.cfg.sigma_data, model.cfg.t_min)[2].view(-1, 1, 1, 1)  # [B] -> [B, 1, 1, 1]
-        with common.autocast(device, model.cfg.bf16):
-            return model.net(c_in * x_t, tt.log() / 4, return_mid=True)
-    return common.extract(fn, images, device)
+        return model.net(c_in * x_t, tt.log() / 4, return_mid=True)
+    return at_t(model, images, t, device, fn)
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: Consistency(cfg))
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: Consistency(cfg), compile_net=args.compile)
     data = args.data or cfg.data
     fd_net = common.FDFeatures(args.fd_model, d.device)
-    samples = {s: generate(model, cfg, args.n, s, args, d) for s in (1, 2)}
+    samples = {s: generate(model, cfg, args.n, s, args, d) for s in sorted({args.sample_steps, 2})}
     if not d.master:
         return
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     torch.manual_seed(cfg.seed)
-    init = Consistency(cfg).to(d.device).eval()  # the same U-Net at initialisation: the probe's floor
-    t = 0.5
+    init = Consistency(cfg).to(d.device).eval()  # the same U-Net at initialisation: the probes' floor
     fd = {s: common.fd_to_train(fd_net, x, data, cfg.image_size) for s, x in samples.items()}
-    res = dict(step=ckpt["step"], data=data, fd=fd[1], fd_2step=fd[2], fd_model=args.fd_model, n_samples=args.n,
-               mid_t=cfg.mid_t, probe=f"mean-pooled U-Net bottleneck of x + t e at t={t} (EMA weights)")
+    res = dict(step=ckpt["step"], data=data, fd=fd[args.sample_steps], fd_2step=fd[2], sample_steps=args.sample_steps,
+               fd_model=args.fd_model, n_samples=args.n, mid_t=cfg.mid_t,
+               probe=f"mean-pooled U-Net bottleneck of x + t e at t={T_PROBE} (EMA weights)",
+               detail=f"the one-step output f(x + t e, t) at t={T_PROBE}, clamped to [-1, 1]")
     for suffix, m in (("", model), ("_init", init)):
-        res.update(common.probes(features(m, x_tr, t, d.device), y_tr, features(m, x_te, t, d.device), y_te, suffix,
-                                 data))
-    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
+        f_tr, f_te = features(m, x_tr, T_PROBE, d.device), features(m, x_te, T_PROBE, d.device)
+        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
+        x_made = at_t(m, x_te[:1000], T_PROBE, d.device, lambda x_t, t: m.f(x_t, t).clamp(-1, 1))  # [m, 3, H, W]
+        res["detail_r2" + suffix] = common.detail_r2(x_made, data) if data.startswith("shapes") else None
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
+    xs_tr, ys_tr, xs_te, ys_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)  # smaller, for five t
+    probe = lambda t: common.linear_probe(features(model, xs_tr, t, d.device), ys_tr.to(d.device),
+                                          features(model, xs_te, t, d.device), ys_te.to(d.device))
+    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in PROBE_TS]
     common.write_eval(args.ckpt, res)
 
 
 def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
-    sa = sub.choices["sample"]
-    sa.add_argument("--sample-steps", type=common.number(int), default=1,
-                    help="1 (from t_max), 2 (re-noise at 0.821) or more")
+    for s in (sub.choices["sample"], sub.choices["eval"]):
+        s.add_argument("--sample-steps", type=common.number(int), default=1,
+                       help="1 (from t_max), 2 (re-noise at 0.821) or more (eval: fd at this many, fd_2step at 2)")
     to = sub.add_parser("toy", help="consistency training on a 2-D mixture with an MLP, on a CPU")
     to.add_argument("--toy-steps", type=common.number(int), default=6000, help="training steps (6 curriculum stages)")
     to.add_argument("--out", required=True)

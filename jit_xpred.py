@@ -13,26 +13,30 @@ Commands (python jit_xpred.py {train,sample,eval,toy} -h lists every flag):
     CPU smoke, seconds:  python jit_xpred.py train --preset tiny --out runs/jit_tiny --device cpu
     the claim on a CPU:  python jit_xpred.py toy --dims 2 8 16 512 --out runs/jit_toy    # paper's Sec. 3.3, ~3 min
     shapes on a CPU:     python jit_xpred.py train --preset cpu --out runs/jit_cpu        # a small JiT, < 10 min
-    one GPU:             python jit_xpred.py train --data cifar10 --out runs/jit --compile
+                         python jit_xpred.py eval --ckpt runs/jit_cpu/ckpt.pt --n 1000
+    one GPU:             python jit_xpred.py train --data cifar10 --out runs/jit --compile   (torchrun: the same)
                          python jit_xpred.py sample --ckpt runs/jit/ckpt.pt --n 50000 --out runs/jit/samples.npz
                          python jit_xpred.py eval --ckpt runs/jit/ckpt.pt --fd-model inception
-    torchrun:            torchrun --nproc_per_node 8 jit_xpred.py train --data cifar10 --out runs/jit --compile
-    Table 2 at toy scale (64x64, 16x16 patches = 768-d patches through a 64-d bottleneck), one run per prediction:
+    Table 2 at toy scale (64x64, 16x16 patches = 768 values through a 64-d bottleneck), one run per prediction:
                          python jit_xpred.py train --preset table2 --pred eps --out runs/t2_eps   (and --pred x, v)
-                         --set attn_fp32=true computes attention in fp32, as the official code does
-Expected: the toy gives x-prediction a low distance at every D and eps/v-prediction a high one at D=512 (README table);
-README.md lists the measured GPU figures (img/s, FID) with their commands.
+    --set attn_fp32=true: attention in true fp32 (the official code computes q k^T and its softmax in fp32).
+eval.json: FD; probes of the mid-block's mean-pooled tokens at t = 0.75 and at five t; on shapes, detail_r2 of x_pred.
+Expected: the toy's x-prediction lands on the spiral at every D, eps/v-prediction not at D = 512 (README: the figures).
 
 Checked against the official code (LTH14/JiT's model_jit.py, denoiser.py, util/model_util.py, as in zlong928/JiT at
-cbc743a): its state dict loads unchanged (the names are its own), and the network, the training loss (with its draws of
-label drop, t and noise) and the Heun sampler with CFG and its interval agree to 1e-5 in fp32 (tests/test_jit.py). Kept
-on purpose: one EMA (official: 0.9999 and 0.9996), qk-norm in the autocast dtype, fused attention unless attn_fp32, a
-final clamp to [-1, 1] (the official clips when it writes PNGs). The released ImageNet checkpoints (JiT-{B,L,H}/16 at
-256 px, /32 at 512 px; the official README's link) load with strict=True into the presets B, L, H; the sample and eval
-commands read this file's own checkpoints, so in Python (a trusted file only: it holds an argparse.Namespace):
-    cfg = Config(**PRESETS["L"], image_size=256, patch=16, num_classes=1000, cfg_scale=2.4)  # /32: 512, noise_scale=2
-    model = JiT(cfg).cuda().eval(); model.load_state_dict(torch.load(PATH, weights_only=False)["model_ema1"])
-    x = model.sample(torch.arange(8, device="cuda"))  # [8, 3, 256, 256] in [-1, 1]
+cbc743a): its state dict loads unchanged; the network, the loss (with its draws of label drop, t and noise) and the
+Heun sampler with CFG agree to 1e-5 in fp32 (tests/test_jit.py). Kept on purpose: one EMA (official: 0.9999 and
+0.9996), qk-norm in the autocast dtype, fused attention unless attn_fp32, a final clamp to [-1, 1] (the official clips
+when it writes PNGs). The released ImageNet checkpoints (JiT-{B,L,H}/16 at 256 px, /32 at 512 px: the official README)
+hold "model_ema1" beside an argparse.Namespace and load with strict=True into the presets B, L, H (/32: image_size=512,
+patch=32, noise_scale=2.0); sample and eval read this file's own checkpoints, so sample from them in Python:
+    import argparse, torch, jit_xpred as J
+    cfg = J.Config(**J.PRESETS["L"], image_size=256, patch=16, num_classes=1000, cfg_scale=2.4)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model = J.JiT(cfg).to(device).eval()
+        model.load_state_dict(torch.load(PATH, map_location=device, weights_only=True)["model_ema1"])
+    x = model.sample(torch.arange(8, device=device))  # [8, 3, 256, 256] in [-1, 1]
 """
 import json, math, os
 from dataclasses import dataclass, field
@@ -61,12 +65,12 @@ class Config:
     pred: str = "x"                 # what the network outputs: x | eps | v (Table 2 columns)
     loss: str = "v"                 # where the loss is taken: x | eps | v (Table 2 rows; the paper's default is v)
     P_mean: float = -0.8            # t = sigmoid(N(P_mean, P_std^2)), logit-normal (Sec. 4.2)
-    P_std: float = 0.8
+    P_std: float = 0.8              # (Sec. 4.2)
     t_eps: float = 0.05             # clamp of 1 - t (and of t) in divisions, training and sampling
     rope_base: float = 10_000.0     # RoPE base (official: EVA's VisionRotaryEmbeddingFast, theta 10000)
-    attn_fp32: bool = False         # attention in fp32 (official code: bf16 SDPA gave eps/v loss spikes); fused: off
+    attn_fp32: bool = False         # attention in true fp32 (official: q k^T, softmax in fp32; bf16 eps/v spikes)
     proj_dropout: float = 0.0       # dropout after attention and in the MLP, middle half of the blocks (0.2 for H)
-    noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); train sets max(1, image_size / 256): 1, 2 at 512 px
+    noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); unless set: the paper's max(1, image_size / 256)
     label_drop: float = 0.1         # class dropped to the null class for classifier-free guidance
     num_classes: int = 10           # filled in from the data
     steps: int = 100_000            # optimiser steps
@@ -79,9 +83,10 @@ class Config:
     cfg_scale: float = 1.0          # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
     cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])  # CFG for lo < t < hi (and t = 0 when lo = 0)
     log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between sample grids
+    sample_every: int = 5_000       # steps between sample grids (drawn when the step is a multiple)
+    grid: int = 64                  # images in the sample grids (0: none)
     ckpt_every: int = 2_500         # steps between checkpoints
-    seed: int = 0
+    seed: int = 0                   # initial weights, batches and noise
 
 
 PRESETS = {
@@ -92,7 +97,7 @@ PRESETS = {
     # a 2-core CPU in under 10 minutes (the claim itself is the `toy` command); a short run needs a higher lr
     "cpu": dict(data="shapes:10000", image_size=16, patch=4, bottleneck=32, hidden=128, depth=4, heads=4, in_context=4,
                 in_context_start=1, steps=3000, batch_size=64, lr=5e-4, warmup=200, ema=0.999, sample_steps=20,
-                log_every=50, sample_every=1000, ckpt_every=1000),
+                log_every=50, sample_every=500, ckpt_every=1000),
     # one GPU: JiT-S/2 on CIFAR-10 32x32
     "default": dict(),
     # Table 2 at small scale: 64x64 with 16x16 patches (768 values a token, bottleneck 64); lr 3e-4 for 2.5k steps
@@ -102,6 +107,82 @@ PRESETS = {
     "L": dict(hidden=1024, depth=24, heads=16, in_context_start=8),  # JiT-L
     "H": dict(hidden=1280, depth=32, heads=16, bottleneck=256, in_context_start=10, proj_dropout=0.2),  # JiT-H
 }
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+class JiT(nn.Module):
+    """The denoiser: forward(x, y) -> loss (Alg. 1); sample(y) -> images (Alg. 2)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.net = cfg, JiTNet(cfg)
+
+    def forward(self, x, y):
+        """Alg. 1: images x [B, 3, H, W] in [-1, 1], classes y [B] -> the loss."""
+        cfg, B = self.cfg, x.shape[0]
+        if self.training:  # the class dropped to the null class, for CFG (drawn first, as in the official code)
+            y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)
+        t = torch.sigmoid(torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).view(B, 1, 1, 1)  # logit-normal
+        e = torch.randn_like(x) * cfg.noise_scale
+        z = t * x + (1 - t) * e  # Eq. 1
+        v = (x - z) / (1 - t).clamp_min(cfg.t_eps)  # Eq. 2, the target velocity
+        out = self.net(z, t.flatten(), y).float()  # [B, 3, H, W]: x_pred (the default pred = x)
+        if cfg.pred == "x" and cfg.loss == "v":  # the paper's choice: x-prediction, v-loss
+            x_pred = out
+            v_pred = (x_pred - z) / (1 - t).clamp_min(cfg.t_eps)
+            return ((v - v_pred) ** 2).mean()
+        # Table 2: an eps or v output, or the loss on x or eps, through the (x, eps, v) that output and truth imply
+        i = ["x", "eps", "v"].index(cfg.loss)
+        pred, truth = to_x_eps_v(cfg.pred, out, z, t, cfg.t_eps), to_x_eps_v("x", x, z, t, cfg.t_eps)
+        return ((pred[i] - truth[i]) ** 2).mean()
+
+    def velocity(self, z, t, y, scale, interval):
+        """v_pred(z, t), t a float shared by the batch; with CFG on v inside the interval."""
+        use_cfg = scale != 1 and in_interval(t, interval)
+        if use_cfg:  # conditional and unconditional in one batch
+            z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, self.cfg.num_classes)])
+        tt = torch.full((len(z),), t, device=z.device)
+        v = to_x_eps_v(self.cfg.pred, self.net(z, tt, y).float(), z, tt.view(-1, 1, 1, 1), self.cfg.t_eps)[2]
+        if not use_cfg:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    @torch.no_grad()
+    def sample(self, y, *, steps=None, scale=None, interval=None, generator=None):
+        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2); -> [-1, 1]."""
+        cfg = self.cfg
+        steps, interval = steps or cfg.sample_steps, interval or cfg.cfg_interval
+        scale = cfg.cfg_scale if scale is None else scale
+        z = torch.randn(len(y), 3, cfg.image_size, cfg.image_size, device=y.device, generator=generator)
+        z = z * cfg.noise_scale  # [B, 3, H, W] at t = 0
+        ts = torch.linspace(0, 1, steps + 1).tolist()
+        for i in range(steps):
+            t, dt = ts[i], ts[i + 1] - ts[i]
+            with common.autocast(z.device):
+                v = self.velocity(z, t, y, scale, interval)
+                if i < steps - 1:  # Heun: the mean of the slopes at both ends (the last step: Euler into t = 1)
+                    v = 0.5 * (v + self.velocity(z + dt * v, ts[i + 1], y, scale, interval))
+                z = z + dt * v
+        return z.clamp(-1, 1)
+
+
+def to_x_eps_v(kind, out, z, t, t_eps):
+    """Given the network output `out` of kind x | eps | v, return the triple (x, eps, v) it implies under
+    z = t x + (1 - t) eps and v = x - eps (Eq. 1-2). Denominators 1 - t and t are clamped at t_eps."""
+    one_m_t, t_c = (1 - t).clamp_min(t_eps), t.clamp_min(t_eps)
+    if kind == "x":
+        return out, (z - t * out) / one_m_t, (out - z) / one_m_t
+    if kind == "eps":
+        return (z - (1 - t) * out) / t_c, out, (z - out) / t_c
+    if kind == "v":
+        return z + (1 - t) * out, z - t * out, out
+    raise ValueError(kind)
+
+
+def in_interval(t, interval):  # the CFG interval: lo < t < hi, and t = 0 too when lo = 0 (the official code's test)
+    lo, hi = interval
+    return t < hi and (lo == 0 or t > lo)
 
 
 # -------------------------------------------------------------------------------------------------------- backbone
@@ -151,7 +232,11 @@ class Attention(nn.Module):
         q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), 1e-6)  # in the autocast dtype (fused kernel)
         k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), 1e-6)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = common.attention(q, k, v, self.fp32)  # [B, h, N, hd]
+        if self.fp32:  # true fp32: autocast and TF32 off (the official: q k^T and its softmax in fp32)
+            with common.autocast(x.device, False):
+                out = common.attention(q, k, v, fp32=True)  # [B, h, N, hd], float32
+        else:
+            out = common.attention(q, k, v)  # [B, h, N, hd], fused, in the autocast dtype
         return self.drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))  # -> [B, N, D]
 
 
@@ -227,17 +312,18 @@ class JiTNet(nn.Module):
     def initialize(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
         for conv in self.x_embedder.values():  # like nn.Linear
             nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj2.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for m in self.t_embedder.mlp[::2]:
             nn.init.normal_(m.weight, std=0.02)
-        for b in self.blocks:  # adaLN-zero: every residual branch starts closed
-            nn.init.zeros_(b.adaLN_modulation[-1].weight); nn.init.zeros_(b.adaLN_modulation[-1].bias)
-        for m in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):  # zero output: x_pred = 0 at init
-            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        f = self.final_layer  # adaLN-zero: every residual branch starts closed; a zero output: x_pred = 0 at init
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [f.adaLN_modulation[-1], f.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def forward(self, z, t, y, feature_depth=None):
         """z [B,3,H,W], t [B], y [B] -> network output [B,3,H,W]; with feature_depth=k, the image tokens after block k
@@ -262,87 +348,6 @@ class JiTNet(nn.Module):
         return x.reshape(B, 3, g * p, g * p)
 
 
-# ---------------------------------------------------------------------------------------------------------- method
-def to_x_eps_v(kind, out, z, t, t_eps):
-    """Given the network output `out` of kind x | eps | v, return the triple (x, eps, v) it implies under
-    z = t x + (1 - t) eps and v = x - eps (Eq. 1-2). Denominators 1 - t and t are clamped at t_eps."""
-    one_m_t, t_c = (1 - t).clamp_min(t_eps), t.clamp_min(t_eps)
-    if kind == "x":
-        return out, (z - t * out) / one_m_t, (out - z) / one_m_t
-    if kind == "eps":
-        return (z - (1 - t) * out) / t_c, out, (z - out) / t_c
-    if kind == "v":
-        return z + (1 - t) * out, z - t * out, out
-    raise ValueError(kind)
-
-
-def in_interval(t, interval):
-    """The CFG interval: lo < t < hi, and t = 0 too when lo = 0 (the official code's test)."""
-    lo, hi = interval
-    return t < hi and (lo == 0 or t > lo)
-
-
-def guided(v_cond, v_uncond, t, scale, interval):
-    """Classifier-free guidance on v, only inside the interval (else the conditional v)."""
-    return v_uncond + scale * (v_cond - v_uncond) if in_interval(t, interval) else v_cond
-
-
-class JiT(nn.Module):
-    """The denoiser: forward(x, y) -> loss (Alg. 1); sample(y) -> images (Alg. 2)."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg, self.net = cfg, JiTNet(cfg)
-
-    def forward(self, x, y):
-        cfg, B = self.cfg, x.shape[0]
-        if self.training:  # the class dropped to the null class, for CFG (drawn first, as in the official code)
-            y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)
-        t = torch.sigmoid(torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean)  # logit-normal t
-        e = torch.randn_like(x) * cfg.noise_scale
-        t4 = t.view(B, 1, 1, 1)
-        z = t4 * x + (1 - t4) * e  # Eq. 1
-        out = self.net(z, t, y).float()
-        pred = to_x_eps_v(cfg.pred, out, z, t4, cfg.t_eps)
-        target = to_x_eps_v("x", x, z, t4, cfg.t_eps)  # (x, eps, v) of the truth, with the same clamp
-        i = "x eps v".split().index(cfg.loss)
-        return ((pred[i] - target[i]) ** 2).mean()
-
-    def velocity(self, z, t, y, scale, interval):
-        """v_pred(z, t) with CFG; t is a float shared by the batch."""
-        B, cfg = z.shape[0], self.cfg
-        tt = torch.full((B,), t, device=z.device)
-        use_cfg = scale != 1 and in_interval(t, interval)
-        if use_cfg:  # conditional and unconditional in one batch
-            zz, tt, yy = torch.cat([z, z]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, cfg.num_classes)])
-        else:
-            zz, yy = z, y
-        out = self.net(zz, tt, yy).float()
-        v = to_x_eps_v(cfg.pred, out, zz, tt.view(-1, 1, 1, 1), cfg.t_eps)[2]
-        return guided(*v.chunk(2), t, scale, interval) if use_cfg else v
-
-    @torch.no_grad()
-    def sample(self, y, *, steps=None, scale=None, interval=None, generator=None):
-        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2); -> [-1, 1]."""
-        cfg = self.cfg
-        steps = steps or cfg.sample_steps
-        scale = cfg.cfg_scale if scale is None else scale
-        interval = interval or cfg.cfg_interval
-        shape = (len(y), 3, cfg.image_size, cfg.image_size)
-        z = torch.randn(shape, device=y.device, generator=generator) * cfg.noise_scale
-        ts = torch.linspace(0, 1, steps + 1).tolist()
-        for i in range(steps):
-            t, t_next = ts[i], ts[i + 1]
-            with common.autocast(z.device):
-                v = self.velocity(z, t, y, scale, interval)
-                if i == steps - 1:
-                    z = z + (t_next - t) * v  # Euler into t = 1
-                else:
-                    v_next = self.velocity(z + (t_next - t) * v, t_next, y, scale, interval)
-                    z = z + (t_next - t) * 0.5 * (v + v_next)  # Heun
-        return z.clamp(-1, 1)
-
-
 # ------------------------------------------------------------------------------------------------------------- toy
 def toy_data(n, generator):
     """A 2-D spiral, std ~ 1."""
@@ -351,23 +356,17 @@ def toy_data(n, generator):
     return x + 0.03 * torch.randn(n, 2, generator=generator)
 
 
-def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
-    """Sec. 3.3: 2-D data x = P x2 in R^D (P column-orthogonal), a 5-layer ReLU MLP (256 wide) predicting `pred`,
-    trained with the v-loss, sampled with 50 Heun steps and projected back with P^T. -> (distance, samples [n, 2]).
-    t is uniform here: under the logit-normal t of the image runs, t near 1 is almost never drawn and x-prediction,
-    whose velocity (x - z)/(1 - t) amplifies errors there, is left under-trained in this tiny 2-D setting."""
+def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256, t_eps=0.05):
+    """Sec. 3.3: x = P x2 in R^D (2-D data, P column-orthogonal), a 5-layer ReLU MLP (256 wide) predicting `pred`, the
+    v-loss, 50 Heun steps, samples brought back by P^T -> (distance, samples [n, 2]). t is uniform: a logit-normal t
+    rarely draws t near 1, where x-prediction's v = (x - z)/(1 - t) amplifies errors, and leaves it under-trained."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     P = torch.linalg.qr(torch.randn(D, 2, generator=g))[0] if D > 2 else torch.eye(2)  # [D, 2], P^T P = I
-    mlp = nn.Sequential(
-        nn.Linear(D + 1, 256), nn.ReLU(),
-        nn.Linear(256, 256), nn.ReLU(),
-        nn.Linear(256, 256), nn.ReLU(),
-        nn.Linear(256, 256), nn.ReLU(),
-        nn.Linear(256, D),
-    )
+    widths = [D + 1, 256, 256, 256, 256]  # 4 ReLU layers, then a linear output
+    hidden = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+    mlp = nn.Sequential(*hidden, nn.Linear(256, D))
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
-    t_eps = 0.05
     for _ in range(steps):
         x = toy_data(batch, g) @ P.T  # [B, D]
         t = torch.rand(batch, 1, generator=g)  # t ~ U(0, 1), see the docstring
@@ -375,7 +374,9 @@ def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
         z = t * x + (1 - t) * e
         v_pred = to_x_eps_v(pred, mlp(torch.cat([z, t], 1)), z, t, t_eps)[2]
         loss = ((v_pred - to_x_eps_v("x", x, z, t, t_eps)[2]) ** 2).mean()
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     with torch.no_grad():
         z, ts = torch.randn(n, D, generator=g), torch.linspace(0, 1, 51).tolist()
         vel = lambda z, t: to_x_eps_v(pred, mlp(torch.cat([z, torch.full((n, 1), t)], 1)), z, torch.tensor(t), t_eps)[2]
@@ -390,15 +391,13 @@ def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256):
 def toy_png(panels, path, size=160):
     """Scatter panels without matplotlib: rows = D, columns = data, x, eps, v."""
     from PIL import Image, ImageDraw
-    rows = sorted({r for r, _ in panels})
-    cols = ["data", "x", "eps", "v"]
+    rows, cols = sorted({r for r, _ in panels}), ["data", "x", "eps", "v"]
     img = Image.new("RGB", (size * len(cols), (size + 14) * len(rows)), "white")
     draw = ImageDraw.Draw(img)
     for (D, c), pts in panels.items():
         ox, oy = cols.index(c) * size, rows.index(D) * (size + 14)
         draw.text((ox + 4, oy + 1), f"D={D} {c}" + ("-pred" if c != "data" else ""), fill="black")
-        q = ((pts.clamp(-3, 3) + 3) / 6 * (size - 8) + 4).long().tolist()
-        for px, py in q:
+        for px, py in ((pts.clamp(-3, 3) + 3) / 6 * (size - 8) + 4).long().tolist():
             draw.point((ox + px, oy + 14 + size - 1 - py), fill=(30, 60, 200))
         draw.rectangle((ox, oy + 14, ox + size - 1, oy + 14 + size - 1), outline="gray")
     img.save(path)
@@ -415,8 +414,8 @@ def toy(args):
             panels[(D, pred)] = pts
             print0(f"D={D:4d} {pred:>3}-pred  sliced W1 = {dist:.4f}")
     with open(os.path.join(args.out, "toy.json"), "w") as f:
-        json.dump({"metric": "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)",
-                          "results": rows}, f, indent=1)
+        metric = "sliced_wasserstein_1 (2-D, 256 directions, n=2000; lower is better)"
+        json.dump({"metric": metric, "results": rows}, f, indent=1)
     toy_png(panels, os.path.join(args.out, "toy.png"))
 
 
@@ -427,46 +426,43 @@ def make_config(args):
         raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
     if cfg.pred not in ("x", "eps", "v") or cfg.loss not in ("x", "eps", "v"):
         raise UsageError(f"pred and loss are x, eps or v (got {cfg.pred}, {cfg.loss})")
-    cfg.noise_scale = max(1.0, cfg.image_size / 256)  # the paper's noise scale: 1 at 256 px, 2 at 512
+    if "noise_scale" not in common.given(args, Config):  # the paper's noise scale: 1 up to 256 px, 2 at 512
+        cfg.noise_scale = max(1.0, cfg.image_size / 256)
     return cfg
 
 
 def train(args):
-    d, cfg, ckpt = common.start_run(args, Config, make_config)
+    d, cfg, ckpt = common.start_run(args, Config, PRESETS, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = JiT(cfg).to(d.device)
-    ema = common.Ema(model, cfg.ema)
+    ema = common.Ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {cfg.pred}-pred {cfg.loss}-loss, "
            f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
     step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-
-    def loss_of(net, step):  # Alg. 1 on this rank's batch of `step`
-        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, device=d.device)
-        with common.autocast(d.device):
-            return net(x, y)
-
-    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    log = common.Log(args.out, d, cfg, step)
     for step in log.steps(step, cfg.steps):
         # learning rate: linear warm-up, then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        # forward, backward, update, EMA
-        loss = loss_of(step_model, step)
+        # forward (Alg. 1 on this rank's batch: rows drawn with replacement, mirrored at random), backward, update, EMA
+        x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
+        with common.autocast(d.device):
+            loss = step_model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema.update(model, step)
-        # log, sample grid, checkpoint
+        ema.update(model, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, its decay warmed up
+        # log (averaged over the processes; a NaN stops the run), sample grid, checkpoint
         done = step + 1
         log(done, loss, lr=lr)
-        if d.master and common.due(done, cfg.sample_every, cfg.steps):
+        if d.master and cfg.grid and done % cfg.sample_every == 0:  # the run's own sampler steps
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
-            y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
+            y = torch.arange(cfg.grid, device=d.device) % cfg.num_classes
             common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
         if common.due(done, cfg.ckpt_every, cfg.steps):
             common.save_run(args.out, d, done, cfg, model, ema, opt)
@@ -483,43 +479,52 @@ def generate(model, cfg, n, args, d):
 
 
 def sample_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg))
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg), compile_net=args.compile)
     x = generate(model, cfg, args.n, args, d)
     if d.master:
         common.write_samples(args.out, x)
 
 
-def features(model, images, t, depth, device):
-    """JiT's own representation: the image tokens after block `depth` of z_t (null class), mean-pooled -> [N, D]."""
+def at_t(model, images, t, device, depth=None):
+    """The network on z_t = t x + (1 - t) e of images x (e seeded per chunk, t a float, the null class). depth k: JiT's
+    representation, the image tokens after block k mean-pooled [N, D]; None: its x_pred [N, 3, H, W] in [-1, 1]."""
+    cfg = model.cfg
+
     def fn(x, i):
         B = len(x)
-        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i)) * cfg.noise_scale
         z = t * x + (1 - t) * e  # Eq. 1
-        null = torch.full((B,), model.cfg.num_classes, device=device)
+        tt, null = torch.full((B,), t, device=device), torch.full((B,), cfg.num_classes, device=device)
         with common.autocast(device):
-            return model.net(z, torch.full((B,), t, device=device), null, feature_depth=depth)
+            out = model.net(z, tt, null, feature_depth=depth).float()
+        return out if depth else to_x_eps_v(cfg.pred, out, z, tt.view(B, 1, 1, 1), cfg.t_eps)[0].clamp(-1, 1)
     return common.extract(fn, images, device)
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg))
-    data = args.data or cfg.data
-    fd_net = common.FDFeatures(args.fd_model, d.device)
+    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg), compile_net=args.compile)
+    data, dev = args.data or cfg.data, d.device
+    fd_net = common.FDFeatures(args.fd_model, dev)
     x = generate(model, cfg, args.n, args, d)
     if not d.master:
         return
-    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     torch.manual_seed(cfg.seed)
-    init = JiT(cfg).to(d.device).eval()  # the same network at initialisation: the probe's floor
+    init = JiT(cfg).to(dev).eval()  # the same network at initialisation: the floors
     depth, t = cfg.depth // 2, 0.75
     res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
                fd_model=args.fd_model, n_samples=args.n, sample_steps=args.sample_steps or cfg.sample_steps,
                cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-               probe=f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class")
+               probe=f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class (detail: x_pred)")
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     for suffix, m in (("", model), ("_init", init)):
-        res.update(common.probes(features(m, x_tr, t, depth, d.device), y_tr,
-                                 features(m, x_te, t, depth, d.device), y_te, suffix, data))
-    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
+        res.update(common.probes(at_t(m, x_tr, t, dev, depth), y_tr, at_t(m, x_te, t, dev, depth), y_te, suffix))
+        x_made = at_t(m, x_te[:1000], t, dev) if data.startswith("shapes") else None  # init: x_pred = 0
+        res["detail_r2" + suffix] = None if x_made is None else common.detail_r2(x_made, data)
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)
+    probe = lambda s: common.linear_probe(at_t(model, x_tr, s, dev, depth), y_tr.to(dev),
+                                          at_t(model, x_te, s, dev, depth), y_te.to(dev))
+    res["probe_linear_by_t"] = [[s, round(probe(s), 4)] for s in (0.1, 0.3, 0.5, 0.75, 0.9)]  # noisy -> clean (t = 1)
     common.write_eval(args.ckpt, res)
 
 
@@ -529,9 +534,9 @@ def main(argv=None):
     tr.add_argument("--pred", choices=["x", "eps", "v"], help="network output (default x)")
     tr.add_argument("--loss", choices=["x", "eps", "v"], help="loss space (default v)")
     for s in (sa, ev):
-        s.add_argument("--sample-steps", type=common.number(int), help="Heun steps (default: the run's, 50)")
+        s.add_argument("--sample-steps", type=common.number(int), help="Heun steps (default: the run's)")
         s.add_argument("--cfg-scale", type=common.number(float, 0, strict=False), help="CFG scale (default: the run's)")
-        s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo < t < hi (default 0.1 1.0)")
+        s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo < t < hi (default: the run's)")
     to = sub.add_parser("toy", help="the paper's toy experiment (Sec. 3.3) on a CPU")
     to.add_argument("--dims", type=common.number(int), nargs="+", default=[2, 8, 16, 512])
     to.add_argument("--toy-steps", type=common.number(int), default=2000, help="training steps per model")

@@ -10,31 +10,34 @@ one into an image. Unconditional FID at ImageNet 256: DiT-XL 27.32 -> 4.89 with 
 The representation (frozen, no labels): r = E(x), the encoder's global token (optionally a fixed orthonormal projection
 to rep_dim), standardised per vector as the official code does: r <- (r - mean_d r) / std_d r.
 
-The RDM (`train-rdm`), a DDPM on r with the x0-parameterisation (AdamW (0.9, 0.999), no clipping, fp32):
-    r_t = sqrt(abar_t) r + sqrt(1 - abar_t) e,  t in {0..T-1},  L = |f(r_t, t) - r|^2
+The RDM (`train-rdm`), a DDPM on r with the x0-parameterisation (AdamW (0.9, 0.999), no clipping, true fp32):
+    r_t = sqrt(abar_t) r + sqrt(1 - abar_t) e,  t in {0..T-1},  L = |f(r_t, t) - r|^2                       (1)
     beta_t = (linspace(sqrt(0.0015), sqrt(0.0195), T))^2  (LDM's "linear", T = 1000),  abar_t = prod (1 - beta)
     f: the official SimpleMLP (its names; LayerNorm, SiLU, Linear, plus the time embedding; LayerNorm, SiLU,
        zero-init Linear; 12 blocks of width 1536), sampled with DDIM at eta = 1:
     r_prev = sqrt(abar_prev) r^ + sqrt(1 - abar_prev - s^2) e^ + s n,  s = eta sqrt((1 - abar_prev)/(1 - abar_t))
-             sqrt(1 - abar_t / abar_prev),  e^ = (r_t - sqrt(abar_t) r^) / sqrt(1 - abar_t)
+             sqrt(1 - abar_t / abar_prev),  e^ = (r_t - sqrt(abar_t) r^) / sqrt(1 - abar_t)                  (2)
 The pixel generator (`train`): RCG's DiT (the simplest of the paper's four generators; exact GELU), c = t_emb +
 rep_embedder(r), r replaced by the learned fake_latent with p = 0.1, representation guidance v = v_null + s (v_r -
-v_null); AdamW (0.9, 0.95), no clipping, fp32 sampling. It differs from the official DiT in three ways, so that it
-runs offline at CIFAR scale: (1) pixels, where the official denoises SD-VAE latents (4 channels, 32x32 at 256 px; no
-VAE to download, none needed at 32 px); (2) repa.py's linear interpolant and v-loss (x_t = (1 - t) x + t e, v = e - x;
-t in [0, 1] enters the net as 1000 t) with Heun sampling, where the official is an eps-prediction DDPM (1000 linear
-betas) with learned sigma (twice the output channels, ADM's hybrid loss) sampled by 250 ancestral steps; (3) bf16
-autocast in training on a GPU (official: fp32). `--no-rep` trains the same DiT without r, c = t_emb + y_emb (the
-official unconditional DiT's one-class table): the unconditional baseline RCG beats.
+v_null); AdamW (0.9, 0.95), no clipping. It differs from the official DiT in three ways, so that it runs offline at
+CIFAR scale: (1) pixels, where the official denoises SD-VAE latents (4 channels, 32x32 at 256 px; no VAE to download,
+none needed at 32 px); (2) repa.py's linear interpolant and v-loss (x_t = (1 - t) x + t e, v = e - x; t in [0, 1]
+enters the net as 1000 t) with Heun sampling, where the official is an eps-prediction DDPM (1000 linear betas) with
+learned sigma (twice the output channels, ADM's hybrid loss) sampled by 250 ancestral steps; (3) bf16 autocast in
+training on a GPU (official: fp32). Every sampler (DDIM, Heun) runs in true fp32 (no TF32), as the official samples.
+`--no-rep` trains the same DiT without r, c = t_emb + y_emb (the official unconditional DiT's one-class table): the
+unconditional baseline RCG beats. eval's detail_r2: the DiT's pixels from each test image's own r (how much detail
+the representation lets the generator put back).
 
 Checked against LTH14/rcg 0c4433c (tests/test_rcg.py; fixtures by tests/reference/make_rcg.py), same weights, fp32,
 within 1e-5: the RDM network (raw and EMA weights), betas and abar, the standardisation, the loss at fixed t and noise
 and at a seed (the same draws), DDIM (eta 1 and 0, the official grid, the same draws); the DiT (3 channels, no sigma
 half) with r, with the null r, without r, guided, and with r dropped in training (the same draws).
-Released checkpoints: the class-unconditional RDMs (MoCo v3 ViT-B / ViT-L, LTH14/rcg's README) load with their EMA
-weights, `rcg.load_official_rdm("rdm.pth").sample(16)` drawing standardised 256-d MoCo v3 representations; no
-generator here can use them (MoCo v3 has no loader here). The class-conditional RDMs (context layers) and the DiT-XL
-(SD-VAE latents, learned sigma) do not load.
+Released checkpoints: LTH14/rcg's class-unconditional RDMs (MoCo v3 ViT-B / ViT-L, main_rdm.py checkpoints linked
+from its README) load with their EMA weights (torch.load weights_only=True, their argparse args allowed):
+    python -c "import rcg; print(rcg.load_official_rdm('rdm.pth').sample(16))"   # 16 standardised 256-d MoCo v3 r
+No generator here can use them (MoCo v3 has no loader here); the class-conditional RDMs (context layers) and the
+DiT-XL (SD-VAE latents, learned sigma) do not load. This file's own runs: `sample --ckpt GEN --rdm RDM` below.
 
 Encoders (--encoder, common.load_encoder): the paper's MoCo v3 ViT-B with its 256-d projection head has no loader here;
 dinov2_vitb14 (the internet, or torch.hub's cache), a soda.py or decoupled_latent.py export, or random-vit-s (offline).
@@ -48,13 +51,13 @@ Commands (python rcg.py {train-rdm,train,sample,eval} -h lists every flag):
     one GPU:            python rcg.py train-rdm --data cifar10 --out runs/rdm --compile
                         python rcg.py train --data cifar10 --out runs/rcg --compile  (and --no-rep --out runs/uncond)
                         python rcg.py sample --ckpt runs/rcg/ckpt.pt --rdm runs/rdm/ckpt.pt --n 50000 \\
-                            --out runs/rcg/samples.npz
+                            --out runs/rcg/samples.npz --compile
 Expected on a CPU (`shapes`, random-vit-s@28's 384-d token, 2 idle cores): train-rdm 2.7 min, then eval: rep_fd
 9.3 against 376 for the RDM at initialisation and 2.8 between held-out real representations and the training ones
 (the floor); the pixel generators (1,500 steps, 3.4 min): FD 3.08 with RCG against 3.82 with --no-rep (pixel
-features, 1,000 samples). The README's rcg.py section has the table.
+features, 1,000 samples). The README's rcg.py section has the table. Not yet run on a GPU.
 """
-import math, os
+import argparse, math, os
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,14 +97,14 @@ class Config:
     # the schedule of the command that runs (train-rdm: RDM_SCHEDULE below)
     steps: int = 100_000            # optimiser steps
     batch_size: int = 256           # global batch size
-    lr: float = 1e-4                # AdamW, constant (official DiT: 1e-4 at batch 2048)
+    lr: float = 1e-4                # AdamW, constant after the warm-up (official DiT: 1e-4 at batch 2048)
     weight_decay: float = 0.0       # DiT: 0
     adam_beta2: float = 0.95        # official DiT: AdamW betas (0.9, 0.95); the RDM: (0.9, 0.999) (RDM_SCHEDULE)
-    warmup: int = 0                 # linear warm-up steps
-    grad_clip: float = 0.0          # > 0: clip the gradient norm (official: no clipping, RDM nor DiT)
+    warmup: int = 0                 # linear warm-up steps (official: none; no gradient clipping either)
     ema: float = 0.9999             # paper: 0.9999 (with warm-up here)
     log_every: int = 50             # steps between log.jsonl rows
     sample_every: int = 5_000       # steps between sample grids
+    grid: int = 64                  # images in the sample grids (0: none): real ones, then those made from their r
     ckpt_every: int = 2_500         # steps between checkpoints
     num_classes: int = 10           # filled in from the data (only the probe uses labels)
     seed: int = 0
@@ -120,10 +123,11 @@ PRESETS = {
     "default": dict(),
 }
 RDM_SCHEDULE = {  # over the preset, for train-rdm (paper: batch 512, lr 5.12e-4, AdamW weight decay 0.01)
-    "tiny": dict(adam_beta2=0.999),
+    "tiny": dict(batch_size=32, adam_beta2=0.999),
     "cpu": dict(steps=4000, batch_size=256, lr=1e-3, weight_decay=0.01, adam_beta2=0.999),
     "default": dict(steps=100_000, batch_size=512, lr=5.12e-4, weight_decay=0.01, adam_beta2=0.999),
 }
+RDM_PRESETS = {k: PRESETS[k] | v for k, v in RDM_SCHEDULE.items()}  # train-rdm's presets (--resume compares them)
 
 
 # ------------------------------------------------------------------------------------------- the representation
@@ -150,15 +154,111 @@ class Representation:
         self.dim = cfg.rep_dim or D
 
     def __call__(self, x):
-        r = self.encoder(x)[0].float()
+        r = self.encoder(x)[0].float()  # the global token [B, D_encoder]
         return standardise(r @ self.proj if self.proj is not None else r)
 
 
 # --------------------------------------------------------------------------------------------------------- the RDM
+def betas_linear_sqrt(T, start, end):
+    return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2
+
+
+class RDM(nn.Module):
+    """forward(r [B, D]) -> the x0-parameterised DDPM loss (1); sample(n) -> generated representations [n, D] (2).
+    Both in true fp32 (the caller's autocast(device, False) in training; sample sets it itself)."""
+
+    def __init__(self, cfg, dim, t_dim=256):
+        super().__init__()
+        self.cfg, self.dim, self.net = cfg, dim, SimpleMLP(dim, cfg.rdm_width, cfg.rdm_depth, t_dim)
+        abar = torch.cumprod(1 - betas_linear_sqrt(cfg.T, cfg.beta_start, cfg.beta_end), 0)
+        self.register_buffer("abar", abar, persistent=False)  # [T], float64: sqrt rounded once, as official
+
+    def forward(self, r, t=None, e=None):
+        """t [B] (integer steps) and e [B, D] (the noise) are drawn when not given."""
+        t = torch.randint(0, self.cfg.T, (len(r),), device=r.device) if t is None else t
+        e = torch.randn_like(r) if e is None else e
+        a = self.abar[t][:, None]  # [B, 1]
+        r_t = a.sqrt().float() * r + (1 - a).sqrt().float() * e  # [B, D] (1)
+        return ((self.net(r_t, t).float() - r) ** 2).mean()
+
+    @torch.no_grad()
+    def sample(self, n, *, steps=None, eta=None, generator=None):
+        """DDIM (2) from pure noise on LDM's uniform grid t = T - c + 1, ..., 1 + c, 1 (c = T // steps); the last step
+        goes to abar_0, as the official sampler does. On the model's device, in true fp32."""
+        cfg, device = self.cfg, self.abar.device
+        eta = cfg.eta if eta is None else eta
+        c = cfg.T // (steps or cfg.rdm_sample_steps)
+        ts = [min(k + 1, cfg.T - 1) for k in range(0, cfg.T, c)][::-1]  # descending
+        abar = self.abar.float()  # the official sampler's float32 table
+        x = torch.randn((n, self.dim), device=device, generator=generator)
+        with common.autocast(device, False):
+            for i, t in enumerate(ts):
+                a, a_prev = abar[t], abar[ts[i + 1] if i + 1 < len(ts) else 0]
+                r_hat = self.net(x, torch.full((n,), t, device=device)).float()  # [n, D]
+                e_hat = (x - a.sqrt() * r_hat) / (1 - a).sqrt()
+                s = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+                noise = torch.randn(x.shape, device=device, generator=generator)
+                x = a_prev.sqrt() * r_hat + (1 - a_prev - s ** 2).clamp_min(0).sqrt() * e_hat + s * noise  # (2)
+        return x
+
+
+# ------------------------------------------------------------------------------------------- the pixel generator
+class RCG(nn.Module):
+    """forward(x, r) -> the v-loss of the pixel generator; sample(r) -> images. r: standardised representations
+    [B, D] (None with --no-rep)."""
+
+    def __init__(self, cfg, rep_dim):
+        super().__init__()
+        self.cfg, self.rep_dim = cfg, 0 if cfg.no_rep else rep_dim
+        self.net = DiT(cfg, self.rep_dim)
+
+    def forward(self, x, r=None):
+        t = torch.rand(x.shape[0], device=x.device)  # [B]
+        e = torch.randn_like(x)
+        x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e  # [B, 3, H, W]
+        return ((self.net(x_t, t, r).float() - (e - x)) ** 2).mean()  # v = e - x; r dropped inside the net
+
+    def velocity(self, x, t, r, scale):
+        """v(x, t | r) with representation guidance: v_null + scale (v_r - v_null); t is a float for the batch."""
+        B = x.shape[0]
+        tt = torch.full((B,), t, device=x.device)
+        if not self.rep_dim or scale == 1:
+            return self.net(x, tt, r).float()
+        v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([r, self.net.fake_latent.expand(B, -1)]))
+        v_r, v_null = v.float().chunk(2)  # 2 x [B, 3, H, W]
+        return v_null + scale * (v_r - v_null)
+
+    @torch.no_grad()
+    def sample(self, r=None, *, n=None, steps=None, scale=None, generator=None):
+        """Representations r [B, D] (or n with --no-rep) -> images [B, 3, H, W] in [-1, 1], from noise at t = 1; on
+        the model's device, in true fp32 (as the official sampler)."""
+        cfg, device = self.cfg, self.net.pos_embed.device
+        n = len(r) if r is not None else n
+        x = torch.randn((n, 3, cfg.image_size, cfg.image_size), device=device, generator=generator)
+        scale = cfg.rep_cfg if scale is None else scale
+        with common.autocast(device, False):
+            x = sample_ode(lambda x, t: self.velocity(x, t, r, scale), x, steps or cfg.sample_steps)
+        return x.clamp(-1, 1)
+
+
+def sample_ode(v, x, steps):
+    """Heun on dx/dt = v(x, t) from t = 1 (noise) to 0; the last step is Euler (no evaluation at t = 0)."""
+    ts = torch.linspace(1, 0, steps + 1).tolist()
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        d = v(x, t)
+        if i == steps - 1:
+            x = x + (t_next - t) * d
+        else:
+            x = x + (t_next - t) * 0.5 * (d + v(x + (t_next - t) * d, t_next))
+    return x
+
+
+# ------------------------------------------------------------------------------ the RDM's backbone: SimpleMLP
 def timestep_embedding(t, dim):
     """t [B] (integer steps, or floats) -> [B, dim]: [cos, sin] of t * 10000^(-i / (dim/2)) (ADM's, the official)."""
     f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
-    a = t[:, None].float() * f[None]
+    a = t[:, None].float() * f[None]  # [B, dim/2]
     return torch.cat([a.cos(), a.sin()], 1)
 
 
@@ -173,7 +273,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
 
-    def forward(self, h, emb):
+    def forward(self, h, emb):  # h [B, W], emb [B, t_dim] -> [B, W]
         return h + self.out_layers(self.in_layers(h) + self.emb_layers(emb))
 
 
@@ -191,70 +291,14 @@ class SimpleMLP(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, r, t):
-        h, emb = self.input_proj(r), self.time_embed(timestep_embedding(t, self.input_proj.out_features))
+        h = self.input_proj(r)  # [B, D] -> [B, W]
+        emb = self.time_embed(timestep_embedding(t, self.input_proj.out_features))  # [B] -> [B, W] -> [B, t_dim]
         for block in self.res_blocks:
-            h = block(h, emb)
-        return self.out(h)
+            h = block(h, emb)  # [B, W]
+        return self.out(h)  # [B, W] -> [B, D]
 
 
-def betas_linear_sqrt(T, start, end):
-    return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2
-
-
-class RDM(nn.Module):
-    """forward(r [B, D]) -> the x0-parameterised DDPM loss; sample(n) -> generated representations [n, D]."""
-
-    def __init__(self, cfg, dim, t_dim=256):
-        super().__init__()
-        self.cfg, self.dim, self.net = cfg, dim, SimpleMLP(dim, cfg.rdm_width, cfg.rdm_depth, t_dim)
-        abar = torch.cumprod(1 - betas_linear_sqrt(cfg.T, cfg.beta_start, cfg.beta_end), 0)
-        self.register_buffer("abar", abar, persistent=False)  # [T], float64: sqrt rounded once, as official
-
-    def forward(self, r, t=None, e=None):
-        """t [B] (integer steps) and e [B, D] (the noise) are drawn when not given."""
-        t = torch.randint(0, self.cfg.T, (len(r),), device=r.device) if t is None else t
-        e = torch.randn_like(r) if e is None else e
-        a = self.abar[t][:, None]
-        r_t = a.sqrt().float() * r + (1 - a).sqrt().float() * e
-        return ((self.net(r_t, t).float() - r) ** 2).mean()
-
-    @torch.no_grad()
-    def sample(self, n, *, steps=None, eta=None, generator=None, device="cpu"):
-        """DDIM from pure noise on LDM's uniform grid t = T - c + 1, ..., 1 + c, 1 (c = T // steps); the last step
-        goes to abar_0, as the official sampler does."""
-        cfg = self.cfg
-        eta = cfg.eta if eta is None else eta
-        c = cfg.T // (steps or cfg.rdm_sample_steps)
-        ts = [min(k + 1, cfg.T - 1) for k in range(0, cfg.T, c)][::-1]  # descending
-        abar = self.abar.float()  # the official sampler's float32 table
-        x = torch.randn((n, self.dim), device=device, generator=generator)
-        for i, t in enumerate(ts):
-            a, a_prev = abar[t], abar[ts[i + 1] if i + 1 < len(ts) else 0]
-            r_hat = self.net(x, torch.full((n,), t, device=device)).float()
-            e_hat = (x - a.sqrt() * r_hat) / (1 - a).sqrt()
-            s = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
-            noise = torch.randn(x.shape, device=device, generator=generator)
-            x = a_prev.sqrt() * r_hat + (1 - a_prev - s ** 2).clamp_min(0).sqrt() * e_hat + s * noise
-        return x
-
-
-def load_official_rdm(path, ema=True):
-    """A released RDM (LTH14/rcg's main_rdm.py checkpoint, {"model": state dict}, or that state dict) -> our RDM with
-    its EMA weights (those the official sampler uses; ema=False: the raw ones). Sizes are read from the weights; T
-    and the betas are the released configs' (the defaults here)."""
-    sd = path if isinstance(path, dict) else torch.load(path, map_location="cpu", weights_only=False)["model"]
-    pre = "model.diffusion_model."
-    net = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-    if ema:  # LitEma's buffers: the parameter's name without dots
-        net = {k: sd["model_ema.diffusion_model" + k.replace(".", "")] for k in net}
-    width, dim = net["input_proj.weight"].shape
-    depth = len({k.split(".")[1] for k in net if k.startswith("res_blocks.")})
-    rdm = RDM(Config(rdm_width=width, rdm_depth=depth), dim, t_dim=len(net["time_embed.0.weight"]))
-    rdm.net.load_state_dict(net)
-    return rdm.eval()
-
-
-# ------------------------------------------------------------------------------------------- the pixel generator
+# ------------------------------------------------------------------------------ the pixel generator's backbone: DiT
 def sincos_2d(grid, dim):
     """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: [sin, cos] of the column, then of the row (MAE's
     get_2d_sincos_pos_embed, in float64 as there)."""
@@ -292,7 +336,7 @@ class Block(nn.Module):
         self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))  # timm's Mlp
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, c):
+    def forward(self, x, c):  # x [B, N, D], c [B, D] -> [B, N, D]
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
         return x + g2 * self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(modulate(self.norm2(x), sh2, sc2))))
@@ -303,7 +347,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.freq_dim, self.mlp = freq_dim, nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):
+    def forward(self, t):  # [B] -> [B, dim]
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
@@ -343,16 +387,16 @@ class DiT(nn.Module):
     def forward(self, x, t, r=None):
         B, p, g = x.shape[0], self.p, self.grid
         h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, D, g, g] -> [B, N, D]
-        c = self.t_embedder(1000 * t)  # the official DDPM's step scale
+        c = self.t_embedder(1000 * t)  # [B, D]: the official DDPM's step scale
         if r is None:
             c = c + self.y_embedder.embedding_table.weight[0]
         else:
             if self.training and self.rep_dropout_prob > 0:
                 drop = torch.rand(B, device=x.device) < self.rep_dropout_prob
                 r = torch.where(drop[:, None], self.fake_latent.to(r.dtype), r)
-            c = c + self.rep_embedder(r)
+            c = c + self.rep_embedder(r)  # [B, rep_dim] -> [B, D]
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c)  # [B, N, D]
         f = self.final_layer
         sh, sc = f.adaLN_modulation(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
         out = f.linear(modulate(f.norm_final(h), sh, sc))  # [B, N, p*p*3]
@@ -360,174 +404,111 @@ class DiT(nn.Module):
         return out.reshape(B, 3, g * p, g * p)
 
 
-class RCG(nn.Module):
-    """forward(x, r) -> the v-loss of the pixel generator; sample(r) -> images. r: standardised representations
-    [B, D] (None with --no-rep)."""
-
-    def __init__(self, cfg, rep_dim):
-        super().__init__()
-        self.cfg, self.rep_dim = cfg, 0 if cfg.no_rep else rep_dim
-        self.net = DiT(cfg, self.rep_dim)
-
-    def forward(self, x, r=None):
-        B = x.shape[0]
-        t = torch.rand(B, device=x.device)
-        e = torch.randn_like(x)
-        x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e
-        return ((self.net(x_t, t, r).float() - (e - x)) ** 2).mean()  # r dropped inside the net
-
-    def velocity(self, x, t, r, scale):
-        """v(x, t | r) with representation guidance: v_null + scale (v_r - v_null); t is a float for the batch."""
-        B = x.shape[0]
-        tt = torch.full((B,), t, device=x.device)
-        if not self.rep_dim or scale == 1:
-            return self.net(x, tt, r).float()
-        v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([r, self.net.fake_latent.expand(B, -1)]))
-        v_r, v_null = v.float().chunk(2)
-        return v_null + scale * (v_r - v_null)
-
-    @torch.no_grad()
-    def sample(self, r=None, *, n=None, steps=None, scale=None, generator=None, device="cpu"):
-        """Representations r [B, D] (or n with --no-rep) -> images [B, 3, H, W] in [-1, 1], from noise at t = 1;
-        in fp32, as the official sampler."""
-        cfg = self.cfg
-        n = len(r) if r is not None else n
-        x = torch.randn((n, 3, cfg.image_size, cfg.image_size), device=device, generator=generator)
-        scale = cfg.rep_cfg if scale is None else scale
-        x = sample_ode(lambda x, t: self.velocity(x, t, r, scale), x, steps or cfg.sample_steps)
-        return x.clamp(-1, 1)
-
-
-# ---------------------------------------------------------------------------------------------------------- sampler
-def sample_ode(v, x, steps):
-    """Heun on dx/dt = v(x, t) from t = 1 (noise) to 0; the last step is Euler (no evaluation at t = 0)."""
-    ts = torch.linspace(1, 0, steps + 1).tolist()
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        d = v(x, t)
-        if i == steps - 1:
-            x = x + (t_next - t) * d
-        else:
-            x = x + (t_next - t) * 0.5 * (d + v(x + (t_next - t) * d, t_next))
-    return x
-
-
 # ---------------------------------------------------------------------------------------------------- train / main
 class Data:
-    """The training images with their representations, computed once (with flip_aug, also of the mirror images).
-    batch(step, bs) -> (x [B, 3, H, W] in [-1, 1], r [B, D]): the same rows, mirrored together."""
+    """The training images with their representations, computed once (with flip_aug, also of the mirror images)."""
 
     def __init__(self, cfg, rep, d):
         self.cfg, self.d, self.reps = cfg, d, None
         self.images, self.labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
         if rep is not None:  # (none for the --no-rep baseline)
-            fn = lambda flip: lambda x, i: rep(x.flip(3) if flip else x)
-            self.reps = [common.extract(fn(flip), self.images, d.device, desc="representations").cpu()
+            self.reps = [common.extract(lambda x, i: rep(x.flip(3) if flip else x), self.images, d.device,
+                                        desc="representations").cpu()
                          for flip in ((False, True) if cfg.flip_aug else (False,))]  # [N, D] each
 
-    def batch(self, step, bs):  # -> (x [B, 3, H, W] in [-1, 1], r [B, D] or None): the same rows
-        n = len(self.images)
-        idx = common.batch_rows(n * (1 + self.cfg.flip_aug), bs, self.cfg.seed, step, self.d.rank)[0]  # 2N views
-        m, idx = idx >= n, idx % n  # rows n..2n-1: the mirror images of rows 0..n-1
-        x = common.to_float(self.images[idx])
-        x = torch.where(m[:, None, None, None], x.flip(3), x).to(self.d.device)
-        r = None if self.reps is None else torch.where(m[:, None], self.reps[-1][idx], self.reps[0][idx])
-        return x, None if r is None else r.to(self.d.device)
+    def batch(self, step, bs):
+        """-> (x [B, 3, H, W] in [-1, 1], r [B, D] or None): rows drawn with replacement, each mirrored at random
+        (flip_aug) together with its representation."""
+        cfg, d = self.cfg, self.d
+        x, _ = common.batch(self.images, self.labels, bs, cfg.seed, step, d.rank, flip=cfg.flip_aug, device=d.device)
+        if self.reps is None:
+            return x, None
+        rows, mirrored = common.batch_rows(len(self.images), bs, cfg.seed, step, d.rank)  # common.batch's draws
+        return x, torch.where(mirrored[:, None], self.reps[-1][rows], self.reps[0][rows]).to(d.device)  # [B, D]
 
 
-def make_config(args, rdm=False):
-    presets = {k: {**v, **RDM_SCHEDULE[k]} for k, v in PRESETS.items()} if rdm else PRESETS
+def make_config(args, presets=PRESETS):
     cfg = common.configure(Config, presets, args)
     if cfg.image_size % cfg.patch:
         raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
     if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.rdm_sample_steps > cfg.T or min(cfg.T, cfg.rep_dim + 1) < 1:
         raise UsageError("need 0 < beta_start < beta_end < 1, 1 <= rdm_sample_steps <= T and rep_dim >= 0")
-    if not (0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1):
-        raise UsageError("rep_drop and adam_beta2 must be in [0, 1) and eta in [0, 1]")
+    if not (0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1 and cfg.grid >= 0):
+        raise UsageError("rep_drop and adam_beta2 must be in [0, 1), eta in [0, 1] and grid >= 0")
     return cfg
 
 
-def train_rdm(args):
-    """The representation diffusion model on the frozen encoder's standardised representations."""
-    d, cfg, ckpt = common.start_run(args, Config, lambda a: make_config(a, rdm=True))
-    rep = Representation(cfg, d.device)
+def train(args):
+    """train-rdm: the RDM on the frozen encoder's standardised representations of the training images; train: the
+    pixel generator conditioned on them (or, with --no-rep, on nothing). One loop for both."""
+    rdm = args.cmd == "train-rdm"
+    presets = RDM_PRESETS if rdm else PRESETS
+    d, cfg, ckpt = common.start_run(args, Config, presets, lambda a: make_config(a, presets))
+    rep = Representation(cfg, d.device) if rdm or not cfg.no_rep else None
     data = Data(cfg, rep, d)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
-    model = RDM(cfg, rep.dim).to(d.device)
-    ema = common.Ema(model, cfg.ema)
+    model = (RDM(cfg, rep.dim) if rdm else RCG(cfg, rep.dim if rep else 0)).to(d.device)
+    ema = common.Ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
-    print0(f"RDM {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on {cfg.encoder}'s {rep.dim}-d "
-           f"representations of {len(data.images)} images (x{len(data.reps)} views), step {step} -> {cfg.steps}, "
-           f"{d.world} x {d.device}")
+    print0(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+           f"{f'{cfg.encoder} r ({rep.dim}-d)' if rep else 'no r'}, {len(data.images)} images of {cfg.data}, "
+           f"step {step} -> {cfg.steps}, {d.world} x {d.device}")
     step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    loss_of = lambda net, step: net(data.batch(step, bs)[1])  # fp32: the RDM is small, its targets exact
-
-    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    log = common.Log(args.out, d, cfg, step)
     for step in log.steps(step, cfg.steps):
+        # learning rate: linear warm-up, then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = loss_of(step_model, step)
+        # forward (the RDM: the loss (1) of r in true fp32, it is small; the DiT: the v-loss of x given r, bf16
+        # autocast on a GPU), backward, update, EMA
+        x, r = data.batch(step, bs)  # this rank's rows, drawn with replacement, mirrored at random with their r
+        with common.autocast(d.device, enabled=not rdm):
+            loss = step_model(r) if rdm else step_model(x, r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model, step)
+        ema.update(model, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, its decay warmed up
+        # log (averaged over the processes; a NaN stops the run), sample grid (the DiT), checkpoint
         done = step + 1
         log(done, loss, lr=lr)
+        if d.master and cfg.grid and not rdm and done % cfg.sample_every == 0:  # real images, then made from their r
+            real, r_real = data.batch(0, math.ceil(cfg.grid / 2))
+            g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
+            made = ema.model.sample(r_real, n=len(real), generator=g)  # the run's own Heun steps
+            common.save_grid(torch.cat([real, made])[:cfg.grid], os.path.join(args.out, f"samples_{done:07d}.png"))
         if common.due(done, cfg.ckpt_every, cfg.steps):
-            common.save_run(args.out, d, done, cfg, model, ema, opt, kind="rdm", rep_dim=rep.dim)
+            common.save_run(args.out, d, done, cfg, model, ema, opt, kind="rdm" if rdm else "generator",
+                            rep_dim=rep.dim if rep else 0)
 
 
-def train(args):
-    """The pixel generator conditioned on the representation (or, with --no-rep, unconditional)."""
-    d, cfg, ckpt = common.start_run(args, Config, make_config)
-    rep = None if cfg.no_rep else Representation(cfg, d.device)
-    data = Data(cfg, rep, d)
-    torch.manual_seed(cfg.seed)
-    model = RCG(cfg, rep.dim if rep else 0).to(d.device)
-    ema = common.Ema(model, cfg.ema)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
-    print0(f"DiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-           f"{f'conditioned on {cfg.encoder} ({rep.dim}-d)' if rep else 'unconditional'}, "
-           f"{len(data.images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
-    step_model = common.wrap(model, d, args.compile)
-    bs = cfg.batch_size // d.world
-    x_grid, r_grid = data.batch(0, 64)  # grids: images generated from these real representations
-
-    def loss_of(net, step):
-        x, r = data.batch(step, bs)
-        with common.autocast(d.device):
-            return net(x, r)
-
-    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
-    for step in log.steps(step, cfg.steps):
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss = loss_of(step_model, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model, step)
-        done = step + 1
-        log(done, loss, lr=lr)
-        if d.master and common.due(done, cfg.sample_every, cfg.steps):  # rows: real images, samples given their r
-            g = torch.Generator(d.device).manual_seed(cfg.seed)
-            x = ema.model.sample(None if cfg.no_rep else r_grid, n=64, generator=g, device=d.device)
-            common.save_grid(torch.cat([x_grid[:32], x[:32]]), os.path.join(args.out, f"samples_{done:07d}.png"))
-        if common.due(done, cfg.ckpt_every, cfg.steps):
-            common.save_run(args.out, d, done, cfg, model, ema, opt, kind="generator", rep_dim=model.rep_dim)
+def load_official_rdm(path, ema=True):
+    """A released RDM (LTH14/rcg's main_rdm.py checkpoint, {"model": state dict, "args": argparse.Namespace, ...}, or
+    that state dict, or a path to either) -> our RDM with its EMA weights (those the official sampler uses; ema=False:
+    the raw ones), on the CPU. Sizes are read from the weights; T and the betas are the released configs' (the
+    defaults here)."""
+    sd = path
+    if not isinstance(path, dict):
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):  # main_rdm.py saves its args beside
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"cannot read {path} as a main_rdm.py checkpoint ({type(e).__name__}: {e})") from None
+    sd, pre = sd.get("model", sd), "model.diffusion_model."
+    net = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    if ema:  # LitEma's buffers: the parameter's name without dots
+        net = {k: sd["model_ema.diffusion_model" + k.replace(".", "")] for k in net}
+    width, dim = net["input_proj.weight"].shape
+    depth = len({k.split(".")[1] for k in net if k.startswith("res_blocks.")})
+    rdm = RDM(Config(rdm_width=width, rdm_depth=depth), dim, t_dim=len(net["time_embed.0.weight"]))
+    rdm.net.load_state_dict(net)
+    return rdm.eval()
 
 
-def load(path, device, kind=None):
-    """An rcg.py checkpoint -> (ckpt, cfg, the EMA model: RDM or RCG, in eval mode)."""
+def load(path, device, kind=None, compile_net=False):
+    """An rcg.py checkpoint -> (ckpt, cfg, the EMA model: RDM or RCG, in eval mode; compile_net: its .net compiled)."""
     ckpt = common.load_checkpoint(path)
     if ckpt.get("kind") not in ("rdm", "generator") or (kind and ckpt["kind"] != kind):
         want = {"rdm": "a train-rdm", "generator": "a train"}.get(kind, "an rcg.py")
@@ -538,16 +519,19 @@ def load(path, device, kind=None):
         model.load_state_dict(ckpt["ema"])
     except RuntimeError as e:
         raise UsageError(f"{path}: the weights do not match its config ({type(e).__name__})") from None
-    return ckpt, cfg, model.to(device).eval()
+    model = model.to(device).eval()
+    if compile_net:
+        model.net = torch.compile(model.net)
+    return ckpt, cfg, model
 
 
 def load_pair(args, d):
-    """The checkpoint of --ckpt and the RDM (--ckpt itself, or --rdm) -> (gen or None, rdm or None), checked to use
-    the same representation."""
-    ckpt, cfg, model = load(args.ckpt, d.device)
+    """The checkpoint of --ckpt and the RDM (--ckpt itself, or --rdm) -> (ckpt, gen or None, rdm or None), checked to
+    use the same representation; both compiled with --compile."""
+    ckpt, cfg, model = load(args.ckpt, d.device, compile_net=args.compile)
     gen, rdm = (None, model) if ckpt["kind"] == "rdm" else (model, None)
     if gen is not None and gen.rep_dim and args.rdm:
-        _, rcfg, rdm = load(args.rdm, d.device, "rdm")
+        _, rcfg, rdm = load(args.rdm, d.device, "rdm", args.compile)
         if (rcfg.encoder, rcfg.rep_dim, rcfg.image_size) != (cfg.encoder, cfg.rep_dim, cfg.image_size):
             raise UsageError(f"--rdm {args.rdm} models {rcfg.encoder} (rep_dim {rcfg.rep_dim}) representations; "
                              f"the generator was trained on {cfg.encoder} (rep_dim {cfg.rep_dim})")
@@ -563,8 +547,8 @@ def generate(gen, rdm, n, args, d):
     xs = []
     for i in tqdm(range(0, per, args.batch), desc="sample", disable=not d.master):
         b = min(args.batch, per - i)
-        r = rdm.sample(b, steps=args.rdm_steps, generator=g, device=d.device) if gen.rep_dim else None
-        xs.append(gen.sample(r, n=b, steps=args.sample_steps, scale=args.rep_cfg, generator=g, device=d.device))
+        r = rdm.sample(b, steps=args.rdm_steps, generator=g) if gen.rep_dim else None  # [b, D]
+        xs.append(gen.sample(r, n=b, steps=args.sample_steps, scale=args.rep_cfg, generator=g))
     return common.gather(torch.cat(xs), n, d)
 
 
@@ -578,13 +562,12 @@ def sample_cmd(args):
         common.write_samples(args.out, x)
 
 
-def rep_fd(rdm, real, n, args, device):
+def rep_fd(rdm, real, n, args):
     """FD between n representations the RDM generates (or, for rdm a tensor, those) and the real ones [M, D]."""
-    g = torch.Generator(device).manual_seed(args.seed)
-    fake = rdm if torch.is_tensor(rdm) else torch.cat([
-        rdm.sample(min(1000, n - i), steps=args.rdm_steps, generator=g, device=device).cpu()
-        for i in tqdm(range(0, n, 1000), desc="RDM samples", leave=False)])
-    fake, real = fake.double().cpu().numpy(), real.double().numpy()
+    g = torch.Generator(real.device).manual_seed(args.seed)
+    fake = rdm if torch.is_tensor(rdm) else torch.cat([rdm.sample(min(1000, n - i), steps=args.rdm_steps, generator=g)
+                                                       for i in tqdm(range(0, n, 1000), desc="RDM", leave=False)])
+    fake, real = fake.double().cpu().numpy(), real.double().cpu().numpy()
     return round(common.frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0),
                                          np.cov(real, rowvar=False)), 4)
 
@@ -605,18 +588,24 @@ def eval_cmd(args):
                    rep_cfg=cfg.rep_cfg if args.rep_cfg is None else args.rep_cfg)
     rep = Representation(cfg, d.device)
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
-    r_tr = common.extract(lambda x, i: rep(x), x_tr, d.device, desc="representations")
+    r_tr = common.extract(lambda x, i: rep(x), x_tr, d.device, desc="representations")  # [N, D], standardised
     r_te = common.extract(lambda x, i: rep(x), x_te, d.device)
     res.update(probe=f"{cfg.encoder}'s global token{f', projected to {rep.dim}' if cfg.rep_dim else ''}, "
-                     f"standardised", **common.probes(r_tr, y_tr, r_te, y_te, "", data))
-    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
+                     f"standardised", **common.probes(r_tr, y_tr, r_te, y_te))
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
+    res["detail_r2"] = None  # the pixels the DiT makes from each test image's own r (Heun, the eval's guidance)
+    if gen is not None and gen.rep_dim and data.startswith("shapes"):
+        g = torch.Generator(d.device).manual_seed(args.seed)
+        r = r_te[:min(1000, len(r_te))]
+        made = torch.cat([gen.sample(r[i:i + args.batch], steps=args.sample_steps, scale=args.rep_cfg, generator=g)
+                          for i in tqdm(range(0, len(r), args.batch), desc="detail", leave=False)])
+        res["detail_r2"] = common.detail_r2(made, data)
     if rdm is not None:
         torch.manual_seed(rdm.cfg.seed)
         init = RDM(rdm.cfg, rdm.dim).to(d.device).eval()  # train-rdm's initial weights: the floor
         n = min(args.n_rep, len(r_tr), len(r_te))
-        res.update(rep_fd=rep_fd(rdm, r_tr[:n].cpu(), n, args, d.device), n_rep=n,
-                   rep_fd_init=rep_fd(init, r_tr[:n].cpu(), n, args, d.device),
-                   rep_fd_test=rep_fd(r_te[:n], r_tr[:n].cpu(), n, args, d.device))  # held-out real: the floor
+        res.update(rep_fd=rep_fd(rdm, r_tr[:n], n, args), n_rep=n, rep_fd_init=rep_fd(init, r_tr[:n], n, args),
+                   rep_fd_test=rep_fd(r_te[:n], r_tr[:n], n, args))  # held-out real: the floor
     common.write_eval(args.ckpt, res)
 
 
@@ -624,7 +613,7 @@ def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
     tr.add_argument("--no-rep", action="store_true", default=None, help="the unconditional baseline (no r)")
-    rd = common.train_flags(sub.add_parser("train-rdm", help="the representation diffusion model"), PRESETS)
+    rd = common.train_flags(sub.add_parser("train-rdm", help="the representation diffusion model"), RDM_PRESETS)
     for s in (tr, rd):
         s.add_argument("--encoder", help="frozen encoder spec (default: the preset's; see common.load_encoder)")
     for s in (sa, ev):
@@ -637,7 +626,7 @@ def main(argv=None):
                     help="representations for rep_fd (at most the test split's size)")
     ev.set_defaults(n=1000)
     args = p.parse_args(argv)
-    {"train-rdm": train_rdm, "train": train, "sample": sample_cmd, "eval": eval_cmd}[args.cmd](args)
+    {"train-rdm": train, "train": train, "sample": sample_cmd, "eval": eval_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

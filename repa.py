@@ -14,6 +14,8 @@ Claim: a diffusion transformer learns semantic features slowly; aligning its ear
 Samplers (official samplers.py, state in float64): Euler (`ode`, generate.py's default) or Heun (`heun`) on the
 probability-flow ODE dx/dt = v, and Euler-Maruyama (`sde`, the paper's) on the reverse SDE (sample_sde: REPA's grid
 ends at 0.04, then one mean step to 0). CFG on all channels where lo <= t <= hi (paper: t <= 0.7, scale 1.8).
+eval.json: FD; probes of the SiT's own representation (its tokens after block align_depth at t = probe_t, null class,
+mean-pooled) and probe_linear_by_t at five t; the encoder's probes; on shapes, detail_r2 of x_t - t v at probe_t.
 
 Checked against the official code (sihyun-yu/REPA 67f7145, fp32 CPU, within 1e-5: tests/reference/make_repa.py): the
 SiT's velocity and projector tokens (models/sit.py: raw t in [0, 1] into the time embedding, the sin-cos table columns
@@ -25,13 +27,13 @@ first), the loss (loss.py's SILoss + 0.5 x the projection loss from one seed: t,
     python repa.py sample --ckpt runs/repa_xl/ckpt.pt --n 50000 --sampler sde --sample-steps 250 --cfg-scale 1.8 \
         --out runs/repa_xl/latents.npz
 The SD-VAE is not in this repository: decode with stabilityai/sd-vae-ft-ema, vae.decode(z / 0.18215), then (x + 1) / 2.
-Kept deviations: bf16 autocast on CUDA (official: fp16 training, tf32 sampling), the EMA's warm-up, class-balanced
-sample labels (official: random), the null class's row even without label dropout.
+Kept deviations: bf16 autocast on a GPU, the frozen encoder's forward included (official: fp16 mixed precision; the
+alignment loss is normalised in fp32, where fp16 gave NaNs), the EMA's warm-up, class-balanced sample labels
+(official: random), the null class's row even without label dropout.
 
-Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's; needs the released file once, from the internet
-or put in torch.hub's cache), random-vit-s (the honest offline baseline), or a soda.py export. Append @RES to change
-the encoder's input size (224 by default: 16x16 = 256 patch tokens, one per SiT/2 token of a 32x32 image). When the
-token counts differ, the encoder grid is interpolated to the SiT grid.
+Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's; its released file, downloaded once into
+torch.hub's cache), random-vit-s (the honest offline baseline) or a soda.py export; @RES sets the input size (224:
+16x16 = 256 patch tokens, one per SiT/2 token of a 32x32 image; another grid is interpolated to the SiT's).
 
 Commands (python repa.py {train,sample,eval,import} -h lists every flag):
     CPU smoke, seconds: python repa.py train --preset tiny --out runs/repa_tiny --device cpu
@@ -46,18 +48,16 @@ Commands (python repa.py {train,sample,eval,import} -h lists every flag):
     any Config field:   --set align_depth=2 --set sampler=sde (train)
     latents (as the paper, SD-VAE): python repa.py train --data in256/ --latents --preset B --out runs/repa_b
                         in256/: train_latents.npy [N,4,32,32] (the VAE's mean x 0.18215), train_images.npy uint8
-                        [N,256,256,3], train_labels.npy, memory-mapped (README: Data); or one .npz with `latents`,
-                        arr_0, `labels`. sample then writes `latents`; decode them with the same VAE.
-On a CPU (--preset cpu, measured on a shared 2-core machine, 1 thread): 1000 steps at ~0.45 s/step, 7.7 min (the plain
-SiT 3.7 min; the frozen ViT's forward is most of a step). Offline there is no DINOv2, so the target is random-vit-s@28,
-whose 2x2 tokens are interpolated to the 4x4 SiT grid. It shows the mechanism: the alignment term reaches cos 0.82 in
-50 steps and 0.86 at the end. It cannot show the paper's gain: a random ViT holds no semantics (its own probe on shapes:
-0.22 linear, chance 0.1), and its tokens are nearly alike, so aligning to them buys nothing. Measured (eval --n 1000,
-pixel FD): REPA FD 4.23, probe 0.18 linear / 0.13 kNN; plain SiT FD 3.82, probe 0.20 / 0.16; at init 0.10 / 0.11
-(measured when the time embedding took 1000 t, not the official raw t; to be rerun).
-Expected with DINOv2 (a GPU): at equal steps, the aligned run has the lower FD and the higher probe of its own hidden
-tokens. Paper: SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without CFG; SiT-XL/2 1.42
-with CFG.
+                        [N,256,256,3] (the encoder's), train_labels.npy (README: Data). sample then writes latents.
+On a CPU (--preset cpu, a shared 2-core machine, 1 thread): 1000 steps, 7.7 min (the plain SiT 3.7 min: the frozen
+ViT is most of a step). Offline there is no DINOv2: the target is random-vit-s@28, its 2x2 tokens interpolated to the
+4x4 SiT grid. It shows the mechanism (the alignment term reaches cos 0.82 in 50 steps, 0.86 at the end), not the
+paper's gain: a random ViT holds no semantics (its own probe on shapes: 0.22 linear, chance 0.1) and its tokens are
+nearly alike. Measured (eval --n 1000, pixel FD; with the time embedding of 1000 t, before the official raw t: to be
+rerun): REPA FD 4.23, probe 0.18 linear / 0.13 kNN; plain SiT FD 3.82, probe 0.20 / 0.16; at init 0.10 / 0.11.
+Expected with DINOv2 (a GPU, not yet run on one): at equal steps, the aligned run has the lower FD and the higher probe
+of its own hidden tokens. Paper: SiT-B/2 on ImageNet 256 (SD-VAE latents) at 400k steps, FID 24.4 with REPA without
+CFG; SiT-XL/2 1.42 with CFG.
 """
 import argparse, math, os
 from collections import OrderedDict
@@ -78,7 +78,7 @@ from common import UsageError, print0
 class Config:
     data: str = "cifar10"           # dataset (common.load_images)
     image_size: int = 32            # images are resized to image_size^2 (with --latents: the latent grid, filled in)
-    latents: bool = False           # train on the `latents` of the --data .npz (the paper: SD-VAE), not on pixels
+    latents: bool = False           # train on --data DIR's train_latents.npy (the paper: SD-VAE's), not on pixels
     channels: int = 3               # what the SiT reads and writes (with --latents: the latents' C, filled in)
     patch: int = 2                  # SiT/2
     hidden: int = 384               # SiT-S width (B 768, L 1024, XL 1152)
@@ -102,7 +102,8 @@ class Config:
     cfg_interval: list = field(default_factory=lambda: [0.0, 0.7])  # CFG where lo <= t <= hi (paper: t <= 0.7)
     probe_t: float = 0.25           # noise level at which eval probes the hidden tokens
     log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between sample grids
+    sample_every: int = 5_000       # steps between sample grids (drawn when the step is a multiple)
+    grid: int = 64                  # images in the sample grids (0: none)
     ckpt_every: int = 2_500         # steps between checkpoints
     seed: int = 0
 
@@ -122,6 +123,112 @@ PRESETS = {
     "L": dict(hidden=1024, depth=24, heads=16, align_depth=8),  # SiT-L/2
     "XL": dict(hidden=1152, depth=28, heads=16, align_depth=8),  # SiT-XL/2, the released checkpoint's (`import`)
 }
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+class REPA(nn.Module):
+    """forward(x, y, z_enc) -> (L_v + lambda L_align, its terms); sample(y) -> images (or latents). z_enc: the frozen
+    encoder's patch tokens of the clean images. h_phi lives in the SiT (net.projectors.0), as officially."""
+
+    def __init__(self, cfg, enc_dim=None):
+        super().__init__()
+        self.cfg, self.net = cfg, SiT(cfg, enc_dim if cfg.proj_coeff > 0 else None)
+
+    def forward(self, x, y, z_enc=None):
+        cfg, B = self.cfg, x.shape[0]
+        t = torch.rand(B, device=x.device)  # the official loss.py's order of draws: t, noise, then the dropped labels
+        e = torch.randn_like(x)
+        if cfg.label_drop > 0:
+            y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
+        t4 = t.view(B, 1, 1, 1)
+        x_t = (1 - t4) * x + t4 * e  # Eq. 2
+        v_pred, h = self.net(x_t, t, y)  # [B, C, H, W], the tokens after block align_depth [B, N, D]
+        loss_v = ((v_pred.float() - (e - x)) ** 2).mean()  # Eq. 3
+        if not self.net.projectors:
+            return loss_v, {"loss_v": loss_v.detach()}
+        loss_align = align_loss(self.net.projectors[0](h), to_grid(z_enc, self.net.grid))  # Eq. 8, h_phi: [B, N, D_enc]
+        terms = {"loss_v": loss_v.detach(), "loss_align": loss_align.detach()}
+        return loss_v + cfg.proj_coeff * loss_align, terms  # Eq. 9
+
+    @torch.no_grad()
+    def sample(self, y, *, sampler=None, steps=None, scale=None, interval=None, generator=None):
+        """Class labels y [B] -> images [B,3,H,W] in [-1, 1] (or latents [B,C,h,w]), from noise at t = 1."""
+        cfg = self.cfg
+        scale, interval = cfg.cfg_scale if scale is None else scale, interval or cfg.cfg_interval
+        sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
+        x = torch.randn((len(y), cfg.channels, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
+        with common.autocast(x.device):
+            v = lambda x, t, t_cfg=None: self.velocity(x, t, y, scale, interval, t_cfg)
+            x = sample_sde(v, x, steps, generator) if sampler == "sde" else sample_ode(v, x, steps, sampler == "heun")
+        return x if cfg.latents else x.clamp(-1, 1)
+
+    def velocity(self, x, t, y, scale, interval, t_cfg=None):
+        """v(x, t) in float64 (x: float64, the official samplers' state), with CFG on all channels where lo <= t_cfg <=
+        hi (t_cfg = t, except Heun's second evaluation: the official one keeps the step's decision)."""
+        B, t_cfg = x.shape[0], t if t_cfg is None else t_cfg
+        tt = torch.full((B,), t, device=x.device)
+        if scale != 1 and interval[0] <= t_cfg <= interval[1]:
+            y_null = torch.cat([y, torch.full_like(y, self.cfg.num_classes)])  # conditional, then the null class
+            v_c, v_u = self.net(torch.cat([x, x]).float(), torch.cat([tt, tt]), y_null)[0].double().chunk(2)
+            return v_u + scale * (v_c - v_u)
+        return self.net(x.float(), tt, y)[0].double()
+
+
+SAMPLERS = ("heun", "ode", "sde")
+
+
+def sample_ode(v, x, steps, heun=False):
+    """Euler (or Heun) on dx/dt = v(x, t) from t = 1 (noise) to 0 on linspace(1, 0, steps + 1), in float64 as the
+    official euler_sampler; Heun's last step is Euler (no evaluation at t = 0). -> float32."""
+    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    x = x.double()
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        d = v(x, t)
+        x_next = x + (t_next - t) * d
+        if heun and i < steps - 1:
+            x_next = x + (t_next - t) * (0.5 * d + 0.5 * v(x_next, t_next, t))  # CFG decided at t, as officially
+        x = x_next
+    return x.float()
+
+
+def sample_sde(v, x, steps, generator=None):
+    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, on the official grid
+    (euler_maruyama_sampler): steps - 1 noisy steps on linspace(1, 0.04, steps), then 0.04 -> 0 as the mean of one more
+    step; state and noise in float64. CFG on v is the official CFG on the drift (affine in v). -> float32."""
+    ts = torch.linspace(1, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
+    x = x.double()
+    for i in range(steps):
+        t, t_next = ts[i], ts[i + 1]
+        d = v(x, t)
+        w, s = 2 * t, -(x + (1 - t) * d) / t  # the diffusion w(t) and the score implied by v
+        x = x + (t_next - t) * (d - 0.5 * w * s)
+        if i < steps - 1:  # the last step (0.04 -> 0) is the mean: no noise
+            noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            x = x + math.sqrt(w * (t - t_next)) * noise  # sqrt(w |dt|) e
+    return x.float()
+
+
+def align_loss(h_proj, z_enc):
+    """-mean cos(h_proj, z_enc) over tokens and batch (Eq. 8); normalised in fp32, also under bf16 autocast (the
+    official fp16 run's NaNs)."""
+    return -(F.normalize(h_proj.float(), dim=-1) * F.normalize(z_enc.float(), dim=-1)).sum(-1).mean()
+
+
+def to_grid(tokens, grid):
+    """[B, M, D] tokens of a sqrt(M) x sqrt(M) grid -> [B, grid*grid, D] (bilinear), unchanged when the grids agree."""
+    B, M, D = tokens.shape
+    m = math.isqrt(M)
+    if m == grid:
+        return tokens
+    t = tokens.transpose(1, 2).reshape(B, D, m, m)  # [B, D, m, m]
+    return F.interpolate(t.float(), size=(grid, grid), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+
+def projector(dim, proj_dim, enc_dim):
+    """h_phi: Linear, SiLU, Linear, SiLU, Linear, applied to every token (official build_mlp)."""
+    return nn.Sequential(nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+                         nn.Linear(proj_dim, enc_dim))
 
 
 # -------------------------------------------------------------------------------------------------------- backbone
@@ -192,31 +299,32 @@ class SiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])  # [1, N, D], fixed
         self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
         self.projectors = nn.ModuleList([projector(D, cfg.proj_dim, enc_dim)] if enc_dim else [])  # h_phi
-        self.final_layer = nn.ModuleDict(dict(norm_final=nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
+        self.final_layer = fl = nn.ModuleDict(dict(norm_final=nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
                                               linear=nn.Linear(D, p * p * cfg.channels),
                                               adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))))
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight); nn.init.zeros_(m.bias)
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.x_embedder.proj.weight.view(D, -1))
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for m in self.t_embedder.mlp[::2]:
             nn.init.normal_(m.weight, std=0.02)
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
-                                                                 self.final_layer.linear]:  # adaLN-zero, zero output
-            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [fl.adaLN_modulation[-1], fl.linear]  # adaLN-zero
+        for w in nn.ModuleList(zeroed).parameters():  # and a zero output
+            nn.init.zeros_(w)
 
     def forward(self, x, t, y, stop_at=None):
         B, p, g, C = x.shape[0], self.cfg.patch, self.grid, self.cfg.channels
         h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, D, g, g] -> [B, N, D]
         c = self.t_embedder(t) + self.y_embedder.embedding_table(y)  # conditioning vector [B, D]
-        h_align = None
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks[:self.cfg.align_depth]:
             h = block(h, c)
-            if i + 1 == self.cfg.align_depth:
-                h_align = h
-                if stop_at == "align":  # for probing: the tokens REPA aligns
-                    return None, h_align
+        h_align = h  # the tokens REPA aligns [B, N, D]
+        if stop_at == "align":  # eval's probes need no more
+            return None, h_align
+        for block in self.blocks[self.cfg.align_depth:]:
+            h = block(h, c)
         fl = self.final_layer
         sh, sc = fl.adaLN_modulation(c)[:, None].chunk(2, -1)  # 2 x [B, 1, D]
         out = fl.linear(modulate(fl.norm_final(h), sh, sc))  # [B, N, p*p*C]
@@ -224,123 +332,18 @@ class SiT(nn.Module):
         return out.reshape(B, C, g * p, g * p), h_align
 
 
-# ---------------------------------------------------------------------------------------------------------- method
-def projector(dim, proj_dim, enc_dim):
-    """h_phi: Linear, SiLU, Linear, SiLU, Linear, applied to every token (official build_mlp)."""
-    return nn.Sequential(nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
-                         nn.Linear(proj_dim, enc_dim))
-
-
-def to_grid(tokens, grid):
-    """[B, M, D] tokens of a sqrt(M) x sqrt(M) grid -> [B, grid*grid, D] (bilinear), unchanged when the grids agree."""
-    B, M, D = tokens.shape
-    m = math.isqrt(M)
-    if m == grid:
-        return tokens
-    t = tokens.transpose(1, 2).reshape(B, D, m, m)  # [B, D, m, m]
-    return F.interpolate(t.float(), size=(grid, grid), mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
-
-
-def align_loss(h_proj, z_enc):
-    """-mean cos(h_proj, z_enc) over tokens and batch (Eq. 8); normalised in fp32 (fp16 NaNs in the official code)."""
-    return -(F.normalize(h_proj.float(), dim=-1) * F.normalize(z_enc.float(), dim=-1)).sum(-1).mean()
-
-
-class REPA(nn.Module):
-    """forward(x, y, z_enc) -> L_v + lambda L_align; sample(y) -> images (or latents). z_enc: the frozen encoder's
-    patch tokens of the clean images. The projector h_phi lives in the SiT (net.projectors.0), as officially."""
-
-    def __init__(self, cfg, enc_dim=None):
-        super().__init__()
-        self.cfg, self.net = cfg, SiT(cfg, enc_dim if cfg.proj_coeff > 0 else None)
-
-    def forward(self, x, y, z_enc=None):
-        cfg, B = self.cfg, x.shape[0]
-        t = torch.rand(B, device=x.device)  # the official loss.py's order of draws: t, noise, then the dropped labels
-        e = torch.randn_like(x)
-        if cfg.label_drop > 0:
-            y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)  # null class for CFG
-        t4 = t.view(B, 1, 1, 1)
-        x_t = (1 - t4) * x + t4 * e  # Eq. 2
-        v_pred, h = self.net(x_t, t, y)
-        loss_v = ((v_pred.float() - (e - x)) ** 2).mean()  # Eq. 3
-        self.last = {"loss_v": loss_v.detach()}
-        if not self.net.projectors:
-            return loss_v
-        loss_align = align_loss(self.net.projectors[0](h), to_grid(z_enc, self.net.grid))
-        self.last["loss_align"] = loss_align.detach()
-        return loss_v + cfg.proj_coeff * loss_align  # Eq. 9
-
-    def velocity(self, x, t, y, scale, interval, t_cfg=None):
-        """v(x, t) in float64 (x: float64, the official samplers' state), with CFG on all channels where lo <= t_cfg <=
-        hi (t_cfg = t, except Heun's second evaluation: the official one keeps the step's decision)."""
-        B, t_cfg = x.shape[0], t if t_cfg is None else t_cfg
-        tt = torch.full((B,), t, device=x.device)
-        if scale != 1 and interval[0] <= t_cfg <= interval[1]:
-            y_null = torch.cat([y, torch.full_like(y, self.cfg.num_classes)])  # conditional, then the null class
-            v_c, v_u = self.net(torch.cat([x, x]).float(), torch.cat([tt, tt]), y_null)[0].double().chunk(2)
-            return v_u + scale * (v_c - v_u)
-        return self.net(x.float(), tt, y)[0].double()
-
-    @torch.no_grad()
-    def sample(self, y, *, sampler=None, steps=None, scale=None, interval=None, generator=None):
-        """Class labels y [B] -> images [B,3,H,W] in [-1, 1] (or latents [B,C,h,w]), from noise at t = 1."""
-        cfg = self.cfg
-        scale, interval = cfg.cfg_scale if scale is None else scale, interval or cfg.cfg_interval
-        sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
-        x = torch.randn((len(y), cfg.channels, cfg.image_size, cfg.image_size), device=y.device, generator=generator)
-        with common.autocast(x.device):
-            v = lambda x, t, t_cfg=None: self.velocity(x, t, y, scale, interval, t_cfg)
-            x = sample_sde(v, x, steps, generator) if sampler == "sde" else sample_ode(v, x, steps, sampler == "heun")
-        return x if cfg.latents else x.clamp(-1, 1)
-
-
-# --------------------------------------------------------------------------------------------------------- samplers
-SAMPLERS = ("heun", "ode", "sde")
-
-
-def sample_ode(v, x, steps, heun=False):
-    """Euler (or Heun) on dx/dt = v(x, t) from t = 1 (noise) to 0 on linspace(1, 0, steps + 1), in float64 as the
-    official euler_sampler; Heun's last step is Euler (no evaluation at t = 0). -> float32."""
-    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
-    x = x.double()
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        d = v(x, t)
-        x_next = x + (t_next - t) * d
-        if heun and i < steps - 1:
-            x_next = x + (t_next - t) * (0.5 * d + 0.5 * v(x_next, t_next, t))  # CFG decided at t, as officially
-        x = x_next
-    return x.float()
-
-
-def sample_sde(v, x, steps, generator=None):
-    """Euler-Maruyama on dx = [v - w/2 s] dt + sqrt(w) dW, s = -(x + (1 - t) v)/t, w = 2t, on the official grid
-    (euler_maruyama_sampler): steps - 1 noisy steps on linspace(1, 0.04, steps), then 0.04 -> 0 as the mean of one more
-    step; state and noise in float64. CFG on v is the official CFG on the drift (affine in v). -> float32."""
-    ts = torch.linspace(1, 0.04, steps, dtype=torch.float64).tolist() + [0.0]
-    x = x.double()
-    for i in range(steps):
-        t, t_next = ts[i], ts[i + 1]
-        d = v(x, t)
-        w, s = 2 * t, -(x + (1 - t) * d) / t  # the diffusion w(t) and the score implied by v
-        x = x + (t_next - t) * (d - 0.5 * w * s)
-        if i < steps - 1:  # the last step (0.04 -> 0) is the mean: no noise
-            noise = torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
-            x = x + math.sqrt(w * (t - t_next)) * noise  # sqrt(w |dt|) e
-    return x.float()
-
-
 # ---------------------------------------------------------------------------------------------------- train / main
 def load_data(cfg, split):
     """-> (what the SiT models, the images the encoder reads, labels); fills in cfg.num_classes. In pixel space both
     are the uint8 images. With --latents, the SiT models the float latents [N,C,h,w] the paper precomputes (SD-VAE's
-    mean x 0.18215): --data DIR with train_latents.npy beside train_images.npy (memory-mapped), or an .npz with
-    `latents`; the encoder reads the same rows' images at their own size (common.load_latents)."""
+    mean x 0.18215): --data DIR, a folder of .npy files with train_latents.npy beside train_images.npy, both
+    memory-mapped (common.npy_split: the same rows); the encoder reads the images at their own size."""
     if not cfg.latents:
         images, labels, cfg.num_classes = common.load_images(cfg.data, split, cfg.image_size)
         return images, images, labels
-    latents = common.load_latents(cfg.data, split)
+    if not os.path.isfile(os.path.join(cfg.data, "train_images.npy")):
+        raise UsageError(f"--latents needs --data DIR with train_latents.npy beside train_images.npy (not {cfg.data})")
+    latents = common.npy_split(cfg.data, split, "latents")[0]
     images, labels, cfg.num_classes = common.load_images(cfg.data, split, None)
     if len(latents) != len(images):
         raise UsageError(f"{cfg.data}: {len(latents)} latents for {len(images)} images")
@@ -362,51 +365,44 @@ def make_config(args):
 
 
 def train(args):
-    d, cfg, ckpt = common.start_run(args, Config, make_config)
+    d, cfg, ckpt = common.start_run(args, Config, PRESETS, make_config)
     xs, images, labels = load_data(cfg, "train")  # xs: what the SiT models (the images, or their latents)
     encoder = common.load_encoder(cfg.encoder, d.device) if cfg.proj_coeff > 0 else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = REPA(cfg, encoder.dim if encoder else None).to(d.device)
-    ema = common.Ema(model, cfg.ema)
+    ema = common.Ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     align = f"REPA to {cfg.encoder} at block {cfg.align_depth}, lambda {cfg.proj_coeff}" if encoder else "no alignment"
-    kind = "latents" if cfg.latents else "images"
-    print0(f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, {align}, {len(xs)} {kind} of "
-           f"{cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    print0(f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, {align}, {len(xs)} rows of "
+           f"{cfg.data} ({'latents' if cfg.latents else 'images'}), step {step} -> {cfg.steps}, {d.world} x {d.device}")
     step_model = common.wrap(model, d, args.compile)
-    bs = cfg.batch_size // d.world
-    flip = not cfg.latents  # a flipped latent is not the latent of the flipped image: flip when precomputing
-
-    def loss_of(net, step):  # Eq. 9 on this rank's batch of `step`
-        x, y = common.batch(xs, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)
-        if cfg.latents:  # the same rows: the encoder reads the images of these latents
-            x_img = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=flip, device=d.device)[0]
-        else:
-            x_img = x
-        z_enc = encoder(x_img)[1] if encoder else None  # patch tokens of the clean images [B, M, D_enc]
-        with common.autocast(d.device):
-            return net(x, y, z_enc)
-
-    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d))
+    # no flips of latents: a flipped latent is not the latent of the flipped image (flip the images when precomputing)
+    rows = dict(batch_size=cfg.batch_size // d.world, seed=cfg.seed, rank=d.rank, flip=not cfg.latents, device=d.device)
+    log = common.Log(args.out, d, cfg, step)
     for step in log.steps(step, cfg.steps):
         # learning rate: linear warm-up (none in the paper), then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        # forward, backward, clip, update, EMA
-        loss = loss_of(step_model, step)
+        # batch: this rank's rows of the step (drawn with replacement); the encoder reads their images
+        x, y = common.batch(xs, labels, step=step, **rows)  # what the SiT models [B, C, H, W]
+        x_img = common.batch(images, labels, step=step, **rows)[0] if cfg.latents else x
+        # forward (bf16 on a GPU, the frozen encoder too: the official mixed precision), backward, clip, update, EMA
+        with common.autocast(d.device):
+            z_enc = encoder(x_img)[1] if encoder else None  # patch tokens of the clean images [B, M, D_enc]
+            loss, terms = step_model(x, y, z_enc)  # Eq. 9 and its terms L_v, L_align
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model, step)
-        # log (with the last step's two terms), sample grid (pixels only: latents need the VAE), checkpoint
+        ema.update(model, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, its decay warmed up
+        # log (averaged over the processes; a NaN stops the run), sample grid (pixels only), checkpoint
         done = step + 1
-        log(done, loss, lr=lr, **model.last)
-        if d.master and not cfg.latents and common.due(done, cfg.sample_every, cfg.steps):
+        log(done, loss, lr=lr, **terms)
+        if d.master and cfg.grid and not cfg.latents and done % cfg.sample_every == 0:  # the run's own sampler
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
-            y = torch.arange(min(64, 8 * cfg.num_classes), device=d.device) % cfg.num_classes
+            y = torch.arange(cfg.grid, device=d.device) % cfg.num_classes
             common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
         if common.due(done, cfg.ckpt_every, cfg.steps):
             common.save_run(args.out, d, done, cfg, model, ema, opt)
@@ -418,8 +414,7 @@ def build(cfg, ckpt):
 
 
 def generate(model, cfg, n, args, d):
-    """n class-balanced samples, split over the processes and gathered: [n, C, H, W] (on every rank); images in
-    [-1, 1], or latents."""
+    """n class-balanced samples, split over the processes, gathered on every rank: images in [-1, 1] (or latents)."""
     per = math.ceil(n / d.world)
     y = (torch.arange(per) + d.rank * per) % cfg.num_classes
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
@@ -430,29 +425,30 @@ def generate(model, cfg, n, args, d):
 
 
 def sample_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, build)
+    d, ckpt, cfg, model = common.load_run(args, Config, build, compile_net=args.compile)
     x = generate(model, cfg, args.n, args, d)
     if not d.master:
         return
+    if not cfg.latents:
+        return common.write_samples(args.out, x)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if cfg.latents:  # decode them with the VAE that made the training latents
-        np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
-        print0(f"wrote {args.out}: latents {list(x.shape)} (decode them with the VAE that made the training latents)")
-    else:
-        common.write_samples(args.out, x)
+    np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
+    print0(f"wrote {args.out}: latents {list(x.shape)} (decode them with the VAE that made the training latents)")
 
 
-def sit_features(model, xs, t, device):
-    """SiT's own representation: the tokens after block align_depth of x_t (null class), mean-pooled -> [N, D].
-    xs: uint8 images, or float latents."""
+def at_t(model, xs, t, device, x_hat=False):
+    """The SiT on x_t of xs (uint8 images or float latents; e seeded per chunk, the null class) -> its representation,
+    the tokens after block align_depth mean-pooled [N, D]; x_hat: the clean estimate x_t - t v_pred in [-1, 1]. In true
+    fp32 (TF32 off): eval's figures are not bf16's rounding (and on a CPU, fp32 is the faster)."""
     def fn(x, i):
         B = len(x)
         e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
         x_t = (1 - t) * x + t * e  # Eq. 2
-        null = torch.full((B,), model.cfg.num_classes, device=device)
-        with common.autocast(device):
-            return model.net(x_t, torch.full((B,), t, device=device), null, stop_at="align")[1].float().mean(1)
-    return common.extract(fn, xs, device, desc="SiT features")
+        tt, null = torch.full((B,), t, device=device), torch.full((B,), model.cfg.num_classes, device=device)
+        with common.autocast(device, False):
+            v, h = model.net(x_t, tt, null, stop_at=None if x_hat else "align")
+        return (x_t - t * v.float()).clamp(-1, 1) if x_hat else h.float().mean(1)  # [B, C, H, W] or [B, N, D] -> [B, D]
+    return common.extract(fn, xs, device)
 
 
 def probe_data(cfg, data):
@@ -462,44 +458,44 @@ def probe_data(cfg, data):
     s_tr, images, _ = load_data(dcfg, "train")
     s_te = load_data(dcfg, "test")[0]
     x_tr, y_tr, x_te, y_te = common.probe_data(data, images.shape[-1])
-    if cfg.latents:  # the same rows: common.probe_data draws them with common.subset
-        s_tr = s_tr[common.subset(len(s_tr), len(x_tr))]
-        s_te = s_te[common.subset(len(s_te), len(x_te))]
-    else:
-        s_tr, s_te = x_tr, x_te
-    return s_tr, x_tr, y_tr, s_te, x_te, y_te
+    if not cfg.latents:
+        return x_tr, x_tr, y_tr, x_te, x_te, y_te
+    # the latents of the same rows (common.probe_data draws them with common.subset)
+    return s_tr[common.subset(len(s_tr), len(x_tr))], x_tr, y_tr, s_te[common.subset(len(s_te), len(x_te))], x_te, y_te
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, build)
-    data = args.data or cfg.data
+    d, ckpt, cfg, model = common.load_run(args, Config, build, compile_net=args.compile)
+    data, dev, pixels = args.data or cfg.data, d.device, not cfg.latents  # latent samples need their VAE: no FD
     s_tr, x_tr, y_tr, s_te, x_te, y_te = probe_data(cfg, data)
-    enc_spec = args.encoder or cfg.encoder
-    encoder = common.load_encoder(enc_spec, d.device)
-    fd = n = None
-    fd_model = "none: latent samples need the VAE that made the latents (sample writes them)"
-    if not cfg.latents:
-        fd_net, fd_model, n = common.FDFeatures(args.fd_model, d.device), args.fd_model, args.n
-        x = generate(model, cfg, n, args, d)
+    encoder = common.load_encoder(args.encoder or cfg.encoder, dev)
+    fd_net = common.FDFeatures(args.fd_model, dev) if pixels else None
+    x = generate(model, cfg, args.n, args, d) if pixels else None
     if not d.master:
         return
-    if not cfg.latents:
-        fd = common.fd_to_train(fd_net, x, data, cfg.image_size)
     torch.manual_seed(cfg.seed)
-    init = build(cfg, ckpt).to(d.device).eval()  # the same SiT at initialisation (train's seed and order): the floor
-    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff, fd=fd, fd_model=fd_model, n_samples=n,
-               sampler=args.sampler or cfg.sampler, sample_steps=args.sample_steps or cfg.sample_steps,
+    init = build(cfg, ckpt).to(dev).eval()  # the same SiT at initialisation (train's seed and order): the floor
+    res = dict(step=ckpt["step"], data=data, proj_coeff=cfg.proj_coeff,
+               fd=common.fd_to_train(fd_net, x, data, cfg.image_size) if pixels else None,
+               fd_model=args.fd_model if pixels else "none: decode the latents with their VAE",
+               n_samples=args.n if pixels else None, sampler=args.sampler or cfg.sampler,
+               sample_steps=args.sample_steps or cfg.sample_steps,
                cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
                probe=f"SiT tokens after block {cfg.align_depth}/{cfg.depth} at t={cfg.probe_t}, null class, "
-                     f"mean-pooled")
+                     f"mean-pooled (detail: x_t - t v)")
+    t = cfg.probe_t
     for suffix, m in (("", model), ("_init", init)):
-        res.update(common.probes(sit_features(m, s_tr, cfg.probe_t, d.device), y_tr,
-                                 sit_features(m, s_te, cfg.probe_t, d.device), y_te, suffix, data))
+        res.update(common.probes(at_t(m, s_tr, t, dev), y_tr, at_t(m, s_te, t, dev), y_te, suffix))
+        x_hat = at_t(m, s_te[:1000], t, dev, x_hat=True) if data.startswith("shapes") else None  # init: v = 0
+        res["detail_r2" + suffix] = None if x_hat is None else common.detail_r2(x_hat, data)
+    # the same features at five t, on the first 5,000 / 2,000 rows: common.probe_data(data, size, 5_000, 2_000)
+    probe = lambda t: common.linear_probe(at_t(model, s_tr[:5000], t, dev), y_tr[:5000].to(dev),
+                                          at_t(model, s_te[:2000], t, dev), y_te[:2000].to(dev))
+    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in (0.1, 0.25, 0.5, 0.75, 0.9)]  # clean -> noise
     enc = lambda x, i: encoder(x)[0]  # the frozen encoder's global token [B, D_enc]
-    enc_probes = common.probes(common.extract(enc, x_tr, d.device, desc="encoder features"), y_tr,
-                               common.extract(enc, x_te, d.device, desc="encoder features"), y_te)
-    res.update(encoder=enc_spec, **{f"encoder_{k}": v for k, v in enc_probes.items()})
-    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
+    enc_probes = common.probes(common.extract(enc, x_tr, dev), y_tr, common.extract(enc, x_te, dev), y_te)
+    res.update(encoder=args.encoder or cfg.encoder, **{f"encoder_{k}": v for k, v in enc_probes.items()})
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     common.write_eval(args.ckpt, res)
 
 
@@ -533,7 +529,7 @@ def main(argv=None):
     tr.add_argument("--proj-coeff", type=common.number(float, 0, strict=False),
                     help="lambda of the alignment loss (default 0.5; 0 = plain SiT)")
     tr.add_argument("--latents", action="store_true", default=None,
-                    help="train on the `latents` [N,C,h,w] of the --data .npz (its arr_0 images feed the encoder)")
+                    help="train on DIR/train_latents.npy [N,C,h,w] (--data DIR; its images feed the encoder)")
     ev.add_argument("--encoder", help="encoder probed beside the SiT (default: the run's)")
     for s in (sa, ev):
         s.add_argument("--sampler", choices=SAMPLERS, help="Heun or Euler ODE, Euler-Maruyama SDE (default: the run's)")
@@ -545,7 +541,7 @@ def main(argv=None):
     im.add_argument("--official", required=True, help="the released last.pt, or a train.py checkpoint")
     im.add_argument("--out", required=True, help="run folder")
     im.add_argument("--heads", type=common.number(int), default=16, help="attention heads (SiT-XL/2: 16)")
-    im.add_argument("--align-depth", type=common.number(int), default=8, help="encoder depth (SiT-XL/2: 8)")
+    im.add_argument("--align-depth", type=common.number(int), default=8, help="the aligned block (SiT-XL/2: 8)")
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "import": import_cmd}[args.cmd](args)
 

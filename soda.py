@@ -7,9 +7,8 @@ the image learns a strong, linearly separable representation (the seeds' "condit
 
     z = E(source view)  (a compact vector);  x_0 = target view (an independent crop of the same image)
     x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) e,  L = || e - eps_theta(x_t, t, z) ||^2              (Sec. 3)
-    abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s: the inverted cosine schedule (Sec. 3.3). With t uniform it
-    puts 81% of the samples at abar in [0.2, 0.8] (the cosine schedule: 41%) and under 1% below 0.05: it
-    concentrates training on mid noise, where the coarse structure of the view is decided
+    abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s: the inverted cosine schedule (Sec. 3.3); with t uniform, 81% of
+    the samples fall at abar in [0.2, 0.8] (cosine: 41%): training on mid noise, where a view's structure is decided
     layer modulation: z = [z_0 .. z_m]; z_i modulates group i of the U-Net (down level i and its mirrored up level,
     the middle is group m) as h <- h (1 + z_s) + z_b, (z_s, z_b) = Linear(SiLU(z_i)), after the time FiLM; layer
     masking drops groups at random and dropping all of them is the unconditional model for guidance on z   (Sec. 3.2)
@@ -18,26 +17,24 @@ Sampling: DDIM from t = 1 to 0 conditioned on z of a source image, eps = (1 + w)
 
 Checked against FutureXiang/soda (commit 79f9c0a), a public CIFAR reimplementation, read file by file (its
 config/cifar10.yaml, model/, datasets.py, train.py, test.py, metric.py); no fixture, since its z pathway differs by
-design (below). Its residual block equals ours once its FiLM scales are written as 1 + s (checked by loading one
-block's weights). The same as it: resnet18 with the CIFAR stem and its fc to z of 128; a U-Net of 128 channels,
-ch_mult 1 2 2 2, two blocks a level, attention at 16 px, dropout 0.1, a SiLU before each block's t and z FiLM; z
-dropped with p 0.1; w = 0.3 in (1 + w) eps(z) - w eps(no z); DDIM, 100 steps, eta 0, x0 clamped; AdamW (0.9, 0.95),
-weight decay 0.05, lr 4e-4 (its 1e-4 per process x 4) and 2x for the encoder, global batch 512, about 800 epochs
-with a 20-epoch warm-up, clipping at 1, EMA 0.9999. Ours where they differ, the paper's first: the inverted cosine
-schedule (its CIFAR config uses linear betas 1e-4..0.02 over 1000 steps, the inverted one commented out); one
-sub-vector per group with layer masking (it feeds all of z to every block; masking is its TODO). Then our choices:
-both FiLMs as h (1 + s) + b, so that a masked sub-vector means no modulation (there h s + b, and a dropped z = 0
-still passes the Linear's bias); the views (there source and target are each a RandomResizedCrop over 0.08-1 of
-the area with a flip, p 0.95, then RandAugment, p 0.65, the source with CIFAR mean/std and N(0, 0.1^2) noise added);
-continuous t into the sinusoids as 1000 t (there the step / 1000); eps not re-derived from the clamped x0 unless
-recompute_eps (it is there); the final GroupNorm's 32 groups (8 there); zero-initialised output convolutions (ADM's);
-common.Ema's warm-up (ema_pytorch's 1 - (1 + step)^(-2/3) there: 0.9995 at the last step); bf16 (fp16 there).
-No released checkpoint exists (neither the paper nor the reimplementation published weights).
+design. Its residual block equals ours once its FiLM scales are written as 1 + s (checked by loading one block's
+weights). As there: resnet18 with the CIFAR stem and its fc to z of 128; a U-Net of 128 channels, ch_mult 1 2 2 2,
+two blocks a level, attention at 16 px, dropout 0.1, a SiLU before each block's t and z FiLM; z dropped with p 0.1;
+w = 0.3; DDIM, 100 steps, eta 0, x0 clamped; AdamW (0.9, 0.95), weight decay 0.05, lr 4e-4 (its 1e-4 per process
+x 4) and 2x for the encoder, global batch 512, about 800 epochs with a 20-epoch warm-up, clipping at 1, EMA 0.9999.
+Ours where they differ, the paper's first: the inverted cosine schedule (its CIFAR config: linear betas 1e-4..0.02
+over 1000 steps, the inverted one commented out); one sub-vector per group with layer masking (it feeds all of z to
+every block; masking is its TODO). Then our choices: both FiLMs as h (1 + s) + b, so that a masked sub-vector means
+no modulation (there h s + b, and a dropped z = 0 still passes the Linear's bias); the views (there each a
+RandomResizedCrop over 0.08-1 of the area with a flip, p 0.95, then RandAugment, p 0.65, the source with CIFAR
+mean/std and N(0, 0.1^2) noise added); t into the sinusoids as 1000 t (there the step / 1000); eps not re-derived
+from the clamped x0 unless recompute_eps (it is there); the final GroupNorm's 32 groups (8 there); zero-initialised
+output convolutions (ADM's); common.Ema's warm-up (ema_pytorch's 1 - (1 + step)^(-2/3) there); bf16 (fp16 there).
 
 The encoder is the paper's ResNet (common.ResNet, torchvision's keys) or, with --set encoder=vit, the DINOv2-layout
-ViT of common.py. Either way `export-encoder` writes a file that common.load_encoder reads: a SODA checkpoint can
-serve as the frozen encoder of repa.py, rae.py or rcg.py (--encoder enc.pt) offline. The source view is a random
-resized crop with a flip, colour jitter, grayscale and blur; the target an independent crop with a flip.
+ViT of common.py; `export-encoder` writes a file common.load_encoder reads, so a SODA checkpoint can serve offline as
+the frozen encoder of repa.py, rae.py or rcg.py (--encoder enc.pt). No released checkpoint exists (neither the paper
+nor the reimplementation published weights).
 
 Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag):
     CPU smoke, seconds:  python soda.py train --preset tiny --out runs/soda_tiny --device cpu
@@ -48,19 +45,20 @@ Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag)
                          python soda.py eval --ckpt runs/soda/ckpt.pt --n 10000 --fd-model inception
                          python soda.py export-encoder --ckpt runs/soda/ckpt.pt --out runs/soda/enc.pt
     torchrun:            torchrun --nproc_per_node 8 soda.py train --data cifar10 --out runs/soda --compile
-`sample` and `eval` generate a view of each test image (drawn uniformly) from its own z; eval.json's `fd` is their FD
-against the training split, `psnr` their fidelity to the source (the same view: source and comparison are the whole
-image; `psnr_crop` is what an independent crop of the target distribution scores against it, the figure a perfect
-novel-view model would get), `probe_*` the probes of z, raw and `*_l2` L2-normalised, `probe_knn_uniform` the
-unweighted 20-NN (`*_init`: the same encoder at initialisation, `*_pixels`: raw pixels).
+`sample` and `eval` generate a view of each test image (drawn uniformly) from its own z. eval.json: `fd`, the views'
+FD against the training split; `psnr`, their fidelity to the whole source image (`psnr_crop`: what an independent
+crop scores, a perfect novel-view model's figure); `probe_*`, the probes of z (`*_l2` on z / ||z||,
+`probe_knn_uniform` 20 equal votes; `*_init`: the encoder at initialisation, `*_pixels`: raw pixels); on `shapes`,
+`detail_r2`, the stripe detail kept in the views of the first 1,000 probe test images (`detail_r2_pixels`: of the
+images; no `_init`: a view costs sample_steps passes); `probe_linear_by_t`, the linear probe of the denoiser's own
+features (the U-Net's middle on x_t, z dropped) at t = 0.1 .. 0.9.
 Expected: the probe on z beats the same encoder at initialisation. FutureXiang/soda reports 80.0% linear / 80.4% k-NN
-on CIFAR-10 after 800 epochs, with the recipe and the differences above, on 4 GPUs (SyncBatchNorm over 512: one GPU
-at batch 512 gives BatchNorm the same batch), and other probes: test.py fits BatchNorm + a linear layer (Adam 1e-3,
-cosine, 15 epochs, batch 128) on z / ||z|| of all 50k training images, re-augmented each epoch (crop and flip, p
-0.65), and votes over 20 neighbours of one augmented pass, on the 10k test images; eval here fits full-batch Adam
-on standardised z of 10k unaugmented training images and tests 5k (`probe_linear_l2`, `probe_knn_uniform` are the
-closest). On `shapes` with the cpu preset (2-core CPU, 8 min idle): 0.173 linear against 0.124 at initialisation
-(the README's soda.py section has 0.24 from an earlier version, its table 0.17; a ViT encoder did not get there).
+on CIFAR-10 after 800 epochs on 4 GPUs (SyncBatchNorm over 512, as common.wrap converts it under torchrun on GPUs),
+with other probes: BatchNorm + a linear layer (Adam, 15 epochs) on z / ||z|| of all 50k training images re-augmented
+each epoch, and a 20-NN vote; eval here fits full-batch Adam on standardised z of 10k unaugmented training images and
+tests 5k. The default preset is not yet run on a GPU. On `shapes` with the cpu preset (2-core CPU, 8 min idle): 0.173
+linear against 0.124 at initialisation, +4.9 points, short of the 5 points this preset aims at (an earlier version
+measured 0.242; a ViT encoder did not get there).
 """
 import math, os
 from dataclasses import dataclass, field
@@ -85,11 +83,9 @@ class Config:
     enc_patch: int = 4              # ViT encoder: patch (8x8 tokens at 32 px)
     enc_dim: int = 384              # ViT encoder: width (a multiple of 64: heads = width / 64)
     enc_depth: int = 12             # ViT encoder: blocks (ViT-S)
-    z_dim: int = 128                # the compact latent (FutureXiang's CIFAR setting), split as evenly as it goes
-                                    # over the groups (26 26 26 25 25 at the default's 5)
+    z_dim: int = 128                # the compact latent (FutureXiang's), split over the groups: 26 26 26 25 25
     channels: int = 128             # U-Net base width
-    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])  # width per resolution (32, 16, 8, 4 px, FutureXiang's
-                                    # CIFAR U-Net); groups = len(ch_mult) + 1
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])  # width at 32 .. 4 px (FutureXiang's); groups: 5
     num_res: int = 2                # residual blocks per resolution
     attn_res: list = field(default_factory=lambda: [16])      # resolutions with self-attention
     dropout: float = 0.1            # in each residual block, before its second conv (FutureXiang's 0.1)
@@ -107,8 +103,7 @@ class Config:
     recompute_eps: bool = False     # DDIM: eps re-derived from the clamped x0 (GLIDE; diffusers' use_clipped_model_
                                     # output; FutureXiang's). Off: 21% of pixels saturated, FD 15.4 vs 10.1 (README)
     steps: int = 78_000             # optimiser steps: 800 epochs of CIFAR-10 at 512 (FutureXiang's 800 epochs)
-    batch_size: int = 512           # global batch size (FutureXiang's 4 GPUs x 128; on one GPU BatchNorm sees the 512
-                                    # its SyncBatchNorm does)
+    batch_size: int = 512           # global batch size (FutureXiang's 4 GPUs x 128, with SyncBatchNorm)
     lr: float = 4e-4                # the U-Net's AdamW (0.9, 0.95) lr: FutureXiang's 1e-4 per process x 4 processes
     enc_lr_ratio: float = 2.0       # the encoder's lr / the U-Net's (FutureXiang's lrate_ratio)
     weight_decay: float = 0.05      # AdamW's (FutureXiang's 0.05)
@@ -117,7 +112,8 @@ class Config:
     ema: float = 0.9999             # EMA decay (with warm-up)
     num_classes: int = 10           # filled in from the data (only the probe uses labels)
     log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between reconstruction grids
+    sample_every: int = 5_000       # steps between sample grids
+    grid: int = 64                  # views in the sample grids, each beside its source (0: none)
     ckpt_every: int = 2_500         # steps between checkpoints
     seed: int = 0
 
@@ -138,132 +134,75 @@ PRESETS = {
 }
 
 
-# -------------------------------------------------------------------------------------------------------- backbone
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like DDPM's step index) -> [B, dim]."""
-    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
-    a = 1000 * t[:, None].float() * f[None]
-    return torch.cat([a.cos(), a.sin()], 1)
-
-
-def group_norm(ch):
-    return nn.GroupNorm(min(32, ch // 4), ch)
-
-
-class ResBlock(nn.Module):
-    """Residual conv block with time FiLM, then the FiLM of its group's sub-vector z_i (zero when masked). Both FiLMs
-    read their input through a SiLU (ADM's emb_layers; FutureXiang's time_emb and z_emb)."""
-
-    def __init__(self, c_in, c_out, emb_dim, z_chunk, dropout):
-        super().__init__()
-        self.norm1 = group_norm(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.film = nn.Linear(emb_dim, 2 * c_out)  # SiLU(emb(t)) -> (scale, shift)
-        self.z_film = nn.Linear(z_chunk, 2 * c_out)  # SiLU(z_i) -> (z_s, z_b)
-        self.norm2 = group_norm(c_out)
-        self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
-
-    def forward(self, x, emb, zmod):  # zmod [B, 2 C]: this block's (z_s, z_b), already masked
-        h = self.conv1(F.silu(self.norm1(x)))
-        scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
-        z_s, z_b = zmod[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
-        h = (self.norm2(h) * (1 + scale) + shift) * (1 + z_s) + z_b
-        return self.skip(x) + self.conv2(self.drop(F.silu(h)))
-
-
-class AttnBlock(nn.Module):
-    def __init__(self, ch, heads=1):
-        super().__init__()
-        self.heads = heads
-        self.norm = group_norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, 3, self.heads, C // self.heads, H * W)  # [B, 3C, H, W] -> [B,3,h,C/h,HW]
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x [B, h, HW, C/h]
-        out = common.attention(q, k, v).transpose(-1, -2).reshape(B, C, H, W)  # [B, h, HW, C/h] -> [B, C, H, W]
-        return x + self.proj(out)
-
-
-class UNet(nn.Module):
-    """eps_theta(x_t, t, z, keep): a U-Net whose residual blocks are grouped (down level i + up level i; the middle)
-    and modulated by their own sub-vector of z. keep [B, groups] in {0, 1} masks the groups (layer masking / CFG)."""
+# ---------------------------------------------------------------------------------------------------------- method
+class SODA(nn.Module):
+    """forward(x) -> denoising loss of a target view given z of a source view; encode(x) -> z; sample(z) -> images."""
 
     def __init__(self, cfg):
         super().__init__()
-        ch, emb_dim, G = cfg.channels, 4 * cfg.channels, len(cfg.ch_mult) + 1
-        if cfg.z_dim < G:
-            raise UsageError(f"z_dim ({cfg.z_dim}) must be at least the {G} groups")
-        self.ch, self.groups = ch, G
-        self.z_sizes = [len(c) for c in torch.arange(cfg.z_dim).tensor_split(G)]  # sub-vector sizes, as evenly as goes
-        block = lambda c_in, c_out, g: ResBlock(c_in, c_out, emb_dim, self.z_sizes[g], cfg.dropout)
-        attn = lambda c, res: AttnBlock(c) if res in cfg.attn_res else nn.Identity()
-        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down = nn.ModuleList()  # [ResBlock, attention] pairs and downsampling convs, in forward order
-        self.up = nn.ModuleList()  # [ResBlock, attention] pairs and upsampling, in forward order
-        self.block_group = []  # the z group of each ResBlock, in forward order
-        skips = [ch]  # channels of each skip connection the up path will concatenate
-        c = ch
-        res = cfg.image_size
-        for i, m in enumerate(cfg.ch_mult):
-            for _ in range(cfg.num_res):
-                self.down.append(nn.ModuleList([block(c, ch * m, i), attn(ch * m, res)]))
-                self.block_group.append(i)
-                c = ch * m
-                skips.append(c)
-            if i < len(cfg.ch_mult) - 1:
-                self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
-                skips.append(c)
-                res //= 2
-        self.mid = nn.ModuleList([block(c, c, G - 1), AttnBlock(c), block(c, c, G - 1)])
-        self.block_group += [G - 1, G - 1]
-        for i, m in reversed(list(enumerate(cfg.ch_mult))):
-            for _ in range(cfg.num_res + 1):
-                self.up.append(nn.ModuleList([block(c + skips.pop(), ch * m, i), attn(ch * m, res)]))
-                self.block_group.append(i)  # mirrored: up level i shares z_i with down level i
-                c = ch * m
-            if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
-                res *= 2
-        pairs = lambda layers: [l[0] for l in layers if isinstance(l, nn.ModuleList)]
-        self.res_blocks = pairs(self.down) + [self.mid[0], self.mid[2]] + pairs(self.up)  # forward order
-        self.norm_out = group_norm(c)
-        self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.cfg = cfg
+        if cfg.encoder == "resnet":
+            self.encoder = common.ResNet(cfg.res_width, cfg.res_layers, cifar_stem=True)
+        else:
+            g = cfg.image_size // cfg.enc_patch
+            self.encoder = common.DinoViT(cfg.enc_dim, cfg.enc_depth, cfg.enc_dim // 64, cfg.enc_patch, g)
+        self.head = nn.Linear(self.encoder.dim, cfg.z_dim)  # pooled feature / global token -> z (resnet18's fc)
+        self.net = UNet(cfg)
+        self.register_buffer("mean", torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
-    def z_modulation(self, z, keep):
-        """-> one [B, 2C] (z_s, z_b) per residual block: block b reads only sub-vector block_group[b] of z."""
-        chunks = z.tensor_split(self.groups, 1)  # G x [B, z_sizes[g]]
-        return [blk.z_film(F.silu(chunks[g])) * keep[:, g:g + 1] for blk, g in zip(self.res_blocks, self.block_group)]
+    def encode(self, x):
+        """[-1, 1] images -> z [B, z_dim]. ImageNet normalisation, as common.FrozenEncoder does for the export."""
+        return self.head(self.encoder(((x + 1) / 2 - self.mean) / self.std)[0])
 
-    def forward(self, x, t, z, keep):
-        emb = self.emb(timestep_embedding(t, self.ch))
-        mods = iter(self.z_modulation(z, keep))
-        h = self.conv_in(x)
-        hs = [h]
-        for layer in self.down:
-            h = layer(h) if isinstance(layer, nn.Conv2d) else layer[1](layer[0](h, emb, next(mods)))
-            hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb, next(mods))), emb, next(mods))
-        for layer in self.up:
-            if isinstance(layer, nn.Sequential):  # upsample
-                h = layer(h)
-            else:
-                h = layer[1](layer[0](torch.cat([h, hs.pop()], 1), emb, next(mods)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+    def forward(self, x):
+        """x [B,3,H,W] in [-1, 1] -> the loss of eps_theta on a target view, given z of a source view (Sec. 3)."""
+        cfg, B = self.cfg, x.shape[0]
+        source = source_view(x, cfg)  # [B,3,H,W]: crop, flip, colour jitter, grayscale, blur
+        target = random_crops(x, cfg.target_scale)  # [B,3,H,W]: x_0, an independent crop
+        z = self.encode(source)  # [B, z_dim]
+        keep = (torch.rand(B, self.net.groups, device=x.device) >= cfg.mask_prob) & \
+               (torch.rand(B, 1, device=x.device) >= cfg.z_drop)  # [B, G]: layer masking; none kept: unconditional
+        t = torch.rand(B, device=x.device)
+        a = abar(t, cfg.schedule_s).view(B, 1, 1, 1)
+        e = torch.randn_like(target)
+        x_t = a.sqrt() * target + (1 - a).sqrt() * e  # [B,3,H,W]
+        return ((self.net(x_t, t, z, keep.float()).float() - e) ** 2).mean()
+
+    def eps(self, x_t, t, z, w):
+        """Guided noise prediction at t (a float): (1 + w) eps(z) - w eps(no z), the two in one batch."""
+        B, G, dev = x_t.shape[0], self.net.groups, x_t.device
+        tt = torch.full((B,), t, device=dev)
+        if w == 0:
+            return self.net(x_t, tt, z, torch.ones(B, G, device=dev)).float()
+        keep = torch.cat([torch.ones(B, G, device=dev), torch.zeros(B, G, device=dev)])  # [2B, G]: z, then no z
+        e_c, e_u = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([z, z]), keep).float().chunk(2)
+        return (1 + w) * e_c - w * e_u
+
+    @torch.no_grad()
+    def sample(self, z, *, steps=None, w=None, generator=None):
+        """DDIM (eta = 0) from t = 1 to 0 with the inverted cosine schedule, conditioned on z [B, z_dim]. The schedule
+        is Python floats, computed once: the loop never waits on the device."""
+        cfg = self.cfg
+        steps, w = steps or cfg.sample_steps, cfg.guidance if w is None else w
+        t = [1 - i / steps for i in range(steps + 1)]
+        a = abar(torch.tensor(t, dtype=torch.float64), cfg.schedule_s).tolist()  # abar(t_i), on the CPU, once
+        x = torch.randn((len(z), 3, cfg.image_size, cfg.image_size), device=z.device, generator=generator)
+        with common.autocast(z.device):
+            for i in range(steps):
+                e = self.eps(x, t[i], z, w)
+                x0 = ((x - math.sqrt(1 - a[i]) * e) / math.sqrt(a[i])).clamp(-1, 1)
+                if cfg.recompute_eps:
+                    e = (x - math.sqrt(a[i]) * x0) / math.sqrt(1 - a[i])  # the noise consistent with the clamped x0
+                x = math.sqrt(a[i + 1]) * x0 + math.sqrt(1 - a[i + 1]) * e
+        return x0
 
 
-# ------------------------------------------------------------------------------------------------------------ views
+def abar(t, s):
+    """The inverted cosine schedule: abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s, abar(0) = 1, clamped near 0."""
+    return ((2 * (1 + s) / math.pi) * torch.arccos(t.sqrt()) - s).clamp(1e-4, 1.0)
+
+
 def random_crops(x, scale):
     """Per-image random resized crops (area in `scale`, aspect in [3/4, 4/3]) with horizontal flips, resampled to
     the input size, on the tensor batch (on the GPU when there is one). x [B,3,H,W] -> [B,3,H,W]."""
@@ -291,77 +230,129 @@ def source_view(x, cfg):
     gray = x.mean(1, keepdim=True)
     x = (x - gray) * f() + gray  # saturation
     x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.gray, x.mean(1, keepdim=True).expand_as(x), x)
-    blurred = common.gaussian_blur(x, torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32,
-                                    cfg.blur[1] * x.shape[-1] / 32)
+    sigma = torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32  # [B], in pixels at this size
+    blurred = common.gaussian_blur(x, sigma, cfg.blur[1] * x.shape[-1] / 32)  # its bound: no read of the device
     x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.blur_prob, blurred, x)
     return x.clamp(0, 1) * 2 - 1
 
 
-# ---------------------------------------------------------------------------------------------------------- method
-def abar(t, s):
-    """The inverted cosine schedule: abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s, abar(0) = 1, clamped near 0."""
-    return ((2 * (1 + s) / math.pi) * torch.arccos(t.sqrt()) - s).clamp(1e-4, 1.0)
+# -------------------------------------------------------------------------------------------------------- backbone
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like DDPM's step index) -> [B, dim]."""
+    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    a = 1000 * t[:, None].float() * f[None]
+    return torch.cat([a.cos(), a.sin()], 1)
 
 
-class SODA(nn.Module):
-    """forward(x) -> denoising loss of a target view given z of a source view; encode(x) -> z; sample(z) -> images."""
+def group_norm(ch):
+    return nn.GroupNorm(min(32, ch // 4), ch)
+
+
+class ResBlock(nn.Module):
+    """Residual conv block with time FiLM, then the FiLM of its group's sub-vector z_group (none when masked), each
+    read through a SiLU (ADM's emb_layers; FutureXiang's time_emb and z_emb); then self-attention where it has it."""
+
+    def __init__(self, c_in, c_out, emb_dim, z_sizes, group, dropout, attn=False):
+        super().__init__()
+        self.group = group  # the sub-vector z_group that modulates this block (down level i and up level i: i)
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.film = nn.Linear(emb_dim, 2 * c_out)  # SiLU(emb(t)) -> (scale, shift)
+        self.z_film = nn.Linear(z_sizes[group], 2 * c_out)  # SiLU(z_group) -> (z_s, z_b)
+        self.norm2 = group_norm(c_out)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = AttnBlock(c_out) if attn else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x, emb, zs, keep):  # x [B,C_in,H,W], emb [B,E], zs: z_0 .. z_m, keep [B, G] in {0, 1}
+        h = self.conv1(F.silu(self.norm1(x)))  # [B,C,H,W]
+        scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
+        zmod = self.z_film(F.silu(zs[self.group])) * keep[:, self.group, None]  # [B, 2C]: zero when masked
+        z_s, z_b = zmod[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
+        h = (self.norm2(h) * (1 + scale) + shift) * (1 + z_s) + z_b
+        return self.attn(self.skip(x) + self.conv2(self.drop(F.silu(h))))
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions. q, k, v come from a Linear on the tokens, so each is contiguous in its
+    last dimension, as the fused (flash / memory-efficient) kernels of scaled_dot_product_attention need."""
+
+    def __init__(self, ch, heads=1):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(ch)
+        self.qkv = nn.Linear(ch, 3 * ch)
+        self.proj = nn.Linear(ch, ch)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        qkv = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads)  # [B, HW, 3, h, C/h]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, h, HW, C/h], stride 1 in C/h
+        out = common.attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # [B, h, HW, C/h] -> [B, HW, C]
+        return x + self.proj(out).transpose(1, 2).reshape(B, C, H, W)  # [B, HW, C] -> [B, C, H, W]
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, z, keep): a U-Net whose residual blocks are grouped (down level i with up level i; the
+    middle), each modulated by its group's sub-vector of z. keep [B, groups] in {0, 1} masks groups (masking / CFG)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        if cfg.encoder == "resnet":
-            self.encoder = common.ResNet(cfg.res_width, cfg.res_layers, cifar_stem=True)
-        else:
-            g = cfg.image_size // cfg.enc_patch
-            self.encoder = common.DinoViT(cfg.enc_dim, cfg.enc_depth, cfg.enc_dim // 64, cfg.enc_patch, g)
-        self.head = nn.Linear(self.encoder.dim, cfg.z_dim)  # pooled feature / global token -> z (resnet18's fc)
-        self.net = UNet(cfg)
-        self.register_buffer("mean", torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        ch, emb_dim, G = cfg.channels, 4 * cfg.channels, len(cfg.ch_mult) + 1  # make_config checks z_dim >= G
+        self.ch, self.groups = ch, G
+        self.z_sizes = [len(c) for c in torch.arange(cfg.z_dim).tensor_split(G)]  # sub-vector sizes, as evenly as goes
+        block = lambda c_in, c_out, group, attn: ResBlock(c_in, c_out, emb_dim, self.z_sizes, group, cfg.dropout, attn)
+        self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        self.down = nn.ModuleList()  # ResBlocks of group i at level i, then a downsampling conv, in forward order
+        skips = [ch]  # channels of each skip connection the up path will concatenate
+        c, res = ch, cfg.image_size
+        for i, m in enumerate(cfg.ch_mult):
+            for _ in range(cfg.num_res):
+                self.down.append(block(c, ch * m, i, res in cfg.attn_res))
+                c = ch * m
+                skips.append(c)
+            if i < len(cfg.ch_mult) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([block(c, c, G - 1, True), block(c, c, G - 1, False)])  # group m, attention between
+        self.up = nn.ModuleList()  # ResBlocks of group i at level i (mirrored), then upsampling, in forward order
+        for i, m in reversed(list(enumerate(cfg.ch_mult))):
+            for _ in range(cfg.num_res + 1):
+                self.up.append(block(c + skips.pop(), ch * m, i, res in cfg.attn_res))
+                c = ch * m
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
+                res *= 2
+        self.norm_out = group_norm(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
 
-    def encode(self, x):
-        """[-1, 1] images -> z [B, z_dim]. ImageNet normalisation, as common.FrozenEncoder does for the export."""
-        return self.head(self.encoder(((x + 1) / 2 - self.mean) / self.std)[0])
-
-    def forward(self, x):
-        cfg, B = self.cfg, x.shape[0]
-        source = source_view(x, cfg)
-        target = random_crops(x, cfg.target_scale)
-        z = self.encode(source)
-        keep = (torch.rand(B, self.net.groups, device=x.device) >= cfg.mask_prob) & \
-               (torch.rand(B, 1, device=x.device) >= cfg.z_drop)  # layer masking; all dropped = unconditional
-        t = torch.rand(B, device=x.device)
-        a = abar(t, cfg.schedule_s).view(B, 1, 1, 1)
-        e = torch.randn_like(target)
-        x_t = a.sqrt() * target + (1 - a).sqrt() * e
-        return ((self.net(x_t, t, z, keep.float()).float() - e) ** 2).mean()
-
-    def eps(self, x_t, t, z, w):
-        """Guided noise prediction: (1 + w) eps(z) - w eps(no z)."""
-        B, G = x_t.shape[0], self.net.groups
-        tt = torch.full((B,), t, device=x_t.device)
-        if w == 0:
-            return self.net(x_t, tt, z, torch.ones(B, G, device=x_t.device)).float()
-        keep = torch.cat([torch.ones(B, G), torch.zeros(B, G)]).to(x_t.device)
-        e_c, e_u = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([z, z]), keep).float().chunk(2)
-        return (1 + w) * e_c - w * e_u
-
-    @torch.no_grad()
-    def sample(self, z, *, steps=None, w=None, generator=None):
-        """DDIM (eta = 0) from t = 1 to 0 with the inverted cosine schedule, conditioned on z."""
-        cfg = self.cfg
-        steps, w = steps or cfg.sample_steps, cfg.guidance if w is None else w
-        x = torch.randn((len(z), 3, cfg.image_size, cfg.image_size), device=z.device, generator=generator)
-        ts = torch.linspace(1, 0, steps + 1, device=z.device)
-        with common.autocast(z.device):
-            for i in range(steps):
-                a, a_next = abar(ts[i], cfg.schedule_s), abar(ts[i + 1], cfg.schedule_s)
-                e = self.eps(x, ts[i].item(), z, w)
-                x0 = ((x - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1)
-                if cfg.recompute_eps:
-                    e = (x - a.sqrt() * x0) / (1 - a).sqrt()  # the noise consistent with the clamped x0
-                x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
-        return x0
+    def forward(self, x, t, z, keep, bottleneck=False):
+        """x_t [B,3,H,W], t [B], z [B, z_dim], keep [B, G] -> eps [B,3,H,W]; bottleneck: the middle's output averaged
+        over the positions [B, C] instead."""
+        emb = self.emb(timestep_embedding(t, self.ch))  # [B, 4 ch]
+        zs = z.tensor_split(self.groups, 1)  # z_0 .. z_m: G x [B, z_sizes[g]]; a block reads zs[block.group]
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb, zs, keep) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for block in self.mid:
+            h = block(h, emb, zs, keep)
+        if bottleneck:
+            return h.mean((2, 3))  # [B, C]
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], 1), emb, zs, keep) if isinstance(layer, ResBlock) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 # ---------------------------------------------------------------------------------------------------- train / main
@@ -371,11 +362,12 @@ def make_config(args):
              "log_every", "sample_every", "ckpt_every")
     if min(getattr(cfg, k) for k in sizes) <= 0 or not cfg.res_layers or min(cfg.res_layers) <= 0:
         raise UsageError(f"{', '.join(sizes)} and res_layers must be positive")
+    if cfg.grid < 0:
+        raise UsageError(f"grid ({cfg.grid}) must be >= 0")
     if cfg.encoder not in ("resnet", "vit"):
         raise UsageError(f"encoder {cfg.encoder!r}: resnet or vit")
-    down = 2 ** (len(cfg.ch_mult) - 1)
-    if cfg.image_size % down:
-        raise UsageError(f"image size {cfg.image_size} is not divisible by the U-Net's {down}")
+    if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
+        raise UsageError(f"image size {cfg.image_size} is not divisible by the U-Net's {2 ** (len(cfg.ch_mult) - 1)}")
     if cfg.encoder == "vit" and (cfg.image_size % cfg.enc_patch or cfg.enc_dim % 64):
         raise UsageError(f"ViT encoder: the image size ({cfg.image_size}) must be divisible by the patch "
                          f"({cfg.enc_patch}) and enc_dim ({cfg.enc_dim}) a multiple of 64")
@@ -387,65 +379,64 @@ def make_config(args):
 def make_optimizer(model, cfg):
     """AdamW (0.9, 0.95) over the U-Net at lr and the encoder (with its head) at enc_lr_ratio x lr: lr_mult."""
     enc = list(model.encoder.parameters()) + list(model.head.parameters())
-    groups = [{"params": list(model.net.parameters()), "lr_mult": 1.0}, {"params": enc, "lr_mult": cfg.enc_lr_ratio}]
-    for group in groups:
-        group["lr"] = cfg.lr * group["lr_mult"]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    groups = [{"params": list(model.net.parameters()), "lr": cfg.lr, "lr_mult": 1.0},
+              {"params": enc, "lr": cfg.lr * cfg.enc_lr_ratio, "lr_mult": cfg.enc_lr_ratio}]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
 def train(args):
-    d, cfg, ckpt = common.start_run(args, Config, make_config)
+    d, cfg, ckpt = common.start_run(args, Config, PRESETS, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
     model = SODA(cfg).to(d.device)
-    if d.world > 1 and d.device.type == "cuda":  # BatchNorm over the global batch, as FutureXiang's SyncBatchNorm
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ema = common.Ema(model, cfg.ema)
+    ema = common.Ema(model)
     opt = make_optimizer(model, cfg)
     step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     n_net, n_enc = (sum(p.numel() for p in g["params"]) / 1e6 for g in opt.param_groups)
     print0(f"SODA encoder {n_enc:.1f}M + U-Net {n_net:.1f}M params, z {cfg.z_dim} in {model.net.groups} groups, "
            f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
-    step_model = common.wrap(model, d, args.compile)
+    step_model = common.wrap(model, d, args.compile)  # DDP with SyncBatchNorm on GPUs (FutureXiang's), compiled
     bs = cfg.batch_size // d.world
-    x_show = common.to_float(images[common.subset(len(images), 8)]).to(d.device)  # sources of the grids
-
-    def loss_of(net, step):  # this rank's batch of `step`; the views (crops, flips, jitter) are made in forward
-        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=False, device=d.device)
-        with common.autocast(d.device):
-            return net(x)
-
-    log = common.Log(args.out, d, cfg, step, common.flops_per_image(lambda: loss_of(model, 0), bs, d, model))
+    x_show = common.to_float(images[common.subset(len(images), cfg.grid)]).to(d.device)  # the grids' sources
+    log = common.Log(args.out, d, cfg, step)
     for step in log.steps(step, cfg.steps):
         # learning rate: linear warm-up, then constant; the encoder at enc_lr_ratio x
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        # forward, backward, clip, update, EMA
-        loss = loss_of(step_model, step)
+        # forward (the views are made inside), backward, clip, update, EMA
+        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank,  # this rank's rows, drawn with replacement
+                            flip=False, device=d.device)  # no flip here: the views flip
+        with common.autocast(d.device):
+            loss = step_model(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model, step)
-        # log, reconstruction grid (row 1: sources, row 2: views generated from their z), checkpoint
+        ema.update(model, min(cfg.ema, (1 + step) / (10 + step)))  # EMA, its decay warmed up
+        # log (averaged over the processes; a NaN stops the run), sample grid, checkpoint
         done = step + 1
         log(done, loss, lr=lr)
-        if d.master and common.due(done, cfg.sample_every, cfg.steps):
+        if d.master and cfg.grid and done % cfg.sample_every == 0:
             g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
             with torch.no_grad():
-                views = ema.model.sample(ema.model.encode(x_show), generator=g)
-            common.save_grid(torch.cat([x_show, views]), os.path.join(args.out, f"samples_{done:07d}.png"))
+                views = ema.model.sample(ema.model.encode(x_show), generator=g)  # the run's sample_steps
+            common.save_grid(side_by_side(x_show, views), os.path.join(args.out, f"samples_{done:07d}.png"))
         if common.due(done, cfg.ckpt_every, cfg.steps):
             common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
+def side_by_side(src, views):  # [k,3,H,W] twice -> [2k,3,H,W]: source, its view, source, its view, ...
+    return torch.stack([src.float().cpu(), views.float().cpu()], 1).flatten(0, 1)  # [k,2,3,H,W] -> [2k,3,H,W]
+
+
 def load(args):
-    return common.load_run(args, Config, lambda cfg, ckpt: SODA(cfg))
+    return common.load_run(args, Config, lambda cfg, ckpt: SODA(cfg), compile_net=args.compile)
 
 
 def sources(spec, size, n):
-    """n test images of `spec`, drawn uniformly (common.subset); past the split's size it starts over -> uint8."""
+    """n test images of `spec`, drawn uniformly (common.subset); past the split's size it starts over -> uint8. The
+    same draw as common.probe_data's test subset: its first rows are that subset's first rows."""
     x_te = common.load_images(spec, "test", size)[0]
     return x_te[common.subset(len(x_te), len(x_te)).repeat(math.ceil(n / len(x_te)))[:n]]
 
@@ -464,20 +455,31 @@ def generate(model, src, args, d):
     return common.gather(torch.cat(xs), len(src), d)
 
 
+def bottleneck(model, images, t, device):
+    """The unconditional denoiser's features: the U-Net's middle (averaged over the positions) on x_t of the images
+    with z dropped, outside autocast like z's probe, each chunk's noise seeded by its first row -> [N, C]."""
+    a, G, Z = abar(torch.tensor(t, dtype=torch.float64), model.cfg.schedule_s).item(), model.net.groups, model.cfg.z_dim
+
+    def fn(x, i):  # x [B,3,H,W] -> [B, C]
+        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        x_t = math.sqrt(a) * x + math.sqrt(1 - a) * e
+        return model.net(x_t, torch.full((len(x),), t, device=device), x.new_zeros(len(x), Z), x.new_zeros(len(x), G),
+                         bottleneck=True)  # z dropped: no group kept
+    return common.extract(fn, images, device, desc=f"bottleneck at t={t}")
+
+
 def sample_cmd(args):
     d, ckpt, cfg, model = load(args)
     src = sources(args.data or cfg.data, cfg.image_size, args.n)
     x = generate(model, src, args, d)
     if d.master:
-        k = min(32, args.n)
-        pairs = torch.stack([common.to_float(src[:k]), x[:k].cpu()], 1).flatten(0, 1)  # [k,2,3,H,W] -> [2k,3,H,W]
-        common.write_samples(args.out, x, grid=pairs)  # grid: source, generated view, source, ...
+        common.write_samples(args.out, x, grid=side_by_side(common.to_float(src[:32]), x[:32]))  # 32 pairs at most
 
 
 def eval_cmd(args):
     d, ckpt, cfg, model = load(args)
-    data = args.data or cfg.data
-    fd_net = common.FDFeatures(args.fd_model, d.device)
+    data, dev = args.data or cfg.data, d.device
+    fd_net = common.FDFeatures(args.fd_model, dev)
     src = sources(data, cfg.image_size, args.n)
     x = generate(model, src, args, d)
     if not d.master:
@@ -488,23 +490,29 @@ def eval_cmd(args):
         torch.manual_seed(args.seed)
         crops = random_crops(x_src, cfg.target_scale)  # what a perfect novel-view model would generate
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
-    y_tr, y_te = y_tr.to(d.device), y_te.to(d.device)  # beside the features (the probes below run on the device)
+    y_tr, y_te = y_tr.to(dev), y_te.to(dev)  # beside the features (the probes below run on the device)
+    m = min(1000, len(x_te), args.n)  # src[:m] is x_te[:m]; a view is another crop, and the stripes do not depend on it
     torch.manual_seed(cfg.seed)
-    init = SODA(cfg).to(d.device).eval()  # the same encoder at initialisation: the probe's floor
+    init = SODA(cfg).to(dev).eval()  # the same encoder at initialisation: the probe's floor
     res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
                fd_model=args.fd_model, n_samples=args.n, probe="z, the encoder's compact latent",
+               probe_by_t="the U-Net's middle on x_t, z dropped",
                psnr=round(psnr(x.cpu().float(), x_src), 3), psnr_crop=round(psnr(crops, x_src), 3),
                n_sources=min(args.n, len(common.load_images(data, "test", cfg.image_size)[0])),
                sample_steps=args.sample_steps or cfg.sample_steps,
-               guidance=cfg.guidance if args.guidance is None else args.guidance)
-    for suffix, m in (("", model), ("_init", init)):
-        f_tr, f_te = (common.extract(lambda v, i: m.encode(v), xs, d.device, desc="encode") for xs in (x_tr, x_te))
-        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix, data))
+               guidance=cfg.guidance if args.guidance is None else args.guidance,
+               detail_r2=common.detail_r2(x[:m], data) if data.startswith("shapes") else None)
+    for suffix, net in (("", model), ("_init", init)):
+        f_tr, f_te = (common.extract(lambda v, i: net.encode(v), xs, dev, desc="encode") for xs in (x_tr, x_te))
+        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
         l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||
-        res[f"probe_linear{suffix}_l2"] = round(l2, 4)
-        knn = common.knn_accuracy(f_tr, y_tr, f_te, y_te, T=float("inf"))
-        res[f"probe_knn{suffix}_uniform"] = round(knn, 4)  # 20 equal votes, FutureXiang's test.py (sklearn's)
-    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data, d.device))  # the floor: pixels
+        knn = common.knn_accuracy(f_tr, y_tr, f_te, y_te, T=float("inf"))  # 20 equal votes, FutureXiang's test.py
+        res.update({f"probe_linear{suffix}_l2": round(l2, 4), f"probe_knn{suffix}_uniform": round(knn, 4)})
+    res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)
+    probe = lambda t: common.linear_probe(bottleneck(model, x_tr, t, dev), y_tr.to(dev),
+                                          bottleneck(model, x_te, t, dev), y_te.to(dev))
+    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in (0.1, 0.3, 0.5, 0.7, 0.9)]  # clean -> noise (t = 1)
     common.write_eval(args.ckpt, res)
 
 
@@ -516,16 +524,14 @@ def export_encoder(args):
     _, ckpt, cfg, model = load(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, model.encoder.state_dict())
-    arch = f"ResNet width {cfg.res_width}, layers {cfg.res_layers}" if cfg.encoder == "resnet" else \
-        f"ViT {cfg.enc_dim}x{cfg.enc_depth}, patch {cfg.enc_patch}"
-    print0(f"wrote {args.out}: {arch}; use --encoder {args.out}")
+    print0(f"wrote {args.out}, the {cfg.encoder} encoder: use --encoder {args.out}")
 
 
 def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     sa, ev = sub.choices["sample"], sub.choices["eval"]
     sa.add_argument("--data", help="source images: their test split (default: the run's)")
-    sa.add_argument("--cache", action=common.CacheOption, help=common.CACHE_HELP)
+    sa.add_argument("--cache", type=common.cache_flag, help="where image folders are decoded to")
     for s in (sa, ev):
         s.add_argument("--sample-steps", type=common.number(int), help="DDIM steps (default: the run's, 100)")
         s.add_argument("--guidance", type=common.number(float, 0, strict=False),

@@ -37,8 +37,9 @@ def torchrun():
     """-> a function (method file, argv, port) that runs the file under torchrun with 2 CPU processes (gloo)."""
     def run(module_file, argv, port):
         env = dict(os.environ, OMP_NUM_THREADS="1")
+        file = [] if module_file == "--" else [module_file]  # "--": else torchrun reads the file's --n as its own
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               module_file, *map(str, argv)]
+               "--", *file, *map(str, argv)]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     return run
 

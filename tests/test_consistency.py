@@ -67,7 +67,7 @@ def test_f_matches_official_ecmprecond(reference):
     with torch.no_grad():
         d_eval = model.eval().f(ref["x"], ref["sigma"])
         torch.manual_seed(ref["drop_seed"])
-        d_train = model.train().f(ref["x"], ref["sigma"])
+        d_train = model.train().f(ref["x"], ref["sigma"], model.net.dropout_masks(len(ref["x"]), "cpu"))
     assert torch.equal(d_eval[0], ref["x"][0]) and ref["sigma"][0] == model.cfg.t_min  # the boundary, exactly
     torch.testing.assert_close(d_eval, ref["d_eval"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(d_train, ref["d_train"], rtol=1e-5, atol=1e-6)
@@ -94,7 +94,7 @@ def test_loss_matches_official_ecmloss(reference):
         cfg.huber_c = case["huber_c"]
         model.zero_grad()
         torch.manual_seed(ref["seed"])
-        loss = model(x, case["stage"])
+        loss, _ = model(x, case["stage"])
         loss.backward()
         torch.testing.assert_close(loss, case["loss"], rtol=1e-5, atol=1e-6)
         for name, g in case["grads"].items():
@@ -137,23 +137,87 @@ def test_defaults_are_ects_cifar10_run(reference):
     assert cfg.lr / cfg.batch_size == pytest.approx(d["lr"] / d["batch"])
 
 
-def test_teacher_carries_no_gradient_and_shares_dropout():
-    cfg = C.Config(**dict(C.PRESETS["tiny"], dropout=0.5))
-    model = C.Consistency(cfg).train()
+def opened(dropout=0.5):
+    """A tiny Consistency in training mode with dropout and its zero-initialised branches opened, so dropout shows."""
+    torch.manual_seed(0)
+    model = C.Consistency(C.Config(**dict(C.PRESETS["tiny"], dropout=dropout))).train()
     torch.nn.init.normal_(model.net.conv_out.weight)
-    for m in model.net.modules():  # open the zero-initialised residual branches so dropout matters
+    for m in model.net.modules():
         if isinstance(m, C.ResBlock):
             torch.nn.init.normal_(m.conv2.weight, std=0.1)
-    seen = []
+    return model
+
+
+def test_teacher_carries_no_gradient_and_shares_dropout():
+    model = opened()
+    seen, masks = [], []
     model.net.register_forward_hook(lambda mod, inp, out: seen.append(out.requires_grad))
-    masks = []
-    for m in model.net.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.register_forward_hook(lambda mod, inp, out: masks.append((out == 0) & (inp[0] != 0)))
-            break
-    model(torch.randn(4, 3, 16, 16), stage=2).backward()
+    block = next(m for m in model.net.modules() if isinstance(m, C.ResBlock))
+    block.register_forward_pre_hook(lambda mod, args: masks.append(args[2]))
+    loss, terms = model(torch.randn(4, 3, 16, 16), stage=2)
+    loss.backward()
     assert seen == [True, False]  # the student first (ECMLoss's order); then the teacher, without a graph
-    assert torch.equal(masks[0], masks[1]) and masks[0].any()  # the same dropout mask for both
+    assert masks[0] is masks[1] and (masks[0] == 0).any() and (masks[0] == 2).any()  # one mask, p = 0.5
+    assert set(terms) == {"distance", "boundary"} and not any(v.requires_grad for v in terms.values())
+    assert C.Consistency(C.Config(**C.PRESETS["tiny"])).net.dropout_masks(4, "cpu") is None  # p = 0: nothing drawn
+
+
+def test_teacher_shares_the_students_dropout_when_compiled(monkeypatch):
+    """Under torch.compile the teacher must still apply the student's dropout masks, or ECT's target is silently
+    another function. With r = t the teacher's input is the student's, so its output must equal the student's."""
+    model = opened()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():  # the control: dropout is on, two draws of the masks give two different outputs
+        t = torch.full((4,), 1.0)
+        a, b = (model.f(x, t, model.net.dropout_masks(4, "cpu")) for _ in range(2))
+        assert (a - b).abs().max() > 1e-2
+    monkeypatch.setattr(C, "ect_r", lambda t, stage, q, k, b: t)  # r = t: x_r = x_t
+    torch._dynamo.reset()
+    loss, terms = torch.compile(model, backend="aot_eager")(x, 2)
+    assert terms["boundary"] == 0 and terms["distance"] == 0  # f(x_r, r) == f(x_t, t), to the bit
+    torch._dynamo.reset()
+
+
+def test_training_and_sampling_run_in_true_fp32(cli, tmp_path, monkeypatch):
+    """ECT trains in fp32 without TF32 (setup_dist turns TF32 on for a GPU run): every call of the U-Net (the
+    student, the teacher, the sample grid, sample) and the backward run with TF32 off."""
+    flags, forward = [], C.UNet.forward
+
+    def recording(self, *a, **k):
+        flags.append(("forward", torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32))
+        out = forward(self, *a, **k)
+        if out.requires_grad:
+            out.register_hook(lambda g: flags.append(("backward", torch.backends.cuda.matmul.allow_tf32
+                                                      or torch.backends.cudnn.allow_tf32)))
+        return out
+
+    monkeypatch.setattr(C.UNet, "forward", recording)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        argv = ["train", *TINY, "--steps", 2, "--set", "stage_steps=1", "--set", "sample_every=2", "--set", "grid=4"]
+        assert cli(C, [*argv, "--out", tmp_path]) == 0
+        assert cli(C, ["sample", "--ckpt", tmp_path / "ckpt.pt", "--n", 2, "--sample-steps", 2,
+                       "--out", tmp_path / "s.npz"]) == 0
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert os.path.isfile(tmp_path / "samples_0000002.png")
+    # 2 steps: student, backward, student, teacher, backward; the grid: 1 + 2 calls; sample: 2 calls
+    assert [kind for kind, _ in flags].count("forward") == 3 + 3 + 2
+    assert [kind for kind, _ in flags].count("backward") == 2
+    assert not any(on for _, on in flags), flags
+
+
+def test_attention_gets_the_head_dim_last_and_contiguous(monkeypatch):
+    """The fused attention kernels need q, k, v with a unit stride in the head dim (else the math path runs)."""
+    seen, attention = [], common.attention
+    monkeypatch.setattr(common, "attention", lambda q, k, v, **kw: seen.append((q, k, v)) or attention(q, k, v, **kw))
+    cfg = C.Config(**C.PRESETS["tiny"])
+    C.UNet(cfg)(torch.randn(2, 3, 16, 16), torch.zeros(2))
+    assert len(seen) == 4  # at 8x8: one down block, the middle, two up blocks
+    for q, k, v in seen:
+        assert q.shape[-1] == cfg.channels * 2 and q.shape[-2] == 64  # [B, heads, HW, C/heads]
+        assert all(a.stride(-1) == 1 and a.is_contiguous() for a in (q, k, v))
 
 
 def test_consistency_residual_is_signal_in_fp32_and_noise_in_bf16():
@@ -199,31 +263,52 @@ def test_toy_one_step_lands_on_data(cli, tmp_path):
     assert os.path.isfile(tmp_path / "toy.png")
 
 
-def test_train_resume_sample_eval(cli, logged_losses, tmp_path):
-    a, b, one = tmp_path / "a", tmp_path / "b", tmp_path / "one"
-    assert cli(C, ["train", *TINY, "--steps", 12, "--out", a]) == 0
-    assert cli(C, ["train", *TINY, "--steps", 7, "--out", b]) == 0
-    assert cli(C, ["train", *TINY, "--steps", 12, "--out", b, "--resume"]) == 0
-    assert logged_losses(b) == logged_losses(a)  # bit-identical on CPU, across a stage boundary (stage_steps 5)
-    assert [json.loads(l)["stage"] for l in open(a / "log.jsonl")] == [0] * 5 + [1] * 5 + [2] * 2
+def test_resume_continues_exactly_and_checks_the_command_line(cli, logged_losses, tmp_path, capsys):
+    """The same command plus --resume continues bit for bit (here across the stage 0 -> 1 boundary, with dropout:
+    the masks' draws continue the saved stream); a resumable field (lr) changes and says so; another (the batch
+    size) is refused with one line."""
+    run = ["train", *TINY, "--set", "dropout=0.1"]
+    argv = [*run, "--steps", 4, "--out", tmp_path / "b"]
+    assert cli(C, [*run, "--steps", 6, "--out", tmp_path / "a"]) == 0
+    assert cli(C, argv) == 0
+    assert cli(C, [*argv, "--resume", "--steps", 6]) == 0
+    assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
+    assert [json.loads(l)["stage"] for l in open(tmp_path / "a" / "log.jsonl")] == [0] * 5 + [1]
+    capsys.readouterr()
+    assert cli(C, [*argv, "--resume", "--steps", 7, "--lr", 5e-4]) == 0
+    assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["config"]["lr"] == 5e-4
+    assert cli(C, [*argv, "--resume", "--steps", 8, "--batch-size", 7]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch_size" in err, err
+
+
+def test_sample_eval(cli, tmp_path):
+    b, one = tmp_path / "b", tmp_path / "one"
+    assert cli(C, ["train", *TINY, "--steps", 40, "--out", b]) == 0
+    assert cli(C, ["train", *TINY, "--steps", 1, "--out", one]) == 0
+    grids = sorted(f for f in os.listdir(b) if f.startswith("samples_"))
+    assert grids == [f"samples_{s:07d}.png" for s in (10, 20, 30, 40)] and not any(
+        f.startswith("samples_") for f in os.listdir(one))  # a grid only at multiples of sample_every
     for steps in (1, 2):
         out = tmp_path / f"s{steps}.npz"
         assert cli(C, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sample-steps", steps, "--out", out]) == 0
         arr = np.load(out)["arr_0"]
         assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
     # eval of the run trained 40 steps beats eval of the same preset trained 1 step (same seed, same samples' noise)
-    assert cli(C, ["train", *TINY, "--steps", 40, "--out", b, "--resume"]) == 0
-    assert cli(C, ["train", *TINY, "--steps", 1, "--out", one]) == 0
     for run in (b, one):
         assert cli(C, ["eval", "--ckpt", run / "ckpt.pt", "--n", 64]) == 0
     res, res1 = json.load(open(b / "eval.json")), json.load(open(one / "eval.json"))
     assert res["step"] == 40 and res1["step"] == 1 and res["fd_model"] == "pixels" and res["n_samples"] == 64
     assert res["fd"] < 0.85 * res1["fd"], (res["fd"], res1["fd"])  # measured: 41.3 vs 59.6 (2 steps: 40.1 vs 55.0)
     assert res["fd_2step"] < 0.85 * res1["fd_2step"], (res["fd_2step"], res1["fd_2step"])
-    # the floor is the same seeded U-Net at initialisation, whatever the run
-    assert {k: res[k] for k in ("probe_linear_init", "probe_knn_init")} == \
-           {k: res1[k] for k in ("probe_linear_init", "probe_knn_init")}
-    assert "bottleneck" in res["probe"] and {"probe_linear", "probe_knn"} <= set(res)
+    # the floors are the same seeded U-Net at initialisation, whatever the run
+    init = ("probe_linear_init", "probe_knn_init", "detail_r2_init")
+    assert {k: res[k] for k in init} == {k: res1[k] for k in init}
+    assert "bottleneck" in res["probe"] and {"probe_linear", "probe_knn", "detail_r2_pixels"} <= set(res)
+    assert -1 < res["detail_r2"] <= 1 and res["detail_r2"] != res["detail_r2_init"]
+    assert [t for t, _ in res["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 1.0, 2.0]
+    assert all(0 <= a <= 1 for _, a in res["probe_linear_by_t"])
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -243,11 +328,21 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "t")  # nothing written
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     """The DDP path (gloo on CPU): the logged step-1 loss is the mean of the two ranks' losses, each recomputed here in
-    one process from its own batch and RNG stream; rank 0 alone writes one row per step."""
+    one process from its own batch and RNG stream; rank 0 alone writes one row per step, and in eval alone
+    eval.json and the FD statistics (one .npz, no .tmp left, in a fresh TORCH_HOME)."""
     r = torchrun("consistency.py", ["train", *TINY, "--steps", 4, "--out", tmp_path], 29532)
     assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    r = torchrun("consistency.py", ["eval", "--ckpt", tmp_path / "ckpt.pt", "--n", 8, "--batch", 4,
+                                    "--sample-steps", 2], 29533)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")[0].endswith(".npz")
+    assert len(os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")) == 1
+    res = json.load(open(tmp_path / "eval.json"))
+    assert res["n_samples"] == 8 and res["step"] == 4 and r.stdout.count('"fd"') == 1
+    assert res["sample_steps"] == 2 and res["fd"] == res["fd_2step"]  # eval at --sample-steps 2: one FD, twice
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     cfg = C.Config(**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"])
@@ -257,7 +352,7 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path):
         torch.manual_seed(cfg.seed)
         model = C.Consistency(cfg)
         torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each rank's stream (common.restore)
-        x, _ = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank)
-        losses.append(model(x, 0).item())  # step 0: curriculum stage 0
+        x, _ = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank, flip=True, device="cpu")
+        losses.append(model(x, 0)[0].item())  # step 0: curriculum stage 0
     assert losses[0] != losses[1]  # the ranks see different batches and noise
     assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)

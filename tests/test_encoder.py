@@ -9,8 +9,10 @@ import common
 # facebookresearch/dinov2 hub/backbones.py: dinov2_vits14 has 175 tensors, 22,056,576 values
 OFFICIAL_VITS14 = {"cls_token": (1, 1, 384), "pos_embed": (1, 1370, 384), "mask_token": (1, 384),
                    "patch_embed.proj.weight": (384, 3, 14, 14), "patch_embed.proj.bias": (384,),
-                   "blocks.0.norm1.weight": (384,), "blocks.0.attn.qkv.weight": (1152, 384), "blocks.0.attn.proj.bias": (384,),
-                   "blocks.0.ls1.gamma": (384,), "blocks.0.mlp.fc1.weight": (1536, 384), "blocks.11.mlp.fc2.weight": (384, 1536),
+                   "blocks.0.norm1.weight": (384,), "blocks.0.attn.qkv.weight": (1152, 384),
+                   "blocks.0.attn.proj.bias": (384,),
+                   "blocks.0.ls1.gamma": (384,), "blocks.0.mlp.fc1.weight": (1536, 384),
+                   "blocks.11.mlp.fc2.weight": (384, 1536),
                    "blocks.11.ls2.gamma": (384,), "norm.weight": (384,), "norm.bias": (384,)}
 
 
@@ -86,7 +88,8 @@ def test_encoder_errors(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(common.UsageError, match="put https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth at"):
+    url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
+    with pytest.raises(common.UsageError, match=f"put {url} at"):
         common.load_encoder("dinov2_vitb14")
     with pytest.raises(common.UsageError, match="unknown --encoder"):
         common.load_encoder("resnet50")

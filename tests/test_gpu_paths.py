@@ -83,3 +83,63 @@ def test_dataset_download_is_serialised(tmp_path, monkeypatch):
         t.join()
     assert overlaps == [1, 1]
     assert os.path.isfile(os.path.join(root, ".cifar10.lock"))
+
+
+# Each file's `default` preset (the full-size model) under bf16 autocast on a CPU, 2 steps at batch 2 on `shapes`, then
+# sample and eval: the GPU user's first commands, in seconds to a minute each. Frozen encoders are random-vit-b@224
+# (DINOv2-B's compute, no download).
+SMALL = ["--data", "shapes:8", "--batch-size", 2, "--steps", 2, "--device", "cpu"]
+ENC = ["--encoder", "random-vit-b@224"]
+
+
+def default_preset_commands(name, d):
+    """-> the commands (file, argv) of one file's default preset, run folder d."""
+    sample = lambda run, *extra: ["sample", "--ckpt", d / run / "ckpt.pt", "--n", 2, "--batch", 2, "--sample-steps", 2,
+                                  "--device", "cpu", *extra, "--out", d / f"{run}.npz"]
+    ev = lambda run, *extra: ["eval", "--ckpt", d / run / "ckpt.pt", "--n", 2, "--batch", 2, "--sample-steps", 2,
+                              "--device", "cpu", *extra]
+    train = lambda cmd, run, *extra: [cmd, "--preset", "default", *SMALL, *extra, "--out", d / run]
+    if name == "rae":
+        return [train("train-decoder", "dec", *ENC), train("train", "gen", "--decoder", d / "dec" / "ckpt.pt"),
+                sample("gen"), ev("gen")]
+    if name == "rcg":
+        rdm = ["--rdm", d / "rdm" / "ckpt.pt", "--rdm-steps", 2]
+        return [train("train-rdm", "rdm", *ENC), train("train", "gen", *ENC), sample("gen", *rdm), ev("gen", *rdm)]
+    if name == "decoupled_latent":
+        return [train("train", "ae"), train("train-gen", "gen", "--ae", d / "ae" / "ckpt.pt"), sample("gen"), ev("gen")]
+    return [train("train", "run", *(ENC if name == "repa" else [])), sample("run"), ev("run")]
+
+
+@pytest.mark.parametrize("name", ["jit_xpred", "consistency", "repa", "soda", "rae", "rcg", "decoupled_latent"])
+def test_default_preset_runs_in_bf16_on_a_cpu(name, cli, tmp_path, monkeypatch):
+    import importlib
+    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
+    real = common.probe_data  # eval's code path at 8 / 8 probe images: the full-size model in bf16 is slow on a CPU
+    monkeypatch.setattr(common, "probe_data", lambda spec, size, n_train=10_000, n_test=5_000:
+                        real(spec, size, min(n_train, 8), min(n_test, 8)))
+    module = importlib.import_module(name)
+    for argv in default_preset_commands(name, tmp_path):
+        assert cli(module, argv) == 0, argv
+    assert (tmp_path / "gen.npz").exists() or (tmp_path / "run.npz").exists()
+
+
+# --compile: each file's tiny-preset step compiled (the aot_eager backend: TorchDynamo's graph capture and AOT autograd
+# as on a GPU, without generating kernels), with the number of graph breaks pinned (0: one graph per step).
+GRAPH_BREAKS = {"jit_xpred": 0, "consistency": 0, "repa": 0, "soda": 0, "rae": 0, "rcg": 0, "decoupled_latent": 0}
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_BREAKS))
+def test_compiled_step_runs_and_its_graph_breaks_are_pinned(name, cli, tmp_path, monkeypatch):
+    import importlib
+    from torch._dynamo.utils import counters
+    module, compile = importlib.import_module(name), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **k: compile(model, backend="aot_eager", **k))
+    tiny = ["--preset", "tiny", "--steps", 2, "--device", "cpu"]
+    cmd, extra = "train", []
+    if name == "rae":  # stage 2, on a stage-1 decoder trained without compile
+        assert cli(module, ["train-decoder", *tiny, "--out", tmp_path / "dec"]) == 0
+        extra = ["--decoder", tmp_path / "dec" / "ckpt.pt"]
+    torch._dynamo.reset()
+    counters.clear()
+    assert cli(module, [cmd, *tiny, *extra, "--compile", "--out", tmp_path / "run"]) == 0
+    assert sum(counters["graph_break"].values()) == GRAPH_BREAKS[name], dict(counters["graph_break"])

@@ -1,4 +1,4 @@
-import json, os, subprocess, sys
+import argparse, json, math, os, pickle, subprocess, sys, textwrap
 
 import numpy as np
 import pytest
@@ -19,17 +19,40 @@ def test_x_eps_v_conversions_by_hand():
         xh, eh, vh = J.to_x_eps_v(kind, out, z, t, t_eps=0.05)
         assert (xh.item(), eh.item(), vh.item()) == pytest.approx((2.0, -1.0, 3.0)), kind
     # the clamp: at t = 0.99, 1 - t = 0.01 is clamped to 0.05, so v from x = 1, z = 0.9 is (1 - 0.9) / 0.05 = 2
-    assert J.to_x_eps_v("x", torch.tensor(1.0), torch.tensor(0.9), torch.tensor(0.99), 0.05)[2].item() == pytest.approx(2.0)
+    v = J.to_x_eps_v("x", torch.tensor(1.0), torch.tensor(0.9), torch.tensor(0.99), 0.05)[2]
+    assert v.item() == pytest.approx(2.0)
     # and t = 0.01 is clamped to 0.05 when dividing by t: eps-pred 0 at z = 0.1 gives x = (0.1 - 0.99 * 0) / 0.05 = 2
-    assert J.to_x_eps_v("eps", torch.tensor(0.0), torch.tensor(0.1), torch.tensor(0.01), 0.05)[0].item() == pytest.approx(2.0)
+    x = J.to_x_eps_v("eps", torch.tensor(0.0), torch.tensor(0.1), torch.tensor(0.01), 0.05)[0]
+    assert x.item() == pytest.approx(2.0)
 
 
 def test_cfg_interval_by_hand():
-    vc, vu = torch.tensor(3.0), torch.tensor(1.0)
-    assert J.guided(vc, vu, 0.5, 2.0, (0.1, 1.0)).item() == 5.0  # 1 + 2 * (3 - 1)
-    assert J.guided(vc, vu, 0.05, 2.0, (0.1, 1.0)).item() == 3.0  # outside: conditional only
-    assert J.guided(vc, vu, 1.0, 2.0, (0.1, 1.0)).item() == 3.0  # the interval is open
-    assert J.guided(vc, vu, 0.0, 2.0, (0.0, 1.0)).item() == 5.0  # but lo = 0 takes t = 0 in (the official test)
+    assert J.in_interval(0.5, (0.1, 1.0))
+    assert not J.in_interval(0.05, (0.1, 1.0))  # outside: conditional only
+    assert not J.in_interval(0.1, (0.1, 1.0)) and not J.in_interval(1.0, (0.1, 1.0))  # the interval is open
+    assert J.in_interval(0.0, (0.0, 1.0))  # but lo = 0 takes t = 0 in (the official test)
+
+
+def test_the_default_loss_is_algorithm_1_written_out():
+    """x-prediction with the v-loss, recomputed here from the same draws: the clamped velocities of Alg. 1."""
+    cfg = J.Config(**J.PRESETS["tiny"], P_mean=1.5, P_std=1.5)  # some 1 - t below t_eps
+    model = J.JiT(cfg)
+    torch.nn.init.normal_(model.net.final_layer.linear.weight, std=0.1)
+    x, y = torch.rand(8, 3, 16, 16) * 2 - 1, torch.arange(8) % 10
+    torch.manual_seed(3)
+    loss = model(x, y)
+    torch.manual_seed(3)
+    y = torch.where(torch.rand(8) < cfg.label_drop, cfg.num_classes, y)
+    t = torch.sigmoid(torch.randn(8) * cfg.P_std + cfg.P_mean).view(8, 1, 1, 1)
+    z = t * x + (1 - t) * torch.randn_like(x) * cfg.noise_scale
+    assert (1 - t).min() < cfg.t_eps
+    x_pred = model.net(z, t.flatten(), y)
+    v, v_pred = (x - z) / (1 - t).clamp_min(0.05), (x_pred - z) / (1 - t).clamp_min(0.05)
+    torch.testing.assert_close(loss, ((v - v_pred) ** 2).mean(), rtol=0, atol=0)
+    for kind in ("eps", "v"):  # Table 2: the same draws through the other outputs and loss spaces
+        model.cfg.pred = kind
+        torch.manual_seed(3)
+        assert model(x, y).isfinite()
 
 
 def test_network_starts_at_x_pred_zero_and_keeps_shapes():
@@ -42,8 +65,9 @@ def test_network_starts_at_x_pred_zero_and_keeps_shapes():
 
 
 def test_output_patch_lands_where_its_input_patch_was():
-    """With the adaLN-zero gates closed every block is the identity, so output patch (i, j) depends on input patch (i, j)
-    alone: a change inside one input patch must show up in exactly that patch of the output (checks the unpatchify)."""
+    """With the adaLN-zero gates closed every block is the identity, so output patch (i, j) depends on input patch
+    (i, j) alone: a change inside one input patch must show up in exactly that patch of the output (checks the
+    unpatchify)."""
     cfg = J.Config(**J.PRESETS["tiny"])
     net = J.JiTNet(cfg)
     torch.nn.init.normal_(net.final_layer.linear.weight)
@@ -58,15 +82,106 @@ def test_output_patch_lands_where_its_input_patch_was():
     assert torch.equal(changed, expected)
 
 
-def test_resume_continues_exactly(cli, logged_losses, tmp_path):
+def test_resume_continues_exactly(cli, logged_losses, tmp_path, capsys):
+    """The same command plus --resume (and a longer --steps) continues the run bit for bit; a resumable field (lr)
+    changes with a printed line, any other (the batch size) is refused with one line."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert cli(J, ["train", *TINY, "--steps", 12, "--out", a]) == 0
-    assert cli(J, ["train", *TINY, "--steps", 6, "--out", b]) == 0
-    assert cli(J, ["train", *TINY, "--steps", 12, "--out", b, "--resume"]) == 0
+    argv = ["train", *TINY, "--pred", "x", "--set", "ema=0.8", "--steps", 4, "--out", b]
+    assert cli(J, ["train", *TINY, "--pred", "x", "--set", "ema=0.8", "--steps", 6, "--out", a]) == 0
+    assert cli(J, argv) == 0
+    assert cli(J, [*argv, "--resume", "--steps", 6]) == 0
     assert logged_losses(b) == logged_losses(a)  # bit-identical on CPU
     ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
-    assert ca["step"] == cb["step"] == 12
+    assert ca["step"] == cb["step"] == 6
     assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+    capsys.readouterr()
+    assert cli(J, [*argv, "--resume", "--steps", 8, "--lr", 2e-4]) == 0
+    assert "--resume: lr 0.001 -> 0.0002" in capsys.readouterr().out
+    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 2e-4
+    assert json.loads(open(b / "log.jsonl").readlines()[-1])["lr"] == 2e-4
+    before = (b / "ckpt.pt").read_bytes()
+    assert cli(J, [*argv, "--resume", "--steps", 10, "--batch-size", 7]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size is the run's own (32)" in err and err.count("\n") == 1
+    assert (b / "ckpt.pt").read_bytes() == before
+
+
+def test_sample_grids_only_at_multiples_of_sample_every(cli, tmp_path, monkeypatch):
+    """A grid costs grid x sample_steps x 2 network calls: a run of any length draws one only at the multiples of
+    sample_every (no extra one at its end; a default-preset run of 2 steps once drew 64 images with 50 Heun steps),
+    with the run's own sampler steps; grid=0 draws none."""
+    calls, sample = [], J.JiT.sample
+
+    def spy(self, y, **k):
+        calls.append((len(y), k.get("steps")))
+        return sample(self, y, **k)
+
+    monkeypatch.setattr(J.JiT, "sample", spy)
+    assert cli(J, ["train", *TINY, "--steps", 13, "--out", tmp_path / "a"]) == 0  # sample_every 10: one grid, at 10
+    assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".png")) == ["samples_0000010.png"]
+    assert calls == [(64, None)]  # 64 images with cfg.sample_steps (4 in tiny)
+    assert cli(J, ["train", *TINY, "--steps", 3, "--set", "grid=8", "--set", "sample_every=3",
+                   "--out", tmp_path / "b"]) == 0
+    assert calls[1:] == [(8, None)]
+    assert cli(J, ["train", *TINY, "--steps", 10, "--set", "grid=0", "--out", tmp_path / "c"]) == 0
+    assert len(calls) == 2 and not any(f.endswith(".png") for f in os.listdir(tmp_path / "c"))
+    # the default preset's first GPU command: 2 steps, no grid
+    assert cli(J, ["train", "--preset", "default", "--data", "shapes:64", "--steps", 2, "--batch-size", 2,
+                   "--device", "cpu", "--set", "depth=2", "--out", tmp_path / "d"]) == 0
+    assert len(calls) == 2
+
+
+def test_noise_scale_follows_the_paper_unless_set():
+    config = lambda image_size, *items: J.make_config(argparse.Namespace(
+        preset="tiny", image_size=image_size, set=["patch=16", *items]))
+    assert config(256).noise_scale == 1.0 and config(512).noise_scale == 2.0  # max(1, image_size / 256)
+    assert config(512, "noise_scale=1.5").noise_scale == 1.5  # --set noise_scale wins
+    assert config(32, "noise_scale=3").noise_scale == 3.0
+
+
+def test_attn_fp32_is_true_fp32_under_bf16_autocast(monkeypatch):
+    """--set attn_fp32=true: inside bf16 autocast (the GPU path, REPDIFF_CPU_BF16=1 on a CPU) the attention runs with
+    autocast and TF32 off and returns float32; without it, the fused kernel in bf16 with the run's TF32 setting."""
+    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
+    seen, attention = [], common.attention
+
+    def spy(q, k, v, fp32=False):
+        out = attention(q, k, v, fp32)
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu"), out.dtype))
+        return out
+
+    monkeypatch.setattr(common, "attention", spy)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as setup_dist sets on a GPU
+        for fp32 in (True, False):
+            model = J.JiT(J.Config(**J.PRESETS["tiny"], attn_fp32=fp32))
+            with common.autocast(torch.device("cpu")):
+                model(torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+        assert torch.backends.cuda.matmul.allow_tf32  # put back after each fp32 region
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen == [(False, False, torch.float32)] * 2 + [(True, True, torch.bfloat16)] * 2  # 2 blocks each
+
+
+def test_released_checkpoint_snippet_runs(tmp_path, monkeypatch):
+    """The docstring's snippet as written, on a checkpoint laid out as the official ones (the weights under model_ema1,
+    the run's argparse.Namespace beside them), with JiT-L's preset made small (2 sampler steps) to run in seconds."""
+    assert ".cuda()" not in J.__doc__ and "weights_only=False" not in J.__doc__
+    code = textwrap.dedent(J.__doc__[J.__doc__.index("    import argparse, torch"):])
+    small = dict(hidden=32, depth=2, heads=2, in_context=4, in_context_start=1, bottleneck=8, sample_steps=2)
+    monkeypatch.setitem(J.PRESETS, "L", small)
+    official = J.JiT(J.Config(**J.PRESETS["L"], image_size=256, patch=16, num_classes=1000))
+    torch.nn.init.normal_(official.net.final_layer.linear.weight, std=0.02)
+    path = tmp_path / "checkpoint-last.pth"
+    args = argparse.Namespace(model="JiT-L/16", img_size=256, class_num=1000, cfg=2.4, output_dir="/out")
+    torch.save(dict(model=official.state_dict(), model_ema1=official.state_dict(), epoch=599, args=args), path)
+    with pytest.raises(pickle.UnpicklingError):  # why the snippet allows argparse.Namespace
+        torch.load(path, weights_only=True)
+    scope = dict(PATH=str(path))
+    exec(code, scope)
+    assert scope["x"].shape == (8, 3, 256, 256) and scope["x"].abs().max() <= 1
+    assert torch.equal(scope["model"].net.final_layer.linear.weight, official.net.final_layer.linear.weight)
 
 
 def test_train_sample_eval_beats_initialisation(cli, logged_losses, tmp_path):
@@ -87,6 +202,11 @@ def test_train_sample_eval_beats_initialisation(cli, logged_losses, tmp_path):
     assert res["step"] == 120 and res["n_samples"] == 100 and res["fd_model"] == "pixels"
     assert res["fd"] < res_one["fd"] / 2, (res["fd"], res_one["fd"])
     assert res["probe_linear_init"] == res_one["probe_linear_init"]  # the same initialisation, the same floor
+    # the detail kept: x_pred of the test images at the probe's t (at initialisation x_pred = 0, no spectrum at all)
+    assert -1 < res["detail_r2"] <= res["detail_r2_pixels"] + 0.05, res
+    assert res["detail_r2_init"] is None or not res["detail_r2_init"] > 0.05, res
+    assert [t for t, _ in res["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 0.75, 0.9]
+    assert all(0 <= acc <= 1 for _, acc in res["probe_linear_by_t"])
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -160,9 +280,10 @@ def test_toy_x_prediction_survives_high_dimension():
     assert d_x < 0.6 and d_eps > 5 * d_x, (d_x, d_eps)
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     """The DDP path (gloo on CPU): the logged step-1 loss is the mean of the two ranks' losses, each recomputed here in
-    one process from its own batch and RNG stream; rank 0 alone writes one row per step."""
+    one process from its own batch and RNG stream; rank 0 alone writes one row per step. Then eval: both ranks sample,
+    rank 0 alone writes eval.json and the FD statistics (in a fresh cache)."""
     r = torchrun("jit_xpred.py", ["train", *TINY, "--steps", 4, "--out", tmp_path], 29531)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
@@ -174,10 +295,17 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path):
         torch.manual_seed(cfg.seed)
         model = J.JiT(cfg)
         torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each rank's stream (common.restore)
-        x, y = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank)
+        x, y = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank, flip=True, device="cpu")
         losses.append(model(x, y).item())
     assert losses[0] != losses[1]  # the ranks see different batches
     assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    r = torchrun("--", ["jit_xpred.py", "eval", "--ckpt", tmp_path / "ckpt.pt", "--n", 6, "--batch", 2,  # "--": else
+                        "--sample-steps", 2, "--device", "cpu"], 29531)  # torchrun's parser takes --n for its own
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [f[-4:] for f in os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")] == [".npz"]  # no .tmp
+    res = json.load(open(tmp_path / "eval.json"))
+    assert res["n_samples"] == 6 and r.stdout.count('"probe_linear_by_t"') == 1  # printed by rank 0 alone
 
 
 # ------------------------------------------------------------------------------------------ against the official code

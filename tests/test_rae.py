@@ -1,4 +1,4 @@
-import json
+import json, os
 from dataclasses import replace
 
 import numpy as np
@@ -68,7 +68,7 @@ def test_latent_normalisation_round_trip():
     n = dec.normalize(z)
     assert torch.allclose(n.mean(0), torch.zeros(4, 6), atol=1e-5)  # per element
     assert torch.allclose(n.std(0, unbiased=False), torch.ones(4, 6), atol=1e-4)  # population variance + 1e-5
-    assert torch.allclose(dec.denormalize(n), z, atol=1e-5)
+    assert torch.allclose(n * dec.sigma + dec.mu, z, atol=1e-5)
     assert set(dec.state_dict()) >= {"mu", "sigma"}  # the statistics travel with the checkpoint
 
 
@@ -92,11 +92,12 @@ def test_noise_augmentation_only_in_training():
     x, z = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 4, 6)
     dec.eval()
     clean = (dec.pixels(z) - x).abs().mean() / 2  # L1 on [0, 1] images
-    assert dec(x, z).item() == pytest.approx(clean.item()) and dec(x, z).item() == dec(x, z).item()
+    loss = lambda: dec(x, z)[0].item()
+    assert loss() == pytest.approx(clean.item()) and loss() == loss()
     dec.train()
-    assert dec(x, z).item() != dec(x, z).item()  # a fresh s n each call
+    assert loss() != loss()  # a fresh s n each call
     dec.cfg = replace(dec.cfg, noise_tau=0.0)
-    assert dec(x, z).item() == pytest.approx(clean.item())
+    assert loss() == pytest.approx(clean.item())
 
 
 def test_perceptual_term_reaches_the_decoder_not_the_encoder():
@@ -105,10 +106,11 @@ def test_perceptual_term_reaches_the_decoder_not_the_encoder():
     dec = R.RAEDecoder(tiny_cfg(perc_coeff=2.0), 4, 384).eval()
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     z = R.latent(enc, x)  # stage 1 decodes the raw latent
-    loss = dec(x, z, enc)
+    loss, terms = dec(x, z, enc)
     x_hat = dec.pixels(z)
     perc = ((dec.normalize(R.latent(enc, x_hat)) - dec.normalize(z)) ** 2).mean()
     assert loss.item() == pytest.approx((x_hat - x).abs().mean().item() / 2 + 2 * perc.item(), rel=1e-5)
+    assert terms["loss_perc"].item() == pytest.approx(perc.item(), rel=1e-5) and not terms["loss_perc"].requires_grad
     loss.backward()
     assert all(p.grad is not None for p in dec.parameters())
     assert all(p.grad is None for p in enc.parameters())
@@ -147,31 +149,47 @@ def test_plain_control_matches_the_parameter_count():
     assert abs(count(plain) - count(wide)) < 0.5 * count(plain.blocks[0])
 
 
-def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path):
+def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path, capsys, monkeypatch):
+    """Both stages: the same command + --resume continues exactly; grids only at multiples of sample_every; eval."""
+    every3 = ["--set", "sample_every=3"]
     a, b = tmp_path / "dec_a", tmp_path / "dec_b"
-    assert cli(R, ["train-decoder", *TINY, "--steps", 10, "--out", a]) == 0
-    assert cli(R, ["train-decoder", *TINY, "--steps", 4, "--out", b]) == 0
-    assert cli(R, ["train-decoder", *TINY, "--steps", 10, "--out", b, "--resume"]) == 0
+    argv = ["train-decoder", *TINY, *every3, "--out", b]
+    assert cli(R, ["train-decoder", *TINY, *every3, "--steps", 6, "--out", a]) == 0
+    assert cli(R, [*argv, "--steps", 4]) == 0
+    assert (b / "samples_0000003.png").exists() and not (b / "samples_0000004.png").exists()  # none at a run's end
+    assert cli(R, [*argv, "--steps", 4, "--resume", "--steps", 6]) == 0
     assert logged_losses(b) == logged_losses(a)  # exact resume, noise augmentation included
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_l1"] + row["loss_perc"], rel=1e-5)  # tiny: perc_coeff 1
+    capsys.readouterr()
+    assert cli(R, [*argv, "--resume", "--steps", 7, "--lr", 5e-4]) == 0
+    assert "--resume: lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 5e-4
+    assert cli(R, [*argv, "--resume", "--batch-size", 7]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
     assert cli(R, ["eval", "--ckpt", a / "ckpt.pt", "--device", "cpu"]) == 0
     res = json.load(open(a / "eval.json"))
     assert res["fd"] is None and res["psnr"] > res["psnr_init"] and res["rfd"] < res["rfd_init"]
-    assert {"probe_linear", "probe_knn", "probe_linear_pixels"} <= set(res)
+    assert {"probe_linear", "probe_knn", "probe_linear_pixels", "detail_r2", "detail_r2_init", "detail_r2_pixels"} \
+        <= set(res)
     g, h = tmp_path / "gen_a", tmp_path / "gen_b"
-    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 10, "--out", g]) == 0
-    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 4, "--out", h]) == 0
-    assert cli(R, ["train", *TINY, "--steps", 10, "--out", h, "--resume"]) == 0
+    argv = ["train", *TINY, "--decoder", a / "ckpt.pt", "--out", h]
+    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 6, "--out", g]) == 0
+    assert cli(R, [*argv, "--steps", 4]) == 0
+    assert cli(R, [*argv, "--steps", 4, "--resume", "--steps", 6]) == 0  # the same command, --decoder included
     assert logged_losses(h) == logged_losses(g)
-    assert cli(R, ["sample", "--ckpt", g / "ckpt.pt", "--n", 6, "--device", "cpu", "--out", tmp_path / "s.npz"]) == 0
+    compiled, compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(type(m).__name__) or m)
+    assert cli(R, ["sample", "--ckpt", g / "ckpt.pt", "--n", 6, "--device", "cpu", "--compile", "--out",
+                   tmp_path / "s.npz"]) == 0
+    assert compiled == ["DiTDH", "ViTDecoder"]  # sample and eval honour --compile
+    monkeypatch.setattr(torch, "compile", compile)
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
     assert cli(R, ["eval", "--ckpt", g / "ckpt.pt", "--n", 50, "--device", "cpu"]) == 0
     res_g = json.load(open(g / "eval.json"))
     assert res_g["fd"] > 0 and res_g["head"] == "wide" and res_g["psnr"] == res["psnr"]  # the decoder travels
-    assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--head", "none", "--steps", 2, "--out",
-                   tmp_path / "plain"]) == 0
+    assert res_g["detail_r2"] == res["detail_r2"]
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -183,6 +201,7 @@ def test_bad_inputs(cli, tmp_path, capsys):
                  ["train", *TINY, "--decoder", tmp_path / "none.pt", "--out", tmp_path / "x"],
                  ["train", *TINY, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "x"],
                  ["train", *TINY, "--decoder", dec, "--set", "head=deep", "--out", tmp_path / "x"],
+                 ["train", *TINY, "--decoder", dec, "--data", "shapes:64", "--out", tmp_path / "x"],  # the decoder's
                  ["train-decoder", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
                  ["train-decoder", *TINY, "--image-size", 15, "--out", tmp_path / "x"],
                  ["train-decoder", *TINY, "--set", "noise_tau=-1", "--out", tmp_path / "x"],
@@ -193,11 +212,82 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path):
-    r = torchrun("rae.py", ["train-decoder", *TINY, "--steps", 3, "--out", tmp_path], 29545)
+def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
+    """Both stages and eval under torchrun (2 CPU processes, gloo): rank 0 alone writes eval.json and the FD cache."""
+    dec, gen = tmp_path / "dec", tmp_path / "gen"
+    r = torchrun("rae.py", ["train-decoder", *TINY, "--encoder", "random-vit-s@28", "--steps", 3, "--out", dec], 29545)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
-    assert R.load_decoder(str(tmp_path / "ckpt.pt"), "cpu")[1].mu.shape == (4, 384)
+    assert [json.loads(line)["step"] for line in open(dec / "log.jsonl")] == [1, 2, 3]
+    decoder = R.load_decoder(str(dec / "ckpt.pt"), "cpu")[1]
+    assert decoder.mu.shape == (4, 384) and not any(p.requires_grad for p in decoder.parameters())  # no graph kept
+    r = torchrun("rae.py", ["train", *TINY, "--decoder", dec / "ckpt.pt", "--head", "none", "--steps", 2, "--out", gen],
+                 29546)  # the plain DiT, the control
+    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # a fresh FD statistics cache (repdiff_fd/)
+    # eval's own --n (1000 here) stays: torchrun's parser takes `--n` for an ambiguous abbreviation of its options
+    r = torchrun("rae.py", ["eval", "--ckpt", gen / "ckpt.pt", "--batch", 500, "--device", "cpu"], 29547)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(gen / "eval.json"))
+    assert res["n_samples"] == 1000 and res["head"] == "none" and r.stdout.count('"detail_r2"') == 1
+    fd_files = os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")  # torch.hub.get_dir() is $TORCH_HOME/hub
+    assert len(fd_files) == 1 and fd_files[0].endswith(".npz") and ".tmp" not in fd_files[0]  # one .npz, no .tmp
+
+
+def test_stage1_encodes_the_clean_images_once_a_step():
+    """The latent of the batch is also the perceptual target: the encoder runs once on x (no grad), once on x^."""
+    cfg = tiny_cfg(cache_latents=False, perc_coeff=1.0)
+    enc = common.load_encoder(cfg.encoder)
+    data = R.Latents(cfg, enc, common.setup_dist("cpu"))
+    model = R.RAEDecoder(cfg, *data.shape)
+    calls, forward = [], enc.forward
+    enc.forward = lambda x, affine=True, grad=False: calls.append(grad) or forward(x, affine, grad)
+    x, z = data.stage1(0)
+    model(x, z, enc)[0].backward()
+    assert calls == [False, True]
+
+
+def test_cached_latents_are_filled_in_cpu_memory_once():
+    """cache_latents: one tensor of the training set's latents, in CPU memory, filled chunk by chunk (the default
+    size is 39 GB: never concatenated, never on the device); a step's rows go to the device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    cfg = tiny_cfg(data="shapes:600")
+    enc, d = common.load_encoder(cfg.encoder), common.setup_dist("cpu")
+    common.load_images(cfg.data, "train", cfg.image_size)
+    made = []
+
+    class FullSize(TorchDispatchMode):  # every op whose output holds latents of the whole training set
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend(func for t in tree_leaves(out) if torch.is_tensor(t) and t.dim() and len(t) == 600
+                        and t.numel() >= 600 * 4 * 384)
+            return out
+
+    with FullSize():
+        data = R.Latents(cfg, enc, d)
+    assert data.cache.shape == (600, 4, 384) and data.cache.device.type == "cpu"
+    assert [str(f) for f in made] == ["aten.empty.memory_format"]  # allocated once, no concatenation
+    z, y = data.stage2(0)
+    assert torch.equal(z, data.cache[common.batch_rows(600, cfg.batch_size, cfg.seed, 0)[0]])  # a step's rows
+
+
+def test_sampler_runs_in_true_fp32(monkeypatch):
+    """Inside a bf16 region (REPDIFF_CPU_BF16=1: the GPU's path) with TF32 on, the sampler's network sees fp32 and TF32
+    off, and the flags come back after."""
+    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
+    model = R.RAE(tiny_cfg(), 4, 8).eval()
+    seen = []
+    model.net.register_forward_hook(lambda m, a, out: seen.append((torch.backends.cuda.matmul.allow_tf32,
+                                                                   torch.backends.cudnn.allow_tf32, out.dtype)))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with common.autocast(torch.device("cpu")):
+            model.sample(torch.tensor([0, 1]), steps=3, scale=2.0)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert len(seen) == 2 and all(s == (False, False, torch.float32) for s in seen)
 
 
 # ------------------------------------------------------------------- against the official code (bytetriper/RAE)
@@ -268,7 +358,7 @@ def test_decoder_and_stage1_loss_match_the_official(reference):
     close(ref["z"] + cfg.noise_tau * ref["u"] * ref["n"], ref["z_noised"])  # the draws, transformed
     dec.train()
     torch.manual_seed(ref["seed"])
-    close(dec(ref["x01"] * 2 - 1, ref["z"]), ref["l1"])  # the L1 on [0, 1] images, noise augmentation included
+    close(dec(ref["x01"] * 2 - 1, ref["z"])[0], ref["l1"])  # the L1 on [0, 1] images, noise augmentation included
 
 
 def test_schedules_match_the_official(reference):

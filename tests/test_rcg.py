@@ -1,4 +1,4 @@
-import json
+import argparse, datetime, json, os
 from dataclasses import replace
 
 import numpy as np
@@ -138,35 +138,102 @@ def test_data_pairs_each_image_with_its_own_representation():
     assert torch.equal(r, x[:, 0].flatten(1))
 
 
-def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path):
-    a, b = tmp_path / "rdm_a", tmp_path / "rdm_b"
+def test_pipeline_sample_eval(cli, tmp_path, monkeypatch):
+    a, g = tmp_path / "rdm", tmp_path / "gen"
     assert cli(R, ["train-rdm", *TINY, "--steps", 10, "--out", a]) == 0
-    assert cli(R, ["train-rdm", *TINY, "--steps", 4, "--out", b]) == 0
-    assert cli(R, ["train-rdm", *TINY, "--steps", 10, "--out", b, "--resume"]) == 0
-    assert logged_losses(b) == logged_losses(a)
     assert cli(R, ["eval", "--ckpt", a / "ckpt.pt", "--device", "cpu", "--n-rep", 500]) == 0
     res = json.load(open(a / "eval.json"))
     assert res["fd"] is None and res["rep_fd_test"] < res["rep_fd"] < res["rep_fd_init"]
     assert res["n_rep"] == 200  # as many as the test split's 200 (the held-out floor, rep_fd_test, needs them)
-    assert {"probe_linear", "probe_knn", "probe_linear_pixels"} <= set(res)
-    g, h = tmp_path / "gen_a", tmp_path / "gen_b"
+    assert {"probe_linear", "probe_knn", "probe_linear_pixels", "detail_r2_pixels"} <= set(res)
+    assert res["detail_r2"] is None  # no generator
     assert cli(R, ["train", *TINY, "--steps", 10, "--out", g]) == 0
-    assert cli(R, ["train", *TINY, "--steps", 4, "--out", h]) == 0
-    assert cli(R, ["train", *TINY, "--steps", 10, "--out", h, "--resume"]) == 0
-    assert logged_losses(h) == logged_losses(g)
+    assert (g / "samples_0000010.png").exists()  # sample_every 10: a grid at step 10
     out = tmp_path / "s.npz"
     assert cli(R, ["sample", "--ckpt", g / "ckpt.pt", "--rdm", a / "ckpt.pt", "--n", 5, "--rep-cfg", 2, "--device",
                    "cpu", "--out", out]) == 0
     arr = np.load(out)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
+    seen, sample = [], R.RCG.sample
+    monkeypatch.setattr(R.RCG, "sample", lambda self, r=None, **k: seen.append(r) or sample(self, r, **k))
     assert cli(R, ["eval", "--ckpt", g / "ckpt.pt", "--rdm", a / "ckpt.pt", "--n", 50, "--n-rep", 500]) == 0
     res_g = json.load(open(g / "eval.json"))
     assert res_g["fd"] > 0 and res_g["no_rep"] is False and res_g["rep_fd"] == res["rep_fd"]
+    assert isinstance(res_g["detail_r2"], float) and res_g["detail_r2"] < res_g["detail_r2_pixels"]
+    # detail_r2: the pixels made from the own r of the first min(1000, 200) test images of probe_data, standardised
+    _, _, x_te, _ = common.probe_data("shapes:1000", 16)
+    torch.testing.assert_close(seen[-1], R.Representation(tiny_cfg(), "cpu")(common.to_float(x_te)))
     u = tmp_path / "uncond"
     assert cli(R, ["train", *TINY, "--no-rep", "--steps", 3, "--batch-size", 1, "--out", u]) == 0
+    assert not any(f.endswith(".png") for f in os.listdir(u))  # a 3-step run draws no grid
     assert cli(R, ["eval", "--ckpt", u / "ckpt.pt", "--n", 20]) == 0  # no --rdm needed
     res_u = json.load(open(u / "eval.json"))
-    assert res_u["no_rep"] is True and "rep_fd" not in res_u
+    assert res_u["no_rep"] is True and "rep_fd" not in res_u and res_u["detail_r2"] is None
+
+
+@pytest.mark.parametrize("cmd", ["train-rdm", "train"])
+def test_resume(cmd, cli, logged_losses, tmp_path, capsys):
+    """The same command plus --resume continues exactly where it stopped; a resumable field (lr) changes, printed;
+    any other (the batch size) is refused with one line."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    argv = [cmd, *TINY, "--steps", 4, "--out", b]
+    assert cli(R, [cmd, *TINY, "--steps", 6, "--out", a]) == 0
+    assert cli(R, argv) == 0
+    assert cli(R, [*argv, "--resume", "--steps", 6]) == 0
+    assert logged_losses(b) == logged_losses(a)
+    capsys.readouterr()
+    assert cli(R, [*argv, "--resume", "--steps", 7, "--lr", 3e-4]) == 0
+    assert "--resume: lr 0.001 -> 0.0003" in capsys.readouterr().out
+    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 3e-4
+    assert cli(R, [*argv, "--resume", "--batch-size", 7]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_rdm_training_and_every_sampler_run_in_true_fp32(cli, tmp_path):
+    """On a GPU setup_dist turns TF32 on: the RDM's training step, the DDIM and Heun samplers (grids, sample, eval's
+    FD, detail_r2 and rep_fd) turn it off; the DiT's training step keeps it (bf16 autocast there)."""
+    seen = []
+
+    def hook(module, args):
+        if isinstance(module, (R.SimpleMLP, R.DiT)):
+            seen.append((type(module).__name__, module.training, torch.backends.cuda.matmul.allow_tf32))
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert cli(R, ["train-rdm", *TINY, "--steps", 2, "--out", tmp_path / "rdm"]) == 0
+        assert cli(R, ["train", *TINY, "--steps", 10, "--out", tmp_path / "gen"]) == 0
+        assert cli(R, ["eval", "--ckpt", tmp_path / "gen" / "ckpt.pt", "--rdm", tmp_path / "rdm" / "ckpt.pt", "--n", 4,
+                       "--n-rep", 8, "--sample-steps", 2, "--rdm-steps", 2]) == 0
+    finally:
+        handle.remove()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    fp32 = [tf32 for name, training, tf32 in seen if name == "SimpleMLP" or not training]
+    assert fp32 and not any(fp32)
+    assert {"SimpleMLP", "DiT"} == {name for name, training, _ in seen if training}  # both training steps were seen
+    assert {"SimpleMLP", "DiT"} == {name for name, training, _ in seen if not training}  # and both samplers
+    assert all(tf32 for name, training, tf32 in seen if name == "DiT" and training)
+
+
+def test_compile_in_training_sampling_and_eval(cli, tmp_path, monkeypatch):
+    """--compile: train-rdm's step in one graph (train's is pinned in test_gpu_paths); sample and eval compile the
+    networks of both checkpoints they load."""
+    from torch._dynamo.utils import counters
+    compile, compiled = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(type(m).__name__) or compile(
+        m, backend="aot_eager", **k))
+    torch._dynamo.reset()
+    counters.clear()
+    assert cli(R, ["train-rdm", *TINY, "--steps", 2, "--compile", "--out", tmp_path / "rdm"]) == 0
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert cli(R, ["train", *TINY, "--steps", 2, "--out", tmp_path / "gen"]) == 0
+    rdm, gen = ["--rdm", tmp_path / "rdm" / "ckpt.pt", "--rdm-steps", 2], tmp_path / "gen" / "ckpt.pt"
+    compiled.clear()
+    assert cli(R, ["sample", "--ckpt", gen, *rdm, "--n", 2, "--sample-steps", 2, "--compile", "--device", "cpu",
+                   "--out", tmp_path / "s.npz"]) == 0
+    assert cli(R, ["eval", "--ckpt", gen, *rdm, "--n", 2, "--n-rep", 4, "--sample-steps", 2, "--compile"]) == 0
+    assert compiled == ["DiT", "SimpleMLP"] * 2
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -189,13 +256,24 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
+    """Both commands train under torchrun (rank 0 writes one row a step); eval there: both ranks sample, rank 0 alone
+    writes eval.json and the FD statistics (a fresh cache)."""
     r = torchrun("rcg.py", ["train-rdm", *TINY, "--steps", 3, "--out", tmp_path / "rdm"], 29555)
     assert r.returncode == 0, r.stderr[-2000:]
     r = torchrun("rcg.py", ["train", *TINY, "--steps", 3, "--out", tmp_path / "gen"], 29556)
     assert r.returncode == 0, r.stderr[-2000:]
     for k in ("rdm", "gen"):
         assert [json.loads(line)["step"] for line in open(tmp_path / k / "log.jsonl")] == [1, 2, 3]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    # "--" ends torchrun's own flags: its argparse would read --n as an ambiguous abbreviation of --nnodes, ...
+    r = torchrun("--", ["rcg.py", "eval", "--ckpt", tmp_path / "gen" / "ckpt.pt", "--rdm", tmp_path / "rdm" / "ckpt.pt",
+                        "--n", 6, "--batch", 2, "--n-rep", 20, "--device", "cpu"], 29557)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fd_files = os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")  # torch.hub.get_dir() is $TORCH_HOME/hub
+    assert [f[-4:] for f in fd_files] == [".npz"]  # one .npz, no .tmp left
+    res = json.load(open(tmp_path / "gen" / "eval.json"))
+    assert res["n_samples"] == 6 and r.stdout.count('"detail_r2"') == 1  # printed by rank 0 alone
 
 
 # ------------------------------------------------------- against the official code (tests/reference/make_rcg.py)
@@ -215,6 +293,19 @@ def test_official_rdm_network(reference):
     rdm = R.load_official_rdm(ref["state_dict"])
     close(rdm.net(ref["r_t"], ref["t"]), ref["out_ema"])
     assert (rdm.cfg.T, rdm.cfg.beta_start, rdm.cfg.beta_end) == (c["T"], c["beta_start"], c["beta_end"])
+
+
+def test_official_rdm_file_loads_with_weights_only(reference, tmp_path):
+    """A main_rdm.py checkpoint as released (weights, optimizer, scaler, epoch and its argparse args) loads with
+    torch.load(weights_only=True); a file of another kind is one line of usage error."""
+    sd = reference("rcg", "rdm")["state_dict"]
+    torch.save(dict(model=sd, model_ema=None, optimizer=dict(state={}, param_groups=[]), epoch=5, scaler={},
+                    args=argparse.Namespace(lr=5.12e-4, output_dir="out", blr=1e-6)), tmp_path / "rdm.pth")
+    rdm, ref = R.load_official_rdm(str(tmp_path / "rdm.pth")), R.load_official_rdm(sd)
+    assert all(torch.equal(a, b) for a, b in zip(rdm.state_dict().values(), ref.state_dict().values()))
+    torch.save(dict(model=sd, made=datetime.date(2024, 1, 1)), tmp_path / "other.pth")  # not an allowed type
+    with pytest.raises(common.UsageError):
+        R.load_official_rdm(str(tmp_path / "other.pth"))
 
 
 def test_official_rdm_loss(reference):

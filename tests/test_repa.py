@@ -1,4 +1,4 @@
-import json, math
+import json, math, os
 
 import numpy as np
 import pytest
@@ -25,6 +25,11 @@ def test_align_loss_by_hand():
     # one token aligned (cos 1), one at 60 degrees (cos 0.5): mean -0.75
     b = torch.tensor([[[1.0, 0.0], [math.sin(math.pi / 3), 0.5]]])
     assert R.align_loss(a, b).item() == pytest.approx(-0.75)
+    # normalised in fp32: fp16 tokens whose squared norm overflows fp16 (the official fp16 NaNs), and under autocast
+    with torch.autocast("cpu", torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16):
+            loss = R.align_loss((300 * a).to(dtype), (300 * b).to(dtype))
+            assert loss.dtype == torch.float32 and loss.item() == pytest.approx(-0.75, abs=1e-2), dtype
 
 
 def test_to_grid_interpolation():
@@ -44,12 +49,12 @@ def test_proj_coeff_zero_is_exactly_the_baseline():
     assert len(base.net.projectors) == 0
     x, y, z = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.randn(4, 4, 384)
     torch.manual_seed(0)
-    loss_a = aligned(x, y, z)
+    loss_a, terms = aligned(x, y, z)
     torch.manual_seed(0)
-    loss_b = base(x, y)
-    assert torch.equal(loss_b, aligned.last["loss_v"])
-    assert torch.allclose(loss_a, loss_b + 0.5 * aligned.last["loss_align"])
-    assert -1 <= aligned.last["loss_align"].item() <= 1
+    loss_b, _ = base(x, y)
+    assert torch.equal(loss_b, terms["loss_v"])
+    assert torch.allclose(loss_a, loss_b + 0.5 * terms["loss_align"])
+    assert -1 <= terms["loss_align"].item() <= 1
 
 
 def _gaussian_velocity(mu, sigma):
@@ -83,34 +88,88 @@ def test_samplers_integrate_a_known_velocity_field():
     assert abs(x.std().item() - a * math.sqrt(s2)) < 0.003, (x.std().item(), a * math.sqrt(s2))
 
 
-def test_train_resume_sample_eval(cli, logged_losses, tmp_path):
-    """A run resumed after step 1 logs the losses of an uninterrupted one (steps 1-10; a step does not depend on the
-    run's length); eval at step 40 beats eval of the same run at step 1 (FD), and the `_init` and encoder probes do
-    not depend on the step."""
+def test_train_resume_sample_eval(cli, logged_losses, tmp_path, capsys):
+    """The same command plus --resume continues a run exactly (steps 5-6 as in an uninterrupted run) and may change
+    its lr, not its batch size; grids only at multiples of sample_every. Eval at step 40 beats eval at step 6 (FD);
+    the `_init` and encoder figures do not depend on the step."""
     a, b = tmp_path / "a", tmp_path / "b"
+    assert cli(R, ["train", *TINY, "--steps", 6, "--out", a]) == 0
+    argv = ["train", *TINY, "--steps", 4, "--out", b]
+    assert cli(R, argv) == 0
+    assert cli(R, [*argv, "--resume", "--steps", 6]) == 0
+    assert logged_losses(b) == logged_losses(a)  # bit-identical on CPU
+    capsys.readouterr()
+    assert cli(R, [*argv, "--resume", "--batch-size", 7]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch_size is the run's own (16)" in err
+    assert cli(R, [*argv, "--resume", "--steps", 40]) == 0
+    assert sorted(p.name for p in b.glob("*.png")) == [f"samples_{k:07d}.png" for k in (10, 20, 30, 40)]
     evals = {}
-    assert cli(R, ["train", *TINY, "--steps", 10, "--out", a]) == 0
-    assert cli(R, ["train", *TINY, "--steps", 1, "--out", b]) == 0
-    for steps in (1, 40):
-        if steps > 1:
-            assert cli(R, ["train", *TINY, "--steps", steps, "--out", b, "--resume"]) == 0
-        assert cli(R, ["eval", "--ckpt", b / "ckpt.pt", "--n", 100, "--sample-steps", 8]) == 0
-        evals[steps] = json.load(open(b / "eval.json"))
-    assert len(logged_losses(b)) == 40 and logged_losses(b)[:10] == logged_losses(a)  # bit-identical on CPU
+    for run in (a, b):
+        assert cli(R, ["eval", "--ckpt", run / "ckpt.pt", "--n", 100, "--sample-steps", 8]) == 0
+        evals[run] = json.load(open(run / "eval.json"))
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_v"] + 0.5 * row["loss_align"], rel=1e-5)
-    one, trained = evals[1], evals[40]
+    one, trained = evals[a], evals[b]
     assert trained["step"] == 40 and trained["fd_model"] == "pixels" and trained["n_samples"] == 100
     assert trained["fd"] < 0.85 * one["fd"], (trained["fd"], one["fd"])  # measured: 43 against 59
-    for k in ("probe_linear_init", "probe_knn_init", "encoder_probe_linear", "encoder_probe_knn"):
+    for k in ("probe_linear_init", "probe_knn_init", "detail_r2_init", "encoder_probe_linear", "encoder_probe_knn"):
         assert trained[k] == one[k], k
     assert trained["encoder"] == "random-vit-s@28" and "block 1/2" in trained["probe"]
+    assert [t for t, _ in trained["probe_linear_by_t"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert all(0 <= acc <= 1 for _, acc in trained["probe_linear_by_t"])
+    assert -1 < trained["detail_r2_init"] < trained["detail_r2_pixels"] and trained["detail_r2"] < 1
+    # a resumed run may change its lr: printed, applied, kept in its config
+    assert cli(R, ["train", *TINY, "--steps", 7, "--out", a, "--resume", "--lr", 5e-4]) == 0
+    assert "--resume: lr 0.001 -> 0.0005" in capsys.readouterr().out
+    assert json.loads(open(a / "log.jsonl").readlines()[-1])["lr"] == 5e-4
+    assert torch.load(a / "ckpt.pt", weights_only=True)["config"]["lr"] == 5e-4
     for sampler in ("ode", "sde"):
         out = tmp_path / f"{sampler}.npz"
         assert cli(R, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sampler", sampler, "--out", out]) == 0
         arr = np.load(out)["arr_0"]
         assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
     assert (np.load(tmp_path / "ode.npz")["arr_0"] != np.load(tmp_path / "sde.npz")["arr_0"]).any()
+
+
+def test_frozen_encoder_runs_in_bf16_on_a_gpu(cli, tmp_path, monkeypatch):
+    """With bf16 autocast (a GPU; here REPDIFF_CPU_BF16=1) the frozen encoder's forward runs in bf16, as under the
+    official train.py's mixed precision; the loss stays finite and close to the fp32 run's."""
+    dtypes, load = [], common.load_encoder
+
+    def spy(*args):  # records the dtype of the encoder's first matmul
+        encoder = load(*args)
+        encoder.net.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        return encoder
+    monkeypatch.setattr(common, "load_encoder", spy)
+    rows = {}
+    for bf16 in ("0", "1"):
+        monkeypatch.setenv("REPDIFF_CPU_BF16", bf16)
+        assert cli(R, ["train", *TINY, "--steps", 1, "--out", tmp_path / bf16]) == 0
+        rows[bf16] = json.loads(open(tmp_path / bf16 / "log.jsonl").readline())
+    assert dtypes == [torch.float32, torch.bfloat16]
+    for k in ("loss", "loss_v", "loss_align"):
+        assert math.isfinite(rows["1"][k]) and rows["1"][k] == pytest.approx(rows["0"][k], abs=0.02), k
+
+
+def test_eval_features_in_true_fp32(monkeypatch):
+    """Eval reads the SiT (its probes, detail and x_hat) in true fp32: autocast and TF32 off, also in a bf16 region."""
+    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
+    model = R.REPA(R.Config(**R.PRESETS["tiny"]), 384).eval()
+    seen = []
+    qkv = model.net.blocks[0].attn.qkv  # the first matmul: its flag and its output's dtype
+    qkv.register_forward_hook(lambda m, a, out: seen.append((torch.backends.cuda.matmul.allow_tf32, out.dtype)))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        xs = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+        with common.autocast(torch.device("cpu")):
+            R.at_t(model, xs, 0.25, torch.device("cpu"))
+            R.at_t(model, xs, 0.25, torch.device("cpu"), x_hat=True)
+        assert seen == [(False, torch.float32)] * 2
+        assert torch.backends.cuda.matmul.allow_tf32  # put back
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
@@ -134,25 +193,21 @@ def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
     assert not (tmp_path / "z").exists()
 
 
-@pytest.mark.parametrize("fmt", ["npz", "dir"])
-def test_precomputed_latents(cli, tmp_path, fmt):
-    """--latents: the SiT models the float latents of an .npz (or of train_latents.npy in a folder, memory-mapped)
-    while the encoder reads the same rows' images."""
-    images, labels = common._shapes("train", 16, 300)
+def test_precomputed_latents(cli, tmp_path, capsys):
+    """--latents: the SiT models the float latents of train_latents.npy in a folder (memory-mapped) while the encoder
+    reads the same rows' images."""
+    images, labels = common._shapes("shapes:300", "train", 16)
     pooled = F.avg_pool2d(common.to_float(torch.from_numpy(images)), 2)  # a stand-in for a VAE: [N,3,16,16] -> 8x8
     code = torch.from_numpy(labels).float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8)  # the label as a channel [N,1,8,8]
     latents = torch.cat([pooled, code], 1).numpy()  # [N,4,8,8]
-    path = tmp_path / ("lat.npz" if fmt == "npz" else "lat")
-    if fmt == "npz":
-        np.savez(path, arr_0=images.transpose(0, 2, 3, 1), labels=labels, latents=latents)
-    else:  # no test_*.npy: the test split is split_rows' tenth, as in an .npz
-        path.mkdir()
-        np.save(path / "train_images.npy", images.transpose(0, 2, 3, 1))
-        np.save(path / "train_labels.npy", labels)
-        np.save(path / "train_latents.npy", latents.astype(np.float16))  # half precision is read as float32
+    path = tmp_path / "lat"  # no test_*.npy: the test split is split_rows' tenth
+    path.mkdir()
+    np.save(path / "train_images.npy", images.transpose(0, 2, 3, 1))
+    np.save(path / "train_labels.npy", labels)
+    np.save(path / "train_latents.npy", latents.astype(np.float16))  # half precision is read as float32
     # the batches of latents and of images are the same rows (flips included)
-    lat_b, y_l = common.batch(torch.from_numpy(latents), torch.from_numpy(labels), 8, 0, 3, flip=True)
-    img_b, y_i = common.batch(torch.from_numpy(images), torch.from_numpy(labels), 8, 0, 3, flip=True)
+    lat_b, y_l = common.batch(torch.from_numpy(latents), torch.from_numpy(labels), 8, 0, 3, 0, flip=True, device="cpu")
+    img_b, y_i = common.batch(torch.from_numpy(images), torch.from_numpy(labels), 8, 0, 3, 0, flip=True, device="cpu")
     assert torch.equal(y_l, y_i) and torch.allclose(lat_b[:, :3], F.avg_pool2d(img_b, 2), atol=1e-5)
     # so are eval's uniform probe subsets: each latent beside its own image and label (split_rows, then subset)
     cfg = R.Config(**dict(R.PRESETS["tiny"], latents=True))
@@ -160,7 +215,7 @@ def test_precomputed_latents(cli, tmp_path, fmt):
     assert len(s_tr) == len(x_tr) == len(y_tr) == 270 and len(s_te) == len(x_te) == len(y_te) == 30
     for s, x, y in ((s_tr, x_tr, y_tr), (s_te, x_te, y_te)):
         assert torch.equal(s[:, 3, 0, 0].long(), y)
-        assert torch.allclose(s[:, :3], F.avg_pool2d(common.to_float(x), 2), atol=1e-5 if fmt == "npz" else 1e-3)
+        assert torch.allclose(s[:, :3], F.avg_pool2d(common.to_float(x), 2), atol=1e-3)
     run = tmp_path / "run"
     assert cli(R, ["train", *TINY, "--data", path, "--latents", "--steps", 3, "--out", run]) == 0
     sd = torch.load(run / "ckpt.pt", weights_only=True)
@@ -172,13 +227,25 @@ def test_precomputed_latents(cli, tmp_path, fmt):
     res = json.load(open(run / "eval.json"))
     assert res["fd"] is None and res["n_samples"] is None and res["step"] == 3
     assert cli(R, ["train", *TINY, "--latents", "--out", tmp_path / "bad"]) == 2  # shapes has no latents
+    assert "--latents needs --data DIR with train_latents.npy" in capsys.readouterr().err
+    (path / "train_latents.npy").unlink()
+    assert cli(R, ["train", *TINY, "--data", path, "--latents", "--out", tmp_path / "bad"]) == 2
+    assert "no train_latents.npy" in capsys.readouterr().err
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     """The DDP path (gloo on CPU): the logged step-1 loss is the mean of the two ranks' losses (velocity + alignment),
-    each recomputed here in one process from its own batch, encoder tokens and RNG stream."""
-    r = torchrun("repa.py", ["train", *TINY, "--steps", 3, "--out", tmp_path], 29533)
+    each recomputed here in one process from its own batch, encoder tokens and RNG stream. Eval under torchrun: rank 0
+    alone writes eval.json and the FD statistics."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # a fresh FD statistics cache (repdiff_fd/)
+    r = torchrun("repa.py", ["train", *TINY, "--encoder", "random-vit-s@28", "--steps", 3, "--out", tmp_path], 29533)
     assert r.returncode == 0, r.stderr[-2000:]
+    # "--": else torchrun's own parser reads eval's --n as an ambiguous abbreviation of its flags (--nnodes, ...)
+    r = torchrun("--", ["repa.py", "eval", "--ckpt", tmp_path / "ckpt.pt", "--n", 10, "--sample-steps", 2], 29534)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "eval.json"))["n_samples"] == 10
+    fd_files = os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")  # torch.hub.get_dir(): $TORCH_HOME/hub
+    assert len(fd_files) == 1 and fd_files[0].endswith(".npz") and ".tmp" not in fd_files[0], fd_files
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [row["step"] for row in rows] == [1, 2, 3]
     cfg = R.Config(**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"])
@@ -189,8 +256,8 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path):
         torch.manual_seed(cfg.seed)
         model = R.REPA(cfg, encoder.dim)
         torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each rank's stream (common.restore)
-        x, y = common.batch(xs, labels, cfg.batch_size // 2, cfg.seed, 0, rank)
-        losses.append(model(x, y, encoder(x)[1]).item())
+        x, y = common.batch(xs, labels, cfg.batch_size // 2, cfg.seed, 0, rank, flip=True, device="cpu")
+        losses.append(model(x, y, encoder(x)[1])[0].item())
     assert losses[0] != losses[1]  # the ranks see different batches
     assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
 
@@ -236,12 +303,12 @@ def test_official_loss(reference):
     seen = {}
     model.net.register_forward_pre_hook(lambda m, a: seen.update(x_t=a[0], t=a[1], y=a[2]))
     torch.manual_seed(ref["seed"])
-    loss = model.train()(ref["images"], ref["labels"], ref["z_enc"])
+    loss, terms = model.train()(ref["images"], ref["labels"], ref["z_enc"])
     torch.testing.assert_close(seen["x_t"], ref["model_input"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seen["t"], ref["time_input"], rtol=0, atol=0)
     assert torch.equal(seen["y"], ref["model_labels"]) and (ref["model_labels"] == 10).any()
-    torch.testing.assert_close(model.last["loss_v"], ref["loss_v"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(model.last["loss_align"], ref["loss_proj"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_v"], ref["loss_v"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["loss_align"], ref["loss_proj"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss.detach(), ref["loss"], rtol=1e-5, atol=1e-6)
 
 

@@ -1,59 +1,92 @@
 import json
+import os
 
 import pytest
-import torch
 
-import common
 import reproduce
 
 
-def test_stripe_r2_reads_the_factors_of_the_probe_subsets():
-    spec = "shapes:500"
-    cols = [k for k, name in enumerate(common.FACTORS) if "stripe" in name]
-    v_tr, v_te = common.shape_factors(spec, "train"), common.shape_factors(spec, "test")
-    i, j = common.subset(len(v_tr), 300), common.subset(len(v_te), 100)  # what probe_data draws, any size
-    f_tr, f_te = v_tr[i][:, cols] * 3 + 1, v_te[j][:, cols] * 3 + 1  # a representation that holds the stripes
-    assert common.stripe_r2(f_tr, f_te, spec) > 0.99
-    assert common.stripe_r2(torch.randn(300, 8), torch.randn(100, 8), spec) < 0.1
-    res = common.probes(f_tr, torch.zeros(300, dtype=torch.long), f_te, torch.zeros(100, dtype=torch.long), "_x", spec)
-    assert res["r2_stripes_x"] > 0.99 and "r2_stripes" not in common.probes(f_tr, torch.zeros(300, dtype=torch.long),
-                                                                           f_te, torch.zeros(100, dtype=torch.long))
+@pytest.mark.parametrize("machine", ["tiny", "cpu"])
+def test_every_command_of_a_plan_parses_with_its_files_own_parser(machine, tmp_path, capsys):
+    reproduce.main([machine, "--out", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    rows = reproduce.plan(machine, str(tmp_path))
+    assert f"{sum(len(r['runs']) for r in rows)} commands of {len(rows)} rows parse" in out
+    assert not os.listdir(tmp_path)  # a dry run writes nothing
+    methods = [r["method"] for r in rows]
+    assert methods[0].startswith("encoder") and "repa.py" in methods and "decoupled_latent.py" in methods
+    pairs = {r["method"]: r["pair"] for r in rows}
+    assert pairs["repa.py"] == ("fd", "fd_control", "lower") and pairs["rcg.py"] == ("fd", "fd_control", "lower")
+    assert any("--proj-coeff" in a for a in sum((r["runs"] for r in rows), []))  # REPA's control
+    if machine == "cpu":
+        assert "repa.py (seed 1)" in methods  # the second seed that measures the spread
 
 
-def test_tiny_plan_runs_every_file_and_writes_the_table(tmp_path, capsys):
-    reproduce.main(["tiny", "--out", str(tmp_path)])
+def test_a_command_that_does_not_parse_stops_the_plan_before_anything_runs(tmp_path, monkeypatch, capsys):
+    real = reproduce.plan
+    bad = [["repa.py", "train", "--nope"]]
+    monkeypatch.setattr(reproduce, "plan", lambda m, out: [dict(real(m, out)[0], runs=bad)])
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["tiny", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--nope" in capsys.readouterr().err and not os.listdir(tmp_path)
+
+
+def test_held_needs_a_margin_above_the_measured_spread():
+    rows = [dict(method="repa.py", fd=100.0, fd_control=110.0, probe_linear=0.3, probe_linear_control=0.3),
+            dict(method="repa.py (seed 1)", fd=104.0, fd_control=106.0, probe_linear=0.32, probe_linear_control=0.29)]
+    s = reproduce.spread(rows)
+    assert s["fd"] == pytest.approx(4 / 102) and s["probe"] == pytest.approx(0.02)  # the largest gap of each kind
+    row = dict(pair=("fd", "fd_control", "lower"), fd=100.0, fd_control=110.0)
+    assert reproduce.held(row, s)  # a 10-point gap, the spread 3.9% of 105: held
+    assert not reproduce.held(dict(row, fd_control=102.0), s)  # the paper's direction, but inside the spread
+    assert not reproduce.held(dict(row, fd_control=90.0), s)
+    assert reproduce.held(dict(pair=("probe_linear", "probe_linear_init", "higher"), probe_linear=0.3,
+                               probe_linear_init=0.25), s)
+    assert reproduce.held(dict(row, error="exit 1"), s) is None
+    assert reproduce.best_t([[0.1, 0.2], [0.5, 0.4], [0.9, 0.3]]) == 0.5
+
+
+def test_table_and_figure_show_each_pair(tmp_path):
+    rows = [dict(method="repa.py", minutes=1.0, fd=100.0, fd_control=110.0, probe_linear=0.3, probe_linear_init=0.2,
+                 probe_linear_control=0.28, probe_linear_pixels=0.25, probe_knn_pixels=0.2, detail_r2=0.1,
+                 detail_r2_pixels=0.6, probe_linear_by_t=[[0.2, 0.25], [0.6, 0.3]], claim="aligned is better",
+                 pair=("fd", "fd_control", "lower"), held=True)]
+    md = reproduce.table(rows, {"fd": 0.04})
+    assert "| repa.py | 1 | 100 (110) | 0.3 (0.2) |" in md and "| yes |" in md and "fd 0.04 (relative)" in md
+    assert "raw pixels" in md and "0.6" in md
+    reproduce.svg(rows, tmp_path / "f.svg")
+    svg = open(tmp_path / "f.svg").read()
+    assert svg.startswith("<svg") and svg.count("<circle") == 2 and "<polyline" in svg
+
+
+def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_path, capsys):
+    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "encoder,repa.py"])
     res = json.load(open(tmp_path / "results.json"))
-    methods = [r["method"] for r in res["rows"]]
-    assert methods == ["jit_xpred.py (toy)", "consistency.py (toy)", "jit_xpred.py", "consistency.py", "soda.py",
-                       "repa.py", "rae.py", "rcg.py", "decoupled_latent.py"]
-    for r in res["rows"]:
-        assert "error" not in r and r["minutes"] > 0 and r["command"].startswith("python ")
-        assert set(r) >= {"method", "command", "minutes", "claim", "paper", "held"}
-        if "toy" not in r["method"]:
-            assert r["probe_linear"] is not None and r["r2_stripes"] is not None, r  # shapes: the detail column
-            assert r["fd"] is not None and r["probe_linear_pixels"] is not None  # the pixels' floor in every row
-            frozen = r["method"] in ("rae.py", "rcg.py")  # their representation is the frozen encoder: no init floor
-            assert frozen or r["probe_linear_init"] is not None
-    table = open(tmp_path / "table.md").read()
-    assert table.count("\n") == 2 + len(methods) + 1 and "| rcg.py |" in table and "| raw pixels (floor) |" in table
+    rows = {r["method"]: r for r in res["rows"]}
+    assert list(rows) == ["encoder (decoupled_latent.py z_u)", "repa.py"] and res["cpus"] >= 1
+    r = rows["repa.py"]
+    assert "error" not in r and r["command"].startswith("python ") and "--proj-coeff 0" in r["command"]
+    assert r["fd"] is not None and r["fd_control"] is not None and r["probe_linear_pixels"] is not None
+    assert r["held"] in (True, False) and len(r["probe_linear_by_t"]) == 5
+    assert rows["encoder (decoupled_latent.py z_u)"]["probe_linear_init"] is not None
+    assert os.path.isfile(tmp_path / "enc.pt") and "| repa.py |" in open(tmp_path / "table.md").read()
     capsys.readouterr()
-    with open(tmp_path / "rae" / "eval.json") as f:
-        ev = json.load(f)
-    with open(tmp_path / "rae" / "eval.json", "w") as f:
-        json.dump({**ev, "probe_linear": 0.5}, f)
-    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "rae.py"])
-    assert "$ python" not in capsys.readouterr().out  # a finished row is not run again, but read again
-    rows = {r["method"]: r for r in json.load(open(tmp_path / "results.json"))["rows"]}
-    assert rows["rae.py"]["probe_linear"] == 0.5 and len(rows) == len(methods)
+    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "repa.py"])
+    assert "$ python" not in capsys.readouterr().out  # a finished row is read again, not rerun
+    os.remove(tmp_path / "repa" / "eval.json")  # as if its eval had failed (an offline download)
+    json.dump(dict(res, rows=[dict(r, error="exit 2")]), open(tmp_path / "results.json", "w"))
+    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "repa.py"])
+    out = capsys.readouterr().out
+    assert "--resume" in out and "error" not in json.load(open(tmp_path / "results.json"))["rows"][-1]
     with pytest.raises(SystemExit) as e:
         reproduce.main(["tiny", "--out", str(tmp_path), "--only", "nope.py"])
     assert e.value.code == 2
 
 
-def test_bench_runs_on_a_cpu(capsys):
-    reproduce.main(["bench", "--batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [r["model"] for r in rows] == ["JiT-B/2", "SiT-B/2 + REPA"] and all(r["img_per_s"] > 0 for r in rows)
+def test_bench_times_a_files_own_train_command(capsys):
+    reproduce.main(["bench", "--files", "jit_xpred.py", "--preset", "tiny", "--steps", "2", "--warmup", "1"])
+    row = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    assert row["file"] == "jit_xpred.py" and row["img_per_s"] > 0 and row["gflop_per_image"] > 0
 
 
 def test_bench_data_runs_on_a_cpu(tmp_path, capsys):
@@ -62,8 +95,6 @@ def test_bench_data_runs_on_a_cpu(tmp_path, capsys):
     first, later = rows[0], rows[1]
     assert first["start"] == "first" and later["start"] == "later" and first["images"] == 300
     assert later["read_batches_per_s"] > 0 and later["batch_per_s"] > 0 and later["rss_anon_gib"] > 0
-    assert [r["preset"] for r in rows[2:]] == ["jit_xpred.py default", "repa.py default"]
-    assert all(r["h100_steps_per_s_at_peak"] > 0 for r in rows[2:])
     with pytest.raises(SystemExit) as e:
         reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "300by16"])
     assert e.value.code == 2

@@ -13,38 +13,53 @@ TINY = ["--preset", "tiny", "--device", "cpu"]
 def _model(**kw):
     torch.manual_seed(0)
     m = S.SODA(S.Config(**dict(S.PRESETS["tiny"], **kw)))
-    for blk in m.net.res_blocks:  # give every block a non-trivial z-FiLM, and open the zero-initialised layers
+    for blk in blocks(m):  # give every block a non-trivial z-FiLM, and open the zero-initialised layers
         torch.nn.init.normal_(blk.z_film.weight)
         torch.nn.init.normal_(blk.conv2.weight, std=0.1)
     torch.nn.init.normal_(m.net.conv_out.weight, std=0.1)
     return m
 
 
+def batchnorms(m):  # the encoder's BatchNorm layers (SyncBatchNorm included)
+    return [b for b in m.encoder.modules() if isinstance(b, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def blocks(m):  # the U-Net's residual blocks in forward order (down, middle, up)
+    return [b for b in m.net.modules() if isinstance(b, S.ResBlock)]
+
+
 def test_each_sub_vector_reaches_only_its_layers():
     m = _model()
     G = m.net.groups
     # tiny: ch_mult [1, 2], one block a level: down 0, down 1, the middle pair, up 1 (x2), up 0 (x2): mirrored groups
-    assert G == 3 and m.net.block_group == [0, 1, 2, 2, 1, 1, 0, 0]
-    seen = {}  # what each block really receives in a forward pass
-    for blk in m.net.res_blocks:
-        blk.register_forward_hook(lambda mod, inp, out: seen.setdefault(id(mod), []).append(inp[2].clone()))
+    assert G == 3 and [blk.group for blk in blocks(m)] == [0, 1, 2, 2, 1, 1, 0, 0]
+    seen = {}  # the (z_s, z_b) each block's z-FiLM computes in a forward pass
+    for blk in blocks(m):
+        blk.z_film.register_forward_hook(lambda mod, inp, out: seen.setdefault(id(mod), []).append(out.clone()))
     z, keep, x_t, t = torch.randn(2, 12), torch.ones(2, G), torch.randn(2, 3, 16, 16), torch.rand(2)
     m.net(x_t, t, z, keep)
     for g in range(G):
         z2 = z.clone()
         z2[:, g * 4:(g + 1) * 4] += 1.0  # change sub-vector g only
         m.net(x_t, t, z2, keep)
-        for blk, bg in zip(m.net.res_blocks, m.net.block_group):
-            assert (not torch.equal(seen[id(blk)][0], seen[id(blk)][-1])) == (bg == g), (g, bg)
+        for blk in blocks(m):
+            assert (not torch.equal(seen[id(blk.z_film)][0], seen[id(blk.z_film)][-1])) == (blk.group == g), g
 
 
 def test_layer_masking_and_guidance():
+    """A block whose group is masked (keep 0) does not see z at all; with every group masked the U-Net is the
+    unconditional model, and eps mixes the two as (1 + w) eps(z) - w eps(no z)."""
     m = _model().eval()
     z, G = torch.randn(2, 12), m.net.groups
     keep = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
-    mods = m.net.z_modulation(z, keep)
-    for mod, g in zip(mods, m.net.block_group):
-        assert (mod[0].abs().sum() > 0) == (g != 1) and mod[1].abs().sum() == 0  # masked groups get no modulation
+    calls = []  # each block's inputs and output in one forward pass
+    for blk in blocks(m):
+        blk.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp, out)))
+    m.net(torch.randn(2, 3, 16, 16), torch.rand(2), z, keep)
+    other = torch.randn(2, 12).tensor_split(G, 1)  # another z
+    for blk, (x, emb, zs, k), out in calls[:len(blocks(m))]:
+        same = (blk(x, emb, other, k) == out).flatten(1).all(1)  # [B]: the row did not see z
+        assert same.tolist() == [keep[0, blk.group] == 0, True], blk.group
     x_t, w = torch.randn(2, 3, 16, 16), 0.3
     tt = torch.full((2,), 0.5)
     e_c, e_u = m.net(x_t, tt, z, torch.ones(2, G)), m.net(x_t, tt, z, torch.zeros(2, G))
@@ -55,23 +70,40 @@ def test_layer_masking_and_guidance():
 
 def test_films_read_t_and_z_through_silu():
     """One block by hand: h = GN(conv1(SiLU(GN(x)))) (1 + s) + b with (s, b) = W SiLU(emb) + c, then
-    h (1 + z_s) + z_b with (z_s, z_b) = W_z SiLU(z_i) + c_z (zero for a masked group); out = skip(x) + conv2(SiLU(h)).
+    h (1 + z_s) + z_b with (z_s, z_b) = W_z SiLU(z_group) + c_z (zero for a masked group);
+    out = skip(x) + conv2(SiLU(h)).
     This equals FutureXiang's block (t_s h + t_b, then z_s h + z_b, each Linear after a SiLU) with 1 moved into the
     scale biases."""
     m = _model()
     silu = lambda v: v * torch.sigmoid(v)
     z, keep = torch.randn(2, 12), torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
-    mods = m.net.z_modulation(z, keep)
-    for blk, g, mod in zip(m.net.res_blocks, m.net.block_group, mods):
-        by_hand = silu(z[:, 4 * g:4 * g + 4]) @ blk.z_film.weight.T + blk.z_film.bias
-        torch.testing.assert_close(mod, by_hand * keep[:, g:g + 1])
-    blk, mod = m.net.res_blocks[1], mods[1]  # down level 1: 16 -> 32 channels, a 1x1 skip
+    blk = blocks(m)[1]  # down level 1: 16 -> 32 channels, a 1x1 skip, group 1
+    assert blk.group == 1
     x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 64)
     h = blk.conv1(silu(blk.norm1(x)))
     s, b = (silu(emb) @ blk.film.weight.T + blk.film.bias)[:, :, None, None].chunk(2, 1)
+    mod = (silu(z[:, 4:8]) @ blk.z_film.weight.T + blk.z_film.bias) * keep[:, 1:2]  # z_1, masked in row 0
     z_s, z_b = mod[:, :, None, None].chunk(2, 1)
     h = (blk.norm2(h) * (1 + s) + b) * (1 + z_s) + z_b
-    torch.testing.assert_close(blk(x, emb, mod), blk.skip(x) + blk.conv2(silu(h)))
+    torch.testing.assert_close(blk(x, emb, z.tensor_split(3, 1), keep), blk.skip(x) + blk.conv2(silu(h)))
+
+
+def test_attention_feeds_sdpa_q_k_v_contiguous_in_their_last_dimension(monkeypatch):
+    """The fused kernels of scaled_dot_product_attention (flash, memory-efficient) need stride 1 in the head dimension;
+    q, k, v once came out of a transposed view (stride H*W there), which sends a GPU to the math path. The block by
+    hand: x + proj(softmax(q k^T / sqrt(d)) v) over the positions."""
+    blk = S.AttnBlock(32, heads=2)
+    torch.nn.init.normal_(blk.proj.weight, std=0.1)
+    seen, attention = [], common.attention
+    monkeypatch.setattr(common, "attention", lambda q, k, v: seen.append((q, k, v)) or attention(q, k, v))
+    x = torch.randn(2, 32, 4, 4)
+    out = blk(x)
+    assert all(a.shape == (2, 2, 16, 16) and a.stride(-1) == 1 for a in seen[0])
+    tok = blk.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+    q, k, v = (blk.qkv(tok).view(2, 16, 3, 2, 16)[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, HW, d]
+    a = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
+    by_hand = x + blk.proj(a.transpose(1, 2).reshape(2, 16, 32)).transpose(1, 2).reshape(2, 32, 4, 4)
+    torch.testing.assert_close(out, by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_default_preset_is_the_reimplementation_recipe():
@@ -89,8 +121,8 @@ def test_default_preset_is_the_reimplementation_recipe():
     torch.manual_seed(0)
     model = S.SODA(cfg)
     assert model.net.groups == 5 and model.net.z_sizes == [26, 26, 26, 25, 25]
-    assert [blk.z_film.in_features for blk in model.net.res_blocks] == [[26, 26, 26, 25, 25][g]
-                                                                        for g in model.net.block_group]
+    assert [blk.z_film.in_features for blk in blocks(model)] == [[26, 26, 26, 25, 25][blk.group]
+                                                                 for blk in blocks(model)]
     opt = S.make_optimizer(model, cfg)
     enc = {id(p) for p in list(model.encoder.parameters()) + list(model.head.parameters())}
     net, encoder = opt.param_groups
@@ -148,6 +180,29 @@ def test_ddim_clamps_x0_and_optionally_recomputes_eps():
         assert torch.allclose(out, x0, atol=1e-5), recompute
 
 
+def test_sampler_never_waits_on_the_device():
+    """DDIM's schedule is Python floats computed once, and every tensor of the loop is made on z's device: on the meta
+    device (where .item() raises) the sampler runs, and the only CPU work is the schedule's, the same for 2 and 5
+    steps. It once read t back with .item() and built the guidance mask on the CPU at every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class CpuOps(TorchDispatchMode):  # records the ops whose outputs land on the CPU
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ops.extend(str(func) for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.device.type == "cpu")
+            return out
+
+    m, counts = _model().eval().to("meta"), []
+    for steps in (2, 5):
+        ops = []
+        with CpuOps():
+            x = m.sample(torch.zeros(2, 12, device="meta"), steps=steps)
+        assert x.device.type == "meta" and x.shape == (2, 3, 16, 16)
+        counts.append(len(ops))
+    assert counts[0] == counts[1] <= 8, counts
+
+
 def test_every_parameter_takes_part_in_the_loss():
     """DDP (find_unused_parameters off) stops at step 2 on a parameter without a gradient; the released ViT layout's
     mask_token is a buffer for this reason. Dropping all of z (z_drop = 1) still reaches every parameter."""
@@ -157,25 +212,81 @@ def test_every_parameter_takes_part_in_the_loss():
         assert [n for n, p in m.named_parameters() if p.grad is None] == [], kw
 
 
-def test_train_resume_sample_export(cli, logged_losses, tmp_path):
+def test_the_encoder_gets_sync_batchnorm_under_cuda_ddp(monkeypatch):
+    """On GPUs each process's BatchNorm would see its own 128 of FutureXiang's 512: common.wrap converts the ResNet's
+    BatchNorm layers to SyncBatchNorm (a global batch's statistics), in place, keeping the parameters the optimiser and
+    the EMA hold; on CPU processes (gloo) it keeps BatchNorm. DDP itself is stubbed: no process group here."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: model)
+    for dev, norm in (("cuda:0", torch.nn.SyncBatchNorm), ("cpu", torch.nn.BatchNorm2d)):
+        m = _model()
+        params, ema, n = list(m.parameters()), common.Ema(m), len(batchnorms(m))
+        step_model = common.wrap(m, SimpleNamespace(world=2, device=torch.device(dev)))
+        assert n > 0 and [type(b) for b in batchnorms(step_model)] == [norm] * n, dev
+        assert step_model is m and all(a is b for a, b in zip(params, m.parameters(), strict=True))
+        assert list(ema.model.state_dict()) == list(m.state_dict())  # the EMA (plain BatchNorm) matches key for key
+
+
+def test_resume_continues_exactly(cli, logged_losses, tmp_path, capsys):
+    """The same command plus --resume (and a longer --steps) continues the run bit for bit; a resumable field (lr)
+    changes with a printed line, any other (the batch size) is refused with one line."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert cli(S, ["train", *TINY, "--steps", 10, "--out", a]) == 0
-    assert cli(S, ["train", *TINY, "--steps", 5, "--out", b]) == 0
-    assert cli(S, ["train", *TINY, "--steps", 10, "--out", b, "--resume"]) == 0
+    argv = ["train", *TINY, "--set", "mask_prob=0.2", "--steps", 4, "--out", b]
+    assert cli(S, ["train", *TINY, "--set", "mask_prob=0.2", "--steps", 6, "--out", a]) == 0
+    assert cli(S, argv) == 0
+    assert cli(S, [*argv, "--resume", "--steps", 6]) == 0
     assert logged_losses(b) == logged_losses(a)  # bit-identical on CPU
-    assert [json.loads(line)["step"] for line in open(b / "log.jsonl")] == list(range(1, 11))
-    assert cli(S, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--batch", 4, "--out", tmp_path / "s.npz"]) == 0
+    ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
+    assert ca["step"] == cb["step"] == 6 and all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
+    capsys.readouterr()
+    assert cli(S, [*argv, "--resume", "--steps", 8, "--lr", 2e-4]) == 0
+    assert "--resume: lr 0.001 -> 0.0002" in capsys.readouterr().out
+    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 2e-4
+    assert json.loads(open(b / "log.jsonl").readlines()[-1])["lr"] == 2e-4
+    before = (b / "ckpt.pt").read_bytes()
+    assert cli(S, [*argv, "--resume", "--steps", 10, "--batch-size", 7]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size is the run's own (32)" in err and err.count("\n") == 1
+    assert (b / "ckpt.pt").read_bytes() == before
+
+
+def test_sample_grids_only_at_multiples_of_sample_every(cli, tmp_path, monkeypatch):
+    """A grid costs grid x sample_steps x 2 network calls: a run draws one only at the multiples of sample_every (none
+    at an end that is not one), with the run's own DDIM steps; grid=0 draws none."""
+    calls, sample = [], S.SODA.sample
+
+    def spy(self, z, **k):
+        calls.append((len(z), k.get("steps")))
+        return sample(self, z, **k)
+
+    monkeypatch.setattr(S.SODA, "sample", spy)
+    assert cli(S, ["train", *TINY, "--steps", 13, "--out", tmp_path / "a"]) == 0  # sample_every 10: one grid, at 10
+    assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".png")) == ["samples_0000010.png"]
+    assert calls == [(64, None)]  # 64 views (each beside its source) with cfg.sample_steps
+    assert cli(S, ["train", *TINY, "--steps", 3, "--set", "grid=8", "--set", "sample_every=3",
+                   "--out", tmp_path / "b"]) == 0
+    assert calls[1:] == [(8, None)]
+    assert cli(S, ["train", *TINY, "--steps", 10, "--set", "grid=0", "--out", tmp_path / "c"]) == 0
+    assert len(calls) == 2 and not any(f.endswith(".png") for f in os.listdir(tmp_path / "c"))
+
+
+def test_sample_and_export(cli, tmp_path):
+    a = tmp_path / "a"
+    assert cli(S, ["train", *TINY, "--steps", 3, "--out", a]) == 0
+    assert cli(S, ["sample", "--ckpt", a / "ckpt.pt", "--n", 6, "--batch", 4, "--sample-steps", 3,
+                   "--out", tmp_path / "s.npz"]) == 0
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
     assert os.path.isfile(tmp_path / "s.png")
-    # the sources: a uniform subset of the test split, starting over past its end
+    # the sources: a uniform subset of the test split, starting over past its end; its first rows are probe_data's
     x_te = common.load_images("shapes:2000", "test", 16)[0]
     src = S.sources("shapes:2000", 16, len(x_te) + 5)
     assert torch.equal(src[:6], x_te[common.subset(len(x_te), 6)]) and torch.equal(src[-5:], src[:5])
+    assert torch.equal(src[:len(x_te)], common.probe_data("shapes:2000", 16)[2])
     # export -> common.load_encoder gives the trained encoder's global token
-    assert cli(S, ["export-encoder", "--ckpt", b / "ckpt.pt", "--out", tmp_path / "enc.pt"]) == 0
+    assert cli(S, ["export-encoder", "--ckpt", a / "ckpt.pt", "--out", tmp_path / "enc.pt"]) == 0
     enc = common.load_encoder(str(tmp_path / "enc.pt"))
-    ckpt = torch.load(b / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(a / "ckpt.pt", weights_only=True)
     model = S.SODA(S.Config(**ckpt["config"])).eval()  # BatchNorm: running statistics, as the frozen encoder
     model.load_state_dict(ckpt["ema"])
     x = torch.rand(3, 3, 16, 16) * 2 - 1
@@ -210,11 +321,16 @@ def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path):
                                                   "probe_linear_l2", "probe_linear_init_l2", "probe_knn_uniform",
                                                   "probe_knn_init_uniform"))
     assert trained["psnr_crop"] == start["psnr_crop"] and 5 < trained["psnr_crop"] < 40  # data and seed alone
+    # the detail kept in the views of the first 64 test images, against its ceiling; the denoiser's own features
+    assert trained["detail_r2"] > start["detail_r2"] and trained["detail_r2_pixels"] > trained["detail_r2"]
+    assert [t for t, _ in trained["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 0.7, 0.9]
+    assert all(0.0 <= acc <= 1.0 for _, acc in trained["probe_linear_by_t"])
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     """The DDP path (gloo on CPU) runs past step 2 (no parameter without a gradient), and the logged step-1 loss is the
-    mean of the two ranks' losses, each recomputed here in one process from its own batch and RNG stream."""
+    mean of the two ranks' losses, each recomputed here in one process from its own batch and RNG stream. Eval under
+    torchrun: both ranks generate, rank 0 alone writes eval.json and the FD statistics (a fresh cache)."""
     r = torchrun("soda.py", ["train", *TINY, "--steps", 4, "--out", tmp_path], 29534)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -226,10 +342,17 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path):
         torch.manual_seed(cfg.seed)
         model = S.SODA(cfg)
         torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each rank's stream (common.restore)
-        x, _ = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank, flip=False)
+        x, _ = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank, flip=False, device="cpu")
         losses.append(model(x).item())
     assert losses[0] != losses[1]  # the ranks see different batches and views
     assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    r = torchrun("soda.py", ["eval", "--ckpt", tmp_path / "ckpt.pt", "--n", 6, "--batch", 2, "--sample-steps", 2,
+                             "--device", "cpu"], 29534)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [f[-4:] for f in os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")] == [".npz"]  # one, no .tmp left
+    assert json.load(open(tmp_path / "eval.json"))["n_samples"] == 6
+    assert r.stdout.count('"probe_linear_by_t"') == 1  # printed by rank 0 alone
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -245,6 +368,8 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert "nope=1" in capsys.readouterr().err
     assert cli(S, ["train", *TINY, "--set", "z_dim=2", "--out", tmp_path / "x"]) == 2  # fewer dims than the 3 groups
     assert "z_dim (2) must be at least the 3 groups" in capsys.readouterr().err
+    assert cli(S, ["train", *TINY, "--set", "grid=-1", "--out", tmp_path / "x"]) == 2
+    assert "grid (-1) must be >= 0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
     assert cli(S, ["sample", "--ckpt", tmp_path / "none.pt", "--n", 0, "--out", tmp_path / "s.npz"]) == 2
     assert "--n" in capsys.readouterr().err
@@ -264,7 +389,7 @@ def test_z_carries_what_the_denoiser_uses():
     opt = torch.optim.AdamW([{"params": m.net.parameters(), "lr": 1e-3}, {"params": enc, "lr": 2e-3}],
                             betas=(0.9, 0.95), weight_decay=0.05)  # as train(): the encoder at 2x
     for step in range(600):
-        loss = m(common.batch(images, labels, 32, 0, step, flip=False)[0])
+        loss = m(common.batch(images, labels, 32, 0, step, 0, flip=False, device="cpu")[0])
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -43,7 +43,9 @@ def official_precond(C, cfg):
             super().__init__(cfg)
 
         def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-            return super().forward(x, noise_labels)
+            # consistency.UNet takes its dropout as masks: drawn here, at each call in training mode, they are the
+            # draws nn.Dropout makes in its layers (nothing else draws in between), so ECMLoss's replay applies
+            return super().forward(x, noise_labels, self.dropout_masks(len(x), x.device))
 
     networks.RepdiffUNet = RepdiffUNet
     return networks.ECMPrecond(img_resolution=cfg.image_size, img_channels=3, model_type="RepdiffUNet", cfg=cfg)
@@ -195,7 +197,7 @@ def bench(repos, batch=8, repeats=7):
     fn = ECMLoss(P_mean=cfg.P_mean, P_std=cfg.P_std, sigma_data=cfg.sigma_data, q=cfg.q, c=0.0, k=cfg.k, b=cfg.b)
     fn.update_schedule(0)
     x = torch.rand(batch, 3, 32, 32) * 2 - 1
-    runs = {"official": lambda: fn(net=pre, images=x).mean().backward(), "ours": lambda: ours(x, 1).backward()}
+    runs = {"official": lambda: fn(net=pre, images=x).mean().backward(), "ours": lambda: ours(x, 1)[0].backward()}
     times = {name: [] for name in runs}
     with cpu_rng():
         for name, step in runs.items():
