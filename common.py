@@ -359,7 +359,7 @@ def detail_features(x):
     g = x.float().mean(1, keepdim=True)
     hann = torch.hann_window(x.shape[-1], periodic=False, device=x.device)
     p = torch.fft.fft2((g - gaussian_blur(g, 1.0))[:, 0] * torch.outer(hann, hann)).abs().flatten(1).cpu() ** 2
-    return torch.cat([torch.log1p(100 * p), p / p.sum(1, keepdim=True)], 1)
+    return torch.cat([torch.log1p(100 * p), p / p.sum(1, keepdim=True).clamp_min(1e-12)], 1)  # a flat image: 0
 
 @functools.lru_cache(maxsize=2)
 def _detail_readout(spec, size):  # ridge from detail_features to the stripe factors, fitted on 10,000 train images

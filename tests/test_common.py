@@ -82,7 +82,7 @@ def test_shapes_deterministic_and_varied():
 
 
 def test_shapes_labels_are_learnable():
-    """A small CNN learns the contour classes far above chance (10%): 72% after 600 steps at 16x16 (13 s on 2 cores)."""
+    """A small CNN learns the contour classes far above chance (10%) in 200 steps at 16x16."""
     torch.manual_seed(0)
     x, y, _ = common.load_images("shapes:3000", "train", 16)
     xt, yt, _ = common.load_images("shapes:3000", "test", 16)
@@ -92,7 +92,7 @@ def test_shapes_labels_are_learnable():
     net = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
     opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for step in range(600):
+    for step in range(200):
         xb, yb = common.batch(x, y, 64, 0, step, 0, flip=True, device="cpu")
         loss = F.cross_entropy(net(xb), yb)
         opt.zero_grad()
@@ -101,7 +101,7 @@ def test_shapes_labels_are_learnable():
     net.eval()
     with torch.no_grad():
         acc = (net(xt.float() / 127.5 - 1).argmax(1) == yt).float().mean().item()
-    assert acc > 0.5, acc
+    assert acc > 0.3, acc
 
 
 def test_batch_is_a_function_of_step_and_rank():
