@@ -33,6 +33,26 @@ def logged_losses():
 
 
 @pytest.fixture
+def resume_rules(capsys):
+    """-> a function (module, train argv, run folder, steps, lr, old lr): on a finished run, `--resume --lr` applies
+    the new lr and prints it (config and log); `--resume --batch-size 7` exits 2 with one line, ckpt.pt untouched."""
+    import json
+
+    def check(module, argv, run, steps, lr, old_lr):
+        capsys.readouterr()
+        assert run_cli(module, [*argv, "--resume", "--steps", steps, "--lr", lr]) == 0
+        assert f"--resume: lr {old_lr} -> {lr}" in capsys.readouterr().out
+        assert torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["config"]["lr"] == lr
+        assert json.loads(open(os.path.join(run, "log.jsonl")).readlines()[-1])["lr"] == lr
+        before = open(os.path.join(run, "ckpt.pt"), "rb").read()
+        assert run_cli(module, [*argv, "--resume", "--steps", steps + 2, "--batch-size", 7]) == 2
+        err = capsys.readouterr().err
+        assert "batch_size is the run's own (32)" in err and err.count("\n") == 1
+        assert open(os.path.join(run, "ckpt.pt"), "rb").read() == before
+    return check
+
+
+@pytest.fixture
 def torchrun():
     """-> a function (method file, argv, port) that runs the file under torchrun with 2 CPU processes (gloo)."""
     def run(module_file, argv, port):

@@ -121,7 +121,7 @@ def test_r2_read_outs():
     assert mlp[0] > 0.95 and mlp[1] > 0.9
 
 
-def test_resume_continues_exactly(cli, logged_losses, tmp_path, capsys):
+def test_resume_continues_exactly(cli, logged_losses, resume_rules, tmp_path):
     """The same command plus --resume continues the run bit for bit (every training flag is a Config field: here the
     control's --no-decouple); a resumable field (lr) changes with a printed line, any other is refused in one line."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -132,15 +132,7 @@ def test_resume_continues_exactly(cli, logged_losses, tmp_path, capsys):
     assert logged_losses(b) == logged_losses(a)
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_rec"] + row["loss_sem"], rel=1e-5)  # the terms forward returns
-    capsys.readouterr()
-    assert cli(DL, [*argv, "--resume", "--steps", 7, "--lr", 5e-4]) == 0
-    assert "--resume: lr 0.001 -> 0.0005" in capsys.readouterr().out
-    assert json.loads(open(b / "log.jsonl").readlines()[-1])["lr"] == 5e-4
-    before = (b / "ckpt.pt").read_bytes()
-    assert cli(DL, [*argv, "--resume", "--steps", 8, "--batch-size", 7]) == 2
-    err = capsys.readouterr().err
-    assert "batch_size is the run's own (32)" in err and err.count("\n") == 1
-    assert (b / "ckpt.pt").read_bytes() == before
+    resume_rules(DL, argv, b, 7, 5e-4, 0.001)
 
 
 def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch):

@@ -82,7 +82,7 @@ def test_output_patch_lands_where_its_input_patch_was():
     assert torch.equal(changed, expected)
 
 
-def test_resume_continues_exactly(cli, logged_losses, tmp_path, capsys):
+def test_resume_continues_exactly(cli, logged_losses, resume_rules, tmp_path):
     """The same command plus --resume (and a longer --steps) continues the run bit for bit; a resumable field (lr)
     changes with a printed line, any other (the batch size) is refused with one line."""
     a, b = tmp_path / "a", tmp_path / "b"
@@ -94,16 +94,7 @@ def test_resume_continues_exactly(cli, logged_losses, tmp_path, capsys):
     ca, cb = torch.load(a / "ckpt.pt", weights_only=True), torch.load(b / "ckpt.pt", weights_only=True)
     assert ca["step"] == cb["step"] == 6
     assert all(torch.equal(ca["ema"][k], cb["ema"][k]) for k in ca["ema"])
-    capsys.readouterr()
-    assert cli(J, [*argv, "--resume", "--steps", 8, "--lr", 2e-4]) == 0
-    assert "--resume: lr 0.001 -> 0.0002" in capsys.readouterr().out
-    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 2e-4
-    assert json.loads(open(b / "log.jsonl").readlines()[-1])["lr"] == 2e-4
-    before = (b / "ckpt.pt").read_bytes()
-    assert cli(J, [*argv, "--resume", "--steps", 10, "--batch-size", 7]) == 2
-    err = capsys.readouterr().err
-    assert "batch_size is the run's own (32)" in err and err.count("\n") == 1
-    assert (b / "ckpt.pt").read_bytes() == before
+    resume_rules(J, argv, b, 8, 2e-4, 0.001)
 
 
 def test_sample_grids_only_at_multiples_of_sample_every(cli, tmp_path, monkeypatch):
