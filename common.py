@@ -170,6 +170,9 @@ def cache_dir():
     return os.environ.get("REPDIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repdiff")
 
 def cache_flag(value):  # --cache DIR: sets $REPDIFF_CACHE, where image folders are decoded and `shapes` rendered
+    why = unwritable(value, folder=True)
+    if why:
+        raise argparse.ArgumentTypeError(f"{value!r} {why}")
     os.environ["REPDIFF_CACHE"] = os.path.abspath(value)
     return value
 
@@ -369,9 +372,12 @@ def _detail_readout(spec, size):  # ridge from detail_features to the stripe fac
 
 def detail_r2(x, spec, n_test=5_000):
     """On `shapes`: the detail kept by images x [-1, 1] made from the first len(x) images of probe_data's test subset:
-    the mean R^2 of the stripe factors read from them by a read-out fitted on real images."""
+    the mean over the stripe factors of the R^2 read from them by a read-out fitted on real images, each clipped at
+    0. Bounded: 0 is nothing recovered (a blurred or another image reads 0, not an extrapolation far below), the real
+    images are the ceiling."""
     v = shape_factors(spec, "test")[subset(_shapes_n(spec, "test")[0], n_test)[:len(x)]][:, STRIPES]
-    return round(float(r2(_detail_readout(spec, x.shape[-1])(detail_features(x)), v).mean()), 4)
+    per_factor = r2(_detail_readout(spec, x.shape[-1])(detail_features(x)), v)
+    return round(float(per_factor.clamp_min(0).mean()), 4)
 
 @torch.no_grad()
 def extract(fn, xs, device, bs=256, desc="features"):
@@ -675,10 +681,9 @@ RESUMABLE = ("steps", "lr", "log_every", "sample_every", "ckpt_every", "grid")  
 
 def start_run(args, Config, presets, make_config):
     """A new run in args.out (never over one), or with --resume the saved one, where what the command line sets
-    (preset, then given()) may differ from its config in RESUMABLE fields only -> (dist, cfg, ckpt or None)."""
+    (preset, then given()) may differ from its config in RESUMABLE fields only -> (dist, cfg, ckpt or None). The
+    folder itself is made by Log, the first to write in it."""
     d = setup_dist(args.device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out} is a file, not a run folder")
     path, ckpt = os.path.join(args.out, "ckpt.pt"), None
     if args.resume:
         ckpt = load_checkpoint(path)
@@ -697,7 +702,6 @@ def start_run(args, Config, presets, make_config):
         cfg = make_config(args)
     if cfg.batch_size % d.world:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
-    os.makedirs(args.out, exist_ok=True)
     return d, cfg, ckpt
 
 def given(args, Config):
@@ -763,7 +767,11 @@ class Log:
     and peak GPU memory. A resumed run first drops the rows after its checkpoint."""
     def __init__(self, out, d, cfg, start):
         self.d, self.cfg, self.ckpt, self.f = d, cfg, os.path.join(out, "ckpt.pt"), None
-        if d.master:
+        if d.master:  # the run folder is made here, once the data and the model are there: bad input leaves none
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--out {out}: cannot create the run folder ({e.strerror})") from None
             path = os.path.join(out, "log.jsonl")
             rows = [r for r in open(path) if json.loads(r)["step"] <= start] if start and os.path.exists(path) else []
             self.f = open(path, "w")
@@ -810,7 +818,11 @@ def load_run(args, Config, build, *, compile_net):
     return d, ckpt, cfg, model
 
 def write_eval(ckpt_path, res):
-    json.dump(res, open(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval.json"), "w"), indent=1)
+    path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval.json")
+    with _usage(f"cannot write {path}", catch=OSError):
+        with open(path + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(path + ".tmp", path)
     print0(json.dumps(res))
 
 # ---------------------------------------------------------------------------------------------------- command line
@@ -830,15 +842,51 @@ def number(kind, low=0, strict=True):
         return v
     return parse
 
-def npz_path(text):  # an argparse type: a path ending in .npz that is not a folder
-    if not text.endswith(".npz") or os.path.isdir(text):
+def unwritable(path, folder):
+    """Why the folder (folder=True) or file `path` could not be written, or None; nothing is created. Run as root,
+    os.access says yes to every folder: what stays is a path through a file or a read-only file system."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        if folder != os.path.isdir(path):
+            return "is a file, not a folder" if folder else "is a folder, not a file"
+        return None if os.access(path, os.W_OK) else "is not writable"
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be created: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable"
+    return None
+
+def out_dir(text):  # an argparse type: a folder that is there and writable, or can be created
+    why = unwritable(text, folder=True)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text!r} {why}")
+    return text
+
+def out_file(text):  # an argparse type: a file that can be written (its folder is created when it is written)
+    why = unwritable(text, folder=False)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text!r} {why}")
+    return text
+
+def npz_path(text):  # an argparse type: a writable path ending in .npz
+    if not text.endswith(".npz"):
         raise argparse.ArgumentTypeError(f"{text!r} must name an .npz file")
+    return out_file(text)
+
+def eval_ckpt(text):  # an argparse type: eval's --ckpt, beside which eval.json can be written
+    why = unwritable(os.path.join(os.path.dirname(os.path.abspath(text)), "eval.json"), folder=False)
+    if why:
+        raise argparse.ArgumentTypeError(f"{text!r}: eval.json beside it {why}")
     return text
 
 def write_samples(path, x, grid=None):
     """Samples [-1, 1] [N,3,H,W] -> PATH.npz, arr_0 uint8 [N,H,W,3] (ADM's evaluation input), and a PNG grid beside."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, arr_0=to_uint8(x))
+    with _usage(f"cannot write {path}", catch=OSError):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        np.savez(path, arr_0=to_uint8(x))
     save_grid(x[:64] if grid is None else grid, path[:-4] + ".png")
     print0(f"wrote {path}: {len(x)} images, uint8 [{len(x)},{x.shape[-2]},{x.shape[-1]},3]")
 
@@ -855,8 +903,9 @@ def make_parser(doc, presets):
     ev.add_argument("--cache", type=cache_flag, help="where image folders are decoded to (default ~/.cache/repdiff)")
     ev.add_argument("--n", type=number(int), default=10_000, help="samples for FD")
     ev.add_argument("--fd-model", default="pixels", help="pixels | inception (the standard FID) | inception:PATH")
+    sa.add_argument("--ckpt", required=True)
+    ev.add_argument("--ckpt", required=True, type=eval_ckpt, help="writes eval.json beside it")
     for s in (sa, ev):
-        s.add_argument("--ckpt", required=True)
         s.add_argument("--seed", type=number(int, 0, strict=False), default=0)
         s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
         s.add_argument("--compile", action="store_true", help="torch.compile the network")
@@ -873,7 +922,7 @@ def train_flags(tr, presets):
     tr.add_argument("--lr", type=number(float), help="peak learning rate (default: the preset's)")
     tr.add_argument("--image-size", type=number(int), help="resize images to this side (default: the preset's)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any Config field, e.g. ema=0.999")
-    tr.add_argument("--out", required=True, help="run folder")
+    tr.add_argument("--out", required=True, type=out_dir, help="run folder")
     tr.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt exactly where it stopped")
     tr.add_argument("--seed", type=number(int, 0, strict=False), help="seed (default 0)")
     tr.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

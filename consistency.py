@@ -520,7 +520,7 @@ def main(argv=None):
                        help="1 (from t_max), 2 (re-noise at 0.821) or more (eval: fd at this many, fd_2step at 2)")
     to = sub.add_parser("toy", help="consistency training on a 2-D mixture with an MLP, on a CPU")
     to.add_argument("--toy-steps", type=common.number(int), default=6000, help="training steps (6 curriculum stages)")
-    to.add_argument("--out", required=True)
+    to.add_argument("--out", required=True, type=common.out_dir)
     to.add_argument("--seed", type=common.number(int, 0, strict=False), default=0)
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "toy": toy}[args.cmd](args)

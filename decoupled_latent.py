@@ -638,7 +638,7 @@ def main(argv=None):
     ev.set_defaults(n=1000)
     ex = sub.add_parser("export-encoder", help="write E_u for common.load_encoder / --encoder PATH")
     ex.add_argument("--ckpt", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, type=common.out_file)
     ex.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     cmds = {"train": train, "train-gen": train_gen, "sample": sample_cmd, "eval": eval_cmd,

@@ -540,7 +540,7 @@ def main(argv=None):
     to = sub.add_parser("toy", help="the paper's toy experiment (Sec. 3.3) on a CPU")
     to.add_argument("--dims", type=common.number(int), nargs="+", default=[2, 8, 16, 512])
     to.add_argument("--toy-steps", type=common.number(int), default=2000, help="training steps per model")
-    to.add_argument("--out", required=True)
+    to.add_argument("--out", required=True, type=common.out_dir)
     to.add_argument("--seed", type=common.number(int, 0, strict=False), default=0)
     args = p.parse_args(argv)
     {"train": train, "sample": sample_cmd, "eval": eval_cmd, "toy": toy}[args.cmd](args)

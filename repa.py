@@ -539,7 +539,7 @@ def main(argv=None):
                        help="CFG only for lo <= t <= hi (default 0 0.7)")
     im = sub.add_parser("import", help="an official REPA state dict -> OUT/ckpt.pt (for sample, eval)")
     im.add_argument("--official", required=True, help="the released last.pt, or a train.py checkpoint")
-    im.add_argument("--out", required=True, help="run folder")
+    im.add_argument("--out", required=True, type=common.out_dir, help="run folder")
     im.add_argument("--heads", type=common.number(int), default=16, help="attention heads (SiT-XL/2: 16)")
     im.add_argument("--align-depth", type=common.number(int), default=8, help="the aligned block (SiT-XL/2: 8)")
     args = p.parse_args(argv)

@@ -539,7 +539,7 @@ def main(argv=None):
     ev.set_defaults(n=1000)  # each view costs sample_steps passes; 1,000 are enough for PSNR and a rough FD
     ex = sub.add_parser("export-encoder", help="write the EMA encoder for common.load_encoder / --encoder PATH")
     ex.add_argument("--ckpt", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, type=common.out_file)
     ex.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     ex.set_defaults(compile=False)  # common.load_run reads args.compile; nothing runs the network here
     args = p.parse_args(argv)

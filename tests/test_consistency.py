@@ -1,4 +1,4 @@
-import json, math, os
+import json, math, os, sys, types
 
 import numpy as np
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 import common
 import consistency as C
+from conftest import Draws, assert_close32, assert_close64
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -50,6 +51,14 @@ def test_pseudo_huber_by_hand():
     assert C.pseudo_huber(a, b, c=1e-9).item() == pytest.approx(5.0)  # c -> 0: the L2 distance
 
 
+# Fixtures made by tests/reference/make_ect.py from locuslab/ect's training/networks.py
+# (ECMPrecond), training/loss.py (ECMLoss) and generator_fn, in fp32 on a CPU (neither side runs in
+# float64: make_ect.py says where each casts). The official draws are stored in its order and fed
+# to ours with Draws.feed: no test relies on a seed reproducing them; the same inputs give the same
+# numbers within conftest's assert_close32 (the t -> r mapping alone in float64, assert_close64).
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
+
+
 def official(ref):
     """The U-Net of a fixture made from locuslab/ect (tests/reference/make_ect.py) in a Consistency: the fixture's
     state dict is ECMPrecond's, whose network (this file's U-Net on both sides) sits under `model.`."""
@@ -59,65 +68,149 @@ def official(ref):
 
 
 def test_f_matches_official_ecmprecond(reference):
-    """f against ECMPrecond.forward: eval mode (CM's scalings shifted by sigma_min = 0.003, so f(x, 0.003) = x) and
-    training mode (EDM's unshifted scalings, dropout drawn after the same seed), sigma from below sigma_min to 80."""
+    """f against ECMPrecond.forward: eval mode (CM's scalings shifted by sigma_min = 0.003, so
+    f(x, 0.003) = x) and training mode (EDM's unshifted scalings, with the dropout masks the
+    official call drew), sigma from below sigma_min to 80. Put back CM's t_min = 0.002, or the
+    shifted scalings in training mode, and this fails."""
     ref = reference("ect", "net")
     model = official(ref)
+    x, sigma = ref["x"], ref["sigma"]
     assert (model.cfg.t_min, model.cfg.sigma_data) == (ref["sigma_min"], ref["sigma_data"])
+    assert ref["draw_names"] == ["bernoulli_"] * len(model.net.mask_shapes)
     with torch.no_grad():
-        d_eval = model.eval().f(ref["x"], ref["sigma"])
-        torch.manual_seed(ref["drop_seed"])
-        d_train = model.train().f(ref["x"], ref["sigma"], model.net.dropout_masks(len(ref["x"]), "cpu"))
-    assert torch.equal(d_eval[0], ref["x"][0]) and ref["sigma"][0] == model.cfg.t_min  # the boundary, exactly
-    torch.testing.assert_close(d_eval, ref["d_eval"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(d_train, ref["d_train"], rtol=1e-5, atol=1e-6)
+        d_eval = model.eval().f(x, sigma)
+        # Both sides run this repo's U-Net, which draws its masks by Tensor.bernoulli_: these are
+        # the masks it drew inside ECMPrecond's call; ours takes its masks as an argument of f
+        with Draws.feed(ref["draws"]):
+            masks = model.train().net.dropout_masks(len(x), "cpu")
+        d_train = model.f(x, sigma, masks)
+    assert torch.equal(d_eval[0], x[0]) and sigma[0] == model.cfg.t_min  # the boundary, exactly
+    for i, s in enumerate(sigma.tolist()):
+        assert_close32(d_eval[i], ref["d_eval"][i], f"eval mode, sigma {s}")
+        assert_close32(d_train[i], ref["d_train"][i], f"training mode, sigma {s}")
 
 
-def test_loss_matches_official_ecmloss(reference):
-    """The loss against ECMLoss on one batch after one seed, at stages 0-3 (official stage - 1; stage 0 gives r = 0
-    everywhere) with c = 0 and with iCT's c: the raw draws (t's normals, then e, as ECMLoss draws them), our t and r
-    from them, the loss (unclamped t, mask r > 0, weight 1/(t - r)), and the gradients. The U-Net has dropout 0.3: the
-    teacher's mask must be the student's for the numbers to agree."""
+def test_loss_matches_official_ecmloss(reference, monkeypatch):
+    """The loss against ECMLoss on one batch at stages 0-3 (official stage - 1; stage 0 gives r = 0
+    everywhere) with c = 0 and with iCT's c, ours fed ECMLoss's own draws: our t and r (the mapping
+    also in float64), the loss (unclamped t, mask r > 0, weight 1/(t - r)) and the gradients. The
+    U-Net has dropout 0.3: the teacher's masks must be the student's for the numbers to agree. Put
+    back ECT's mapping with sigmoid(+b t), or another pseudo-Huber c, and this fails."""
     ref = reference("ect", "loss")
     model = official(ref).train()
     cfg, x = model.cfg, ref["x"]
+    n_masks = len(model.net.mask_shapes)
     assert cfg.dropout > 0
-    torch.manual_seed(ref["seed"])
-    assert torch.equal(torch.randn(len(x)), ref["rnd_normal"]) and torch.equal(torch.randn_like(x), ref["eps"])
-    t = (ref["rnd_normal"] * cfg.P_std + cfg.P_mean).exp()  # t ~ lognormal(P_mean, P_std)
-    assert ((t < cfg.t_min) | (t > cfg.t_max)).any()  # a t that a clamp would change
+    assert ref["draw_names"] == ["randn", "randn_like"] + ["bernoulli_"] * n_masks
+    # The draws: t's normals (loss.py:54 draws them as [B, 1, 1, 1], ours as [B]: the same B
+    # numbers), e (loss.py:62), the student's dropout masks (loss.py:68). The masks: ECMPrecond ran
+    # this repo's U-Net, which draws them by Tensor.bernoulli_; ECMLoss's teacher restored the
+    # generator's state (loss.py:67, 71) and so drew the same masks again (make_ect.py checks it and
+    # keeps one set; teacher_draws counts the replay). Ours draws the masks once and hands them to
+    # both passes, so it is fed that one set.
+    draws = [ref["draws"][0].flatten(), *ref["draws"][1:]]
+    seen, ect_r = [], C.ect_r
+
+    def recording(t, *args):
+        r = ect_r(t, *args)
+        seen.append((t.detach().clone(), r.detach().clone()))
+        return r
+
+    monkeypatch.setattr(C, "ect_r", recording)
+    t64 = (draws[0].double() * cfg.P_std + cfg.P_mean).exp()  # loss.py:55, in float64
     params = dict(model.named_parameters())
     for case in ref["cases"]:
-        torch.testing.assert_close(t, case["t"], rtol=1e-6, atol=0)
-        r = C.ect_r(t, case["stage"], cfg.q, cfg.k, cfg.b)
-        torch.testing.assert_close(r, case["r"], rtol=1e-5, atol=1e-7)
+        msg = f"stage {case['stage']}, c {case['c']:.4f}:"
+        assert_close64(ect_r(t64, case["stage"], cfg.q, cfg.k, cfg.b), case["r64"], f"{msg} r64")
+        assert case["teacher_draws"] == (n_masks if (case["r"] > 0).any() else 0)
         cfg.huber_c = case["huber_c"]
         model.zero_grad()
-        torch.manual_seed(ref["seed"])
-        loss, _ = model(x, case["stage"])
+        seen.clear()
+        with Draws.feed(draws):
+            loss, _ = model(x, case["stage"])
         loss.backward()
-        torch.testing.assert_close(loss, case["loss"], rtol=1e-5, atol=1e-6)
+        [(t, r)] = seen
+        assert_close32(t, case["t"], f"{msg} t")
+        assert_close32(r, case["r"], f"{msg} r")
+        assert_close32(loss, case["loss"], f"{msg} loss")
         for name, g in case["grads"].items():
-            torch.testing.assert_close(params["net." + name.removeprefix("model.")].grad, g, rtol=1e-5, atol=1e-6)
+            grad = params["net." + name.removeprefix("model.")].grad
+            assert_close32(grad, g, f"{msg} grad of {name}")
     assert {(c["stage"], c["huber_c"] > 0) for c in ref["cases"]} == {(0, 0), (1, 0), (2, 0), (3, 0), (2, 1)}
+    t = ref["cases"][0]["t"]
+    assert ((t < cfg.t_min) | (t > cfg.t_max)).any()  # a t that a clamp would change
     r1 = ref["cases"][1]["r"]
     assert (r1 == 0).any() and (r1 > 0).any()  # stage 1 has both the boundary target x and the teacher's
 
 
+def test_loss_draws_in_the_official_order():
+    """On this machine's RNG: ECMLoss's draws, replayed after a seed, are the draws ours makes after
+    the same seed, in the same order, the same values."""
+    torch.manual_seed(0)
+    model = C.Consistency(C.Config(**dict(C.PRESETS["tiny"], dropout=0.3))).train()
+    B, p = 3, model.cfg.dropout
+    x = torch.rand(B, 3, 16, 16)
+    torch.manual_seed(1)
+    theirs = [("randn", torch.randn([B, 1, 1, 1]))]  # training/loss.py:54, t's normals
+    theirs.append(("randn_like", torch.randn_like(x)))  # training/loss.py:62, e
+    # training/loss.py:68, the student's call: the dropout masks of its U-Net in forward's order
+    # (make_ect.py runs this repo's U-Net in ECMPrecond: one Tensor.bernoulli_ a residual block)
+    for shape in model.net.mask_shapes:
+        theirs.append(("bernoulli_", torch.empty(B, *shape).bernoulli_(1 - p)))
+    # training/loss.py:71-73, the teacher's call, draws the same masks again after restoring the
+    # generator's state; ours draws them once and hands them to both passes (on purpose: plain
+    # tensors stay shared under torch.compile), so it has no counterpart here
+    torch.manual_seed(1)
+    with Draws.record() as ours:
+        model(x, 2)
+    assert [name for name, _ in ours] == [name for name, _ in theirs]
+    # t's normals: [B] in ours, [B, 1, 1, 1] in theirs, the same B numbers
+    assert ours[0][1].shape == (B,) and torch.equal(ours[0][1], theirs[0][1].flatten())
+    for (name, a), (_, b) in zip(ours[1:], theirs[1:]):
+        assert a.shape == b.shape and torch.equal(a, b), name
+
+
 def test_sampler_matches_official_generator_fn(reference):
-    """1, 2 (ECT's 0.821) and 3 steps against ct_eval.py's generator_fn from the same initial noise and the same
-    re-noising draws (x + s z, no sqrt(s^2 - t_min^2)), the EMA-like model in eval mode."""
+    """1, 2 (ECT's 0.821) and 3 steps against ct_eval.py's generator_fn, ours fed its draws (the
+    initial noise, then one re-noising x + s z a mid level, no sqrt(s^2 - t_min^2): the 3 steps
+    re-noise at 0.01 too, where the two differ by 5%), the EMA-like model in eval mode."""
     ref = reference("ect", "sample")
     model = official(ref).eval()
-    n = len(ref["latents"])
-    g = torch.Generator().manual_seed(ref["seed"])
-    assert torch.equal(torch.randn(ref["latents"].shape, generator=g), ref["latents"])  # our draws are its draws
-    assert torch.equal(torch.stack([torch.randn(ref["latents"].shape, generator=g) for _ in range(2)]), ref["noise"])
+    assert ref["draw_names"] == ["randn", "randn_like", "randn_like"]
     assert model.cfg.t_max == ref["t_max"] and C.mid_levels(model.cfg, 2) == [0.821]
-    for key, mid_t in (("x1", []), ("x2", [0.821]), ("x3", [2.0, 0.821])):
-        x = model.sample(n, mid_t=mid_t, generator=torch.Generator().manual_seed(ref["seed"]))
+    n = len(ref["draws"][0])
+    for key, mid_t in (("x1", []), ("x2", [0.821]), ("x3", [0.821, 0.01])):
+        # each official run drew the first 1 + len(mid_t) of these (the same seed: make_ect.py
+        # checks it); the re-noising draws are float64 there, ours takes them in fp32
+        with Draws.feed(ref["draws"][:1 + len(mid_t)]):
+            x = model.sample(n, mid_t=mid_t)
         assert ref[key].abs().max() <= 1  # our clamp to [-1, 1] hides nothing here
-        torch.testing.assert_close(x, ref[key].float(), rtol=1e-5, atol=1e-6)
+        assert_close32(x, ref[key], key)
+
+
+def test_sampler_draws_in_the_official_order():
+    """On this machine's RNG: the initial noise as generator_fn's callers draw it, then one
+    re-noising draw a mid level, against ours after the same seed."""
+    model = C.Consistency(C.Config(**C.PRESETS["tiny"])).eval()
+    n, mid_t = 2, [2.0, 0.821]
+    torch.manual_seed(3)
+    # training/ct_training_loop.py:212 (grid_z; metrics/metric_utils.py:268 the same)
+    theirs = [("randn", torch.randn([n, 3, 16, 16]))]
+    x = torch.zeros(n, 3, 16, 16, dtype=torch.float64)  # ct_training_loop.py:92, 94: x is float64
+    for _ in mid_t:
+        theirs.append(("randn_like", torch.randn_like(x)))  # training/ct_training_loop.py:96
+    torch.manual_seed(3)
+    with Draws.record() as ours:
+        model.sample(n, mid_t=mid_t)
+    assert [name for name, _ in ours] == ["randn"] * 3
+    assert [a.shape for _, a in ours] == [b.shape for _, b in theirs]
+    assert torch.equal(ours[0][1], theirs[0][1])  # the initial noise, value for value
+    # The re-noising: theirs draws float64 normals (randn_like of its float64 x), ours fp32 ones
+    # (torch.randn in the model's dtype): the same N(0, 1) noise, but a float64 draw uses the
+    # generator's stream differently, so the values differ. On purpose: ours samples in fp32; the
+    # fixture's test feeds theirs to ours.
+    assert all(a.dtype == torch.float32 for _, a in ours)
+    assert all(b.dtype == torch.float64 for _, b in theirs[1:])
 
 
 def test_defaults_are_ects_cifar10_run(reference):
@@ -135,6 +228,94 @@ def test_defaults_are_ects_cifar10_run(reference):
     assert cfg.stage_steps * cfg.batch_size == pytest.approx(d["double"] * d["tick"] * 1000)
     assert cfg.steps * cfg.batch_size == pytest.approx(d["duration"] * 1e6)
     assert cfg.lr / cfg.batch_size == pytest.approx(d["lr"] / d["batch"])
+
+
+def ect_stand_ins():
+    """Modules standing in for locuslab/ect's, with the API make_ect.py uses, built from this
+    file's functions (scalings, ect_r, pseudo_huber) and the U-Net the maker gives them."""
+    def module(name, **attrs):
+        out = types.ModuleType(name)
+        out.__dict__.update(attrs)
+        return out
+
+    networks = module("training.networks")
+
+    class ECMPrecond(torch.nn.Module):  # training/networks.py:678
+        def __init__(self, img_resolution, img_channels, model_type, sigma_min=0.003,
+                     sigma_data=0.5, **model_kwargs):
+            super().__init__()
+            self.sigma_min, self.sigma_data = sigma_min, sigma_data
+            self.model = getattr(networks, model_type)(
+                img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                label_dim=0, **model_kwargs)
+
+        def forward(self, x, sigma, class_labels=None):
+            x, sigma = x.float(), sigma.float().reshape(-1, 1, 1, 1)
+            t_min = self.sigma_min if not self.training else 0.0
+            c_skip, c_out, c_in = C.scalings(sigma, self.sigma_data, t_min)
+            c_noise = sigma.flatten().log() / 4
+            return c_skip * x + c_out * self.model(c_in * x, c_noise, class_labels)
+
+    class ECMLoss:  # training/loss.py:12
+        def __init__(self, P_mean, P_std, sigma_data, q, c, k, b):
+            self.P_mean, self.P_std, self.q, self.c, self.k, self.b = P_mean, P_std, q, c, k, b
+
+        def update_schedule(self, stage):
+            self.stage = stage
+
+        def t_to_r(self, t):
+            return C.ect_r(t, self.stage + 1, self.q, self.k, self.b)
+
+        def __call__(self, net, images):
+            t = (torch.randn([len(images), 1, 1, 1]) * self.P_std + self.P_mean).exp()
+            r = self.t_to_r(t)
+            e = torch.randn_like(images)
+            state = torch.cuda.get_rng_state()
+            d_t = net(images + e * t, t)
+            d_r = images
+            if r.max() > 0:
+                torch.cuda.set_rng_state(state)
+                with torch.no_grad():
+                    d_r = torch.where(r > 0, net(images + e * r, r), images)
+            return C.pseudo_huber(d_t, d_r, self.c) / (t - r).flatten()
+
+    def generator_fn(net, latents, class_labels=None, t_max=80, mid_t=None):  # ct_eval.py:275
+        levels = [t_max, *(mid_t or [])]
+        x = latents.double() * t_max
+        for i, s in enumerate(levels):
+            x = net(x, torch.tensor(s, dtype=torch.float64)).double()
+            if i + 1 < len(levels):
+                x = x + levels[i + 1] * torch.randn_like(x)
+        return x
+
+    networks.ECMPrecond = ECMPrecond
+    loss = module("training.loss", ECMLoss=ECMLoss)
+    loop = module("training.ct_training_loop", generator_fn=generator_fn)
+    persistence = module("torch_utils.persistence", _check_pickleable=None)
+    return {"training": module("training", networks=networks, loss=loss, ct_training_loop=loop),
+            "training.networks": networks, "training.loss": loss, "training.ct_training_loop": loop,
+            "torch_utils": module("torch_utils", persistence=persistence),
+            "torch_utils.persistence": persistence}
+
+
+def test_official_maker_runs_with_stand_ins(tmp_path, monkeypatch, capsys):
+    """make_ect.make() and bench() with stand-ins for the official modules (no checkout needed):
+    the maker's "ours" half keeps up with consistency.py's API (a change there breaks the maker
+    here)."""
+    monkeypatch.syspath_prepend(REFERENCE)
+    import make_ect, make_references
+    for name, stand_in in ect_stand_ins().items():
+        monkeypatch.setitem(sys.modules, name, stand_in)
+    monkeypatch.setattr(make_references, "OUT", str(tmp_path))
+    monkeypatch.setattr(make_ect, "official", lambda method, repos, *sub: repos)
+    # official_defaults reads ct_train.py and run_ecm.sh of the checkout, nothing of ours
+    monkeypatch.setattr(make_ect, "official_defaults", lambda path: {})
+    make_ect.make("no checkout")
+    make_ect.bench("no checkout", batch=2, repeats=1, width=8, size=16)
+    assert sorted(os.listdir(tmp_path)) == ["ect_loss.pt", "ect_net.pt", "ect_sample.pt"]
+    loss = torch.load(tmp_path / "ect_loss.pt", weights_only=True)
+    assert [case["stage"] for case in loss["cases"]] == [0, 1, 2, 3, 2]
+    assert "ours/official" in capsys.readouterr().out
 
 
 def opened(dropout=0.5):
@@ -220,11 +401,13 @@ def test_attention_gets_the_head_dim_last_and_contiguous(monkeypatch):
         assert all(a.stride(-1) == 1 and a.is_contiguous() for a in (q, k, v))
 
 
-def test_consistency_residual_is_signal_in_fp32_and_noise_in_bf16():
+def test_consistency_residual_is_first_order_in_fp32_and_bf16_rounds_it_away():
     """f(x_t, t) - f(x_r, r) is what the loss measures. Computed as training computes it by default (fp32), it is
-    first order in the gap: halving t - r halves it. Under bf16 autocast the same residual at this gap is mostly
-    rounding: the ratio is far from 2 and the bf16 error is as large as the residual itself (and ~9x iCT's pseudo-Huber
-    c at this image size). On this tiny U-Net: fp32 ratio 1.98-2.00, bf16 ratio 1.19-1.32, error/residual 1.2."""
+    first order in the gap: halving t - r halves it. bf16 keeps 8 significant bits, so rounding f's output alone moves
+    each value by up to 2^-9 of it: at this gap that is a seventh of the residual, and it does not shrink with the gap
+    as the residual does (ECT's curriculum shrinks it 2x per stage); under bf16 autocast the error of the residual is
+    at least of that size (bounds from bf16's precision, not from this CPU's kernels). Hence fp32 training. On this
+    tiny U-Net: fp32 ratio 1.98-2.00; the bf16 error measured here, 1.2x the residual."""
     assert not C.Config().bf16 and not any(p.get("bf16") for p in C.PRESETS.values())  # fp32 unless asked
     cfg = C.Config(**C.PRESETS["tiny"])
     torch.manual_seed(0)
@@ -238,20 +421,25 @@ def test_consistency_residual_is_signal_in_fp32_and_noise_in_bf16():
     t = torch.full((4,), 5.0)
 
     @torch.no_grad()
-    def residual(delta, bf16=False):  # f(x + t e, t) - f(x + r e, r), r = t - delta, one shared e
+    def f_at(s, bf16=False):  # f(x + s e, s), one shared e
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            return model.f(x + t.view(-1, 1, 1, 1) * e, t) - model.f(x + (t - delta).view(-1, 1, 1, 1) * e, t - delta)
+            return model.f(x + s.view(-1, 1, 1, 1) * e, s).float()
 
-    norm = lambda r: r.flatten(1).norm(dim=1)  # [B]
+    def norm(r):  # [B, ...] -> [B]
+        return r.flatten(1).norm(dim=1)
+
     delta = 0.005  # (t - r) / t = 0.1%
-    r1, r2 = residual(delta), residual(delta / 2)
+    f_t = f_at(t)
+    r1, r2 = f_t - f_at(t - delta), f_t - f_at(t - delta / 2)
     ratio = norm(r1) / norm(r2)
     assert ((ratio - 2).abs() < 0.3).all(), ratio  # first order: within 15% of 2 for every sample
-    b1, b2 = residual(delta, bf16=True), residual(delta / 2, bf16=True)
-    assert (norm(b1) / norm(b2)).mean() < 1.6, norm(b1) / norm(b2)  # bf16: far from first order
-    assert (norm(b1 - r1) > 0.5 * norm(r1)).all()  # the bf16 rounding is as large as the signal
+    one_rounding = 2**-9 * norm(f_t)  # bf16's rounding of f's output, at most
+    assert (one_rounding > norm(r1) / 10).all()  # not small beside the residual
+    b1 = f_at(t, bf16=True) - f_at(t - delta, bf16=True)
+    # two independent roundings of up to 2^-9 |f_i| each: a norm of about 0.47 of one_rounding; asked: a quarter
+    assert (norm(b1 - r1) > one_rounding / 4).all()
     c = 0.00054 * math.sqrt(x[0].numel())  # iCT's pseudo-Huber c (ECT's CIFAR-10 run has c = 0: the L2 norm)
-    assert (norm(b1 - r1) > 3 * c).all()  # and well above the c that would set the loss's scale
+    assert (one_rounding > c).all()  # and above the c that would set the loss's scale
 
 
 def test_toy_one_step_lands_on_data(cli, tmp_path):
@@ -263,10 +451,9 @@ def test_toy_one_step_lands_on_data(cli, tmp_path):
     assert os.path.isfile(tmp_path / "toy.png")
 
 
-def test_resume_continues_exactly_and_checks_the_command_line(cli, logged_losses, tmp_path, capsys):
-    """The same command plus --resume continues bit for bit (here across the stage 0 -> 1 boundary, with dropout:
-    the masks' draws continue the saved stream); a resumable field (lr) changes and says so; another (the batch
-    size) is refused with one line."""
+def test_resume_continues_exactly_across_a_stage_with_dropout(cli, logged_losses, tmp_path):
+    """The same command plus --resume continues bit for bit across the stage 0 -> 1 boundary, with dropout (the
+    masks' draws continue the saved stream)."""
     run = ["train", *TINY, "--set", "dropout=0.1"]
     argv = [*run, "--steps", 4, "--out", tmp_path / "b"]
     assert cli(C, [*run, "--steps", 6, "--out", tmp_path / "a"]) == 0
@@ -274,13 +461,6 @@ def test_resume_continues_exactly_and_checks_the_command_line(cli, logged_losses
     assert cli(C, [*argv, "--resume", "--steps", 6]) == 0
     assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
     assert [json.loads(l)["stage"] for l in open(tmp_path / "a" / "log.jsonl")] == [0] * 5 + [1]
-    capsys.readouterr()
-    assert cli(C, [*argv, "--resume", "--steps", 7, "--lr", 5e-4]) == 0
-    assert "lr 0.001 -> 0.0005" in capsys.readouterr().out
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["config"]["lr"] == 5e-4
-    assert cli(C, [*argv, "--resume", "--steps", 8, "--batch-size", 7]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "batch_size" in err, err
 
 
 def test_sample_eval(cli, tmp_path):
@@ -294,7 +474,8 @@ def test_sample_eval(cli, tmp_path):
         out = tmp_path / f"s{steps}.npz"
         assert cli(C, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sample-steps", steps, "--out", out]) == 0
         arr = np.load(out)["arr_0"]
-        assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
+        assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
+        assert len({image.tobytes() for image in arr}) == 6  # each image from its own noise
     # eval of the run trained 40 steps beats eval of the same preset trained 1 step (same seed, same samples' noise)
     for run in (b, one):
         assert cli(C, ["eval", "--ckpt", run / "ckpt.pt", "--n", 64]) == 0
@@ -306,7 +487,7 @@ def test_sample_eval(cli, tmp_path):
     init = ("probe_linear_init", "probe_knn_init", "detail_r2_init")
     assert {k: res[k] for k in init} == {k: res1[k] for k in init}
     assert "bottleneck" in res["probe"] and {"probe_linear", "probe_knn", "detail_r2_pixels"} <= set(res)
-    assert -1 < res["detail_r2"] <= 1 and res["detail_r2"] != res["detail_r2_init"]
+    assert 0 <= res["detail_r2"] <= res["detail_r2_pixels"]  # bounded: 0 for no stripes, the images the ceiling
     assert [t for t, _ in res["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 1.0, 2.0]
     assert all(0 <= a <= 1 for _, a in res["probe_linear_by_t"])
 
@@ -317,11 +498,10 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert cli(C, ["sample", "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "s.npz"]) == 2
     assert cli(C, ["sample", "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "s.png"]) == 2
     assert ".npz" in capsys.readouterr().err
-    for argv, words in ((["train", *TINY, "--steps", 0, "--out", tmp_path / "y"], "--steps"),
-                        (["train", *TINY, "--set", "nope=1", "--out", tmp_path / "y"], "nope"),
-                        (["train", *TINY, "--set", "bf16=maybe", "--out", tmp_path / "y"], "bf16"),
-                        (["sample", "--ckpt", tmp_path / "nope.pt", "--n", 0, "--out", tmp_path / "s.npz"], "--n"),
-                        (["toy", "--toy-steps", -1, "--out", tmp_path / "t"], "--toy-steps")):
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    for argv, words in ((["train", *TINY, "--set", "bf16=maybe", "--out", tmp_path / "y"], "bf16"),
+                        (["toy", "--toy-steps", -1, "--out", tmp_path / "t"], "--toy-steps"),
+                        (["toy", "--out", tmp_path / "a_file" / "t"], "--out")):
         assert cli(C, argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)  # one line on stderr
@@ -330,19 +510,9 @@ def test_bad_inputs(cli, tmp_path, capsys):
 
 def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     """The DDP path (gloo on CPU): the logged step-1 loss is the mean of the two ranks' losses, each recomputed here in
-    one process from its own batch and RNG stream; rank 0 alone writes one row per step, and in eval alone
-    eval.json and the FD statistics (one .npz, no .tmp left, in a fresh TORCH_HOME)."""
+    one process from its own batch and RNG stream (the curriculum's stage 0); rank 0 alone writes one row a step."""
     r = torchrun("consistency.py", ["train", *TINY, "--steps", 4, "--out", tmp_path], 29532)
     assert r.returncode == 0, r.stderr[-2000:]
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    r = torchrun("consistency.py", ["eval", "--ckpt", tmp_path / "ckpt.pt", "--n", 8, "--batch", 4,
-                                    "--sample-steps", 2], 29533)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")[0].endswith(".npz")
-    assert len(os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")) == 1
-    res = json.load(open(tmp_path / "eval.json"))
-    assert res["n_samples"] == 8 and res["step"] == 4 and r.stdout.count('"fd"') == 1
-    assert res["sample_steps"] == 2 and res["fd"] == res["fd_2step"]  # eval at --sample-steps 2: one FD, twice
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     cfg = C.Config(**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"])

@@ -1,4 +1,4 @@
-import argparse, json, math, os, textwrap
+import argparse, json, os, textwrap
 
 import numpy as np
 import pytest
@@ -121,9 +121,9 @@ def test_r2_read_outs():
     assert mlp[0] > 0.95 and mlp[1] > 0.9
 
 
-def test_resume_continues_exactly(cli, logged_losses, resume_rules, tmp_path):
+def test_resume_continues_exactly(cli, logged_losses, tmp_path):
     """The same command plus --resume continues the run bit for bit (every training flag is a Config field: here the
-    control's --no-decouple); a resumable field (lr) changes with a printed line, any other is refused in one line."""
+    control's --no-decouple, which test_contract's tiny run does not set)."""
     a, b = tmp_path / "a", tmp_path / "b"
     argv = ["train", *TINY, "--no-decouple", "--steps", 4, "--out", b]
     assert cli(DL, ["train", *TINY, "--no-decouple", "--steps", 6, "--out", a]) == 0
@@ -132,7 +132,6 @@ def test_resume_continues_exactly(cli, logged_losses, resume_rules, tmp_path):
     assert logged_losses(b) == logged_losses(a)
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_rec"] + row["loss_sem"], rel=1e-5)  # the terms forward returns
-    resume_rules(DL, argv, b, 7, 5e-4, 0.001)
 
 
 def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch):
@@ -145,7 +144,7 @@ def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch):
     assert res["probe_linear"] == res["parts"]["z_u"]["probe_linear"]
     assert res["probe_linear_init"] == res["parts_init"]["z_u"]["probe_linear"]
     for key in ("detail_r2", "detail_r2_drop_d", "detail_r2_init", "detail_r2_pixels"):
-        assert isinstance(res[key], float) and res[key] <= 1, key  # an R^2: below 0 when the detail is lost
+        assert isinstance(res[key], float) and 0 <= res[key] <= 1, key  # R^2 clipped at 0: 0 when it is lost
     for key in ("r2", "r2_mlp"):
         assert [k for k in res["parts"]["z_d"][key] if "stripe" in k] == [k for k in common.FACTORS if "stripe" in k]
     # export: common.load_encoder gives E_u's global token, from which z_u is one linear map
@@ -173,7 +172,12 @@ def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch):
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (5, 16, 16, 3)
     assert cli(DL, ["eval", "--ckpt", g / "ckpt.pt", "--n", 50, "--device", "cpu"]) == 0
     res_g = json.load(open(g / "eval.json"))
-    assert res_g["fd"] > 0 and res_g["n_samples"] == 50 and res_g["parts"] == res["parts"]  # the same autoencoder
+    assert res_g["n_samples"] == 50 and res_g["parts"] == res["parts"]  # the same autoencoder
+    # the FD is that of the samples `sample` draws with eval's seed and batch, to the training split
+    assert cli(DL, ["sample", "--ckpt", g / "ckpt.pt", "--n", 50, "--out", tmp_path / "s50.npz"]) == 0
+    made = common.to_float(torch.from_numpy(np.load(tmp_path / "s50.npz")["arr_0"]).permute(0, 3, 1, 2))
+    fd = common.fd_to_train(common.FDFeatures("pixels", torch.device("cpu")), made, "shapes:2000", 16)
+    assert res_g["fd"] == pytest.approx(fd, rel=0.02)  # uint8 rounding apart
     # the docstring's snippet samples from the stage-2 checkpoint
     snippet = textwrap.dedent(DL.__doc__.split("in Python:\n")[1]).replace("runs/dl_gen/ckpt.pt", str(g / "ckpt.pt"))
     scope = {}
@@ -195,9 +199,8 @@ def test_bad_inputs(cli, tmp_path, capsys):
 
 
 def test_torchrun_two_cpu_processes(torchrun, cli, tmp_path, monkeypatch):
-    """DDP (gloo), with a frozen encoder: the logged step-1 loss is the mean of the two ranks' losses, each recomputed
-    here in one process. Eval under torchrun: rank 0 alone writes eval.json and the FD statistics (a fresh cache)."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    """DDP (gloo), with a frozen encoder (test_contract's run has none): the logged step-1 loss is the mean of the two
+    ranks' losses, each recomputed here in one process."""
     r = torchrun("decoupled_latent.py", ["train", *TINY, "--encoder", "random-vit-s@28", "--steps", 3, "--out",
                                          tmp_path], 29535)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -215,11 +218,3 @@ def test_torchrun_two_cpu_processes(torchrun, cli, tmp_path, monkeypatch):
         losses.append(model(x, encoder(x)[0])[0].item())
     assert losses[0] != losses[1]
     assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
-    g = tmp_path / "g"
-    assert cli(DL, ["train-gen", *TINY, "--steps", 2, "--ae", tmp_path / "ckpt.pt", "--out", g]) == 0
-    r = torchrun("decoupled_latent.py", ["eval", "--ckpt", g / "ckpt.pt", "--n", 6, "--batch", 2, "--sample-steps", 2,
-                                         "--device", "cpu"], 29535)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.load(open(g / "eval.json"))["n_samples"] == 6 and r.stdout.count('"fd_model"') == 1
-    fd_files = os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")  # torch.hub.get_dir(): $TORCH_HOME/hub
-    assert len(fd_files) == 1 and fd_files[0].endswith(".npz") and ".tmp" not in fd_files[0], fd_files

@@ -1,4 +1,4 @@
-import math, os, urllib.error
+import os, urllib.error
 
 import pytest
 import torch

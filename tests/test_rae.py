@@ -1,5 +1,6 @@
-import json, os
+import json, os, sys
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 import common
 import rae as R
+from conftest import ROOT, Draws, assert_close32, assert_close64
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -150,7 +152,8 @@ def test_plain_control_matches_the_parameter_count():
 
 
 def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path, capsys, monkeypatch):
-    """Both stages: the same command + --resume continues exactly; grids only at multiples of sample_every; eval."""
+    """Both stages: the same command + --resume continues exactly (noise augmentation and the decoder given by
+    --decoder included); grids only at multiples of sample_every; eval."""
     every3 = ["--set", "sample_every=3"]
     a, b = tmp_path / "dec_a", tmp_path / "dec_b"
     argv = ["train-decoder", *TINY, *every3, "--out", b]
@@ -161,12 +164,6 @@ def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path, capsys, monke
     assert logged_losses(b) == logged_losses(a)  # exact resume, noise augmentation included
     row = json.loads(open(a / "log.jsonl").readline())
     assert row["loss"] == pytest.approx(row["loss_l1"] + row["loss_perc"], rel=1e-5)  # tiny: perc_coeff 1
-    capsys.readouterr()
-    assert cli(R, [*argv, "--resume", "--steps", 7, "--lr", 5e-4]) == 0
-    assert "--resume: lr 0.001 -> 0.0005" in capsys.readouterr().out
-    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 5e-4
-    assert cli(R, [*argv, "--resume", "--batch-size", 7]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
     assert cli(R, ["eval", "--ckpt", a / "ckpt.pt", "--device", "cpu"]) == 0
     res = json.load(open(a / "eval.json"))
     assert res["fd"] is None and res["psnr"] > res["psnr_init"] and res["rfd"] < res["rfd_init"]
@@ -213,7 +210,7 @@ def test_bad_inputs(cli, tmp_path, capsys):
 
 
 def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
-    """Both stages and eval under torchrun (2 CPU processes, gloo): rank 0 alone writes eval.json and the FD cache."""
+    """Both stages under torchrun (2 CPU processes, gloo), the second with the plain head (the control)."""
     dec, gen = tmp_path / "dec", tmp_path / "gen"
     r = torchrun("rae.py", ["train-decoder", *TINY, "--encoder", "random-vit-s@28", "--steps", 3, "--out", dec], 29545)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -223,14 +220,7 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     r = torchrun("rae.py", ["train", *TINY, "--decoder", dec / "ckpt.pt", "--head", "none", "--steps", 2, "--out", gen],
                  29546)  # the plain DiT, the control
     assert r.returncode == 0, r.stderr[-2000:]
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # a fresh FD statistics cache (repdiff_fd/)
-    # eval's own --n (1000 here) stays: torchrun's parser takes `--n` for an ambiguous abbreviation of its options
-    r = torchrun("rae.py", ["eval", "--ckpt", gen / "ckpt.pt", "--batch", 500, "--device", "cpu"], 29547)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.load(open(gen / "eval.json"))
-    assert res["n_samples"] == 1000 and res["head"] == "none" and r.stdout.count('"detail_r2"') == 1
-    fd_files = os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")  # torch.hub.get_dir() is $TORCH_HOME/hub
-    assert len(fd_files) == 1 and fd_files[0].endswith(".npz") and ".tmp" not in fd_files[0]  # one .npz, no .tmp
+    assert torch.load(gen / "ckpt.pt", weights_only=True)["config"]["head"] == "none"
 
 
 def test_stage1_encodes_the_clean_images_once_a_step():
@@ -291,74 +281,168 @@ def test_sampler_runs_in_true_fp32(monkeypatch):
 
 
 # ------------------------------------------------------------------- against the official code (bytetriper/RAE)
+# The fixtures (tests/reference/make_rae.py) hold the official outputs in float64 and every random
+# draw the official code made, in its order: the tests feed those draws to ours (Draws.feed) and run
+# ours in float64 (.double(), and torch's default dtype float64 for what ours makes: its draws, t,
+# the sampler's grid). Ours casts t to fp32 in its time embedding and the networks' outputs to fp32
+# (rae.py's TimestepEmbedder, RAE.forward, RAE.sample, RAEDecoder.pixels: against bf16 autocast):
+# what follows such a cast is compared as fp32 (assert_close32), the rest as float64.
+@pytest.fixture
+def float64():
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
+
+
 def official_model(reference):
+    """-> (ours in float64 with the official DiTwDDTHead's state dict, unchanged; rae_net)."""
     ref = reference("rae", "net")
     model = R.RAE(R.Config(**ref["config"]), *ref["latent"])
-    model.net.load_state_dict(ref["state_dict"], strict=True)  # the official DiTwDDTHead's state dict, unchanged
-    return model, ref
+    model.net.load_state_dict(ref["state_dict"], strict=True)
+    return model.double(), ref
 
 
-def close(ours, ref):
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_dit_dh_matches_the_official(reference):
+def test_dit_dh_matches_the_official(reference, float64):
     model, ref = official_model(reference)
     model.eval()
     with torch.no_grad():
-        close(model.net.t_embedder(ref["t"]), ref["t_emb"])  # Gaussian Fourier features
-        close(model.net(ref["x"], ref["t"], ref["y"]), ref["out"])  # t in [0, 1], every class and the null class
+        # t in {0, 1/16, 5/16, 5/8, 15/16, 1}: exact in fp32, where ours embeds t
+        assert_close64(model.net.t_embedder(ref["t"]), ref["t_emb"])  # Gaussian Fourier features
+        out = model.net(ref["x"], ref["t"], ref["y"])  # every class and the null class
+    assert_close64(out, ref["out"])
 
 
-def test_stage2_loss_matches_the_official(reference):
+def test_stage2_loss_matches_the_official(reference, float64):
     model, _ = official_model(reference)
     ref = reference("rae", "loss")
-    n = torch.distributions.Normal(0.0, 1.0).icdf(ref["u"])  # the official truncated logit-normal, on [0, 0.999]
-    close(R.time_shift(torch.sigmoid(n).clamp(max=0.999), model.a), ref["t"])
     seen = {}
     model.net.register_forward_pre_hook(lambda m, a: seen.update(x_t=a[0], t=a[1], y=a[2]))
+    model.net.register_forward_hook(lambda m, a, out: seen.update(v=out))
     model.train()
-    torch.manual_seed(ref["seed"])  # the same draws in the same order: noise, t, then the label drop
-    loss = model(ref["z"], ref["labels"])
-    close(seen["t"], ref["t"])
-    close(seen["x_t"], ref["x_t"])
-    assert torch.equal(seen["y"], torch.where(ref["u_drop"] < model.cfg.label_drop, 5, ref["labels"]))
-    close(loss, ref["loss"])
+    # the official draws: the noise [B, C, h, w] (transport.py:161), t's uniform (transport.py:76),
+    # the label drop's uniform (model_utils.py:427); ours draws the noise as [B, C, N]
+    e, u, u_drop = ref["draws"]
+    with Draws.feed([e.flatten(2), u, u_drop]):
+        loss = model(ref["z"], ref["labels"])
+    # the logit-normal cut at 0.999, shifted (a = 2); the official truncates (u scaled by
+    # Phi(logit 0.999) = 1 - 2.5e-12, transport.py:77), ours clamps: 2e-12 apart, 0 in fp32
+    assert_close64(seen["t"], ref["t"])
+    assert_close64(seen["x_t"], ref["x_t"])
+    assert torch.equal(seen["y"], ref["y"])  # some labels dropped to the null class, some kept
+    assert_close32(seen["v"], ref["pred"])  # ours embeds t in fp32
+    assert_close32(loss, ref["loss"])
     loss.backward()
     for name, g in ref["grads"].items():
-        close(model.net.get_parameter(name).grad, g)
+        assert_close32(model.net.get_parameter(name).grad, g, name)
 
 
-def test_euler_sampler_with_cfg_matches_the_official(reference):
+def test_euler_sampler_with_cfg_matches_the_official(reference, float64):
     model, _ = official_model(reference)
     ref = reference("rae", "sample")
     model.eval()
-    g = torch.Generator().manual_seed(ref["seed"])
-    close(torch.randn(3, 8, 16, generator=g).transpose(1, 2), ref["noise"])  # sample_ddp.py's [B, C, h, w] draw
     for name, run in ref["runs"].items():
-        g = torch.Generator().manual_seed(ref["seed"])
-        interval = None if name == "default" else run["interval"]  # "default": the Config's interval, [0, 1]
-        out = model.sample(ref["y"], steps=ref["steps"], scale=run["scale"], interval=interval, generator=g)
-        # atol 1e-5 at |x| ~ 3: the official tokens are a transposed view of [B, C, h, w], so its matmuls round
-        # otherwise (bit-equal on a contiguous copy); 5 steps and CFG 2.5 amplify that to ~2e-6
-        torch.testing.assert_close(out, run["out"], rtol=1e-5, atol=1e-5)
+        # "default": the Config's interval, [0, 1]
+        interval = None if name == "default" else run["interval"]
+        # sample_ddp.py:249's one draw, [B, C, h, w]; ours draws it as [B, C, N]
+        with Draws.feed([ref["draws"][0].flatten(2)]):
+            out = model.sample(ref["y"], steps=ref["steps"], scale=run["scale"], interval=interval)
+        assert_close32(out, run["out"], name)  # ours samples in fp32
 
 
-def test_decoder_and_stage1_loss_match_the_official(reference):
+def test_time_shift_of_the_latent_dimension_matches_the_official(reference, float64):
+    """a = sqrt(m / 4096) from the latent's dimension m = N C (the official train.py and
+    sample_ddp.py), at a latent where the official code takes it (a >= 1): m = 6400, a = 1.25. A
+    stand-in network v = t x_t on both sides: t in training and the sampler's grid show a."""
+    ref = reference("rae", "shift")
+    # shift 0: a from the latent's dimension
+    cfg = replace(R.Config(**reference("rae", "net")["config"]), shift=0.0)
+    model = R.RAE(cfg, *ref["latent"])
+    seen = []
+
+    class StandIn(torch.nn.Module):
+        def forward(self, x, t, y):
+            seen.append((t, y))
+            return t[:, None, None] * x
+
+    model.net = StandIn()
+    e, u, u_drop = ref["draws"]  # transport.py:161, :76, model_utils.py:427 (the label drop)
+    with Draws.feed([e.flatten(2), u, u_drop]):
+        loss = model(torch.zeros(len(u), *ref["latent"]), ref["labels"])  # z = 0
+    assert_close64(seen[0][0], ref["t"])
+    assert torch.equal(seen[0][1], ref["y"])
+    assert_close32(loss, ref["loss"])  # ours casts the network's output to fp32
+    seen.clear()
+    with Draws.feed([ref["sample_draws"][0].flatten(2)]):  # sample_ddp.py:249
+        model.sample(ref["labels"][:1], steps=ref["steps"], scale=1.0)
+    # shift(1 - linspace(0, 0.999, 6)), but its last point
+    assert_close64(torch.stack([t[0] for t, _ in seen]), ref["grid"])
+
+
+def test_decoder_and_stage1_loss_match_the_official(reference, float64):
     ref = reference("rae", "decoder")
     cfg = R.Config(**reference("rae", "net")["config"])
-    dec = R.RAEDecoder(cfg, 16, 8)
-    dec.net.load_state_dict(ref["state_dict"], strict=True)  # the official GeneralDecoder's state dict
+    dec = R.RAEDecoder(cfg, *ref["latent"])
+    dec.net.load_state_dict(ref["state_dict"], strict=True)  # the official GeneralDecoder's
+    dec.double()
     dec.mu.copy_(ref["mean"].flatten(1).T)  # the official statistics [C, h, w] -> [N, C]
-    dec.sigma.copy_((ref["var"] + 1e-5).sqrt().flatten(1).T)
+    dec.sigma.copy_((ref["var"].double() + 1e-5).sqrt().flatten(1).T)
+    seen = []
+    dec.net.register_forward_hook(lambda m, a, out: seen.append((a[0], out)))
     dec.eval()
     with torch.no_grad():
-        close((dec.decode(ref["z_norm"]) + 1) / 2, ref["images"])  # ours in [-1, 1], the official's in [0, 1]
-        close((dec.pixels(ref["z_noised"]) + 1) / 2, ref["recon"])
-    close(ref["z"] + cfg.noise_tau * ref["u"] * ref["n"], ref["z_noised"])  # the draws, transformed
+        images = (dec.decode(ref["z_norm"]) + 1) / 2  # ours in [-1, 1], the official's in [0, 1]
+    assert_close64(seen[0][1], ref["pixels"])  # the decoder's ImageNet-normalised pixels
+    assert_close32(images, ref["images"])  # ours casts the decoder's output to fp32
     dec.train()
-    torch.manual_seed(ref["seed"])
-    close(dec(ref["x01"] * 2 - 1, ref["z"])[0], ref["l1"])  # the L1 on [0, 1] images, noise augmentation included
+    # stage1/rae.py:74 s's uniform [B, 1, 1], :75 the noise [B, N, C]
+    with Draws.feed(ref["draws"]):
+        # the L1 on [0, 1] images, the noise augmentation included
+        l1 = dec(ref["x01"] * 2 - 1, ref["z"])[0]
+    assert_close64(seen[1][0], ref["z_noised"])  # z + tau u n
+    assert_close64(seen[1][1], ref["recon_pixels"])
+    assert_close32(l1, ref["l1"])
+
+
+def test_draw_order_matches_the_official():
+    """On this machine's random stream: seeded, the official draws replayed in the official order;
+    seeded again, ours recorded: the same functions, shapes and values. On purpose, ours draws the
+    noise of stage 2 as torch.randn([B, C, N]) where the official draws [B, C, h, w] (randn_like
+    in the loss): the same numbers in the same order (ours then transposes), so those are compared
+    as torch.randn, flattened."""
+    B, C, g = 3, 8, 4
+    model = R.RAE(tiny_cfg(label_drop=0.5), g * g, C)
+    dec = R.RAEDecoder(tiny_cfg(), g * g, C)
+
+    def same(ours, expected):
+        assert [(n, tuple(t.shape)) for n, t in ours] == [(n, tuple(t.shape)) for n, t in expected]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ours, expected))
+
+    # the stage-2 loss: transport.py:161 randn_like(x1), x1 [B, C, h, w]; transport.py:76
+    # rand([B]), t's uniform; model_utils.py:427 rand(B), the label drop (in DiTwDDTHead.forward)
+    torch.manual_seed(0)
+    e = torch.randn_like(torch.zeros(B, C, g, g))
+    u = torch.rand(B)
+    u_drop = torch.rand(B)
+    torch.manual_seed(0)
+    with Draws.record() as ours:
+        model(torch.zeros(B, g * g, C), torch.zeros(B, dtype=torch.long))
+    same(ours, [("randn", e.flatten(2)), ("rand", u), ("rand", u_drop)])
+    # sampling: sample_ddp.py:249 randn(n, C, h, w); the Euler ODE and CFG draw nothing
+    torch.manual_seed(0)
+    noise = torch.randn(B, C, g, g)
+    torch.manual_seed(0)
+    with Draws.record() as ours:
+        model.sample(torch.zeros(B, dtype=torch.long), steps=3, scale=2.0)
+    same(ours, [("randn", noise.flatten(2))])
+    # stage 1: stage1/rae.py:74 rand((B, 1, 1)) for tokens [B, N, C]; :75 randn_like(tokens)
+    torch.manual_seed(0)
+    s = torch.rand(B, 1, 1)
+    n = torch.randn_like(torch.zeros(B, g * g, C))
+    torch.manual_seed(0)
+    with Draws.record() as ours:
+        dec(torch.zeros(B, 3, 16, 16), torch.zeros(B, g * g, C))
+    same(ours, [("rand", s), ("randn_like", n)])
 
 
 def test_schedules_match_the_official(reference):
@@ -370,8 +454,9 @@ def test_schedules_match_the_official(reference):
         assert cfg.ema == run["ema"] and cfg.grad_clip == run["clip"]
 
 
-def test_released_checkpoints_load(reference):
-    """The official DiT^DH-XL and ViT-XL decoder (DINOv2-B, 256 px): our modules have their keys and shapes."""
+def test_released_checkpoints_load_official_keys(reference):
+    """The official DiT^DH-XL and ViT-XL decoder (DINOv2-B, 256 px): our modules have their keys and
+    shapes."""
     ref = reference("rae", "keys")
     cfg = replace(R.Config(), **R.OFFICIAL)
     with torch.device("meta"):
@@ -388,10 +473,146 @@ def test_from_official_then_sample(reference, cli, tmp_path):
     for path, obj in files.items():  # a released layout, at the fixtures' size
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp_path / path)
-    R.from_official(str(tmp_path), str(tmp_path / "run"), 16, 8, **net["config"])
+    R.from_official(str(tmp_path), str(tmp_path / "run"), *net["latent"], **net["config"])
     _, decoder = R.load_decoder(str(tmp_path / "run" / "ckpt.pt"), "cpu")
     with torch.no_grad():
-        close((decoder.decode(dec["z_norm"]) + 1) / 2, dec["images"])
-    assert cli(R, ["sample", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 3, "--device", "cpu", "--out",
-                   tmp_path / "s.npz"]) == 0
+        images = (decoder.decode(dec["z_norm"].float()) + 1) / 2
+    assert_close32(images, dec["images"])  # ours in fp32, as it samples
+    assert cli(R, ["sample", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 3, "--device", "cpu",
+                   "--out", tmp_path / "s.npz"]) == 0
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
+
+
+def official_stand_ins():
+    """Modules named as the official ones make_rae.py imports, with exactly what it uses from them,
+    made of ours (the official [B, C, h, w] at their edges): {module name: module}."""
+    cfg = R.Config()
+
+    class DiTwDDTHead(R.DiTDH):  # DDT.py's: [B, C, h, w], the label drop in training, its CFG
+        def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                     class_dropout_prob=0.1, num_classes=1000):
+            c = replace(cfg, hidden=hidden_size[0], head_dim=hidden_size[1], depth=depth[0],
+                        head_depth=depth[1], heads=num_heads[0], head_heads=num_heads[1],
+                        num_classes=num_classes, label_drop=class_dropout_prob)
+            super().__init__(c, input_size * input_size, in_channels)
+
+        def forward(self, x, t, y):
+            if self.training:
+                drop = torch.rand(len(y)) < self.cfg.label_drop
+                y = torch.where(drop, self.cfg.num_classes, y)
+            v = super().forward(x.flatten(2).transpose(1, 2), t, y)
+            return v.transpose(1, 2).reshape(x.shape)
+
+        def forward_with_cfg(self, x, t, y, cfg_scale, cfg_interval=(0, 1)):
+            v_c, v_u = self.forward(x, t, y).chunk(2)
+            t = t[: len(t) // 2, None, None, None]
+            on = (t >= cfg_interval[0]) & (t <= cfg_interval[1])
+            v = torch.where(on, v_u + cfg_scale * (v_c - v_u), v_c)
+            return torch.cat([v, v])
+
+    class LabelEmbedder:  # model_utils.py's label drop
+        def __init__(self, num_classes, hidden_size, dropout_prob):
+            self.num_classes, self.dropout_prob = num_classes, dropout_prob
+
+        def token_drop(self, labels):
+            drop = torch.rand(len(labels)) < self.dropout_prob
+            return torch.where(drop, self.num_classes, labels)
+
+    class RMSNorm(torch.nn.RMSNorm):  # the maker swaps its forward while in float64
+        pass
+
+    class Transport:  # transport.py's: the linear path, v-prediction, t shifted (uniform here)
+        def __init__(self, shift):
+            self.shift = shift
+
+        def training_losses(self, model, x1, model_kwargs):
+            x0 = torch.randn_like(x1)
+            t = R.time_shift(torch.rand(len(x1)), self.shift).to(x1)
+            xt = (1 - t[:, None, None, None]) * x1 + t[:, None, None, None] * x0
+            pred = model(xt, t, **model_kwargs)
+            return dict(loss=((pred - (x0 - x1)) ** 2).mean((1, 2, 3)), pred=pred)
+
+    def create_transport(path_type, prediction, loss_weight, time_dist_type, time_dist_shift):
+        return Transport(time_dist_shift)
+
+    class Sampler:  # transport.py's Euler ODE: rae.py's sample_euler
+        def __init__(self, transport):
+            self.shift = transport.shift
+
+        def sample_ode(self, sampling_method, num_steps):
+            def sample(x, model, **kwargs):
+                v = lambda x, t: model(x, torch.full((len(x),), t, dtype=x.dtype), **kwargs)
+                return [R.sample_euler(v, x, num_steps, self.shift)]
+            return sample
+
+    class RAE:  # stage1/rae.py's noising and decode, called on the maker's stand-in object
+        def noising(self, x):
+            return x + self.noise_tau * torch.rand(len(x), 1, 1) * torch.randn_like(x)
+
+        def decode(self, z):
+            if self.do_normalization:
+                z = z * torch.sqrt(self.latent_var + self.eps) + self.latent_mean
+            x = self.decoder.unpatchify(self.decoder(z.flatten(2).transpose(1, 2)).logits)
+            return x * self.encoder_std + self.encoder_mean
+
+    class GeneralDecoder(R.ViTDecoder):  # decoder.py's: the output's .logits, unpatchify (identity)
+        def __init__(self, config, num_patches):
+            c = replace(cfg, image_size=config.image_size, dec_dim=config.decoder_hidden_size,
+                        dec_depth=config.decoder_num_hidden_layers,
+                        dec_heads=config.decoder_num_attention_heads,
+                        dec_mlp=config.decoder_intermediate_size)
+            super().__init__(c, num_patches, config.hidden_size)
+
+        def forward(self, z):
+            return SimpleNamespace(logits=super().forward(z))
+
+        def unpatchify(self, x):
+            return x
+
+    training = dict(epochs=2, optimizer=dict(lr=cfg.lr), ema_decay=cfg.ema, clip_grad=cfg.grad_clip)
+    misc = dict(latent_size=[768, 16, 16], time_dist_shift_dim=196608, time_dist_shift_base=4096)
+    configs = {"DINOv2-B_decXL.yaml": dict(training=training),
+               "DiTDH-S_DINOv2-B.yaml": dict(training=training, misc=misc)}
+    omegaconf = SimpleNamespace(load=lambda path: configs[os.path.basename(path)],
+                                to_container=lambda config: config)
+
+    def build_scheduler(opt, steps_per_epoch, training):  # utils/optim_utils.py's: rae.py's lr_at
+        run = replace(cfg, steps=training["epochs"] * steps_per_epoch)
+        return SimpleNamespace(lr_lambdas=[lambda step: R.lr_at(run, step) / run.lr]), ""
+
+    auto_config = SimpleNamespace(from_pretrained=lambda path: SimpleNamespace())
+    module = SimpleNamespace
+    model_utils = module(LabelEmbedder=LabelEmbedder, RMSNorm=RMSNorm)
+    return {"stage2": module(), "stage2.models": module(model_utils=model_utils),
+            "stage2.models.DDT": module(DiTwDDTHead=DiTwDDTHead),
+            "stage2.models.model_utils": model_utils,
+            "stage2.transport": module(Sampler=Sampler, create_transport=create_transport),
+            "stage1": module(), "stage1.rae": module(RAE=RAE),
+            "stage1.decoders": module(GeneralDecoder=GeneralDecoder),
+            "transformers": module(__version__="stand-in", AutoConfig=auto_config),
+            "omegaconf": module(OmegaConf=omegaconf),
+            "utils": module(), "utils.optim_utils": module(build_scheduler=build_scheduler)}
+
+
+def test_maker_runs_with_official_stand_ins(monkeypatch, tmp_path, capsys):
+    """tests/reference/make_rae.py's make() and bench() run, their "ours" half for real, with
+    stand-ins for the official modules (no checkout): our API changing under the maker fails
+    here, not at the next regeneration of the fixtures."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tests", "reference"))
+    import make_references
+    import make_rae
+    for name, module in official_stand_ins().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(make_references, "official", lambda method, repos, *sub: repos)
+    monkeypatch.setattr(make_references, "OUT", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: on a busy CPU, a second thread only waits for the first
+    try:
+        make_rae.make("no checkout")
+        make_rae.bench("no checkout", batch=1, repeats=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_default_dtype() == torch.float32  # the maker's float64 region ended
+    names = ("decoder", "keys", "loss", "net", "sample", "shift")
+    assert sorted(os.listdir(tmp_path)) == [f"rae_{n}.pt" for n in names]
+    assert "ours/official" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-import argparse, datetime, json, os
+import argparse, contextlib, datetime, json, os, sys, types
 from dataclasses import replace
 
 import numpy as np
@@ -7,6 +7,7 @@ import torch
 
 import common
 import rcg as R
+from conftest import Draws, assert_close32, assert_close64
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -171,22 +172,14 @@ def test_pipeline_sample_eval(cli, tmp_path, monkeypatch):
     assert res_u["no_rep"] is True and "rep_fd" not in res_u and res_u["detail_r2"] is None
 
 
-@pytest.mark.parametrize("cmd", ["train-rdm", "train"])
-def test_resume(cmd, cli, logged_losses, tmp_path, capsys):
-    """The same command plus --resume continues exactly where it stopped; a resumable field (lr) changes, printed;
-    any other (the batch size) is refused with one line."""
+def test_rdm_resume_continues_exactly(cli, logged_losses, tmp_path):
+    """The RDM's command plus --resume continues exactly where it stopped (test_contract resumes `train`)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    argv = [cmd, *TINY, "--steps", 4, "--out", b]
-    assert cli(R, [cmd, *TINY, "--steps", 6, "--out", a]) == 0
+    argv = ["train-rdm", *TINY, "--steps", 4, "--out", b]
+    assert cli(R, ["train-rdm", *TINY, "--steps", 6, "--out", a]) == 0
     assert cli(R, argv) == 0
     assert cli(R, [*argv, "--resume", "--steps", 6]) == 0
     assert logged_losses(b) == logged_losses(a)
-    capsys.readouterr()
-    assert cli(R, [*argv, "--resume", "--steps", 7, "--lr", 3e-4]) == 0
-    assert "--resume: lr 0.001 -> 0.0003" in capsys.readouterr().out
-    assert torch.load(b / "ckpt.pt", weights_only=True)["config"]["lr"] == 3e-4
-    assert cli(R, [*argv, "--resume", "--batch-size", 7]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_rdm_training_and_every_sampler_run_in_true_fp32(cli, tmp_path):
@@ -256,42 +249,52 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
-def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
-    """Both commands train under torchrun (rank 0 writes one row a step); eval there: both ranks sample, rank 0 alone
-    writes eval.json and the FD statistics (a fresh cache)."""
+def test_torchrun_two_cpu_processes(torchrun, tmp_path):
+    """The RDM trains under torchrun, rank 0 writing one row a step (test_contract runs `train` there)."""
     r = torchrun("rcg.py", ["train-rdm", *TINY, "--steps", 3, "--out", tmp_path / "rdm"], 29555)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun("rcg.py", ["train", *TINY, "--steps", 3, "--out", tmp_path / "gen"], 29556)
-    assert r.returncode == 0, r.stderr[-2000:]
-    for k in ("rdm", "gen"):
-        assert [json.loads(line)["step"] for line in open(tmp_path / k / "log.jsonl")] == [1, 2, 3]
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    # "--" ends torchrun's own flags: its argparse would read --n as an ambiguous abbreviation of --nnodes, ...
-    r = torchrun("--", ["rcg.py", "eval", "--ckpt", tmp_path / "gen" / "ckpt.pt", "--rdm", tmp_path / "rdm" / "ckpt.pt",
-                        "--n", 6, "--batch", 2, "--n-rep", 20, "--device", "cpu"], 29557)
-    assert r.returncode == 0, r.stderr[-2000:]
-    fd_files = os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")  # torch.hub.get_dir() is $TORCH_HOME/hub
-    assert [f[-4:] for f in fd_files] == [".npz"]  # one .npz, no .tmp left
-    res = json.load(open(tmp_path / "gen" / "eval.json"))
-    assert res["n_samples"] == 6 and r.stdout.count('"detail_r2"') == 1  # printed by rank 0 alone
+    assert [json.loads(line)["step"] for line in open(tmp_path / "rdm" / "log.jsonl")] == [1, 2, 3]
 
 
 # ------------------------------------------------------- against the official code (tests/reference/make_rcg.py)
-def close(ours, ref):
-    """Within 1e-5 relative, and 1e-6 of the largest |value| absolute (fp32 rounding where values cross zero)."""
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6 * max(1.0, ref.abs().max().item()))
+# rcg_rdm, rcg_loss and rcg_dit are float64 (the official modules run .double() from float32
+# weights), but for the official float32 sinusoid of the step: the fixtures carry it per step, ours
+# gets the same rows (fed_sinusoid) and its own sinusoid is compared with them in fp32. rcg_ddim is
+# float32: both samplers' tables are float32 on purpose. Every random draw comes from the fixture
+# (Draws.feed); test_official_draw_order checks the order of the draws on this machine's RNG.
+def fed_sinusoid(monkeypatch, ref):
+    """rcg.timestep_embedding -> the official float32 sinusoid of each step in ref (sin_t, sin_emb),
+    as float64, as the official networks got it; ours' own is first checked against it (fp32: both
+    compute it in float32)."""
+    steps, rows = ref["sin_t"], ref["sin_emb"]
+    assert_close32(R.timestep_embedding(steps, rows.shape[1]), rows, "sinusoid")
+    table = dict(zip(steps.tolist(), rows.double()))
+
+    def embed(t, dim):
+        assert dim == rows.shape[1]
+        return torch.stack([table[v] for v in t.tolist()])
+
+    monkeypatch.setattr(R, "timestep_embedding", embed)
 
 
-def test_official_rdm_network(reference):
+def as_ours(drawn):
+    """Recorded official draws -> the tensors ours draws: the official RDM's representations are
+    [B, D, 1, 1] (LDM's image-shaped DDPM), ours [B, D]."""
+    return [t.flatten(1) if t.dim() == 4 else t for _, t in drawn]
+
+
+def test_official_rdm_network(reference, monkeypatch):
     """The official SimpleMLP's state dict loads as it is; load_official_rdm reads the EMA weights of the official
-    RDM's state dict (model_ema.*), the ones its sampler uses."""
+    RDM's state dict (model_ema.*), the ones its sampler uses. float64."""
     ref = reference("rcg", "rdm")
+    fed_sinusoid(monkeypatch, ref)
     c, pre = ref["config"], "model.diffusion_model."
     net = R.SimpleMLP(c["dim"], c["rdm_width"], c["rdm_depth"], c["t_dim"])
     net.load_state_dict({k[len(pre):]: v for k, v in ref["state_dict"].items() if k.startswith(pre)})
-    close(net(ref["r_t"], ref["t"]), ref["out"])
     rdm = R.load_official_rdm(ref["state_dict"])
-    close(rdm.net(ref["r_t"], ref["t"]), ref["out_ema"])
+    with torch.no_grad():
+        assert_close64(net.double()(ref["r_t"], ref["t"]), ref["out"], "raw weights")
+        assert_close64(rdm.double().net(ref["r_t"], ref["t"]), ref["out_ema"], "EMA weights")
     assert (rdm.cfg.T, rdm.cfg.beta_start, rdm.cfg.beta_end) == (c["T"], c["beta_start"], c["beta_end"])
 
 
@@ -308,56 +311,231 @@ def test_official_rdm_file_loads_with_weights_only(reference, tmp_path):
         R.load_official_rdm(str(tmp_path / "other.pth"))
 
 
-def test_official_rdm_loss(reference):
-    """Betas, abar, the standardisation of the representations, the loss at fixed t and noise, and at a seed: the
-    same draws (t, then the noise), the same loss."""
+def test_official_rdm_loss(reference, monkeypatch):
+    """Betas, abar, the standardisation of the representations, the r_t the network gets and its
+    output (float64); the x0 loss at fixed t and noise, and with the official run's own draws (t,
+    then the noise)."""
     lo = reference("rcg", "loss")
-    rdm = R.load_official_rdm(reference("rcg", "rdm")["state_dict"], ema=False).train()
-    close(R.betas_linear_sqrt(1000, 0.0015, 0.0195).float(), lo["betas"])
-    close(rdm.abar.float(), lo["alphas_cumprod"])
-    close(R.standardise(lo["raw"]), lo["rep"])
-    close(rdm(lo["rep"], lo["t"], lo["e"]), lo["loss"])
-    torch.manual_seed(lo["seed"])
-    assert torch.equal(torch.randint(0, 1000, (4,)), lo["t_seed"]) and torch.equal(torch.randn(4, 16), lo["e_seed"])
-    torch.manual_seed(lo["seed"])
-    close(rdm(lo["rep"]), lo["loss_seed"])
+    fed_sinusoid(monkeypatch, lo)
+    sd = reference("rcg", "rdm")["state_dict"]
+    rdm = R.load_official_rdm(sd, ema=False).double().train()
+    assert_close64(R.betas_linear_sqrt(1000, 0.0015, 0.0195), lo["betas"], "betas")
+    # the official abar is a float32 buffer (ddpm.py:120); ours, float64, rounds to the same numbers
+    assert_close64(rdm.abar.float(), lo["alphas_cumprod"], "abar")
+    assert_close64(R.standardise(lo["raw"]), lo["rep"], "standardised r")
+    seen = []
+    hook = rdm.net.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    loss = rdm(lo["rep"], lo["t"], lo["e"])
+    hook.remove()
+    assert_close64(seen[0][0], lo["r_t"], "r_t")
+    assert_close64(seen[0][1], lo["out"], "network output")
+    # ours rounds the network's output to float32 before the loss (.float(): a true-fp32 loss)
+    assert_close32(loss, lo["loss"], "loss")
+    with Draws.feed(as_ours(lo["drawn"])):
+        loss_drawn = rdm(lo["rep"])
+    assert_close32(loss_drawn, lo["loss_drawn"], "loss with the official draws")
 
 
 def test_official_ddim(reference):
-    """The official DDIM (eta 1 and 0) on its grid from the same initial noise and per-step draws (a generator here,
-    the global RNG there: the same stream)."""
+    """The official DDIM (eta 1 and 0) on its grid, from the official run's own draws (the initial
+    noise, then one a step). float32: the official sampler's tables are float32, and so are ours."""
     rdm = R.load_official_rdm(reference("rcg", "rdm")["state_dict"])
     for run in reference("rcg", "ddim")["runs"]:
-        g = torch.Generator().manual_seed(run["seed"])
-        assert torch.equal(torch.stack([torch.randn(3, 16, generator=g) for _ in run["draws"]]), run["draws"])
         seen = []
         hook = rdm.net.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].item()))
-        out = rdm.sample(3, steps=run["steps"], eta=run["eta"], generator=torch.Generator().manual_seed(run["seed"]))
+        with Draws.feed(as_ours(run["drawn"])):
+            out = rdm.sample(3, steps=run["steps"], eta=run["eta"])
         hook.remove()
         assert seen == run["timesteps"].flip(0).tolist(), (run["steps"], seen)
-        close(out, run["out"])
+        assert_close32(out, run["out"], f"steps {run['steps']}, eta {run['eta']}")
 
 
-def test_official_dit(reference):
+def test_official_dit(reference, monkeypatch):
     """RCG's DiT (3 channels, no learned-sigma half) loads as it is (x_embedder, t_embedder, y_embedder,
     rep_embedder, fake_latent, pos_embed, blocks, final_layer); the same output with r, with the null r, without r
-    (c = t + y), guided, and in training with r dropped by the same draws."""
+    (c = t + y), guided, and in training with r dropped by the official run's own draw. float64."""
     ref = reference("rcg", "dit")
+    fed_sinusoid(monkeypatch, ref)
     c = ref["config"]
     cfg = R.Config(**{k: v for k, v in c.items() if k != "rep_dim"}, rep_cfg=ref["cfg_scale"])
     model = R.RCG(cfg, c["rep_dim"]).eval()
     net = model.net
     net.load_state_dict(ref["state_dict"])
-    close(R.sincos_2d(c["image_size"] // c["patch"], c["hidden"])[None], ref["state_dict"]["pos_embed"])
+    # both round a float64 sin-cos table to float32
+    pos = R.sincos_2d(c["image_size"] // c["patch"], c["hidden"])[None]
+    assert_close32(pos, ref["state_dict"]["pos_embed"], "pos_embed")
+    model.double()
     x, t, rep = ref["x"], ref["t"], ref["rep"]
+    null = net.fake_latent.expand(len(x), -1)
     with torch.no_grad():
-        close(net(x, t, rep), ref["out_rep"])
-        close(net(x, t, net.fake_latent.expand(len(x), -1)), ref["out_null"])
-        close(net(x, t), ref["out_uncond"])
-        guided = [model.velocity(x[i:i + 1], t[i].item(), rep[i:i + 1], ref["cfg_scale"]) for i in range(len(x))]
-        close(torch.cat(guided), ref["out_cfg"])
+        assert_close64(net(x, t, rep), ref["out_rep"], "with r")
+        assert_close64(net(x, t, null), ref["out_null"], "with the null r")
+        assert_close64(net(x, t), ref["out_uncond"], "without r")
+        guided = [model.velocity(x[i:i + 1], t[i].item(), rep[i:i + 1], ref["cfg_scale"])
+                  for i in range(len(x))]
+        # velocity returns float32 (.float(): the samplers run in true fp32): compared in fp32
+        assert_close32(torch.cat(guided), ref["out_cfg"], "guided")
         net.train()
-        torch.manual_seed(ref["drop_seed"])
-        assert torch.equal(torch.rand(len(x)) < c["rep_drop"], ref["drop"])
-        torch.manual_seed(ref["drop_seed"])
-        close(net(x, t, rep), ref["out_train"])
+        with Draws.feed(as_ours(ref["drawn"])):
+            assert_close64(net(x, t, rep), ref["out_train"], "training, r dropped")
+
+
+def test_official_draw_order():
+    """Each official order of draws, replayed on this machine's RNG, against ours under
+    Draws.record(): the same functions, shapes (the RDM's [B, D] for the official [B, D, 1, 1])
+    and values, in the same order."""
+    def same(ours, official):
+        assert [name for name, _ in ours] == [name for name, _ in official]
+        for a, b in zip(as_ours(ours), as_ours(official)):
+            assert a.shape == b.shape and torch.equal(a, b)
+
+    rdm = R.RDM(tiny_cfg(T=1000), 16)
+    r = torch.randn(4, 16)
+    # the RDM's loss: t (ddpm.py:624 torch.randint), then the noise (ddpm.py:661 torch.randn_like)
+    torch.manual_seed(0)
+    t = torch.randint(0, 1000, (4,))
+    official = [("randint", t), ("randn_like", torch.randn_like(torch.zeros(4, 16, 1, 1)))]
+    torch.manual_seed(0)
+    with Draws.record() as ours:
+        rdm(r)
+    same(ours, official)
+    # DDIM: the initial noise (ddim.py:119 torch.randn), then one draw a step, at eta 0 too
+    # (ddim.py:196 noise_like: util.py:266 torch.randn)
+    for eta in (1.0, 0.0):
+        torch.manual_seed(1)
+        official = [("randn", torch.randn(3, 16, 1, 1)) for _ in range(1 + 10)]
+        torch.manual_seed(1)
+        with Draws.record() as ours:
+            rdm.eval().sample(3, steps=10, eta=eta)
+        same(ours, official)
+    # the DiT in training: which r to drop (models.py:286 torch.rand(x.size(0)))
+    net = R.DiT(tiny_cfg(rep_drop=0.5), 8).train()
+    x, t, rep = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randn(4, 8)
+    torch.manual_seed(2)
+    official = [("rand", torch.rand(4))]
+    torch.manual_seed(2)
+    with Draws.record() as ours:
+        net(x, t, rep)
+    same(ours, official)
+
+
+def official_stand_ins():
+    """sys.modules entries for what make_rcg.py imports from the official checkout (and from
+    omegaconf), built from this file's classes: the API the maker uses, nothing more (the numbers
+    they give are not the official ones)."""
+    class SimpleMLP(R.SimpleMLP):
+        """latentmlp.SimpleMLP's call: x [B, D, 1, 1], t, context."""
+
+        def forward(self, x, t, context=None):
+            return super().forward(x.flatten(1), t).view(x.shape)
+
+    class RDM(torch.nn.Module):
+        """ddpm.RDM as the maker drives it (x0-parameterised), on rcg.RDM."""
+
+        def __init__(self, channels, timesteps, linear_start, linear_end, unet_config, **rest):
+            super().__init__()
+            p = unet_config["params"]
+            cfg = R.Config(rdm_width=p["model_channels"], rdm_depth=p["num_res_blocks"],
+                           T=timesteps, beta_start=linear_start, beta_end=linear_end)
+            self.ours = R.RDM(cfg, channels)
+            self.ours.net = SimpleMLP(channels, cfg.rdm_width, cfg.rdm_depth, p["time_embed_dim"])
+            self.model = torch.nn.Module()
+            self.model.diffusion_model = self.ours.net
+            # LitEma: the parameters as buffers, named without dots
+            self.model_ema = torch.nn.Module()
+            for name, w in self.ours.net.named_parameters():
+                self.model_ema.register_buffer(name.replace(".", ""), w.detach().clone())
+            self.register_buffer("alphas_cumprod", self.ours.abar.float())
+
+        def ema_scope(self):
+            return contextlib.nullcontext()
+
+        def get_learned_conditioning(self, c):
+            return torch.zeros(len(c["class_label"]), 1, 512)
+
+        def apply_model(self, x, t, cond):
+            return self.model.diffusion_model(x, t, cond)
+
+        def get_input(self, batch, key):
+            rep = R.standardise(self.pretrained_encoder.forward_features(batch[key]))
+            return [rep[..., None, None], batch]
+
+        def p_losses(self, x, cond, t, noise):
+            return self.ours(x.flatten(1), t, noise.flatten(1)), {}
+
+        def forward(self, x, c):
+            return self.ours(x.flatten(1)), {}
+
+    class DDIMSampler:
+        """ddim.DDIMSampler.sample, on rcg.RDM.sample."""
+
+        def __init__(self, model):
+            self.model = model
+
+        def sample(self, S, conditioning, batch_size, shape, eta, verbose):
+            T = self.model.ours.cfg.T
+            self.ddim_timesteps = np.arange(0, T, T // S) + 1
+            x = self.model.ours.sample(batch_size, steps=S, eta=eta)
+            return x.view(batch_size, *shape), None
+
+    class DiT(R.DiT):
+        """models.DiT's constructor and calls, on rcg.DiT (whose names are the official ones)."""
+
+        def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
+                     class_dropout_prob, rep_dropout_prob, num_classes, learn_sigma, rep_dim):
+            cfg = R.Config(image_size=input_size, patch=patch_size, hidden=hidden_size,
+                           depth=depth, heads=num_heads, rep_drop=rep_dropout_prob)
+            super().__init__(cfg, rep_dim)
+
+        def forward(self, x, t, y, rep=None):
+            return super().forward(x, t / 1000, rep)
+
+        def forward_with_cfg(self, x, t, y, cfg_scale, rep):
+            half = x[:len(x) // 2]
+            cond, uncond = self(torch.cat([half, half]), t, y, rep).chunk(2)
+            guided = uncond + cfg_scale * (cond - uncond)
+            return torch.cat([guided, guided])
+
+    def betas(schedule, n, linear_start, linear_end):
+        return R.betas_linear_sqrt(n, linear_start, linear_end).numpy()
+
+    def load(path):
+        params = dict(timesteps=1000, linear_start=0.0015, linear_end=0.0195,
+                      parameterization="x0", channels=256, unet_config=dict(params={}),
+                      pretrained_enc_config={})
+        return dict(model=dict(params=params))
+
+    attrs = {
+        "omegaconf": dict(OmegaConf=types.SimpleNamespace(load=load, to_container=lambda c: c)),
+        "rdm.util": dict(instantiate_from_config=lambda conf: RDM(**conf["params"])),
+        "rdm.models.diffusion.ddim": dict(DDIMSampler=DDIMSampler),
+        "rdm.modules.diffusionmodules.util": dict(make_beta_schedule=betas),
+        "pixel_generator.dit.models": dict(DiT=DiT),
+    }
+    modules = {}
+    for name, names in attrs.items():
+        modules[name] = types.ModuleType(name)
+        modules[name].__dict__.update(names)
+    return modules
+
+
+def test_official_maker_runs_with_stand_ins(monkeypatch, tmp_path, capsys):
+    """tests/reference/make_rcg.py's make() and bench() run on stand-ins for the official modules
+    (no checkout): what the maker asks of the official API, and of this file's (rcg.DiT,
+    rcg.SimpleMLP, ...), is still there."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.syspath_prepend(os.path.join(here, "reference"))
+    import make_rcg
+    import make_references
+    monkeypatch.setattr(make_references, "OUT", str(tmp_path))
+    monkeypatch.setattr(make_rcg, "official", lambda method, repos, *sub: str(tmp_path))
+    for name, module in official_stand_ins().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    make_rcg.make(str(tmp_path))
+    made = ["rcg_ddim.pt", "rcg_dit.pt", "rcg_loss.pt", "rcg_rdm.pt"]
+    assert sorted(os.listdir(tmp_path)) == made
+    dit = dict(image_size=8, patch=2, hidden=32, depth=1, heads=2, rep_dim=8, rep_drop=0.1)
+    rdm = dict(make_rcg.RDM_CONFIG, rdm_width=32, rdm_depth=1)
+    capsys.readouterr()
+    make_rcg.bench(str(tmp_path), batch=2, repeats=1, dit=dit, rdm=rdm)
+    assert capsys.readouterr().out.count("ours/official") == 2

@@ -1,21 +1,41 @@
-"""JiT: the official model_jit.py / denoiser.py against jit_xpred.py (fixtures jit_net, jit_loss, jit_sample; a bench).
+"""JiT: the official model_jit.py / denoiser.py against jit_xpred.py (fixtures jit_net, jit_loss,
+jit_sample, jit_keys; a bench).
 
-The official code calls .cuda() on its RoPE tables and attention bias and wraps two forwards in torch.compile: here
-both are no-ops (placement and compilation only), so that it runs in fp32 on a CPU.
+The official code calls .cuda() on its RoPE tables and attention bias and wraps two forwards in
+torch.compile: here both are no-ops (placement and compilation only), so that it runs on a CPU.
+
+The fixtures are fp32: the official module does not run in float64. Its timestep embedding casts t
+to fp32 before a Linear (model_jit.py:68; once the module is .double(), "mat1 and mat2 must have the
+same dtype"), its attention takes q k^T in fp32 and multiplies those weights by v
+(model_jit.py:100-104, "expected scalar type Double but found Float") and its RMSNorm normalises in
+fp32 (util/model_util.py:148). The tests compare with conftest's assert_close32.
+
+Every random draw of the official code is recorded (conftest's Draws.record, in the official order)
+and stored, so that the tests feed those draws to ours (Draws.feed) instead of relying on a seed to
+reproduce them. Dropout draws its mask inside torch's C++ kernel, out of Draws' reach: while
+recording (and in the test that feeds the masks) F.dropout is replaced by bernoulli_dropout, the
+same arithmetic with its mask drawn by Tensor.bernoulli_.
 """
-import argparse, contextlib, time
+import argparse, contextlib, os, sys, time
 
 import torch
 
 from make_references import official, save
 
-# a small JiT: 16x16 images, 4x4 patches (a 4x4 grid), width 32, 2 heads of 16, 3 blocks, 3 in-context tokens from
-# block 1 on; t drawn wide (P_mean 1.5) so that some 1 - t fall under t_eps; noise_scale 2; half the labels dropped
-CONFIG = dict(image_size=16, patch=4, bottleneck=8, hidden=32, depth=3, heads=2, in_context=3, in_context_start=1,
-              num_classes=5, P_mean=1.5, P_std=1.5, t_eps=0.05, noise_scale=2.0, label_drop=0.5)
+# tests/, for conftest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import Draws
+
+# a small JiT: 16x16 images, 4x4 patches (a 4x4 grid), width 32, 2 heads of 16, 4 blocks (dropout,
+# when on, in the middle two), 3 in-context tokens from block 1 on; t drawn wide (P_mean 1.5) so
+# that some 1 - t fall under t_eps; noise_scale 2; half the labels dropped
+CONFIG = dict(image_size=16, patch=4, bottleneck=8, hidden=32, depth=4, heads=2, in_context=3,
+              in_context_start=1, num_classes=5, P_mean=1.5, P_std=1.5, t_eps=0.05,
+              noise_scale=2.0, label_drop=0.5)
 SEED = 2  # the seed of the loss's draws: one label dropped, one t above 1 - t_eps
-GRADS = ("net.in_context_posemb", "net.blocks.2.attn.q_norm.weight", "net.x_embedder.proj1.weight",
-         "net.t_embedder.mlp.0.bias")
+DROPOUT = 0.2  # proj_dropout of the loss's second run (JiT-H's)
+GRADS = ("net.in_context_posemb", "net.blocks.2.attn.q_norm.weight", "net.blocks.1.mlp.w3.weight",
+         "net.x_embedder.proj1.weight", "net.t_embedder.mlp.0.bias")
 
 
 @contextlib.contextmanager
@@ -29,6 +49,26 @@ def cpu_only():
         yield
     finally:
         torch.Tensor.cuda, torch.nn.Module.cuda, torch.compile = saved
+
+
+def bernoulli_dropout(x, p=0.5, training=True, inplace=False):
+    """F.dropout's arithmetic (keep with probability 1 - p, scale by 1 / (1 - p)); the mask drawn
+    by Tensor.bernoulli_."""
+    if not training or p == 0:
+        return x
+    keep = torch.empty_like(x).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+@contextlib.contextmanager
+def recordable_dropout():
+    """F.dropout (which nn.Dropout calls) -> bernoulli_dropout, on both sides."""
+    saved = torch.nn.functional.dropout
+    torch.nn.functional.dropout = bernoulli_dropout
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = saved
 
 
 def official_denoiser(c, cfg_scale=1.0, interval=(0.0, 1.0), steps=5, dropout=0.0):
@@ -62,6 +102,11 @@ def randomise(model):
                 p.copy_(r / p[0].numel() ** 0.5 * (0.3 if "final_layer.linear" in name else 1.0))
 
 
+def recorded(drawn):
+    """Draws.record's list of (function, tensor) -> the fixture's two lists: names and tensors."""
+    return dict(draw_names=[name for name, _ in drawn], draws=[t for _, t in drawn])
+
+
 def make(repos):
     official("jit", repos)
     with cpu_only():
@@ -84,37 +129,48 @@ def make(repos):
         save("jit", "net", config=CONFIG, state_dict=sd, z=z, t=t, y=y, out=out, t_emb=t_emb,
              rope_cos=rope.freqs_cos.clone(), rope_sin=rope.freqs_sin.clone())
 
-        # (b) the loss: the raw draws (in the official order), the official transforms of them, the loss, some grads
+        # (b) the loss, without and with dropout: its draws as the official code made them (label
+        # drop, t, noise, then the dropout masks block by block), the loss and some gradients
         x = torch.rand(4, 3, S, S, generator=g) * 2 - 1
         labels = torch.tensor([0, 1, 2, 3])
-        torch.manual_seed(SEED)
-        u, n, e = torch.rand(4), torch.randn(4), torch.randn_like(x)
-        torch.manual_seed(SEED)
-        y_drop, t_off, e_off = den.drop_labels(labels), den.sample_t(4), torch.randn_like(x) * den.noise_scale
-        assert (y_drop == CONFIG["num_classes"]).any() and (t_off > 1 - CONFIG["t_eps"]).any(), "pick another SEED"
-        den.train()
-        torch.manual_seed(SEED)
-        loss = den(x, labels)
-        loss.backward()
-        grads = {k: p.grad.clone() for k, p in den.named_parameters() if k in GRADS}
-        save("jit", "loss", x=x, labels=labels, seed=SEED, u=u, n=n, e=e, y_drop=y_drop, t=t_off, e_scaled=e_off,
-             loss=loss.detach(), grads=grads)
-
-        # (c) the sampler: 4 Heun steps + 1 Euler, CFG 2.5 in two intervals (lo = 0 includes t = 0)
         runs = {}
+        for name, dropout in (("plain", 0.0), ("dropout", DROPOUT)):
+            den = official_denoiser(CONFIG, dropout=dropout)
+            den.load_state_dict(sd)
+            den.train()
+            torch.manual_seed(SEED)
+            with recordable_dropout(), Draws.record() as drawn:
+                loss = den(x, labels)
+            loss.backward()
+            grads = {k: p.grad.clone() for k, p in den.named_parameters() if k in GRADS}
+            runs[name] = dict(proj_dropout=dropout, loss=loss.detach(), grads=grads,
+                              **recorded(drawn))
+            print(f"loss {name}: draws {runs[name]['draw_names']}")
+        # the official transforms of the first three draws, for the test's checks of our config
+        u, n, e = runs["plain"]["draws"]
+        with Draws.feed([u, n, e]):
+            y_drop = den.drop_labels(labels)
+            t_off = den.sample_t(4)
+            e_off = torch.randn_like(x) * den.noise_scale
+        dropped = (y_drop == CONFIG["num_classes"]).any()
+        assert dropped and (t_off > 1 - CONFIG["t_eps"]).any(), "pick another SEED"
+        save("jit", "loss", x=x, labels=labels, y_drop=y_drop, t=t_off, e_scaled=e_off, runs=runs)
+        runs_loss = runs
+
+        # (c) the sampler: 4 Heun steps + 1 Euler, CFG 2.5 in two intervals (lo = 0 includes
+        # t = 0); its one draw, the noise
+        runs = {}
+        yy = torch.tensor([0, 2, 4])
         for name, interval in (("lo0", (0.0, 0.7)), ("mid", (0.3, 1.0))):
             den = official_denoiser(CONFIG, cfg_scale=2.5, interval=interval, steps=5)
             den.load_state_dict(sd)
             den.eval()
-            yy = torch.tensor([0, 2, 4])
             torch.manual_seed(7)
-            noise = torch.randn(3, 3, S, S) * den.noise_scale
-            torch.manual_seed(7)
-            with torch.no_grad():
+            with torch.no_grad(), Draws.record() as drawn:
                 xs = den.generate(yy)
             print(f"sample {name}: {(xs.abs() > 1).float().mean():.3f} of the values outside [-1, 1]")
-            runs[name] = dict(interval=list(interval), out=xs)
-        save("jit", "sample", y=yy, seed=7, noise=noise, steps=5, cfg_scale=2.5, runs=runs)
+            runs[name] = dict(interval=list(interval), out=xs, **recorded(drawn))
+        save("jit", "sample", y=yy, steps=5, cfg_scale=2.5, runs=runs)
 
         # the released checkpoints' keys and shapes (/16 at 256 px, /32 at 512 px), built on the meta device
         import model_jit
@@ -126,12 +182,17 @@ def make(repos):
                 shapes[name] = {"net." + k: list(v.shape) for k, v in net.state_dict().items()}
         save("jit", "keys", shapes=shapes)
 
-        # ours, on the spot: the same numbers
-        cfg = J.Config(**CONFIG)
-        ours = J.JiT(cfg).eval()
+        # ours, on the spot: the same numbers (the loss from the official draws)
+        ours = J.JiT(J.Config(**CONFIG)).eval()
         ours.load_state_dict(sd, strict=True)
         with torch.no_grad():
             print("net max |ours - official|:", (ours.net(z, t, y) - out).abs().max().item())
+        for name, run in runs_loss.items():
+            ours = J.JiT(J.Config(**CONFIG, proj_dropout=run["proj_dropout"])).train()
+            ours.load_state_dict(sd, strict=True)
+            with torch.no_grad(), recordable_dropout(), Draws.feed(run["draws"]):
+                loss = ours(x, labels)
+            print(f"loss {name} |ours - official|:", (loss - run["loss"]).abs().item())
 
 
 def bench(repos, batch=8, repeats=5):

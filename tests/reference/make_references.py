@@ -19,6 +19,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+OUT = HERE  # where save() writes (the tests that run a maker with stand-ins point it at a temporary folder)
 REPOS = {  # method -> (folder under --repos, repository, commit)
     "jit": ("JiT", "zlong928/JiT (LTH14/JiT's model and denoiser files, unchanged)",
             "cbc743a2ada5e9762697da2c83f8c4f8379e8c17"),
@@ -31,8 +32,22 @@ REPOS = {  # method -> (folder under --repos, repository, commit)
 }
 
 
+def cpu_name():
+    """The processor's model name (Linux /proc/cpuinfo; else platform's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def versions():
-    out = dict(python=platform.python_version(), torch=str(torch.__version__))  # a plain str: weights_only loads it
+    """The machine and packages that made a fixture (plain strs and ints: weights_only loads them)."""
+    out = dict(python=platform.python_version(), torch=str(torch.__version__), cpu=cpu_name(),
+               cpu_capability=torch.backends.cpu.get_cpu_capability(), threads=torch.get_num_threads())
     for name in ("timm", "einops", "torchdiffeq", "transformers", "numpy"):
         try:
             out[name] = __import__(name).__version__
@@ -55,7 +70,7 @@ def save(method, name, **tensors):
     versions). Everything is stored so that torch.load(..., weights_only=True) reads it."""
     folder, repo, commit = REPOS[method]
     meta = dict(repository=repo, commit=commit, versions=versions())
-    path = os.path.join(HERE, f"{method}_{name}.pt")
+    path = os.path.join(OUT, f"{method}_{name}.pt")
     torch.save(dict(meta=meta, **tensors), path)
     print(f"wrote {os.path.relpath(path, ROOT)} ({os.path.getsize(path) / 1e3:.0f} kB)")
 
