@@ -890,6 +890,11 @@ def write_samples(path, x, grid=None):
     save_grid(x[:64] if grid is None else grid, path[:-4] + ".png")
     print0(f"wrote {path}: {len(x)} images, uint8 [{len(x)},{x.shape[-2]},{x.shape[-1]},3]")
 
+def fd_model(text):  # an argparse type: FDFeatures' spec, checked before any work
+    if text in ("pixels", "inception") or (text.startswith("inception:") and os.path.isfile(text[10:])):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use pixels, inception or inception:PATH of a file")
+
 def make_parser(doc, presets):
     """The command line every method file shares; each file adds its own flags to the returned subparsers."""
     p = Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -902,7 +907,8 @@ def make_parser(doc, presets):
     ev.add_argument("--data", help="reference data (default: the run's)")
     ev.add_argument("--cache", type=cache_flag, help="where image folders are decoded to (default ~/.cache/repdiff)")
     ev.add_argument("--n", type=number(int), default=10_000, help="samples for FD")
-    ev.add_argument("--fd-model", default="pixels", help="pixels | inception (the standard FID) | inception:PATH")
+    ev.add_argument("--fd-model", default="pixels", type=fd_model,
+                    help="pixels | inception (the standard FID) | inception:PATH")
     sa.add_argument("--ckpt", required=True)
     ev.add_argument("--ckpt", required=True, type=eval_ckpt, help="writes eval.json beside it")
     for s in (sa, ev):

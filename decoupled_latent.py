@@ -448,8 +448,8 @@ def load_ae(path, device, ckpt=None):
     ckpt = ckpt or common.load_checkpoint(path)
     stage2 = "ae" in ckpt
     cfg = common.config_of(Config, dict(config=ckpt["ae_config"]) if stage2 else ckpt, path)
-    sd = ckpt["ae"] if stage2 else ckpt["ema"]
     try:
+        sd = ckpt["ae"] if stage2 else ckpt["ema"]
         model = DecoupledAE(cfg, sd["align.3.weight"].shape[0] if "align.3.weight" in sd else None)
         model.load_state_dict(sd)
     except (KeyError, RuntimeError) as e:
@@ -466,6 +466,10 @@ def train_gen(args):
     ae_cfg, ae = load_ae(args.ae, "cpu")
 
     def gen_config(args):  # the stage-1 run's data and latent, this run's schedule and generator
+        given = common.given(args, Config)
+        differ = [k for k in AE_KEYS if given.get(k, getattr(ae_cfg, k)) != getattr(ae_cfg, k)]
+        if differ:
+            raise UsageError(f"train-gen takes {', '.join(differ)} from its --ae run")
         return replace(make_config(args), **{k: getattr(ae_cfg, k) for k in AE_KEYS})
 
     d, cfg, ckpt = common.start_run(args, Config, PRESETS, gen_config)

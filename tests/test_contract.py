@@ -8,7 +8,7 @@ Each test id carries the file's name. The contract: `train --preset tiny` writes
 step, config, RNG), log.jsonl and a sample grid; the same command plus `--resume` continues exactly; `--resume --lr`
 applies and prints the new lr, `--resume --batch-size` is refused; `sample` writes an .npz of uint8 [N, H, W, 3];
 `eval` writes eval.json with the keys every file shares; bad input is one line on stderr and exit code 2, the run's
-checkpoint untouched; torchrun with two processes trains and samples.
+checkpoint untouched; torchrun with two processes trains.
 
 How a file trains the network it samples from follows from the commands it offers (pipeline() below): a file with
 `train-decoder` (rae.py) trains its first stage before `train --decoder`, one with `train-rdm` (rcg.py) trains the
@@ -233,7 +233,8 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
 
 
 def test_torchrun_two_processes(trained, torchrun, tmp_path):
-    """DDP on two CPU processes (gloo): rank 0 writes the run; sample gathers both ranks' images."""
+    """DDP on two CPU processes (gloo): both ranks train (every parameter gets a gradient, else DDP stops at the
+    second step), rank 0 writes the run. (test_jit runs eval there: both ranks sample, rank 0 writes.)"""
     module, run = trained["module"], tmp_path / "ddp"
     argv = [*trained["train"], *TINY, "--steps", 2, "--batch-size", 4, "--out", run]
     port = 29600 + 3 * trained["index"]
@@ -241,8 +242,4 @@ def test_torchrun_two_processes(trained, torchrun, tmp_path):
     r = torchrun("--", [module.__file__, *argv], port)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [1, 2]
-    out = tmp_path / "s.npz"
-    argv = ["sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--device", "cpu", *trained["extra"]]
-    r = torchrun("--", [module.__file__, *argv, "--out", out], port + 1)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert np.load(out)["arr_0"].shape[0] == 5
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2

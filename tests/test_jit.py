@@ -230,7 +230,7 @@ def test_bad_inputs(cli, tmp_path, capsys):
                        (["train", *TINY, "--device", "tpu", "--out", tmp_path / "a"], "unknown --device"),
                        (["sample", "--ckpt", tmp_path / "r" / "ckpt.pt", "--n", 0, "--out", tmp_path / "s.npz"], "--n"),
                        (["sample", "--ckpt", tmp_path / "r" / "ckpt.pt", "--out", tmp_path / "s.png"], ".npz"),
-                       (["eval", "--ckpt", tmp_path / "r" / "ckpt.pt", "--fd-model", "vgg"], "unknown --fd-model")):
+                       (["eval", "--ckpt", tmp_path / "r" / "ckpt.pt", "--fd-model", "vgg"], "--fd-model")):
         assert cli(J, argv) == 2, argv
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1, (argv, err)
