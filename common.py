@@ -170,9 +170,7 @@ def cache_dir():
     return os.environ.get("REPDIFF_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "repdiff")
 
 def cache_flag(value):  # --cache DIR: sets $REPDIFF_CACHE, where image folders are decoded and `shapes` rendered
-    why = unwritable(value, folder=True)
-    if why:
-        raise argparse.ArgumentTypeError(f"{value!r} {why}")
+    out_dir(value)  # a folder that is writable or can be made: else one line, exit 2
     os.environ["REPDIFF_CACHE"] = os.path.abspath(value)
     return value
 
