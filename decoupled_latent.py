@@ -108,7 +108,7 @@ class Config:
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:2000", image_size=16, patch=4, split=[16, 16, 16], u_width=8, u_layers=[1, 1],
+    "tiny": dict(data="shapes:1000", image_size=16, patch=4, split=[16, 16, 16], u_width=8, u_layers=[1, 1],
                  proj=[32, 16], enc_dim=64, enc_depth=1, dec_dim=64, dec_depth=1, gen_dim=64, gen_depth=1,
                  gen_heads=2, sample_steps=4, steps=20, batch_size=32, lr=1e-3, warmup=0, ema=0.9, log_every=1,
                  sample_every=10, ckpt_every=10),

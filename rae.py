@@ -107,7 +107,7 @@ class Config:
 
 
 PRESETS = {
-    "tiny": dict(data="shapes:1000", image_size=16, encoder="random-vit-s@28", cache_latents=True, dec_dim=64,
+    "tiny": dict(data="shapes:200", image_size=16, encoder="random-vit-s@28", cache_latents=True, dec_dim=64,
                  dec_depth=1, dec_heads=2, hidden=64, depth=1, heads=2, head_dim=96, head_depth=1, head_heads=2,
                  sample_steps=4, steps=20, batch_size=16, lr=1e-3, lr_final=1e-3, ema=0.9, log_every=1,
                  sample_every=10, ckpt_every=10, grid=16),  # seconds, for tests

@@ -112,7 +112,7 @@ class Config:
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:1000", image_size=16, encoder="random-vit-s@28", rdm_width=64, rdm_depth=2, T=100,
+    "tiny": dict(data="shapes:200", image_size=16, encoder="random-vit-s@28", rdm_width=64, rdm_depth=2, T=100,
                  rdm_sample_steps=10, patch=4, hidden=64, depth=2, heads=2, sample_steps=4, steps=20, batch_size=16,
                  lr=1e-3, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),
     # 2-core CPU: the RDM on the random ViT's 384-d global tokens of `shapes` (the representations, encoded once)

@@ -120,7 +120,7 @@ class Config:
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:2000", image_size=16, res_width=8, res_layers=[1, 1], enc_dim=64, enc_depth=2,
+    "tiny": dict(data="shapes:500", image_size=16, res_width=8, res_layers=[1, 1], enc_dim=64, enc_depth=2,
                  z_dim=12, channels=16,
                  ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=5, steps=20, batch_size=32, lr=1e-3,
                  warmup=0, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),

@@ -26,6 +26,23 @@ def cli():
 
 
 @pytest.fixture
+def few_probe_images(monkeypatch):
+    """-> cap(n_train, n_test): eval's probes (common.probe_data) then read at most that many images of each split,
+    for tests of eval's code path and keys rather than its figures."""
+    import common
+
+    real = common.probe_data
+
+    def cap(n_train, n_test):
+        def few(spec, size, n_tr=10_000, n_te=5_000):
+            return real(spec, size, min(n_tr, n_train), min(n_te, n_test))
+
+        monkeypatch.setattr(common, "probe_data", few)
+
+    return cap
+
+
+@pytest.fixture
 def logged_losses():
     """-> a function: run folder -> the losses of its log.jsonl, in order."""
     import json

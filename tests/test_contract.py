@@ -8,7 +8,7 @@ Each test id carries the file's name. The contract: `train --preset tiny` writes
 step, config, RNG), log.jsonl and a sample grid; the same command plus `--resume` continues exactly; `--resume --lr`
 applies and prints the new lr, `--resume --batch-size` is refused; `sample` writes an .npz of uint8 [N, H, W, 3];
 `eval` writes eval.json with the keys every file shares; bad input is one line on stderr and exit code 2, the run's
-checkpoint untouched; torchrun with two processes trains.
+checkpoint untouched; torchrun with two processes trains every stage.
 
 How a file trains the network it samples from follows from the commands it offers (pipeline() below): a file with
 `train-decoder` (rae.py) trains its first stage before `train --decoder`, one with `train-rdm` (rcg.py) trains the
@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 import torch
 
-import common
 from conftest import ROOT, run_cli
 
 METHOD_FILES = [
@@ -69,19 +68,18 @@ def commands(module):
 
 
 def pipeline(module, folder):
-    """Train what the file's sampler needs first -> (train argv, the extra argv of sample and eval)."""
+    """What the file's sampler needs trained first -> (that first stage's argv or None, the train argv, the extra
+    argv of sample and eval); the first stage writes folder / "first_stage"."""
     cmds = commands(module)
     first = folder / "first_stage"
+    stage = [*TINY, "--steps", 2, "--out", first]
     if "train-decoder" in cmds:
-        assert run_cli(module, ["train-decoder", *TINY, "--steps", 2, "--out", first]) == 0
-        return ["train", "--decoder", first / "ckpt.pt"], []
+        return ["train-decoder", *stage], ["train", "--decoder", first / "ckpt.pt"], []
     if "train-rdm" in cmds:
-        assert run_cli(module, ["train-rdm", *TINY, "--steps", 2, "--out", first]) == 0
-        return ["train"], ["--rdm", first / "ckpt.pt"]
+        return ["train-rdm", *stage], ["train"], ["--rdm", first / "ckpt.pt"]
     if "train-gen" in cmds:
-        assert run_cli(module, ["train", *TINY, "--steps", 2, "--out", first]) == 0
-        return ["train-gen", "--ae", first / "ckpt.pt"], []
-    return ["train"], []
+        return ["train", *stage], ["train-gen", "--ae", first / "ckpt.pt"], []
+    return None, ["train"], []
 
 
 def losses(run):
@@ -93,7 +91,8 @@ def trained(request, tmp_path_factory):
     """A file's tiny run of 4 steps -> dict(module, folder, train argv, sample/eval argv, run folder)."""
     module = load(request.param)
     folder = tmp_path_factory.mktemp(module.__name__)
-    train, extra = pipeline(module, folder)
+    first_stage, train, extra = pipeline(module, folder)
+    assert first_stage is None or run_cli(module, first_stage) == 0
     run = folder / "a"
     assert run_cli(module, [*train, *TINY, "--steps", 4, "--out", run]) == 0
     return dict(module=module, folder=folder, train=train, extra=extra, run=run, index=FILES.index(request.param))
@@ -155,15 +154,10 @@ def test_sample_writes_uint8_nhwc(trained):
     assert (out.parent / "s.png").exists()
 
 
-def test_eval_writes_the_shared_keys(trained, monkeypatch):
+def test_eval_writes_the_shared_keys(trained, few_probe_images):
     """eval's code path with its probes on 200 / 100 images (the keys are the contract, not the figures)."""
     module, run = trained["module"], trained["run"]
-    real = common.probe_data
-
-    def few(spec, size, n_train=10_000, n_test=5_000):
-        return real(spec, size, min(n_train, 200), min(n_test, 100))
-
-    monkeypatch.setattr(common, "probe_data", few)
+    few_probe_images(200, 100)
     argv = ["eval", "--ckpt", run / "ckpt.pt", "--n", 20, "--device", "cpu", *trained["extra"]]
     assert run_cli(module, argv) == 0
     res = json.load(open(run / "eval.json"))
@@ -233,13 +227,20 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
 
 
 def test_torchrun_two_processes(trained, torchrun, tmp_path):
-    """DDP on two CPU processes (gloo): both ranks train (every parameter gets a gradient, else DDP stops at the
-    second step), rank 0 writes the run. (test_jit runs eval there: both ranks sample, rank 0 writes.)"""
-    module, run = trained["module"], tmp_path / "ddp"
-    argv = [*trained["train"], *TINY, "--steps", 2, "--batch-size", 4, "--out", run]
-    port = 29600 + 3 * trained["index"]
-    # "--" before the file: else torchrun's own parser reads the file's --n as an abbreviation of its options
-    r = torchrun("--", [module.__file__, *argv], port)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == [1, 2]
-    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 2
+    """DDP on two CPU processes (gloo), every stage the file trains: both ranks train (every parameter gets a
+    gradient, else DDP stops at the second step), rank 0 writes the run. (test_jit checks the logged loss against
+    both ranks' own and runs eval there: both ranks sample, rank 0 writes.)"""
+    module = trained["module"]
+    first_stage, train, _ = pipeline(module, tmp_path)
+    port = 29600 + 4 * trained["index"]
+    # on 64 images: each process encodes the data set, where a file has a frozen encoder
+    runs = [[*first_stage, "--data", "shapes:64"]] if first_stage else []
+    runs.append([*train, *TINY, "--data", "shapes:64", "--steps", 2, "--batch-size", 4, "--out", tmp_path / "ddp"])
+    for i, argv in enumerate(runs):
+        # "--" before the file: else torchrun's own parser reads the file's --n as an abbreviation of its options
+        r = torchrun("--", [module.__file__, *argv], port + i)
+        assert r.returncode == 0, r.stderr[-2000:]
+        run = argv[argv.index("--out") + 1]
+        steps = int(argv[argv.index("--steps") + 1])
+        assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(range(1, steps + 1))
+        assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == steps

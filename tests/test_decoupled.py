@@ -134,7 +134,8 @@ def test_resume_continues_exactly(cli, logged_losses, tmp_path):
     assert row["loss"] == pytest.approx(row["loss_rec"] + row["loss_sem"], rel=1e-5)  # the terms forward returns
 
 
-def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch):
+def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch, few_probe_images):
+    few_probe_images(200, 100)
     b = tmp_path / "b"
     assert cli(DL, ["train", *TINY, "--steps", 11, "--out", b]) == 0
     assert [f for f in os.listdir(b) if f.endswith(".png")] == ["samples_0000010.png"]  # at multiples of sample_every
@@ -176,7 +177,7 @@ def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch):
     # the FD is that of the samples `sample` draws with eval's seed and batch, to the training split
     assert cli(DL, ["sample", "--ckpt", g / "ckpt.pt", "--n", 50, "--out", tmp_path / "s50.npz"]) == 0
     made = common.to_float(torch.from_numpy(np.load(tmp_path / "s50.npz")["arr_0"]).permute(0, 3, 1, 2))
-    fd = common.fd_to_train(common.FDFeatures("pixels", torch.device("cpu")), made, "shapes:2000", 16)
+    fd = common.fd_to_train(common.FDFeatures("pixels", torch.device("cpu")), made, "shapes:1000", 16)
     assert res_g["fd"] == pytest.approx(fd, rel=0.02)  # uint8 rounding apart
     # the docstring's snippet samples from the stage-2 checkpoint
     snippet = textwrap.dedent(DL.__doc__.split("in Python:\n")[1]).replace("runs/dl_gen/ckpt.pt", str(g / "ckpt.pt"))

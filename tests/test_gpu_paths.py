@@ -1,6 +1,7 @@
 """The paths a GPU user runs (bf16 autocast, true fp32, serialised downloads), exercised on a CPU."""
 import os, threading, time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,61 +86,98 @@ def test_dataset_download_is_serialised(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(root, ".cifar10.lock"))
 
 
-# Each file's `default` preset (the full-size model) under bf16 autocast on a CPU, 2 steps at batch 2 on `shapes`, then
-# sample and eval: the GPU user's first commands, in seconds to a minute each. Frozen encoders are random-vit-b@224
-# (DINOv2-B's compute, no download).
-SMALL = ["--data", "shapes:8", "--batch-size", 2, "--steps", 2, "--device", "cpu"]
-ENC = ["--encoder", "random-vit-b@224"]
+# Each file's `default` preset: the full-size networks a GPU user's first commands build, one training step at
+# batch 2 on `shapes`, then `sample`. The frozen encoder is random-vit-b@112: DINOv2-B's width and depth (no download)
+# at a quarter of its 224 px tokens, which the generators' shapes follow. In fp32: a CPU without bf16 units runs bf16
+# matmuls about 16 times slower than fp32 ones (minutes a file at full size), and the bf16 path does not depend on
+# the size (test_gpu_path_on_the_tiny_preset runs it, and eval).
+FULL = ["--preset", "default", "--data", "shapes:8", "--batch-size", 2, "--steps", 1, "--device", "cpu"]
+# no warm-up and a large lr: the first step moves the zero-initialised output layers, so a sample has structure
+FULL += ["--set", "log_every=1", "--set", "warmup=0", "--lr", 1e-3]
+ENC = ["--encoder", "random-vit-b@112"]
+FIRST_STAGE = {"rae": "train-decoder", "rcg": "train-rdm", "decoupled_latent": "train"}
+FILES = ["jit_xpred", "consistency", "repa", "soda", "rae", "rcg", "decoupled_latent"]
 
 
-def default_preset_commands(name, d):
-    """-> the commands (file, argv) of one file's default preset, run folder d."""
-    sample = lambda run, *extra: ["sample", "--ckpt", d / run / "ckpt.pt", "--n", 2, "--batch", 2, "--sample-steps", 2,
-                                  "--device", "cpu", *extra, "--out", d / f"{run}.npz"]
-    ev = lambda run, *extra: ["eval", "--ckpt", d / run / "ckpt.pt", "--n", 2, "--batch", 2, "--sample-steps", 2,
-                              "--device", "cpu", *extra]
-    train = lambda cmd, run, *extra: [cmd, "--preset", "default", *SMALL, *extra, "--out", d / run]
+def pipeline_commands(name, preset_argv, folder):
+    """-> the argv of one file's first stage (or None), train, sample and eval; the run is folder / "run"."""
+    run, first = folder / "run", folder / "first"
+    encoder = ENC if name in ("repa", "rae", "rcg") and "default" in preset_argv else []
+    first_stage = None
+    if name in FIRST_STAGE:
+        first_stage = [FIRST_STAGE[name], *preset_argv, *encoder, "--out", first]
+    train = ["train", *preset_argv, *encoder, "--out", run]
+    read = ["--n", 2, "--batch", 2, "--sample-steps", 2, "--device", "cpu"]
     if name == "rae":
-        return [train("train-decoder", "dec", *ENC), train("train", "gen", "--decoder", d / "dec" / "ckpt.pt"),
-                sample("gen"), ev("gen")]
+        train = ["train", *preset_argv, "--decoder", first / "ckpt.pt", "--out", run]
     if name == "rcg":
-        rdm = ["--rdm", d / "rdm" / "ckpt.pt", "--rdm-steps", 2]
-        return [train("train-rdm", "rdm", *ENC), train("train", "gen", *ENC), sample("gen", *rdm), ev("gen", *rdm)]
+        read += ["--rdm", first / "ckpt.pt", "--rdm-steps", 2]
     if name == "decoupled_latent":
-        return [train("train", "ae"), train("train-gen", "gen", "--ae", d / "ae" / "ckpt.pt"), sample("gen"), ev("gen")]
-    return [train("train", "run", *(ENC if name == "repa" else [])), sample("run"), ev("run")]
+        train = ["train-gen", *preset_argv, "--ae", first / "ckpt.pt", "--out", run]
+    sample = ["sample", "--ckpt", run / "ckpt.pt", *read, "--out", folder / "samples.npz"]
+    evaluate = ["eval", "--ckpt", run / "ckpt.pt", *read]
+    return first_stage, train, sample, evaluate
 
 
-@pytest.mark.parametrize("name", ["jit_xpred", "consistency", "repa", "soda", "rae", "rcg", "decoupled_latent"])
-def test_default_preset_runs_in_bf16_on_a_cpu(name, cli, tmp_path, monkeypatch):
+def losses_and_images(folder):
+    """-> the run's logged losses, its sampled images (float64 [N, H, W, 3])."""
+    import json
+
+    losses = [json.loads(line)["loss"] for line in open(folder / "run" / "log.jsonl")]
+    return losses, np.load(folder / "samples.npz")["arr_0"].astype(np.float64)
+
+
+def assert_images_have_structure(images):
+    """Each image is not one flat value, and the two are not one image twice."""
+    assert images.shape[0] == 2 and all(im.std() > 0 for im in images)
+    assert images[0].tolist() != images[1].tolist()
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_default_preset_trains_and_samples_on_a_cpu(name, cli, tmp_path):
     import importlib
-    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
-    real = common.probe_data  # eval's code path at 8 / 8 probe images: the full-size model in bf16 is slow on a CPU
-    monkeypatch.setattr(common, "probe_data", lambda spec, size, n_train=10_000, n_test=5_000:
-                        real(spec, size, min(n_train, 8), min(n_test, 8)))
+
     module = importlib.import_module(name)
-    for argv in default_preset_commands(name, tmp_path):
-        assert cli(module, argv) == 0, argv
-    assert (tmp_path / "gen.npz").exists() or (tmp_path / "run.npz").exists()
+    first_stage, train, sample, _ = pipeline_commands(name, FULL, tmp_path)
+    for argv in [first_stage, train, sample]:
+        assert argv is None or cli(module, argv) == 0, argv
+    losses, images = losses_and_images(tmp_path)
+    assert len(losses) == 1 and np.isfinite(losses[0]), losses
+    assert_images_have_structure(images)
 
 
-# --compile: each file's tiny-preset step compiled (the aot_eager backend: TorchDynamo's graph capture and AOT autograd
-# as on a GPU, without generating kernels), with the number of graph breaks pinned (0: one graph per step).
+# The GPU path on each file's tiny preset: bf16 autocast (REPDIFF_CPU_BF16 turns it on on a CPU) in every command, and
+# `train --compile` with the aot_eager backend (TorchDynamo's graph capture and AOT autograd as on a GPU, without
+# generating kernels) with its graph breaks pinned (0: one graph per step).
 GRAPH_BREAKS = {"jit_xpred": 0, "consistency": 0, "repa": 0, "soda": 0, "rae": 0, "rcg": 0, "decoupled_latent": 0}
 
 
-@pytest.mark.parametrize("name", sorted(GRAPH_BREAKS))
-def test_compiled_step_runs_and_its_graph_breaks_are_pinned(name, cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", FILES)
+def test_gpu_path_on_the_tiny_preset(name, cli, tmp_path, monkeypatch, few_probe_images):
     import importlib
+    import json
+
     from torch._dynamo.utils import counters
+
     module, compile = importlib.import_module(name), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **k: compile(model, backend="aot_eager", **k))
-    tiny = ["--preset", "tiny", "--steps", 2, "--device", "cpu"]
-    cmd, extra = "train", []
-    if name == "rae":  # stage 2, on a stage-1 decoder trained without compile
-        assert cli(module, ["train-decoder", *tiny, "--out", tmp_path / "dec"]) == 0
-        extra = ["--decoder", tmp_path / "dec" / "ckpt.pt"]
+
+    def aot_eager(model, **kwargs):
+        return compile(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    few_probe_images(8, 8)
+    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
+    tiny = ["--preset", "tiny", "--data", "shapes:64", "--steps", 2, "--device", "cpu"]
+    tiny += ["--set", "log_every=1", "--set", "warmup=0", "--lr", 1e-3]
+    first_stage, train, sample, evaluate = pipeline_commands(name, tiny, tmp_path)
+    assert first_stage is None or cli(module, first_stage) == 0, first_stage
     torch._dynamo.reset()
     counters.clear()
-    assert cli(module, [cmd, *tiny, *extra, "--compile", "--out", tmp_path / "run"]) == 0
+    assert cli(module, [*train, "--compile"]) == 0
     assert sum(counters["graph_break"].values()) == GRAPH_BREAKS[name], dict(counters["graph_break"])
+    assert cli(module, sample) == 0
+    assert cli(module, evaluate) == 0
+    losses, images = losses_and_images(tmp_path)
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
+    assert_images_have_structure(images)
+    assert json.load(open(tmp_path / "run" / "eval.json"))["n_samples"] == 2

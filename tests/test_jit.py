@@ -176,7 +176,8 @@ def test_released_checkpoint_snippet_runs(tmp_path, monkeypatch):
     assert torch.equal(scope["model"].net.final_layer.linear.weight, official.net.final_layer.linear.weight)
 
 
-def test_train_sample_eval_beats_initialisation(cli, logged_losses, tmp_path):
+def test_train_sample_eval_beats_initialisation(cli, logged_losses, tmp_path, few_probe_images):
+    few_probe_images(400, 200)
     run, one = tmp_path / "run", tmp_path / "one"
     assert cli(J, ["train", *TINY, "--steps", 120, "--set", "sample_every=60", "--out", run]) == 0
     losses = logged_losses(run)
@@ -277,7 +278,8 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     """The DDP path (gloo on CPU): the logged step-1 loss is the mean of the two ranks' losses, each recomputed here in
     one process from its own batch and RNG stream; rank 0 alone writes one row per step. Then eval: both ranks sample,
     rank 0 alone writes eval.json and the FD statistics (in a fresh cache)."""
-    r = torchrun("jit_xpred.py", ["train", *TINY, "--steps", 4, "--out", tmp_path], 29531)
+    # 200 images: eval's probes under torchrun read them all
+    r = torchrun("jit_xpred.py", ["train", *TINY, "--data", "shapes:200", "--steps", 4, "--out", tmp_path], 29531)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [row["step"] for row in rows] == [1, 2, 3, 4]

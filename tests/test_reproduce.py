@@ -60,22 +60,23 @@ def test_table_and_figure_show_each_pair(tmp_path):
 
 
 def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_path, capsys):
-    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "encoder,repa.py"])
+    """One row with a pair (soda.py: its probe against the same encoder at initialisation), run, read again, and run
+    again after a failed eval. Every row's commands are parsed by test_every_command_of_a_plan_parses."""
+    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     res = json.load(open(tmp_path / "results.json"))
     rows = {r["method"]: r for r in res["rows"]}
-    assert list(rows) == ["encoder (decoupled_latent.py z_u)", "repa.py"] and res["cpus"] >= 1
-    r = rows["repa.py"]
-    assert "error" not in r and r["command"].startswith("python ") and "--proj-coeff 0" in r["command"]
-    assert r["fd"] is not None and r["fd_control"] is not None and r["probe_linear_pixels"] is not None
+    assert list(rows) == ["soda.py"] and res["cpus"] >= 1
+    r = rows["soda.py"]
+    assert "error" not in r and r["command"].startswith("python soda.py train")
+    assert r["fd"] is not None and r["probe_linear_init"] is not None and r["probe_linear_pixels"] is not None
     assert r["held"] in (True, False) and len(r["probe_linear_by_t"]) == 5
-    assert rows["encoder (decoupled_latent.py z_u)"]["probe_linear_init"] is not None
-    assert os.path.isfile(tmp_path / "enc.pt") and "| repa.py |" in open(tmp_path / "table.md").read()
+    assert "| soda.py |" in open(tmp_path / "table.md").read()
     capsys.readouterr()
-    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "repa.py"])
+    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     assert "$ python" not in capsys.readouterr().out  # a finished row is read again, not rerun
-    os.remove(tmp_path / "repa" / "eval.json")  # as if its eval had failed (an offline download)
+    os.remove(tmp_path / "soda" / "eval.json")  # as if its eval had failed (an offline download)
     json.dump(dict(res, rows=[dict(r, error="exit 2")]), open(tmp_path / "results.json", "w"))
-    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "repa.py"])
+    reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     out = capsys.readouterr().out
     assert "--resume" in out and "error" not in json.load(open(tmp_path / "results.json"))["rows"][-1]
     with pytest.raises(SystemExit) as e:
@@ -90,10 +91,10 @@ def test_bench_times_a_files_own_train_command(capsys):
 
 
 def test_bench_data_runs_on_a_cpu(tmp_path, capsys):
-    reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "300x16", "--batches", "3"])
+    reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "100x16", "--batches", "3"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     first, later = rows[0], rows[1]
-    assert first["start"] == "first" and later["start"] == "later" and first["images"] == 300
+    assert first["start"] == "first" and later["start"] == "later" and first["images"] == 100
     assert later["read_batches_per_s"] > 0 and later["batch_per_s"] > 0 and later["rss_anon_gib"] > 0
     with pytest.raises(SystemExit) as e:
         reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "300by16"])

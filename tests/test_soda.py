@@ -277,9 +277,10 @@ def test_sample_and_export(cli, tmp_path):
     assert isinstance(enc.net, common.DinoViT) and enc.resolution == 16 and enc(x)[1].shape == (3, 16, 64)
 
 
-def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path):
+def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path, few_probe_images):
     """A few tens of steps make the generated views closer to their sources (PSNR) and to the data (FD) than one step,
     where the zero-initialised U-Net still predicts eps = 0 and the views are saturated noise."""
+    few_probe_images(400, 200)
     res = {}
     for steps in (1, 60):
         out = tmp_path / str(steps)
@@ -325,9 +326,10 @@ def test_bad_inputs(cli, tmp_path, capsys):
 
 
 def test_z_carries_what_the_denoiser_uses():
-    """The bottleneck works: on 16 images, z from the encoder lowers the denoising loss against no z (all groups
-    masked). (The class-probe gain is measured by the cpu preset, 8 minutes: see the README.)"""
-    cfg = S.Config(**dict(S.PRESETS["tiny"], data="shapes:16", z_dim=48, source_scale=[1.0, 1.0],
+    """The bottleneck works: on 16 images of 8 x 8, z from the encoder lowers the denoising loss against no z (all
+    groups masked; measured 0.74 of it at 300 steps, 0.62 at 600). (The class-probe gain is measured by the cpu
+    preset, 8 minutes: see the README.)"""
+    cfg = S.Config(**dict(S.PRESETS["tiny"], data="shapes:16", image_size=8, z_dim=48, source_scale=[1.0, 1.0],
                           target_scale=[1.0, 1.0], jitter=0.0, gray=0.0, blur_prob=0.0))
     images, labels, _ = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(0)
@@ -335,7 +337,7 @@ def test_z_carries_what_the_denoiser_uses():
     enc = list(m.encoder.parameters()) + list(m.head.parameters())
     opt = torch.optim.AdamW([{"params": m.net.parameters(), "lr": 1e-3}, {"params": enc, "lr": 2e-3}],
                             betas=(0.9, 0.95), weight_decay=0.05)  # as train(): the encoder at 2x
-    for step in range(600):
+    for step in range(300):
         loss = m(common.batch(images, labels, 32, 0, step, 0, flip=False, device="cpu")[0])
         opt.zero_grad()
         loss.backward()
@@ -348,4 +350,4 @@ def test_z_carries_what_the_denoiser_uses():
     with torch.no_grad():
         z = m.encode(x)
         with_z, without_z = (((m.net(x_t, t, z, torch.full((B, 3), k)) - e) ** 2).mean().item() for k in (1.0, 0.0))
-    assert with_z < 0.95 * without_z, (with_z, without_z)
+    assert with_z < 0.9 * without_z, (with_z, without_z)
