@@ -1,44 +1,55 @@
 """JiT: a plain Vision Transformer on pixel patches that predicts the clean image x.
 
-Paper: T. Li and K. He, "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720 (2025).
-Claim: natural images lie on a low-dimensional manifold, noise does not. A network that outputs x (on the manifold)
-works with large patches and a narrow token bottleneck; one that outputs eps or v (off the manifold) fails there.
+T. Li and K. He, "Back to Basics: Let Denoising Generative Models Denoise", arXiv 2511.13720 (2025).
 
-    z_t = t x + (1 - t) e,   e ~ N(0, noise_scale^2 I),   t in [0, 1], t = 1 clean            (Eq. 1)
-    v   = (x - z_t) / (1 - t)                                                                  (Eq. 2)
-    net outputs x_pred;  v_pred = (x_pred - z_t) / max(1 - t, t_eps);  L = ||v - v_pred||^2   (Alg. 1, x-pred + v-loss)
-    sampling: dz/dt = v_pred(z, t) from t = 0 to 1, Heun, with CFG on v for t in (0.1, 1)      (Alg. 2)
+Claim: natural images lie on a low-dimensional manifold, noise does not. A network that outputs x
+(on the manifold) works with large patches and a narrow token bottleneck; one that outputs eps or v
+(off the manifold) fails there.
+
+    z_t = t x + (1 - t) e,   e ~ N(0, noise_scale^2 I),   t in [0, 1], t = 1 clean    (Eq. 1)
+    v = (x - z_t) / (1 - t)                                                           (Eq. 2)
+    the net outputs x_pred;   v_pred = (x_pred - z_t) / max(1 - t, t_eps)
+    L = ||v - v_pred||^2                                        (Alg. 1: x-pred, v-loss)
+    sampling: dz/dt = v_pred(z, t) from t = 0 to 1, Heun, CFG on v for t in (0.1, 1) (Alg. 2)
 
 Commands (python jit_xpred.py {train,sample,eval,toy} -h lists every flag):
-    CPU smoke, seconds:  python jit_xpred.py train --preset tiny --out runs/jit_tiny --device cpu
-    the claim on a CPU:  python jit_xpred.py toy --dims 2 8 16 512 --out runs/jit_toy    # paper's Sec. 3.3, ~3 min
-    shapes on a CPU:     python jit_xpred.py train --preset cpu --out runs/jit_cpu        # a small JiT, < 10 min
-                         python jit_xpred.py eval --ckpt runs/jit_cpu/ckpt.pt --n 1000
-    one GPU:             python jit_xpred.py train --data cifar10 --out runs/jit --compile   (torchrun: the same)
-                         python jit_xpred.py sample --ckpt runs/jit/ckpt.pt --n 50000 --out runs/jit/samples.npz
-                         python jit_xpred.py eval --ckpt runs/jit/ckpt.pt --fd-model inception
-    Table 2 at toy scale (64x64, 16x16 patches = 768 values through a 64-d bottleneck), one run per prediction:
-                         python jit_xpred.py train --preset table2 --pred eps --out runs/t2_eps   (and --pred x, v)
-    --set attn_fp32=true: attention in true fp32 (the official code computes q k^T and its softmax in fp32).
-eval.json: FD; probes of the mid-block's mean-pooled tokens at t = 0.75 and at five t; on shapes, detail_r2 of x_pred.
-Expected: the toy's x-prediction lands on the spiral at every D, eps/v-prediction not at D = 512 (README: the figures).
 
-Checked against the official code (LTH14/JiT's model_jit.py, denoiser.py, util/model_util.py, as in zlong928/JiT at
-cbc743a): its state dict loads unchanged; the network, the loss (with its draws of label drop, t and noise) and the
-Heun sampler with CFG agree to 1e-5 in fp32 (tests/test_jit.py). Kept on purpose: one EMA (official: 0.9999 and
-0.9996), qk-norm in the autocast dtype, fused attention unless attn_fp32, a final clamp to [-1, 1] (the official clips
-when it writes PNGs). The released ImageNet checkpoints (JiT-{B,L,H}/16 at 256 px, /32 at 512 px: the official README)
-hold "model_ema1" beside an argparse.Namespace and load with strict=True into the presets B, L, H (/32: image_size=512,
-patch=32, noise_scale=2.0); sample and eval read this file's own checkpoints, so sample from them in Python:
+    python jit_xpred.py toy --dims 2 8 16 512 --out runs/jit_toy   # the claim: CPU, ~3 min
+    python jit_xpred.py train --preset cpu --out runs/jit_cpu      # shapes: CPU, < 10 min
+    python jit_xpred.py eval --ckpt runs/jit_cpu/ckpt.pt --n 1000
+    python jit_xpred.py train --data cifar10 --out runs/jit --compile   # one GPU; torchrun: same
+    python jit_xpred.py sample --ckpt runs/jit/ckpt.pt --n 50000 --out runs/jit/samples.npz
+    python jit_xpred.py eval --ckpt runs/jit/ckpt.pt --fd-model inception
+    python jit_xpred.py train --preset table2 --pred eps --out runs/t2_eps   # Table 2; x, v too
+
+Expected: in the toy, x-prediction lands on the spiral at every D, eps- and v-prediction not at
+D = 512 (the README has the figure). eval.json: FD; probes of the mid-block's mean-pooled tokens at
+t = 0.75 and at five t; on `shapes`, the detail x_pred keeps (detail_r2).
+
+Deliberate differences from the official code (LTH14/JiT):
+- one EMA (official: 0.9999 and 0.9996);
+- qk-norm in the autocast dtype; fused attention unless --set attn_fp32=true (true fp32, as the
+  official q k^T and softmax);
+- a final clamp to [-1, 1] (the official clips when it writes PNGs).
+
+The released ImageNet checkpoints (JiT-{B,L,H}/16 at 256 px; /32 at 512 px: image_size=512,
+patch=32, noise_scale=2.0) hold "model_ema1" beside an argparse.Namespace and load with strict=True
+into the presets B, L, H. sample and eval read this file's own checkpoints; from a released one,
+sample in Python:
+
     import argparse, torch, jit_xpred as J
     cfg = J.Config(**J.PRESETS["L"], image_size=256, patch=16, num_classes=1000, cfg_scale=2.4)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with torch.serialization.safe_globals([argparse.Namespace]):
         model = J.JiT(cfg).to(device).eval()
-        model.load_state_dict(torch.load(PATH, map_location=device, weights_only=True)["model_ema1"])
+        state = torch.load(PATH, map_location=device, weights_only=True)
+        model.load_state_dict(state["model_ema1"])
     x = model.sample(torch.arange(8, device=device))  # [8, 3, 256, 256] in [-1, 1]
 """
-import json, math, os
+
+import json
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -50,66 +61,124 @@ import common
 from common import UsageError, print0
 
 
-# ---------------------------------------------------------------------------------------------------------- config
+# ------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    data: str = "cifar10"           # dataset (common.load_images)
-    image_size: int = 32            # images are resized to image_size^2
-    patch: int = 2                  # p: pixel patch side; a token sees p*p*3 values
-    bottleneck: int = 128           # linear patch-embedding bottleneck width (Sec. 4.1; 128 for B/L, 256 for H)
-    hidden: int = 384               # transformer width (S 384, B 768, L 1024, H 1280)
-    depth: int = 12                 # transformer blocks (S/B 12, L 24, H 32)
-    heads: int = 6                  # attention heads (head_dim 64)
-    in_context: int = 32            # in-context class tokens (32 in the paper)
-    in_context_start: int = 4       # block where they are prepended (4 for B, 8 for L, 10 for H)
-    pred: str = "x"                 # what the network outputs: x | eps | v (Table 2 columns)
-    loss: str = "v"                 # where the loss is taken: x | eps | v (Table 2 rows; the paper's default is v)
-    P_mean: float = -0.8            # t = sigmoid(N(P_mean, P_std^2)), logit-normal (Sec. 4.2)
-    P_std: float = 0.8              # (Sec. 4.2)
-    t_eps: float = 0.05             # clamp of 1 - t (and of t) in divisions, training and sampling
-    rope_base: float = 10_000.0     # RoPE base (official: EVA's VisionRotaryEmbeddingFast, theta 10000)
-    attn_fp32: bool = False         # attention in true fp32 (official: q k^T, softmax in fp32; bf16 eps/v spikes)
-    proj_dropout: float = 0.0       # dropout after attention and in the MLP, middle half of the blocks (0.2 for H)
-    noise_scale: float = 1.0        # e ~ N(0, noise_scale^2); unless set: the paper's max(1, image_size / 256)
-    label_drop: float = 0.1         # class dropped to the null class for classifier-free guidance
-    num_classes: int = 10           # filled in from the data
-    steps: int = 100_000            # optimiser steps
-    batch_size: int = 256           # global batch size
-    lr: float = 5e-5                # peak lr; the paper's rule is 5e-5 x batch_size / 256 (batch 256 here)
-    warmup: int = 2_000             # linear warm-up steps, then constant (paper: 5 epochs)
-    weight_decay: float = 0.0       # paper: 0
-    ema: float = 0.9995             # EMA decay (official 0.9999 over 600 epochs; shorter runs need a shorter horizon)
-    sample_steps: int = 50          # Heun steps (49 Heun + 1 Euler)
-    cfg_scale: float = 1.0          # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
-    cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])  # CFG for lo < t < hi (and t = 0 when lo = 0)
-    log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between sample grids (drawn when the step is a multiple)
-    grid: int = 64                  # images in the sample grids (0: none)
-    ckpt_every: int = 2_500         # steps between checkpoints
-    seed: int = 0                   # initial weights, batches and noise
+    data: str = "cifar10"  # dataset (common.load_images)
+    image_size: int = 32  # images are resized to image_size^2
+    patch: int = 2  # p: pixel patch side; a token sees p*p*3 values
+    # linear patch-embedding bottleneck width (Sec. 4.1; 128 for B/L, 256 for H)
+    bottleneck: int = 128
+    hidden: int = 384  # transformer width (S 384, B 768, L 1024, H 1280)
+    depth: int = 12  # transformer blocks (S/B 12, L 24, H 32)
+    heads: int = 6  # attention heads (head_dim 64)
+    in_context: int = 32  # in-context class tokens (32 in the paper)
+    in_context_start: int = 4  # block where they are prepended (4 for B, 8 for L, 10 for H)
+    pred: str = "x"  # what the network outputs: x | eps | v (Table 2 columns)
+    loss: str = "v"  # where the loss is taken: x | eps | v (Table 2 rows; the paper's default is v)
+    P_mean: float = -0.8  # t = sigmoid(N(P_mean, P_std^2)), logit-normal (Sec. 4.2)
+    P_std: float = 0.8  # (Sec. 4.2)
+    t_eps: float = 0.05  # clamp of 1 - t (and of t) in divisions, training and sampling
+    # RoPE base (official: EVA's VisionRotaryEmbeddingFast, theta 10000)
+    rope_base: float = 10_000.0
+    # attention in true fp32 (official: q k^T, softmax in fp32; bf16 eps/v spikes)
+    attn_fp32: bool = False
+    # dropout after attention and in the MLP, middle half of the blocks (0.2 for H)
+    proj_dropout: float = 0.0
+    # e ~ N(0, noise_scale^2); unless set: the paper's max(1, image_size / 256)
+    noise_scale: float = 1.0
+    label_drop: float = 0.1  # class dropped to the null class for classifier-free guidance
+    num_classes: int = 10  # filled in from the data
+    steps: int = 100_000  # optimiser steps
+    batch_size: int = 256  # global batch size
+    lr: float = 5e-5  # peak lr; the paper's rule is 5e-5 x batch_size / 256 (batch 256 here)
+    warmup: int = 2_000  # linear warm-up steps, then constant (paper: 5 epochs)
+    weight_decay: float = 0.0  # paper: 0
+    # EMA decay (official 0.9999 over 600 epochs; shorter runs need a shorter horizon)
+    ema: float = 0.9995
+    sample_steps: int = 50  # Heun steps (49 Heun + 1 Euler)
+    cfg_scale: float = 1.0  # CFG scale (1 = none); the paper tunes it per model (e.g. 2.9 for B/16)
+    # CFG for lo < t < hi (and t = 0 when lo = 0)
+    cfg_interval: list = field(default_factory=lambda: [0.1, 1.0])
+    log_every: int = 50  # steps between log.jsonl rows
+    sample_every: int = 5_000  # steps between sample grids (drawn when the step is a multiple)
+    grid: int = 64  # images in the sample grids (0: none)
+    ckpt_every: int = 2_500  # steps between checkpoints
+    seed: int = 0  # initial weights, batches and noise
 
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:2000", image_size=16, patch=4, bottleneck=16, hidden=64, depth=2, heads=2, in_context=4,
-                 in_context_start=1, steps=20, batch_size=32, lr=1e-3, warmup=0, ema=0.9, sample_steps=4,
-                 log_every=1, sample_every=10, ckpt_every=10),
-    # a 2-core CPU in under 10 minutes (the claim itself is the `toy` command); a short run needs a higher lr
-    "cpu": dict(data="shapes:10000", image_size=16, patch=4, bottleneck=32, hidden=128, depth=4, heads=4, in_context=4,
-                in_context_start=1, steps=3000, batch_size=64, lr=5e-4, warmup=200, ema=0.999, sample_steps=20,
-                log_every=50, sample_every=500, ckpt_every=1000),
+    "tiny": dict(
+        data="shapes:500",
+        image_size=16,
+        patch=4,
+        bottleneck=16,
+        hidden=64,
+        depth=2,
+        heads=2,
+        in_context=4,
+        in_context_start=1,
+        steps=20,
+        batch_size=32,
+        lr=1e-3,
+        warmup=0,
+        ema=0.9,
+        sample_steps=4,
+        log_every=1,
+        sample_every=10,
+        ckpt_every=10,
+    ),
+    # a 2-core CPU in under 10 minutes (the claim itself is the `toy` command); a short run needs a
+    # higher lr
+    "cpu": dict(
+        data="shapes:10000",
+        image_size=16,
+        patch=4,
+        bottleneck=32,
+        hidden=128,
+        depth=4,
+        heads=4,
+        in_context=4,
+        in_context_start=1,
+        steps=3000,
+        batch_size=64,
+        lr=5e-4,
+        warmup=200,
+        ema=0.999,
+        sample_steps=20,
+        log_every=50,
+        sample_every=500,
+        ckpt_every=1000,
+    ),
     # one GPU: JiT-S/2 on CIFAR-10 32x32
     "default": dict(),
-    # Table 2 at small scale: 64x64 with 16x16 patches (768 values a token, bottleneck 64); lr 3e-4 for 2.5k steps
-    "table2": dict(image_size=64, patch=16, bottleneck=64, hidden=384, depth=8, heads=6, in_context=8,
-                   in_context_start=2, steps=20_000, lr=3e-4, warmup=1_000, sample_every=5_000),
-    "B": dict(hidden=768, depth=12, heads=12),                        # JiT-B
+    # Table 2 at small scale: 64x64 with 16x16 patches (768 values a token, bottleneck 64); lr 3e-4
+    # for 2.5k steps
+    "table2": dict(
+        image_size=64,
+        patch=16,
+        bottleneck=64,
+        hidden=384,
+        depth=8,
+        heads=6,
+        in_context=8,
+        in_context_start=2,
+        steps=20_000,
+        lr=3e-4,
+        warmup=1_000,
+        sample_every=5_000,
+    ),
+    "B": dict(hidden=768, depth=12, heads=12),  # JiT-B
     "L": dict(hidden=1024, depth=24, heads=16, in_context_start=8),  # JiT-L
-    "H": dict(hidden=1280, depth=32, heads=16, bottleneck=256, in_context_start=10, proj_dropout=0.2),  # JiT-H
+    # JiT-H
+    "H": dict(
+        hidden=1280, depth=32, heads=16, bottleneck=256, in_context_start=10, proj_dropout=0.2
+    ),
 }
 
 
-# ---------------------------------------------------------------------------------------------------------- method
+# ------------------------------------------------------------------------------------------- method
 class JiT(nn.Module):
     """The denoiser: forward(x, y) -> loss (Alg. 1); sample(y) -> images (Alg. 2)."""
 
@@ -120,9 +189,11 @@ class JiT(nn.Module):
     def forward(self, x, y):
         """Alg. 1: images x [B, 3, H, W] in [-1, 1], classes y [B] -> the loss."""
         cfg, B = self.cfg, x.shape[0]
-        if self.training:  # the class dropped to the null class, for CFG (drawn first, as in the official code)
+        # the class dropped to the null class, for CFG (drawn first, as in the official code)
+        if self.training:
             y = torch.where(torch.rand(B, device=x.device) < cfg.label_drop, cfg.num_classes, y)
-        t = torch.sigmoid(torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).view(B, 1, 1, 1)  # logit-normal
+        # logit-normal
+        t = torch.sigmoid(torch.randn(B, device=x.device) * cfg.P_std + cfg.P_mean).view(B, 1, 1, 1)
         e = torch.randn_like(x) * cfg.noise_scale
         z = t * x + (1 - t) * e  # Eq. 1
         v = (x - z) / (1 - t).clamp_min(cfg.t_eps)  # Eq. 2, the target velocity
@@ -131,10 +202,12 @@ class JiT(nn.Module):
             x_pred = out
             v_pred = (x_pred - z) / (1 - t).clamp_min(cfg.t_eps)
             return ((v - v_pred) ** 2).mean()
-        # Table 2: an eps or v output, or the loss on x or eps, through the (x, eps, v) that output and truth imply
-        i = ["x", "eps", "v"].index(cfg.loss)
-        pred, truth = to_x_eps_v(cfg.pred, out, z, t, cfg.t_eps), to_x_eps_v("x", x, z, t, cfg.t_eps)
-        return ((pred[i] - truth[i]) ** 2).mean()
+        # Table 2: an eps or v output, or the loss on x or eps, through the (x, eps, v) that output
+        # and truth imply
+        x_pred, eps_pred, v_pred = to_x_eps_v(cfg.pred, out, z, t, cfg.t_eps)
+        _, eps, _ = to_x_eps_v("x", x, z, t, cfg.t_eps)  # the true eps
+        pred, truth = {"x": (x_pred, x), "eps": (eps_pred, eps), "v": (v_pred, v)}[cfg.loss]
+        return ((pred - truth) ** 2).mean()
 
     def velocity(self, z, t, y, scale, interval):
         """v_pred(z, t), t a float shared by the batch; with CFG on v inside the interval."""
@@ -142,7 +215,8 @@ class JiT(nn.Module):
         if use_cfg:  # conditional and unconditional in one batch
             z, y = torch.cat([z, z]), torch.cat([y, torch.full_like(y, self.cfg.num_classes)])
         tt = torch.full((len(z),), t, device=z.device)
-        v = to_x_eps_v(self.cfg.pred, self.net(z, tt, y).float(), z, tt.view(-1, 1, 1, 1), self.cfg.t_eps)[2]
+        out = self.net(z, tt, y).float()
+        _, _, v = to_x_eps_v(self.cfg.pred, out, z, tt.view(-1, 1, 1, 1), self.cfg.t_eps)
         if not use_cfg:
             return v
         v_cond, v_uncond = v.chunk(2)
@@ -150,26 +224,31 @@ class JiT(nn.Module):
 
     @torch.no_grad()
     def sample(self, y, *, steps=None, scale=None, interval=None, generator=None):
-        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg. 2); -> [-1, 1]."""
+        """Heun from t = 0 (noise) to t = 1 (data): steps - 1 Heun steps, then one Euler step (Alg.
+        2); -> [-1, 1]."""
         cfg = self.cfg
         steps, interval = steps or cfg.sample_steps, interval or cfg.cfg_interval
         scale = cfg.cfg_scale if scale is None else scale
-        z = torch.randn(len(y), 3, cfg.image_size, cfg.image_size, device=y.device, generator=generator)
+        z = torch.randn(
+            len(y), 3, cfg.image_size, cfg.image_size, device=y.device, generator=generator
+        )
         z = z * cfg.noise_scale  # [B, 3, H, W] at t = 0
         ts = torch.linspace(0, 1, steps + 1).tolist()
         for i in range(steps):
             t, dt = ts[i], ts[i + 1] - ts[i]
             with common.autocast(z.device):
                 v = self.velocity(z, t, y, scale, interval)
-                if i < steps - 1:  # Heun: the mean of the slopes at both ends (the last step: Euler into t = 1)
+                # Heun: the mean of the slopes at both ends (the last step: Euler into t = 1)
+                if i < steps - 1:
                     v = 0.5 * (v + self.velocity(z + dt * v, ts[i + 1], y, scale, interval))
                 z = z + dt * v
         return z.clamp(-1, 1)
 
 
 def to_x_eps_v(kind, out, z, t, t_eps):
-    """Given the network output `out` of kind x | eps | v, return the triple (x, eps, v) it implies under
-    z = t x + (1 - t) eps and v = x - eps (Eq. 1-2). Denominators 1 - t and t are clamped at t_eps."""
+    """Given the network output `out` of kind x | eps | v, return the triple (x, eps, v) it implies
+    under z = t x + (1 - t) eps and v = x - eps (Eq. 1-2). Denominators 1 - t and t are clamped at
+    t_eps."""
     one_m_t, t_c = (1 - t).clamp_min(t_eps), t.clamp_min(t_eps)
     if kind == "x":
         return out, (z - t * out) / one_m_t, (out - z) / one_m_t
@@ -180,15 +259,17 @@ def to_x_eps_v(kind, out, z, t, t_eps):
     raise ValueError(kind)
 
 
-def in_interval(t, interval):  # the CFG interval: lo < t < hi, and t = 0 too when lo = 0 (the official code's test)
+# the CFG interval: lo < t < hi, and t = 0 too when lo = 0 (the official code's test)
+def in_interval(t, interval):
     lo, hi = interval
     return t < hi and (lo == 0 or t > lo)
 
 
-# -------------------------------------------------------------------------------------------------------- backbone
+# ----------------------------------------------------------------------------------------- backbone
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: the first half of the channels encode the column, the
-    second half the row, each as [sin, cos] (the official get_2d_sincos_pos_embed's order; computed in float64)."""
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: the first half of the channels
+    encode the column, the second half the row, each as [sin, cos] (the official
+    get_2d_sincos_pos_embed's order; computed in float64)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     out = [torch.outer(p.flatten().double(), omega) for p in (xx, yy)]  # 2 x [N, dim/4]
@@ -196,12 +277,14 @@ def sincos_2d(grid, dim):
 
 
 def rope_2d(grid, head_dim, prefix=0, base=10_000.0):
-    """Axial 2-D RoPE (EVA's VisionRotaryEmbeddingFast) -> (cos, sin), each [prefix + grid*grid, head_dim]. Channels
-    (2i, 2i+1) form a rotated pair; the pairs of the first half of the channels turn with the row index, those of the
-    second half with the column. The `prefix` in-context tokens get angle 0 (no rotation)."""
+    """Axial 2-D RoPE (EVA's VisionRotaryEmbeddingFast) -> (cos, sin), each [prefix + grid*grid,
+    head_dim]. Channels (2i, 2i+1) form a rotated pair; the pairs of the first half of the channels
+    turn with the row index, those of the second half with the column. The `prefix` in-context
+    tokens get angle 0 (no rotation)."""
     freqs = 1.0 / base ** (torch.arange(0, head_dim // 2, 2).float() / (head_dim // 2))  # [hd/4]
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    rows, cols = torch.outer(yy.flatten().float(), freqs), torch.outer(xx.flatten().float(), freqs)  # [N, hd/4] each
+    # [N, hd/4] each
+    rows, cols = torch.outer(yy.flatten().float(), freqs), torch.outer(xx.flatten().float(), freqs)
     ang = torch.cat([rows, cols], 1).repeat_interleave(2, 1)  # [N, hd]: one angle per pair, twice
     ang = torch.cat([torch.zeros(prefix, head_dim), ang])
     return ang.cos(), ang.sin()
@@ -228,11 +311,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, hd]
-        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), 1e-6)  # in the autocast dtype (fused kernel)
+        # 3 x [B, h, N, hd]
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # in the autocast dtype (fused kernel)
+        q = F.rms_norm(q, q.shape[-1:], self.q_norm.weight.to(q.dtype), 1e-6)
         k = F.rms_norm(k, k.shape[-1:], self.k_norm.weight.to(k.dtype), 1e-6)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.fp32:  # true fp32: autocast and TF32 off (the official: q k^T and its softmax in fp32)
+        # true fp32: autocast and TF32 off (the official: q k^T and its softmax in fp32)
+        if self.fp32:
             with common.autocast(x.device, False):
                 out = common.attention(q, k, v, fp32=True)  # [B, h, N, hd], float32
         else:
@@ -254,7 +340,8 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-zero: c gives shift, scale and a zero-initialised gate per branch."""
+    """Pre-norm transformer block with adaLN-zero: c gives shift, scale and a zero-initialised gate
+    per branch."""
 
     def __init__(self, dim, heads, attn_fp32=False, drop=0.0):
         super().__init__()
@@ -276,37 +363,57 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t):  # t [B] in [0, 1], raw (not x1000: the official code's, whose weights load here) -> [B, dim]
-        f = torch.exp(-math.log(10000) * torch.arange(self.freq_dim // 2, device=t.device) / (self.freq_dim // 2))
+    # t [B] in [0, 1], raw (not x1000: the official code's, whose weights load here) -> [B, dim]
+    def forward(self, t):
+        f = torch.exp(
+            -math.log(10000)
+            * torch.arange(self.freq_dim // 2, device=t.device)
+            / (self.freq_dim // 2)
+        )
         a = t[:, None].float() * f[None]
         return self.mlp(torch.cat([a.cos(), a.sin()], 1))
 
 
 class JiTNet(nn.Module):
-    """Pixel patches -> bottleneck linear embed -> ViT (adaLN-zero, RoPE, qk-norm, SwiGLU) -> patches of the output.
-    Parameter names are the official model_jit.py's, so its checkpoints load with strict=True."""
+    """Pixel patches -> bottleneck linear embed -> ViT (adaLN-zero, RoPE, qk-norm, SwiGLU) ->
+    patches of the output. Parameter names are the official model_jit.py's, so its checkpoints load
+    with strict=True."""
 
     def __init__(self, cfg):
         super().__init__()
         p, D, self.grid = cfg.patch, cfg.hidden, cfg.image_size // cfg.patch
         self.cfg = cfg
-        self.x_embedder = nn.ModuleDict(dict(
-            proj1=nn.Conv2d(3, cfg.bottleneck, p, p, bias=False),  # p x p x 3 pixels -> the bottleneck
-            proj2=nn.Conv2d(cfg.bottleneck, D, 1),  # -> the transformer width
-        ))
-        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])  # [1, N, D], fixed (in the state dict)
+        self.x_embedder = nn.ModuleDict(
+            dict(
+                # p x p x 3 pixels -> the bottleneck
+                proj1=nn.Conv2d(3, cfg.bottleneck, p, p, bias=False),
+                proj2=nn.Conv2d(cfg.bottleneck, D, 1),  # -> the transformer width
+            )
+        )
+        # [1, N, D], fixed (in the state dict)
+        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(cfg.num_classes + 1, D)))  # last: null
-        self.in_context_posemb = nn.Parameter(torch.randn(1, cfg.in_context, D) * 0.02)  # in-context tokens' position
+        # last: null
+        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(cfg.num_classes + 1, D)))
+        # in-context tokens' position
+        self.in_context_posemb = nn.Parameter(torch.randn(1, cfg.in_context, D) * 0.02)
         for name, prefix in (("rope", 0), ("rope_ctx", cfg.in_context)):
             cos, sin = rope_2d(self.grid, D // cfg.heads, prefix, cfg.rope_base)
             self.register_buffer(name + "_cos", cos, persistent=False)
             self.register_buffer(name + "_sin", sin, persistent=False)
-        mid = range(cfg.depth // 4, cfg.depth // 4 * 3)  # dropout only in the middle half of the blocks (official)
-        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.attn_fp32, cfg.proj_dropout * (i in mid))
-                                    for i in range(cfg.depth))
-        self.final_layer = nn.ModuleDict(dict(norm_final=nn.RMSNorm(D, eps=1e-6), linear=nn.Linear(D, p * p * 3),
-                                              adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))))
+        # dropout only in the middle half of the blocks (official)
+        mid = range(cfg.depth // 4, cfg.depth // 4 * 3)
+        self.blocks = nn.ModuleList(
+            Block(D, cfg.heads, cfg.attn_fp32, cfg.proj_dropout * (i in mid))
+            for i in range(cfg.depth)
+        )
+        self.final_layer = nn.ModuleDict(
+            dict(
+                norm_final=nn.RMSNorm(D, eps=1e-6),
+                linear=nn.Linear(D, p * p * 3),
+                adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D)),
+            )
+        )
         self.initialize()
 
     def initialize(self):
@@ -320,16 +427,18 @@ class JiTNet(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for m in self.t_embedder.mlp[::2]:
             nn.init.normal_(m.weight, std=0.02)
-        f = self.final_layer  # adaLN-zero: every residual branch starts closed; a zero output: x_pred = 0 at init
+        # adaLN-zero: every residual branch starts closed; a zero output: x_pred = 0 at init
+        f = self.final_layer
         for m in [b.adaLN_modulation[-1] for b in self.blocks] + [f.adaLN_modulation[-1], f.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, z, t, y, feature_depth=None):
-        """z [B,3,H,W], t [B], y [B] -> network output [B,3,H,W]; with feature_depth=k, the image tokens after block k
-        mean-pooled [B, D] (for probing)."""
+        """z [B,3,H,W], t [B], y [B] -> network output [B,3,H,W]; with feature_depth=k, the image
+        tokens after block k mean-pooled [B, D] (for probing)."""
         B, p, g = z.shape[0], self.cfg.patch, self.grid
-        x = self.x_embedder.proj2(self.x_embedder.proj1(z)).flatten(2).transpose(1, 2)  # [B, D, g, g] -> [B, N, D]
+        # [B, D, g, g] -> [B, N, D]
+        x = self.x_embedder.proj2(self.x_embedder.proj1(z)).flatten(2).transpose(1, 2)
         x = x + self.pos_embed
         y_emb = self.y_embedder.embedding_table(y)
         c = self.t_embedder(t) + y_emb  # conditioning vector [B, D]
@@ -348,7 +457,7 @@ class JiTNet(nn.Module):
         return x.reshape(B, 3, g * p, g * p)
 
 
-# ------------------------------------------------------------------------------------------------------------- toy
+# ---------------------------------------------------------------------------------------------- toy
 def toy_data(n, generator):
     """A 2-D spiral, std ~ 1."""
     th = torch.rand(n, generator=generator) * 3 * math.pi + 0.5 * math.pi
@@ -357,12 +466,14 @@ def toy_data(n, generator):
 
 
 def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256, t_eps=0.05):
-    """Sec. 3.3: x = P x2 in R^D (2-D data, P column-orthogonal), a 5-layer ReLU MLP (256 wide) predicting `pred`, the
-    v-loss, 50 Heun steps, samples brought back by P^T -> (distance, samples [n, 2]). t is uniform: a logit-normal t
-    rarely draws t near 1, where x-prediction's v = (x - z)/(1 - t) amplifies errors, and leaves it under-trained."""
+    """Sec. 3.3: x = P x2 in R^D (2-D data, P column-orthogonal), a 5-layer ReLU MLP (256 wide)
+    predicting `pred`, the v-loss, 50 Heun steps, samples brought back by P^T -> (distance, samples
+    [n, 2]). t is uniform: a logit-normal t rarely draws t near 1, where x-prediction's v = (x -
+    z)/(1 - t) amplifies errors, and leaves it under-trained."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    P = torch.linalg.qr(torch.randn(D, 2, generator=g))[0] if D > 2 else torch.eye(2)  # [D, 2], P^T P = I
+    # [D, 2], P^T P = I
+    P = torch.linalg.qr(torch.randn(D, 2, generator=g))[0] if D > 2 else torch.eye(2)
     widths = [D + 1, 256, 256, 256, 256]  # 4 ReLU layers, then a linear output
     hidden = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     mlp = nn.Sequential(*hidden, nn.Linear(256, D))
@@ -372,18 +483,25 @@ def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256, t_eps=0.05):
         t = torch.rand(batch, 1, generator=g)  # t ~ U(0, 1), see the docstring
         e = torch.randn(batch, D, generator=g)
         z = t * x + (1 - t) * e
-        v_pred = to_x_eps_v(pred, mlp(torch.cat([z, t], 1)), z, t, t_eps)[2]
-        loss = ((v_pred - to_x_eps_v("x", x, z, t, t_eps)[2]) ** 2).mean()
+        _, _, v_pred = to_x_eps_v(pred, mlp(torch.cat([z, t], 1)), z, t, t_eps)
+        _, _, v = to_x_eps_v("x", x, z, t, t_eps)
+        loss = ((v_pred - v) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+    def velocity(z, t):  # v_pred(z, t), t a float
+        out = mlp(torch.cat([z, torch.full((n, 1), t)], 1))
+        _, _, v_pred = to_x_eps_v(pred, out, z, torch.tensor(t), t_eps)
+        return v_pred
+
     with torch.no_grad():
         z, ts = torch.randn(n, D, generator=g), torch.linspace(0, 1, 51).tolist()
-        vel = lambda z, t: to_x_eps_v(pred, mlp(torch.cat([z, torch.full((n, 1), t)], 1)), z, torch.tensor(t), t_eps)[2]
-        for i in range(50):
-            t, tn = ts[i], ts[i + 1]
-            v = vel(z, t)
-            z = z + (tn - t) * v if i == 49 else z + (tn - t) * 0.5 * (v + vel(z + (tn - t) * v, tn))
+        for t, t_next in zip(ts[:-2], ts[1:-1]):  # 49 Heun steps
+            v = velocity(z, t)
+            z_euler = z + (t_next - t) * v
+            z = z + (t_next - t) * 0.5 * (v + velocity(z_euler, t_next))
+        z = z + (ts[-1] - ts[-2]) * velocity(z, ts[-2])  # the last step: Euler (Alg. 2)
         x2 = z @ P  # back to 2-D, [n, 2]
     return common.sliced_wasserstein(x2, toy_data(n, torch.Generator().manual_seed(123))), x2
 
@@ -391,6 +509,7 @@ def toy_run(D, pred, steps=2000, n=2000, seed=0, batch=256, t_eps=0.05):
 def toy_png(panels, path, size=160):
     """Scatter panels without matplotlib: rows = D, columns = data, x, eps, v."""
     from PIL import Image, ImageDraw
+
     rows, cols = sorted({r for r, _ in panels}), ["data", "x", "eps", "v"]
     img = Image.new("RGB", (size * len(cols), (size + 14) * len(rows)), "white")
     draw = ImageDraw.Draw(img)
@@ -419,14 +538,17 @@ def toy(args):
     toy_png(panels, os.path.join(args.out, "toy.png"))
 
 
-# ---------------------------------------------------------------------------------------------------- train / main
+# ------------------------------------------------------------------------------------- train / main
 def make_config(args):
     cfg = common.configure(Config, PRESETS, args)
     if cfg.image_size % cfg.patch:
-        raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
+        raise UsageError(
+            f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}"
+        )
     if cfg.pred not in ("x", "eps", "v") or cfg.loss not in ("x", "eps", "v"):
         raise UsageError(f"pred and loss are x, eps or v (got {cfg.pred}, {cfg.loss})")
-    if "noise_scale" not in common.given(args, Config):  # the paper's noise scale: 1 up to 256 px, 2 at 512
+    # the paper's noise scale: 1 up to 256 px, 2 at 512
+    if "noise_scale" not in common.given(args, Config):
         cfg.noise_scale = max(1.0, cfg.image_size / 256)
     return cfg
 
@@ -434,22 +556,29 @@ def make_config(args):
 def train(args):
     d, cfg, ckpt = common.start_run(args, Config, PRESETS, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
+    # the same initial weights on every rank (and in eval's "at initialisation")
+    torch.manual_seed(cfg.seed)
     model = JiT(cfg).to(d.device)
     ema = common.Ema(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
-    print0(f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {cfg.pred}-pred {cfg.loss}-loss, "
-           f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
+    print0(
+        f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {cfg.pred}-pred "
+        f"{cfg.loss}-loss, "
+        f"{len(images)} images of {cfg.data}, step {start} -> {cfg.steps}, {d.world} x {d.device}"
+    )
     step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    log = common.Log(args.out, d, cfg, step)
-    for step in log.steps(step, cfg.steps):
+    log = common.Log(args.out, d, cfg, start)
+    for step in log.steps(start, cfg.steps):
         # learning rate: linear warm-up, then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        # forward (Alg. 1 on this rank's batch: rows drawn with replacement, mirrored at random), backward, update, EMA
+        # forward (Alg. 1 on this rank's batch: rows drawn with replacement, mirrored at random),
+        # backward, update, EMA
         x, y = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
         with common.autocast(d.device):
             loss = step_model(x, y)
@@ -461,48 +590,71 @@ def train(args):
         done = step + 1
         log(done, loss, lr=lr)
         if d.master and cfg.grid and done % cfg.sample_every == 0:  # the run's own sampler steps
-            g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
+            # own generator: the training RNG stream is untouched
+            g = torch.Generator(d.device).manual_seed(cfg.seed)
             y = torch.arange(cfg.grid, device=d.device) % cfg.num_classes
-            common.save_grid(ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png"))
+            common.save_grid(
+                ema.model.sample(y, generator=g), os.path.join(args.out, f"samples_{done:07d}.png")
+            )
         if common.due(done, cfg.ckpt_every, cfg.steps):
             common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
 def generate(model, cfg, n, args, d):
-    """n class-balanced samples, split over the processes and gathered: [n, 3, H, W] in [-1, 1] (on every rank)."""
+    """n class-balanced samples, split over the processes and gathered: [n, 3, H, W] in [-1, 1] (on
+    every rank)."""
     per = math.ceil(n / d.world)
     y = (torch.arange(per) + d.rank * per) % cfg.num_classes
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
-    xs = [model.sample(yb.to(d.device), steps=args.sample_steps, scale=args.cfg_scale, interval=args.cfg_interval,
-                       generator=g) for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)]
+    xs = [
+        model.sample(
+            yb.to(d.device),
+            steps=args.sample_steps,
+            scale=args.cfg_scale,
+            interval=args.cfg_interval,
+            generator=g,
+        )
+        for yb in tqdm(y.split(args.batch), desc="sample", disable=not d.master)
+    ]
     return common.gather(torch.cat(xs), n, d)
 
 
 def sample_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg), compile_net=args.compile)
+    d, ckpt, cfg, model = common.load_run(
+        args, Config, lambda cfg, ckpt: JiT(cfg), compile_net=args.compile
+    )
     x = generate(model, cfg, args.n, args, d)
     if d.master:
         common.write_samples(args.out, x)
 
 
 def at_t(model, images, t, device, depth=None):
-    """The network on z_t = t x + (1 - t) e of images x (e seeded per chunk, t a float, the null class). depth k: JiT's
-    representation, the image tokens after block k mean-pooled [N, D]; None: its x_pred [N, 3, H, W] in [-1, 1]."""
+    """The network on z_t = t x + (1 - t) e of images x (e seeded per chunk, t a float, the null
+    class). depth k: JiT's representation, the image tokens after block k mean-pooled [N, D]; None:
+    its x_pred [N, 3, H, W] in [-1, 1]."""
     cfg = model.cfg
 
     def fn(x, i):
         B = len(x)
-        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i)) * cfg.noise_scale
+        seeded = torch.Generator(device).manual_seed(i)
+        e = torch.randn(x.shape, device=device, generator=seeded) * cfg.noise_scale
         z = t * x + (1 - t) * e  # Eq. 1
-        tt, null = torch.full((B,), t, device=device), torch.full((B,), cfg.num_classes, device=device)
+        tt = torch.full((B,), t, device=device)
+        null = torch.full((B,), cfg.num_classes, device=device)
         with common.autocast(device):
             out = model.net(z, tt, null, feature_depth=depth).float()
-        return out if depth else to_x_eps_v(cfg.pred, out, z, tt.view(B, 1, 1, 1), cfg.t_eps)[0].clamp(-1, 1)
+        if depth:
+            return out
+        x_pred, _, _ = to_x_eps_v(cfg.pred, out, z, tt.view(B, 1, 1, 1), cfg.t_eps)
+        return x_pred.clamp(-1, 1)
+
     return common.extract(fn, images, device)
 
 
 def eval_cmd(args):
-    d, ckpt, cfg, model = common.load_run(args, Config, lambda cfg, ckpt: JiT(cfg), compile_net=args.compile)
+    d, ckpt, cfg, model = common.load_run(
+        args, Config, lambda cfg, ckpt: JiT(cfg), compile_net=args.compile
+    )
     data, dev = args.data or cfg.data, d.device
     fd_net = common.FDFeatures(args.fd_model, dev)
     x = generate(model, cfg, args.n, args, d)
@@ -511,20 +663,38 @@ def eval_cmd(args):
     torch.manual_seed(cfg.seed)
     init = JiT(cfg).to(dev).eval()  # the same network at initialisation: the floors
     depth, t = cfg.depth // 2, 0.75
-    res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
-               fd_model=args.fd_model, n_samples=args.n, sample_steps=args.sample_steps or cfg.sample_steps,
-               cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
-               probe=f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class (detail: x_pred)")
+    res = dict(
+        step=ckpt["step"],
+        data=data,
+        fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
+        fd_model=args.fd_model,
+        n_samples=args.n,
+        sample_steps=args.sample_steps or cfg.sample_steps,
+        cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
+        probe=(
+            f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class "
+            "(detail: x_pred)"
+        ),
+    )
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     for suffix, m in (("", model), ("_init", init)):
-        res.update(common.probes(at_t(m, x_tr, t, dev, depth), y_tr, at_t(m, x_te, t, dev, depth), y_te, suffix))
-        x_made = at_t(m, x_te[:1000], t, dev) if data.startswith("shapes") else None  # init: x_pred = 0
+        res.update(
+            common.probes(
+                at_t(m, x_tr, t, dev, depth), y_tr, at_t(m, x_te, t, dev, depth), y_te, suffix
+            )
+        )
+        # init: x_pred = 0
+        x_made = at_t(m, x_te[:1000], t, dev) if data.startswith("shapes") else None
         res["detail_r2" + suffix] = None if x_made is None else common.detail_r2(x_made, data)
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)
-    probe = lambda s: common.linear_probe(at_t(model, x_tr, s, dev, depth), y_tr.to(dev),
-                                          at_t(model, x_te, s, dev, depth), y_te.to(dev))
-    res["probe_linear_by_t"] = [[s, round(probe(s), 4)] for s in (0.1, 0.3, 0.5, 0.75, 0.9)]  # noisy -> clean (t = 1)
+
+    def probe(s):
+        f_tr, f_te = at_t(model, x_tr, s, dev, depth), at_t(model, x_te, s, dev, depth)
+        return common.linear_probe(f_tr, y_tr.to(dev), f_te, y_te.to(dev))
+
+    # noisy -> clean (t = 1)
+    res["probe_linear_by_t"] = [[s, round(probe(s), 4)] for s in (0.1, 0.3, 0.5, 0.75, 0.9)]
     common.write_eval(args.ckpt, res)
 
 
@@ -534,12 +704,25 @@ def main(argv=None):
     tr.add_argument("--pred", choices=["x", "eps", "v"], help="network output (default x)")
     tr.add_argument("--loss", choices=["x", "eps", "v"], help="loss space (default v)")
     for s in (sa, ev):
-        s.add_argument("--sample-steps", type=common.number(int), help="Heun steps (default: the run's)")
-        s.add_argument("--cfg-scale", type=common.number(float, 0, strict=False), help="CFG scale (default: the run's)")
-        s.add_argument("--cfg-interval", type=float, nargs=2, help="CFG only for lo < t < hi (default: the run's)")
+        s.add_argument(
+            "--sample-steps", type=common.number(int), help="Heun steps (default: the run's)"
+        )
+        s.add_argument(
+            "--cfg-scale",
+            type=common.number(float, 0, strict=False),
+            help="CFG scale (default: the run's)",
+        )
+        s.add_argument(
+            "--cfg-interval",
+            type=float,
+            nargs=2,
+            help="CFG only for lo < t < hi (default: the run's)",
+        )
     to = sub.add_parser("toy", help="the paper's toy experiment (Sec. 3.3) on a CPU")
     to.add_argument("--dims", type=common.number(int), nargs="+", default=[2, 8, 16, 512])
-    to.add_argument("--toy-steps", type=common.number(int), default=2000, help="training steps per model")
+    to.add_argument(
+        "--toy-steps", type=common.number(int), default=2000, help="training steps per model"
+    )
     to.add_argument("--out", required=True, type=common.out_dir)
     to.add_argument("--seed", type=common.number(int, 0, strict=False), default=0)
     args = p.parse_args(argv)

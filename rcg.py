@@ -1,63 +1,63 @@
-"""RCG: generate a representation first, then the pixels conditioned on it (representation-conditioned generation).
+"""RCG: generate a representation first, then the pixels conditioned on it.
 
-Paper: T. Li, D. Katabi, K. He, "Return of Unconditional Generation: A Self-supervised Representation Generation
-Method", NeurIPS 2024.
-Claim: unconditional generation lags class-conditional generation because it lacks the semantic signal labels give.
-A frozen self-supervised encoder supplies that signal without labels: a small diffusion model (the RDM) learns the
-distribution of its global representations, and a pixel generator conditioned on a representation turns a generated
-one into an image. Unconditional FID at ImageNet 256: DiT-XL 27.32 -> 4.89 with RCG (MAGE-L 7.04 -> 3.44).
+T. Li, D. Katabi, K. He, "Return of Unconditional Generation: A Self-supervised Representation
+Generation Method", NeurIPS 2024.
 
-The representation (frozen, no labels): r = E(x), the encoder's global token (optionally a fixed orthonormal projection
-to rep_dim), standardised per vector as the official code does: r <- (r - mean_d r) / std_d r.
+Claim: unconditional generation lags class-conditional generation because it lacks the semantic
+signal labels give. A frozen self-supervised encoder supplies that signal without labels: a small
+diffusion model (the RDM) learns the distribution of its global representations, and a pixel
+generator conditioned on a representation turns a generated one into an image. Unconditional FID at
+ImageNet 256: DiT-XL 27.32 -> 4.89 with RCG (MAGE-L 7.04 -> 3.44).
 
-The RDM (`train-rdm`), a DDPM on r with the x0-parameterisation (AdamW (0.9, 0.999), no clipping, true fp32):
-    r_t = sqrt(abar_t) r + sqrt(1 - abar_t) e,  t in {0..T-1},  L = |f(r_t, t) - r|^2                       (1)
-    beta_t = (linspace(sqrt(0.0015), sqrt(0.0195), T))^2  (LDM's "linear", T = 1000),  abar_t = prod (1 - beta)
-    f: the official SimpleMLP (its names; LayerNorm, SiLU, Linear, plus the time embedding; LayerNorm, SiLU,
-       zero-init Linear; 12 blocks of width 1536), sampled with DDIM at eta = 1:
-    r_prev = sqrt(abar_prev) r^ + sqrt(1 - abar_prev - s^2) e^ + s n,  s = eta sqrt((1 - abar_prev)/(1 - abar_t))
-             sqrt(1 - abar_t / abar_prev),  e^ = (r_t - sqrt(abar_t) r^) / sqrt(1 - abar_t)                  (2)
-The pixel generator (`train`): RCG's DiT (the simplest of the paper's four generators; exact GELU), c = t_emb +
-rep_embedder(r), r replaced by the learned fake_latent with p = 0.1, representation guidance v = v_null + s (v_r -
-v_null); AdamW (0.9, 0.95), no clipping. It differs from the official DiT in three ways, so that it runs offline at
-CIFAR scale: (1) pixels, where the official denoises SD-VAE latents (4 channels, 32x32 at 256 px; no VAE to download,
-none needed at 32 px); (2) repa.py's linear interpolant and v-loss (x_t = (1 - t) x + t e, v = e - x; t in [0, 1]
-enters the net as 1000 t) with Heun sampling, where the official is an eps-prediction DDPM (1000 linear betas) with
-learned sigma (twice the output channels, ADM's hybrid loss) sampled by 250 ancestral steps; (3) bf16 autocast in
-training on a GPU (official: fp32). Every sampler (DDIM, Heun) runs in true fp32 (no TF32), as the official samples.
-`--no-rep` trains the same DiT without r, c = t_emb + y_emb (the official unconditional DiT's one-class table): the
-unconditional baseline RCG beats. eval's detail_r2: the DiT's pixels from each test image's own r (how much detail
-the representation lets the generator put back).
+The representation (frozen, no labels): r = E(x), the encoder's global token (optionally a fixed
+orthonormal projection to rep_dim), standardised per vector: r <- (r - mean_d r) / std_d r.
 
-Checked against LTH14/rcg 0c4433c (tests/test_rcg.py; fixtures by tests/reference/make_rcg.py), same weights, fp32,
-within 1e-5: the RDM network (raw and EMA weights), betas and abar, the standardisation, the loss at fixed t and noise
-and at a seed (the same draws), DDIM (eta 1 and 0, the official grid, the same draws); the DiT (3 channels, no sigma
-half) with r, with the null r, without r, guided, and with r dropped in training (the same draws).
-Released checkpoints: LTH14/rcg's class-unconditional RDMs (MoCo v3 ViT-B / ViT-L, main_rdm.py checkpoints linked
-from its README) load with their EMA weights (torch.load weights_only=True, their argparse args allowed):
-    python -c "import rcg; print(rcg.load_official_rdm('rdm.pth').sample(16))"   # 16 standardised 256-d MoCo v3 r
-No generator here can use them (MoCo v3 has no loader here); the class-conditional RDMs (context layers) and the
-DiT-XL (SD-VAE latents, learned sigma) do not load. This file's own runs: `sample --ckpt GEN --rdm RDM` below.
+The RDM (`train-rdm`): a DDPM on r with the x0-parameterisation, a residual MLP f, true fp32.
 
-Encoders (--encoder, common.load_encoder): the paper's MoCo v3 ViT-B with its 256-d projection head has no loader here;
-dinov2_vitb14 (the internet, or torch.hub's cache), a soda.py or decoupled_latent.py export, or random-vit-s (offline).
+    r_t = sqrt(abar_t) r + sqrt(1 - abar_t) e,   t in {0..T-1},   L = |f(r_t, t) - r|^2     (1)
+    beta_t = (linspace(sqrt(0.0015), sqrt(0.0195), T))^2,   abar_t = prod (1 - beta)
+    DDIM: r_prev = sqrt(abar_prev) r^ + sqrt(1 - abar_prev - s^2) e^ + s n,
+          s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev),
+          e^ = (r_t - sqrt(abar_t) r^) / sqrt(1 - abar_t)                                  (2)
+
+The pixel generator (`train`): a DiT with c = t_emb + rep_embedder(r), r replaced by a learned
+fake_latent with p = 0.1, and representation guidance v = v_null + s (v_r - v_null). `--no-rep`
+trains the same DiT without r (c = t_emb + y_emb, one class): the unconditional baseline RCG beats.
 
 Commands (python rcg.py {train-rdm,train,sample,eval} -h lists every flag):
-    CPU smoke, seconds: python rcg.py train-rdm --preset tiny --out runs/rdm_tiny --device cpu
-    the claim on a CPU: python rcg.py train-rdm --preset cpu --out runs/rdm        # < 10 min, shapes, random-vit-s
-                        python rcg.py eval --ckpt runs/rdm/ckpt.pt                 # rep_fd against rep_fd_init
-    pixels on a CPU:    python rcg.py train --preset cpu --out runs/rcg   (and --no-rep --out runs/uncond)
-                        python rcg.py eval --ckpt runs/rcg/ckpt.pt --rdm runs/rdm/ckpt.pt --n 1000
-    one GPU:            python rcg.py train-rdm --data cifar10 --out runs/rdm --compile
-                        python rcg.py train --data cifar10 --out runs/rcg --compile  (and --no-rep --out runs/uncond)
-                        python rcg.py sample --ckpt runs/rcg/ckpt.pt --rdm runs/rdm/ckpt.pt --n 50000 \\
-                            --out runs/rcg/samples.npz --compile
-Expected on a CPU (`shapes`, random-vit-s@28's 384-d token, 2 idle cores): train-rdm 2.7 min, then eval: rep_fd
-9.3 against 376 for the RDM at initialisation and 2.8 between held-out real representations and the training ones
-(the floor); the pixel generators (1,500 steps, 3.4 min): FD 3.08 with RCG against 3.82 with --no-rep (pixel
-features, 1,000 samples). The README's rcg.py section has the table. Not yet run on a GPU.
+
+    python rcg.py train-rdm --preset cpu --out runs/rdm      # CPU, < 10 min, random-vit-s
+    python rcg.py eval --ckpt runs/rdm/ckpt.pt               # rep_fd against rep_fd_init
+    python rcg.py train --preset cpu --out runs/rcg          # and --no-rep --out runs/uncond
+    python rcg.py eval --ckpt runs/rcg/ckpt.pt --rdm runs/rdm/ckpt.pt --n 1000
+    python rcg.py train-rdm --data cifar10 --out runs/rdm --compile                 # one GPU
+    python rcg.py train --data cifar10 --out runs/rcg --compile
+    python rcg.py sample --ckpt runs/rcg/ckpt.pt --rdm runs/rdm/ckpt.pt --n 50000 --out s.npz
+
+Expected on a CPU (`shapes`, random-vit-s@28's 384-d token, 2 cores): train-rdm 2.7 min, then
+rep_fd 9.3 against 376 at initialisation and 2.8 between held-out real representations and the
+training ones (the floor); the pixel generators (1,500 steps, 3.4 min): FD 3.08 with RCG against
+3.82 with --no-rep (pixel features, 1,000 samples). eval's detail_r2: the pixels made from each
+test image's own r (how much detail the representation lets the generator put back).
+
+Encoders (--encoder, common.load_encoder): dinov2_vitb14, a soda.py or decoupled_latent.py export,
+or random-vit-s (offline). The paper's MoCo v3 ViT-B with its 256-d head has no loader here.
+
+Deliberate differences from the official code (LTH14/rcg), so that it runs offline at CIFAR scale:
+- the DiT denoises pixels, where the official denoises SD-VAE latents (no VAE needed at 32 px);
+- repa.py's linear interpolant and v-loss with Heun sampling, where the official is an
+  eps-prediction DDPM with learned sigma sampled in 250 ancestral steps;
+- bf16 autocast when the DiT trains on a GPU (official: fp32); every sampler runs in true fp32.
+
+The released class-unconditional RDMs (MoCo v3 ViT-B / ViT-L, linked from LTH14/rcg's README) load
+with their EMA weights; no generator here reads MoCo v3 representations:
+
+    python -c "import rcg; print(rcg.load_official_rdm('rdm.pth').sample(16))"   # 16 r of 256-d
 """
-import argparse, math, os
+
+import argparse
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,68 +69,109 @@ import common
 from common import UsageError, print0
 
 
-# ---------------------------------------------------------------------------------------------------------- config
+# ------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    data: str = "cifar10"           # dataset (common.load_images)
-    image_size: int = 32            # images are resized to image_size^2
-    encoder: str = "dinov2_vitb14"  # frozen encoder (paper: MoCo v3 ViT-B + projection head, no loader here)
-    rep_dim: int = 0                # > 0: a fixed orthonormal projection of the global token (paper: 256-d head)
-    flip_aug: bool = True           # train on the images and their mirror images (the representations of both, once)
+    data: str = "cifar10"  # dataset (common.load_images)
+    image_size: int = 32  # images are resized to image_size^2
+    # frozen encoder (paper: MoCo v3 ViT-B + projection head, no loader here)
+    encoder: str = "dinov2_vitb14"
+    rep_dim: int = 0  # > 0: a fixed orthonormal projection of the global token (paper: 256-d head)
+    # train on the images and their mirror images (the representations of both, once)
+    flip_aug: bool = True
     # the RDM
-    rdm_width: int = 1536           # paper: 1536
-    rdm_depth: int = 12             # residual blocks (paper: 12)
-    T: int = 1000                   # diffusion steps (paper: 1000)
-    beta_start: float = 0.0015      # linear-in-sqrt beta schedule (paper)
+    rdm_width: int = 1536  # paper: 1536
+    rdm_depth: int = 12  # residual blocks (paper: 12)
+    T: int = 1000  # diffusion steps (paper: 1000)
+    beta_start: float = 0.0015  # linear-in-sqrt beta schedule (paper)
     beta_end: float = 0.0195
-    rdm_sample_steps: int = 250     # DDIM steps (paper: 250)
-    eta: float = 1.0                # DDIM eta (paper: 1)
+    rdm_sample_steps: int = 250  # DDIM steps (paper: 250)
+    eta: float = 1.0  # DDIM eta (paper: 1)
     # the pixel generator: DiT-S/2 conditioned on r
-    no_rep: bool = False            # the unconditional baseline: the same DiT without r
+    no_rep: bool = False  # the unconditional baseline: the same DiT without r
     patch: int = 2
     hidden: int = 384
     depth: int = 12
     heads: int = 6
-    rep_drop: float = 0.1           # r replaced by the learned null r, fake_latent (paper: 0.1)
-    rep_cfg: float = 1.0            # representation guidance scale (1: none)
-    sample_steps: int = 50          # Heun steps
+    rep_drop: float = 0.1  # r replaced by the learned null r, fake_latent (paper: 0.1)
+    rep_cfg: float = 1.0  # representation guidance scale (1: none)
+    sample_steps: int = 50  # Heun steps
     # the schedule of the command that runs (train-rdm: RDM_SCHEDULE below)
-    steps: int = 100_000            # optimiser steps
-    batch_size: int = 256           # global batch size
-    lr: float = 1e-4                # AdamW, constant after the warm-up (official DiT: 1e-4 at batch 2048)
-    weight_decay: float = 0.0       # DiT: 0
-    adam_beta2: float = 0.95        # official DiT: AdamW betas (0.9, 0.95); the RDM: (0.9, 0.999) (RDM_SCHEDULE)
-    warmup: int = 0                 # linear warm-up steps (official: none; no gradient clipping either)
-    ema: float = 0.9999             # paper: 0.9999 (with warm-up here)
-    log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between sample grids
-    grid: int = 64                  # images in the sample grids (0: none): real ones, then those made from their r
-    ckpt_every: int = 2_500         # steps between checkpoints
-    num_classes: int = 10           # filled in from the data (only the probe uses labels)
+    steps: int = 100_000  # optimiser steps
+    batch_size: int = 256  # global batch size
+    lr: float = 1e-4  # AdamW, constant after the warm-up (official DiT: 1e-4 at batch 2048)
+    weight_decay: float = 0.0  # DiT: 0
+    # official DiT: AdamW betas (0.9, 0.95); the RDM: (0.9, 0.999) (RDM_SCHEDULE)
+    adam_beta2: float = 0.95
+    warmup: int = 0  # linear warm-up steps (official: none; no gradient clipping either)
+    ema: float = 0.9999  # paper: 0.9999 (with warm-up here)
+    log_every: int = 50  # steps between log.jsonl rows
+    sample_every: int = 5_000  # steps between sample grids
+    grid: int = 64  # images in the sample grids (0: none): real ones, then those made from their r
+    ckpt_every: int = 2_500  # steps between checkpoints
+    num_classes: int = 10  # filled in from the data (only the probe uses labels)
     seed: int = 0
 
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:200", image_size=16, encoder="random-vit-s@28", rdm_width=64, rdm_depth=2, T=100,
-                 rdm_sample_steps=10, patch=4, hidden=64, depth=2, heads=2, sample_steps=4, steps=20, batch_size=16,
-                 lr=1e-3, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),
-    # 2-core CPU: the RDM on the random ViT's 384-d global tokens of `shapes` (the representations, encoded once)
-    "cpu": dict(data="shapes:10000", image_size=16, encoder="random-vit-s@28", rdm_width=256, rdm_depth=4,
-                rdm_sample_steps=50, patch=4, hidden=128, depth=4, heads=4, sample_steps=20, steps=1500,
-                batch_size=64, lr=5e-4, warmup=100, ema=0.999, sample_every=500, ckpt_every=500),
+    "tiny": dict(
+        data="shapes:200",
+        image_size=16,
+        encoder="random-vit-s@28",
+        rdm_width=64,
+        rdm_depth=2,
+        T=100,
+        rdm_sample_steps=10,
+        patch=4,
+        hidden=64,
+        depth=2,
+        heads=2,
+        sample_steps=4,
+        steps=20,
+        batch_size=16,
+        lr=1e-3,
+        ema=0.9,
+        log_every=1,
+        sample_every=10,
+        ckpt_every=10,
+    ),
+    # 2-core CPU: the RDM on the random ViT's 384-d global tokens of `shapes` (the representations,
+    # encoded once)
+    "cpu": dict(
+        data="shapes:10000",
+        image_size=16,
+        encoder="random-vit-s@28",
+        rdm_width=256,
+        rdm_depth=4,
+        rdm_sample_steps=50,
+        patch=4,
+        hidden=128,
+        depth=4,
+        heads=4,
+        sample_steps=20,
+        steps=1500,
+        batch_size=64,
+        lr=5e-4,
+        warmup=100,
+        ema=0.999,
+        sample_every=500,
+        ckpt_every=500,
+    ),
     # one GPU: CIFAR-10 32 px, DINOv2-B/14 global token at 224 (768-d), the paper's RDM, DiT-S/2
     "default": dict(),
 }
-RDM_SCHEDULE = {  # over the preset, for train-rdm (paper: batch 512, lr 5.12e-4, AdamW weight decay 0.01)
+# over the preset, for train-rdm (paper: batch 512, lr 5.12e-4, AdamW weight decay 0.01)
+RDM_SCHEDULE = {
     "tiny": dict(batch_size=32, adam_beta2=0.999),
     "cpu": dict(steps=4000, batch_size=256, lr=1e-3, weight_decay=0.01, adam_beta2=0.999),
     "default": dict(steps=100_000, batch_size=512, lr=5.12e-4, weight_decay=0.01, adam_beta2=0.999),
 }
-RDM_PRESETS = {k: PRESETS[k] | v for k, v in RDM_SCHEDULE.items()}  # train-rdm's presets (--resume compares them)
+# train-rdm's presets (--resume compares them)
+RDM_PRESETS = {k: PRESETS[k] | v for k, v in RDM_SCHEDULE.items()}
 
 
-# ------------------------------------------------------------------------------------------- the representation
+# ------------------------------------------------------------------------------- the representation
 def fixed_projection(dim_in, dim_out, seed=0):
     """A seeded orthonormal [dim_in, dim_out]: the same matrix for every run with the same sizes."""
     g = torch.Generator().manual_seed(seed)
@@ -143,7 +184,8 @@ def standardise(r):
 
 
 class Representation:
-    """images in [-1, 1] -> r [B, D]: the frozen encoder's global token, projected when rep_dim > 0, standardised."""
+    """images in [-1, 1] -> r [B, D]: the frozen encoder's global token, projected when rep_dim > 0,
+    standardised."""
 
     def __init__(self, cfg, device):
         self.encoder = common.load_encoder(cfg.encoder, device)
@@ -158,20 +200,22 @@ class Representation:
         return standardise(r @ self.proj if self.proj is not None else r)
 
 
-# --------------------------------------------------------------------------------------------------------- the RDM
+# ------------------------------------------------------------------------------------------ the RDM
 def betas_linear_sqrt(T, start, end):
-    return torch.linspace(start ** 0.5, end ** 0.5, T, dtype=torch.float64) ** 2
+    return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
 
 
 class RDM(nn.Module):
-    """forward(r [B, D]) -> the x0-parameterised DDPM loss (1); sample(n) -> generated representations [n, D] (2).
-    Both in true fp32 (the caller's autocast(device, False) in training; sample sets it itself)."""
+    """forward(r [B, D]) -> the x0-parameterised DDPM loss (1); sample(n) -> generated
+    representations [n, D] (2). Both in true fp32 (the caller's autocast(device, False) in training;
+    sample sets it itself)."""
 
     def __init__(self, cfg, dim, t_dim=256):
         super().__init__()
         self.cfg, self.dim, self.net = cfg, dim, SimpleMLP(dim, cfg.rdm_width, cfg.rdm_depth, t_dim)
         abar = torch.cumprod(1 - betas_linear_sqrt(cfg.T, cfg.beta_start, cfg.beta_end), 0)
-        self.register_buffer("abar", abar, persistent=False)  # [T], float64: sqrt rounded once, as official
+        # [T], float64: sqrt rounded once, as official
+        self.register_buffer("abar", abar, persistent=False)
 
     def forward(self, r, t=None, e=None):
         """t [B] (integer steps) and e [B, D] (the noise) are drawn when not given."""
@@ -183,8 +227,9 @@ class RDM(nn.Module):
 
     @torch.no_grad()
     def sample(self, n, *, steps=None, eta=None, generator=None):
-        """DDIM (2) from pure noise on LDM's uniform grid t = T - c + 1, ..., 1 + c, 1 (c = T // steps); the last step
-        goes to abar_0, as the official sampler does. On the model's device, in true fp32."""
+        """DDIM (2) from pure noise on LDM's uniform grid t = T - c + 1, ..., 1 + c, 1 (c = T //
+        steps); the last step goes to abar_0, as the official sampler does. On the model's device,
+        in true fp32."""
         cfg, device = self.cfg, self.abar.device
         eta = cfg.eta if eta is None else eta
         c = cfg.T // (steps or cfg.rdm_sample_steps)
@@ -198,14 +243,19 @@ class RDM(nn.Module):
                 e_hat = (x - a.sqrt() * r_hat) / (1 - a).sqrt()
                 s = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
                 noise = torch.randn(x.shape, device=device, generator=generator)
-                x = a_prev.sqrt() * r_hat + (1 - a_prev - s ** 2).clamp_min(0).sqrt() * e_hat + s * noise  # (2)
+                # (2)
+                x = (
+                    a_prev.sqrt() * r_hat
+                    + (1 - a_prev - s**2).clamp_min(0).sqrt() * e_hat
+                    + s * noise
+                )
         return x
 
 
-# ------------------------------------------------------------------------------------------- the pixel generator
+# ------------------------------------------------------------------------------ the pixel generator
 class RCG(nn.Module):
-    """forward(x, r) -> the v-loss of the pixel generator; sample(r) -> images. r: standardised representations
-    [B, D] (None with --no-rep)."""
+    """forward(x, r) -> the v-loss of the pixel generator; sample(r) -> images. r: standardised
+    representations [B, D] (None with --no-rep)."""
 
     def __init__(self, cfg, rep_dim):
         super().__init__()
@@ -216,22 +266,28 @@ class RCG(nn.Module):
         t = torch.rand(x.shape[0], device=x.device)  # [B]
         e = torch.randn_like(x)
         x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * e  # [B, 3, H, W]
-        return ((self.net(x_t, t, r).float() - (e - x)) ** 2).mean()  # v = e - x; r dropped inside the net
+        # v = e - x; r dropped inside the net
+        return ((self.net(x_t, t, r).float() - (e - x)) ** 2).mean()
 
     def velocity(self, x, t, r, scale):
-        """v(x, t | r) with representation guidance: v_null + scale (v_r - v_null); t is a float for the batch."""
+        """v(x, t | r) with representation guidance: v_null + scale (v_r - v_null); t is a float for
+        the batch."""
         B = x.shape[0]
         tt = torch.full((B,), t, device=x.device)
         if not self.rep_dim or scale == 1:
             return self.net(x, tt, r).float()
-        v = self.net(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([r, self.net.fake_latent.expand(B, -1)]))
+        v = self.net(
+            torch.cat([x, x]),
+            torch.cat([tt, tt]),
+            torch.cat([r, self.net.fake_latent.expand(B, -1)]),
+        )
         v_r, v_null = v.float().chunk(2)  # 2 x [B, 3, H, W]
         return v_null + scale * (v_r - v_null)
 
     @torch.no_grad()
     def sample(self, r=None, *, n=None, steps=None, scale=None, generator=None):
-        """Representations r [B, D] (or n with --no-rep) -> images [B, 3, H, W] in [-1, 1], from noise at t = 1; on
-        the model's device, in true fp32 (as the official sampler)."""
+        """Representations r [B, D] (or n with --no-rep) -> images [B, 3, H, W] in [-1, 1], from
+        noise at t = 1; on the model's device, in true fp32 (as the official sampler)."""
         cfg, device = self.cfg, self.net.pos_embed.device
         n = len(r) if r is not None else n
         x = torch.randn((n, 3, cfg.image_size, cfg.image_size), device=device, generator=generator)
@@ -242,7 +298,8 @@ class RCG(nn.Module):
 
 
 def sample_ode(v, x, steps):
-    """Heun on dx/dt = v(x, t) from t = 1 (noise) to 0; the last step is Euler (no evaluation at t = 0)."""
+    """Heun on dx/dt = v(x, t) from t = 1 (noise) to 0; the last step is Euler (no evaluation at t =
+    0)."""
     ts = torch.linspace(1, 0, steps + 1).tolist()
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
@@ -254,22 +311,29 @@ def sample_ode(v, x, steps):
     return x
 
 
-# ------------------------------------------------------------------------------ the RDM's backbone: SimpleMLP
+# -------------------------------------------------------------------- the RDM's backbone: SimpleMLP
 def timestep_embedding(t, dim):
-    """t [B] (integer steps, or floats) -> [B, dim]: [cos, sin] of t * 10000^(-i / (dim/2)) (ADM's, the official)."""
-    f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2))
+    """t [B] (integer steps, or floats) -> [B, dim]: [cos, sin] of t * 10000^(-i / (dim/2)) (ADM's,
+    the official)."""
+    f = torch.exp(
+        -math.log(10000) * torch.arange(dim // 2, device=t.device, dtype=torch.float32) / (dim // 2)
+    )
     a = t[:, None].float() * f[None]  # [B, dim/2]
     return torch.cat([a.cos(), a.sin()], 1)
 
 
 class ResBlock(nn.Module):
-    """h + out(in(h) + emb(t)): in = LayerNorm, SiLU, Linear; out = LayerNorm, SiLU, zero-initialised Linear."""
+    """h + out(in(h) + emb(t)): in = LayerNorm, SiLU, Linear; out = LayerNorm, SiLU,
+    zero-initialised Linear."""
 
     def __init__(self, w, t_dim):
         super().__init__()
         self.in_layers = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Linear(w, w))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, w))
-        self.out_layers = nn.Sequential(nn.LayerNorm(w), nn.SiLU(), nn.Dropout(0.0), nn.Linear(w, w))  # official: p 0
+        # official: p 0
+        self.out_layers = nn.Sequential(
+            nn.LayerNorm(w), nn.SiLU(), nn.Dropout(0.0), nn.Linear(w, w)
+        )
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
 
@@ -278,8 +342,9 @@ class ResBlock(nn.Module):
 
 
 class SimpleMLP(nn.Module):
-    """The RDM's network f(r_t, t) -> r^ [B, D], with the official module's names (its state dict loads as it is).
-    The time embedding: a width-wide sinusoid of the integer step, an MLP to t_dim (the official time_embed_dim)."""
+    """The RDM's network f(r_t, t) -> r^ [B, D], with the official module's names (its state dict
+    loads as it is). The time embedding: a width-wide sinusoid of the integer step, an MLP to t_dim
+    (the official time_embed_dim)."""
 
     def __init__(self, dim, width, depth, t_dim=256):
         super().__init__()
@@ -292,20 +357,23 @@ class SimpleMLP(nn.Module):
 
     def forward(self, r, t):
         h = self.input_proj(r)  # [B, D] -> [B, W]
-        emb = self.time_embed(timestep_embedding(t, self.input_proj.out_features))  # [B] -> [B, W] -> [B, t_dim]
+        # [B] -> [B, W] -> [B, t_dim]
+        emb = self.time_embed(timestep_embedding(t, self.input_proj.out_features))
         for block in self.res_blocks:
             h = block(h, emb)  # [B, W]
         return self.out(h)  # [B, W] -> [B, D]
 
 
-# ------------------------------------------------------------------------------ the pixel generator's backbone: DiT
+# -------------------------------------------------------------- the pixel generator's backbone: DiT
 def sincos_2d(grid, dim):
-    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: [sin, cos] of the column, then of the row (MAE's
-    get_2d_sincos_pos_embed, in float64 as there)."""
+    """Fixed 2-D sin-cos position embedding -> [grid*grid, dim]: [sin, cos] of the column, then of
+    the row (MAE's get_2d_sincos_pos_embed, in float64 as there)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     yy, xx = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     out = [torch.outer(p.flatten().double(), omega) for p in (xx, yy)]  # 2 x [N, dim/4]
-    return torch.cat([torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1).float()
+    return torch.cat(
+        [torch.sin(out[0]), torch.cos(out[0]), torch.sin(out[1]), torch.cos(out[1])], 1
+    ).float()
 
 
 def modulate(x, shift, scale):
@@ -321,40 +389,50 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x [B, h, N, hd]
-        return self.proj(common.attention(q, k, v).transpose(1, 2).reshape(B, N, D))  # [B, h, N, hd] -> [B, N, D]
+        # 3 x [B, h, N, hd]
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        # [B, h, N, hd] -> [B, N, D]
+        return self.proj(common.attention(q, k, v).transpose(1, 2).reshape(B, N, D))
 
 
 class Block(nn.Module):
-    """DiT block: LayerNorm, attention, GELU MLP (exact GELU, as RCG's DiT), adaLN-zero modulation from c."""
+    """DiT block: LayerNorm, attention, GELU MLP (exact GELU, as RCG's DiT), adaLN-zero modulation
+    from c."""
 
     def __init__(self, dim, heads):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))  # timm's Mlp
+        # timm's Mlp
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(dim, 4 * dim), fc2=nn.Linear(4 * dim, dim)))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c):  # x [B, N, D], c [B, D] -> [B, N, D]
         sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)  # 6 x [B, 1, D]
         x = x + g1 * self.attn(modulate(self.norm1(x), sh1, sc1))
-        return x + g2 * self.mlp.fc2(nn.functional.gelu(self.mlp.fc1(modulate(self.norm2(x), sh2, sc2))))
+        return x + g2 * self.mlp.fc2(
+            nn.functional.gelu(self.mlp.fc1(modulate(self.norm2(x), sh2, sc2)))
+        )
 
 
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()
-        self.freq_dim, self.mlp = freq_dim, nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.freq_dim, self.mlp = (
+            freq_dim,
+            nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)),
+        )
 
     def forward(self, t):  # [B] -> [B, dim]
         return self.mlp(timestep_embedding(t, self.freq_dim))
 
 
 class DiT(nn.Module):
-    """forward(x_t [B, 3, H, W], t [B] in [0, 1], r [B, D] or None) -> v [B, 3, H, W]. The official DiT's names:
-    c = t_emb(1000 t) + rep_embedder(r), r replaced by fake_latent with p = rep_drop in training; without r,
-    c = t_emb + y_emb(0) (the official unconditional DiT's one-class table: frozen, unused, when r conditions)."""
+    """forward(x_t [B, 3, H, W], t [B] in [0, 1], r [B, D] or None) -> v [B, 3, H, W]. The official
+    DiT's names: c = t_emb(1000 t) + rep_embedder(r), r replaced by fake_latent with p = rep_drop in
+    training; without r, c = t_emb + y_emb(0) (the official unconditional DiT's one-class table:
+    frozen, unused, when r conditions)."""
 
     def __init__(self, cfg, rep_dim):
         super().__init__()
@@ -362,14 +440,22 @@ class DiT(nn.Module):
         self.grid, self.p, self.rep_dropout_prob = cfg.image_size // p, p, cfg.rep_drop
         self.x_embedder = nn.ModuleDict(dict(proj=nn.Conv2d(3, D, p, p)))
         self.t_embedder = TimestepEmbedder(D)
-        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(1, D))).requires_grad_(not rep_dim)
+        self.y_embedder = nn.ModuleDict(dict(embedding_table=nn.Embedding(1, D))).requires_grad_(
+            not rep_dim
+        )
         self.rep_embedder = nn.Linear(rep_dim, D) if rep_dim else None
-        self.fake_latent = nn.Parameter(0.02 * torch.randn(1, rep_dim)) if rep_dim else None  # the null r
-        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])  # [1, N, D] (official: a frozen parameter)
+        # the null r
+        self.fake_latent = nn.Parameter(0.02 * torch.randn(1, rep_dim)) if rep_dim else None
+        # [1, N, D] (official: a frozen parameter)
+        self.register_buffer("pos_embed", sincos_2d(self.grid, D)[None])
         self.blocks = nn.ModuleList(Block(D, cfg.heads) for _ in range(cfg.depth))
-        self.final_layer = nn.ModuleDict(dict(norm_final=nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
-                                              linear=nn.Linear(D, p * p * 3),
-                                              adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))))
+        self.final_layer = nn.ModuleDict(
+            dict(
+                norm_final=nn.LayerNorm(D, elementwise_affine=False, eps=1e-6),
+                linear=nn.Linear(D, p * p * 3),
+                adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D)),
+            )
+        )
         for m in self.modules():  # the official init
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -380,13 +466,15 @@ class DiT(nn.Module):
         for m in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(m.weight, std=0.02)
         f = self.final_layer
-        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [f.adaLN_modulation[-1], f.linear]:  # adaLN-zero
+        # adaLN-zero
+        for m in [b.adaLN_modulation[-1] for b in self.blocks] + [f.adaLN_modulation[-1], f.linear]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def forward(self, x, t, r=None):
         B, p, g = x.shape[0], self.p, self.grid
-        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, D, g, g] -> [B, N, D]
+        # [B, D, g, g] -> [B, N, D]
+        h = self.x_embedder.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(1000 * t)  # [B, D]: the official DDPM's step scale
         if r is None:
             c = c + self.y_embedder.embedding_table.weight[0]
@@ -404,67 +492,104 @@ class DiT(nn.Module):
         return out.reshape(B, 3, g * p, g * p)
 
 
-# ---------------------------------------------------------------------------------------------------- train / main
+# ------------------------------------------------------------------------------------- train / main
 class Data:
-    """The training images with their representations, computed once (with flip_aug, also of the mirror images)."""
+    """The training images with their representations, computed once (with flip_aug, also of the
+    mirror images)."""
 
     def __init__(self, cfg, rep, d):
         self.cfg, self.d, self.reps = cfg, d, None
-        self.images, self.labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
+        self.images, self.labels, cfg.num_classes = common.load_images(
+            cfg.data, "train", cfg.image_size
+        )
         if rep is not None:  # (none for the --no-rep baseline)
-            self.reps = [common.extract(lambda x, i: rep(x.flip(3) if flip else x), self.images, d.device,
-                                        desc="representations").cpu()
-                         for flip in ((False, True) if cfg.flip_aug else (False,))]  # [N, D] each
+
+            def flipped(x, first_row):
+                return rep(x.flip(3))
+
+            def unflipped(x, first_row):
+                return rep(x)
+
+            views = (unflipped, flipped) if cfg.flip_aug else (unflipped,)
+            # r of each image, and of its mirror image when flips augment [N, D] each
+            self.reps = [
+                common.extract(fn, self.images, d.device, desc="representations").cpu()
+                for fn in views
+            ]
 
     def batch(self, step, bs):
-        """-> (x [B, 3, H, W] in [-1, 1], r [B, D] or None): rows drawn with replacement, each mirrored at random
-        (flip_aug) together with its representation."""
+        """-> (x [B, 3, H, W] in [-1, 1], r [B, D] or None): rows drawn with replacement, each
+        mirrored at random (flip_aug) together with its representation."""
         cfg, d = self.cfg, self.d
-        x, _ = common.batch(self.images, self.labels, bs, cfg.seed, step, d.rank, flip=cfg.flip_aug, device=d.device)
+        x, _ = common.batch(
+            self.images, self.labels, bs, cfg.seed, step, d.rank, flip=cfg.flip_aug, device=d.device
+        )
         if self.reps is None:
             return x, None
-        rows, mirrored = common.batch_rows(len(self.images), bs, cfg.seed, step, d.rank)  # common.batch's draws
-        return x, torch.where(mirrored[:, None], self.reps[-1][rows], self.reps[0][rows]).to(d.device)  # [B, D]
+        # common.batch's draws
+        rows, mirrored = common.batch_rows(len(self.images), bs, cfg.seed, step, d.rank)
+        # [B, D]
+        return x, torch.where(mirrored[:, None], self.reps[-1][rows], self.reps[0][rows]).to(
+            d.device
+        )
 
 
 def make_config(args, presets=PRESETS):
     cfg = common.configure(Config, presets, args)
     if cfg.image_size % cfg.patch:
-        raise UsageError(f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}")
-    if not 0 < cfg.beta_start < cfg.beta_end < 1 or cfg.rdm_sample_steps > cfg.T or min(cfg.T, cfg.rep_dim + 1) < 1:
-        raise UsageError("need 0 < beta_start < beta_end < 1, 1 <= rdm_sample_steps <= T and rep_dim >= 0")
-    if not (0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1 and cfg.grid >= 0):
+        raise UsageError(
+            f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}"
+        )
+    if (
+        not 0 < cfg.beta_start < cfg.beta_end < 1
+        or cfg.rdm_sample_steps > cfg.T
+        or min(cfg.T, cfg.rep_dim + 1) < 1
+    ):
+        raise UsageError(
+            "need 0 < beta_start < beta_end < 1, 1 <= rdm_sample_steps <= T and rep_dim >= 0"
+        )
+    if not (
+        0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1 and cfg.grid >= 0
+    ):
         raise UsageError("rep_drop and adam_beta2 must be in [0, 1), eta in [0, 1] and grid >= 0")
     return cfg
 
 
 def train(args):
-    """train-rdm: the RDM on the frozen encoder's standardised representations of the training images; train: the
-    pixel generator conditioned on them (or, with --no-rep, on nothing). One loop for both."""
+    """train-rdm: the RDM on the frozen encoder's standardised representations of the training
+    images; train: the pixel generator conditioned on them (or, with --no-rep, on nothing). One loop
+    for both."""
     rdm = args.cmd == "train-rdm"
     presets = RDM_PRESETS if rdm else PRESETS
     d, cfg, ckpt = common.start_run(args, Config, presets, lambda a: make_config(a, presets))
     rep = Representation(cfg, d.device) if rdm or not cfg.no_rep else None
     data = Data(cfg, rep, d)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
+    # the same initial weights on every rank (and in eval's "at initialisation")
+    torch.manual_seed(cfg.seed)
     model = (RDM(cfg, rep.dim) if rdm else RCG(cfg, rep.dim if rep else 0)).to(d.device)
     ema = common.Ema(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
-    print0(f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-           f"{f'{cfg.encoder} r ({rep.dim}-d)' if rep else 'no r'}, {len(data.images)} images of {cfg.data}, "
-           f"step {step} -> {cfg.steps}, {d.world} x {d.device}")
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay
+    )
+    start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
+    print0(
+        f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"{f'{cfg.encoder} r ({rep.dim}-d)' if rep else 'no r'}, {len(data.images)} images of "
+        f"{cfg.data}, "
+        f"step {start} -> {cfg.steps}, {d.world} x {d.device}"
+    )
     step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    log = common.Log(args.out, d, cfg, step)
-    for step in log.steps(step, cfg.steps):
+    log = common.Log(args.out, d, cfg, start)
+    for step in log.steps(start, cfg.steps):
         # learning rate: linear warm-up, then constant
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        # forward (the RDM: the loss (1) of r in true fp32, it is small; the DiT: the v-loss of x given r, bf16
-        # autocast on a GPU), backward, update, EMA
-        x, r = data.batch(step, bs)  # this rank's rows, drawn with replacement, mirrored at random with their r
+        # forward (the RDM: the loss (1) of r in true fp32, it is small; the DiT: the v-loss of x
+        # given r, bf16 autocast on a GPU), backward, update, EMA
+        # this rank's rows, drawn with replacement, mirrored at random with their r
+        x, r = data.batch(step, bs)
         with common.autocast(d.device, enabled=not rdm):
             loss = step_model(r) if rdm else step_model(x, r)
         opt.zero_grad(set_to_none=True)
@@ -474,30 +599,47 @@ def train(args):
         # log (averaged over the processes; a NaN stops the run), sample grid (the DiT), checkpoint
         done = step + 1
         log(done, loss, lr=lr)
-        if d.master and cfg.grid and not rdm and done % cfg.sample_every == 0:  # real images, then made from their r
+        # real images, then made from their r
+        if d.master and cfg.grid and not rdm and done % cfg.sample_every == 0:
             real, r_real = data.batch(0, math.ceil(cfg.grid / 2))
-            g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
+            # own generator: the training RNG stream is untouched
+            g = torch.Generator(d.device).manual_seed(cfg.seed)
             made = ema.model.sample(r_real, n=len(real), generator=g)  # the run's own Heun steps
-            common.save_grid(torch.cat([real, made])[:cfg.grid], os.path.join(args.out, f"samples_{done:07d}.png"))
+            common.save_grid(
+                torch.cat([real, made])[: cfg.grid],
+                os.path.join(args.out, f"samples_{done:07d}.png"),
+            )
         if common.due(done, cfg.ckpt_every, cfg.steps):
-            common.save_run(args.out, d, done, cfg, model, ema, opt, kind="rdm" if rdm else "generator",
-                            rep_dim=rep.dim if rep else 0)
+            common.save_run(
+                args.out,
+                d,
+                done,
+                cfg,
+                model,
+                ema,
+                opt,
+                kind="rdm" if rdm else "generator",
+                rep_dim=rep.dim if rep else 0,
+            )
 
 
 def load_official_rdm(path, ema=True):
-    """A released RDM (LTH14/rcg's main_rdm.py checkpoint, {"model": state dict, "args": argparse.Namespace, ...}, or
-    that state dict, or a path to either) -> our RDM with its EMA weights (those the official sampler uses; ema=False:
-    the raw ones), on the CPU. Sizes are read from the weights; T and the betas are the released configs' (the
-    defaults here)."""
+    """A released RDM (LTH14/rcg's main_rdm.py checkpoint, {"model": state dict, "args":
+    argparse.Namespace, ...}, or that state dict, or a path to either) -> our RDM with its EMA
+    weights (those the official sampler uses; ema=False: the raw ones), on the CPU. Sizes are read
+    from the weights; T and the betas are the released configs' (the defaults here)."""
     sd = path
     if not isinstance(path, dict):
         try:
-            with torch.serialization.safe_globals([argparse.Namespace]):  # main_rdm.py saves its args beside
+            # main_rdm.py saves its args beside
+            with torch.serialization.safe_globals([argparse.Namespace]):
                 sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise UsageError(f"cannot read {path} as a main_rdm.py checkpoint ({type(e).__name__}: {e})") from None
+            raise UsageError(
+                f"cannot read {path} as a main_rdm.py checkpoint ({type(e).__name__}: {e})"
+            ) from None
     sd, pre = sd.get("model", sd), "model.diffusion_model."
-    net = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+    net = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}
     if ema:  # LitEma's buffers: the parameter's name without dots
         net = {k: sd["model_ema.diffusion_model" + k.replace(".", "")] for k in net}
     width, dim = net["input_proj.weight"].shape
@@ -508,7 +650,8 @@ def load_official_rdm(path, ema=True):
 
 
 def load(path, device, kind=None, compile_net=False):
-    """An rcg.py checkpoint -> (ckpt, cfg, the EMA model: RDM or RCG, in eval mode; compile_net: its .net compiled)."""
+    """An rcg.py checkpoint -> (ckpt, cfg, the EMA model: RDM or RCG, in eval mode; compile_net: its
+    .net compiled)."""
     ckpt = common.load_checkpoint(path)
     if ckpt.get("kind") not in ("rdm", "generator") or (kind and ckpt["kind"] != kind):
         want = {"rdm": "a train-rdm", "generator": "a train"}.get(kind, "an rcg.py")
@@ -518,7 +661,9 @@ def load(path, device, kind=None, compile_net=False):
     try:
         model.load_state_dict(ckpt["ema"])
     except RuntimeError as e:
-        raise UsageError(f"{path}: the weights do not match its config ({type(e).__name__})") from None
+        raise UsageError(
+            f"{path}: the weights do not match its config ({type(e).__name__})"
+        ) from None
     model = model.to(device).eval()
     if compile_net:
         model.net = torch.compile(model.net)
@@ -526,22 +671,31 @@ def load(path, device, kind=None, compile_net=False):
 
 
 def load_pair(args, d):
-    """The checkpoint of --ckpt and the RDM (--ckpt itself, or --rdm) -> (ckpt, gen or None, rdm or None), checked to
-    use the same representation; both compiled with --compile."""
+    """The checkpoint of --ckpt and the RDM (--ckpt itself, or --rdm) -> (ckpt, gen or None, rdm or
+    None), checked to use the same representation; both compiled with --compile."""
     ckpt, cfg, model = load(args.ckpt, d.device, compile_net=args.compile)
     gen, rdm = (None, model) if ckpt["kind"] == "rdm" else (model, None)
     if gen is not None and gen.rep_dim and args.rdm:
         _, rcfg, rdm = load(args.rdm, d.device, "rdm", args.compile)
-        if (rcfg.encoder, rcfg.rep_dim, rcfg.image_size) != (cfg.encoder, cfg.rep_dim, cfg.image_size):
-            raise UsageError(f"--rdm {args.rdm} models {rcfg.encoder} (rep_dim {rcfg.rep_dim}) representations; "
-                             f"the generator was trained on {cfg.encoder} (rep_dim {cfg.rep_dim})")
+        if (rcfg.encoder, rcfg.rep_dim, rcfg.image_size) != (
+            cfg.encoder,
+            cfg.rep_dim,
+            cfg.image_size,
+        ):
+            raise UsageError(
+                f"--rdm {args.rdm} models {rcfg.encoder} (rep_dim {rcfg.rep_dim}) representations; "
+                f"the generator was trained on {cfg.encoder} (rep_dim {cfg.rep_dim})"
+            )
     return ckpt, gen, rdm
 
 
 def generate(gen, rdm, n, args, d):
-    """n images: a representation from the RDM, then the pixels from it (or unconditional with --no-rep)."""
+    """n images: a representation from the RDM, then the pixels from it (or unconditional with
+    --no-rep)."""
     if gen.rep_dim and rdm is None:
-        raise UsageError("this generator is conditioned on representations: pass --rdm DIR/ckpt.pt (train-rdm)")
+        raise UsageError(
+            "this generator is conditioned on representations: pass --rdm DIR/ckpt.pt (train-rdm)"
+        )
     per = math.ceil(n / d.world)
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
     xs = []
@@ -556,20 +710,35 @@ def sample_cmd(args):
     d = common.setup_dist(args.device)
     ckpt, gen, rdm = load_pair(args, d)
     if gen is None:
-        raise UsageError(f"{args.ckpt} is an RDM: sample takes the generator's checkpoint and --rdm")
+        raise UsageError(
+            f"{args.ckpt} is an RDM: sample takes the generator's checkpoint and --rdm"
+        )
     x = generate(gen, rdm, args.n, args, d)
     if d.master:
         common.write_samples(args.out, x)
 
 
 def rep_fd(rdm, real, n, args):
-    """FD between n representations the RDM generates (or, for rdm a tensor, those) and the real ones [M, D]."""
+    """FD between n representations the RDM generates (or, for rdm a tensor, those) and the real
+    ones [M, D]."""
     g = torch.Generator(real.device).manual_seed(args.seed)
-    fake = rdm if torch.is_tensor(rdm) else torch.cat([rdm.sample(min(1000, n - i), steps=args.rdm_steps, generator=g)
-                                                       for i in tqdm(range(0, n, 1000), desc="RDM", leave=False)])
+    fake = (
+        rdm
+        if torch.is_tensor(rdm)
+        else torch.cat(
+            [
+                rdm.sample(min(1000, n - i), steps=args.rdm_steps, generator=g)
+                for i in tqdm(range(0, n, 1000), desc="RDM", leave=False)
+            ]
+        )
+    )
     fake, real = fake.double().cpu().numpy(), real.double().cpu().numpy()
-    return round(common.frechet_distance(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0),
-                                         np.cov(real, rowvar=False)), 4)
+    return round(
+        common.frechet_distance(
+            fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False)
+        ),
+        4,
+    )
 
 
 def eval_cmd(args):
@@ -577,53 +746,100 @@ def eval_cmd(args):
     ckpt, gen, rdm = load_pair(args, d)
     cfg = (gen or rdm).cfg
     data = args.data or cfg.data
-    res = dict(step=ckpt["step"], data=data, encoder=cfg.encoder, fd=None, fd_model=args.fd_model, n_samples=0)
+    res = dict(
+        step=ckpt["step"],
+        data=data,
+        encoder=cfg.encoder,
+        fd=None,
+        fd_model=args.fd_model,
+        n_samples=0,
+    )
     if gen is not None:
         fd_net = common.FDFeatures(args.fd_model, d.device)
         x = generate(gen, rdm, args.n, args, d)
     if not d.master:
         return
     if gen is not None:
-        res.update(no_rep=cfg.no_rep, fd=common.fd_to_train(fd_net, x, data, cfg.image_size), n_samples=args.n,
-                   rep_cfg=cfg.rep_cfg if args.rep_cfg is None else args.rep_cfg)
+        res.update(
+            no_rep=cfg.no_rep,
+            fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
+            n_samples=args.n,
+            rep_cfg=cfg.rep_cfg if args.rep_cfg is None else args.rep_cfg,
+        )
     rep = Representation(cfg, d.device)
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
-    r_tr = common.extract(lambda x, i: rep(x), x_tr, d.device, desc="representations")  # [N, D], standardised
+    # [N, D], standardised
+    r_tr = common.extract(lambda x, i: rep(x), x_tr, d.device, desc="representations")
     r_te = common.extract(lambda x, i: rep(x), x_te, d.device)
-    res.update(probe=f"{cfg.encoder}'s global token{f', projected to {rep.dim}' if cfg.rep_dim else ''}, "
-                     f"standardised", **common.probes(r_tr, y_tr, r_te, y_te))
+    res.update(
+        probe=f"{cfg.encoder}'s global token{f', projected to {rep.dim}' if cfg.rep_dim else ''}, "
+        f"standardised",
+        **common.probes(r_tr, y_tr, r_te, y_te),
+    )
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
-    res["detail_r2"] = None  # the pixels the DiT makes from each test image's own r (Heun, the eval's guidance)
+    # the pixels the DiT makes from each test image's own r (Heun, the eval's guidance)
+    res["detail_r2"] = None
     if gen is not None and gen.rep_dim and data.startswith("shapes"):
         g = torch.Generator(d.device).manual_seed(args.seed)
-        r = r_te[:min(1000, len(r_te))]
-        made = torch.cat([gen.sample(r[i:i + args.batch], steps=args.sample_steps, scale=args.rep_cfg, generator=g)
-                          for i in tqdm(range(0, len(r), args.batch), desc="detail", leave=False)])
+        r = r_te[: min(1000, len(r_te))]
+        made = torch.cat(
+            [
+                gen.sample(
+                    r[i : i + args.batch], steps=args.sample_steps, scale=args.rep_cfg, generator=g
+                )
+                for i in tqdm(range(0, len(r), args.batch), desc="detail", leave=False)
+            ]
+        )
         res["detail_r2"] = common.detail_r2(made, data)
     if rdm is not None:
         torch.manual_seed(rdm.cfg.seed)
         init = RDM(rdm.cfg, rdm.dim).to(d.device).eval()  # train-rdm's initial weights: the floor
         n = min(args.n_rep, len(r_tr), len(r_te))
-        res.update(rep_fd=rep_fd(rdm, r_tr[:n], n, args), n_rep=n, rep_fd_init=rep_fd(init, r_tr[:n], n, args),
-                   rep_fd_test=rep_fd(r_te[:n], r_tr[:n], n, args))  # held-out real: the floor
+        res.update(
+            rep_fd=rep_fd(rdm, r_tr[:n], n, args),
+            n_rep=n,
+            rep_fd_init=rep_fd(init, r_tr[:n], n, args),
+            rep_fd_test=rep_fd(r_te[:n], r_tr[:n], n, args),
+        )  # held-out real: the floor
     common.write_eval(args.ckpt, res)
 
 
 def main(argv=None):
     p, sub = common.make_parser(__doc__, PRESETS)
     tr, sa, ev = sub.choices["train"], sub.choices["sample"], sub.choices["eval"]
-    tr.add_argument("--no-rep", action="store_true", default=None, help="the unconditional baseline (no r)")
-    rd = common.train_flags(sub.add_parser("train-rdm", help="the representation diffusion model"), RDM_PRESETS)
+    tr.add_argument(
+        "--no-rep", action="store_true", default=None, help="the unconditional baseline (no r)"
+    )
+    rd = common.train_flags(
+        sub.add_parser("train-rdm", help="the representation diffusion model"), RDM_PRESETS
+    )
     for s in (tr, rd):
-        s.add_argument("--encoder", help="frozen encoder spec (default: the preset's; see common.load_encoder)")
+        s.add_argument(
+            "--encoder", help="frozen encoder spec (default: the preset's; see common.load_encoder)"
+        )
     for s in (sa, ev):
-        s.add_argument("--rdm", help="the RDM checkpoint (train-rdm) that draws the representations")
-        s.add_argument("--rdm-steps", type=common.number(int), help="DDIM steps of the RDM (default: its run's)")
-        s.add_argument("--sample-steps", type=common.number(int), help="Heun steps (default: the run's)")
-        s.add_argument("--rep-cfg", type=common.number(float, 0, strict=False),
-                       help="representation guidance scale (default: the run's, 1)")
-    ev.add_argument("--n-rep", type=common.number(int), default=5000,
-                    help="representations for rep_fd (at most the test split's size)")
+        s.add_argument(
+            "--rdm", help="the RDM checkpoint (train-rdm) that draws the representations"
+        )
+        s.add_argument(
+            "--rdm-steps",
+            type=common.number(int),
+            help="DDIM steps of the RDM (default: its run's)",
+        )
+        s.add_argument(
+            "--sample-steps", type=common.number(int), help="Heun steps (default: the run's)"
+        )
+        s.add_argument(
+            "--rep-cfg",
+            type=common.number(float, 0, strict=False),
+            help="representation guidance scale (default: the run's, 1)",
+        )
+    ev.add_argument(
+        "--n-rep",
+        type=common.number(int),
+        default=5000,
+        help="representations for rep_fd (at most the test split's size)",
+    )
     ev.set_defaults(n=1000)
     args = p.parse_args(argv)
     {"train-rdm": train, "train": train, "sample": sample_cmd, "eval": eval_cmd}[args.cmd](args)

@@ -1,52 +1,115 @@
 """One command per machine: every method file's reproduction, and the seeds' question in one table.
 
-    python reproduce.py cpu --out runs/repro_cpu    # any machine, offline: the toys and a `shapes` row per method
-    python reproduce.py gpu --out runs/repro_gpu    # one GPU: CIFAR-10 with FID (prints its time estimate first)
-    python reproduce.py tiny --out DIR              # every command at --preset tiny: the runner itself, in minutes
-    python reproduce.py cpu|gpu|tiny --dry-run      # parse every command with its file's own parser; run nothing
-    python reproduce.py bench [--preset B] [--compile]   # img/s, MFU, peak memory of each file's own train step
-    python reproduce.py memory                      # each default preset's GPU memory at its batch (estimated)
-    python reproduce.py bench-data --root DIR       # start time, memory and batch() rate of a 1M-image folder
+    python reproduce.py cpu --out runs/repro_cpu   # any machine, offline: toys, a `shapes` row each
+    python reproduce.py gpu --out runs/repro_gpu   # one GPU: CIFAR-10 with FID (estimates its time)
+    python reproduce.py tiny --out DIR             # every command at --preset tiny, in minutes
+    python reproduce.py cpu|gpu|tiny --dry-run     # parse every command with its file's parser
+    python reproduce.py bench [--preset B] [--compile]   # img/s, MFU, peak memory per train step
+    python reproduce.py memory                     # each default preset's GPU memory (estimated)
+    python reproduce.py bench-data --root DIR      # start, memory and batch() rate of a 1M folder
 
-A plan only calls the method files' own commands (each printed before it runs) and reads what they write. It first
-trains the encoder the others align to or read (an export of soda.py, on any machine: no download), then one row per
-method with the paper's own comparison beside it (the control: REPA without alignment, a plain DiT for RAE's DiT^DH,
-RCG without the representation, the undivided latent, the network at initialisation), and a second seed of one pair,
-whose run-to-run spread decides `held`. DIR/results.json has one row per method (figures, command, minutes, claim,
-held), DIR/table.md the README's table and DIR/figure.svg the probe against FD and the probe across noise levels. A
-finished row is read again, not rerun; a row that failed is run again (a training command whose checkpoint exists
-resumes with the same command); --only runs some rows.
+A plan only calls the method files' own commands (each printed before it runs) and reads what they
+write. It first trains the encoder the others align to or read (an export of soda.py, on any
+machine: no download), then one row per method with the paper's own comparison beside it (the
+control: REPA without alignment, a plain DiT for RAE's DiT^DH, RCG without the representation, the
+undivided latent, the network at initialisation), and a second seed of one pair, whose run-to-run
+spread decides `held`. DIR/results.json has one row per method (figures, command, minutes, claim,
+held), DIR/table.md the README's table and DIR/figure.svg the probe against FD and the probe across
+noise levels. A finished row is read again, not rerun; a row that failed is run again (a training
+command whose checkpoint exists resumes with the same command); --only runs some rows.
 """
-import argparse, contextlib, json, math, os, subprocess, sys, tempfile, time
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense bf16 FLOP/s
-# training steps of each command per machine (None: the preset's own); `gpu`: ~40 minutes of one H100 (see estimate())
+# dense bf16 FLOP/s
+PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+# training steps of each command per machine (None: the preset's own); `gpu`: ~40 minutes of one
+# H100 (see estimate())
 STEPS = {
     "tiny": {},
-    "cpu": dict(dl=600, jit=300, ct=300, soda=1000, repa=200, rae_dec=500, rae=200, rdm=1000, rcg=200, dl_gen=500),
-    "gpu": dict(enc=4000, jit=4000, ct=4000, soda=4000, repa=4000, rae_dec=3000, rae=3000, rdm=3000, rcg=3000,
-                dl=3000, dl_gen=3000),
+    "cpu": dict(
+        dl=600,
+        jit=300,
+        ct=300,
+        soda=1000,
+        repa=200,
+        rae_dec=500,
+        rae=200,
+        rdm=1000,
+        rcg=200,
+        dl_gen=500,
+    ),
+    "gpu": dict(
+        enc=4000,
+        jit=4000,
+        ct=4000,
+        soda=4000,
+        repa=4000,
+        rae_dec=3000,
+        rae=3000,
+        rdm=3000,
+        rcg=3000,
+        dl=3000,
+        dl_gen=3000,
+    ),
 }
 MFU = 0.4  # the fraction of the bf16 peak the gpu plan's estimate assumes
 
 
 def plan(machine, out):
-    """-> the rows: dict(method, runs: [argv], result: the eval.json (or toy.json) the row reads, read: that json ->
-    figures, claim, paper, pair: (figure, its control's figure, "lower" or "higher" is the paper's direction))."""
+    """-> the rows: dict(method, runs: [argv], result: the eval.json (or toy.json) the row reads,
+    read: that json -> figures, claim, paper, pair: (figure, its control's figure, "lower" or
+    "higher" is the paper's direction))."""
     tiny, gpu = machine == "tiny", machine == "gpu"
-    base = ["--preset", "tiny", "--device", "cpu"] if tiny else ["--preset", "cpu"] if machine == "cpu" else \
-        ["--data", "cifar10", "--compile"]
-    ev = ["--n", "50" if tiny else "500"] + (["--fd-model", "inception", "--n", "10000"] if gpu else [])
-    d = lambda name, f="": os.path.join(out, name, f) if f else os.path.join(out, name)  # a run's folder or file
-    ck, res = (lambda n: os.path.join(out, n, "ckpt.pt")), (lambda n: os.path.join(out, n, "eval.json"))
+    base = (
+        ["--preset", "tiny", "--device", "cpu"]
+        if tiny
+        else ["--preset", "cpu"]
+        if machine == "cpu"
+        else ["--data", "cifar10", "--compile"]
+    )
+    ev = ["--n", "50" if tiny else "500"] + (
+        ["--fd-model", "inception", "--n", "10000"] if gpu else []
+    )
+
+    def d(name, file=""):  # a run's folder, or a file in it
+        return os.path.join(out, name, file) if file else os.path.join(out, name)
+
+    def ck(name):  # a run's checkpoint
+        return os.path.join(out, name, "ckpt.pt")
+
+    def res(name):  # a run's eval.json
+        return os.path.join(out, name, "eval.json")
 
     def train(file, cmd, name, key, *extra):
         steps = STEPS[machine].get(key)
-        return [file, cmd, *base, *(["--steps", str(steps)] if steps else []), *extra, "--out", d(name)]
+        return [
+            file,
+            cmd,
+            *base,
+            *(["--steps", str(steps)] if steps else []),
+            *extra,
+            "--out",
+            d(name),
+        ]
 
-    def figures(r, **extra):  # what every row reports: FD, the probes and the detail kept, with their floors
-        keys = [k + s for k in ("probe_linear", "probe_knn", "detail_r2") for s in ("", "_init", "_pixels")]
+    # what every row reports: FD, the probes and the detail kept, with their floors
+    def figures(r, **extra):
+        keys = [
+            k + s
+            for k in ("probe_linear", "probe_knn", "detail_r2")
+            for s in ("", "_init", "_pixels")
+        ]
         out = {k: r.get(k) for k in ["fd", *keys, "probe_linear_by_t"]}
         return out | {k: f(r) for k, f in extra.items()}
 
@@ -56,114 +119,223 @@ def plan(machine, out):
     def export(file, name):  # the trained encoder -> OUT/enc.pt, which --encoder reads
         return [file, "export-encoder", "--ckpt", ck(name), "--out", os.path.join(out, "enc.pt")]
 
-    control = lambda name, key="fd": (lambda r: json.load(open(res(name))).get(key))  # a figure of the control run
+    def control(name, key="fd"):  # -> a reader of one figure of the control run
+        def read(row_result):
+            with open(res(name)) as f:
+                return json.load(f).get(key)
+
+        return read
+
     toy = [] if not tiny else ["--toy-steps", "50"]
-    enc = ["--encoder", os.path.join(out, "enc.pt")]  # the encoder trained first: repa, rae and rcg read it
+    # the encoder trained first: repa, rae and rcg read it
+    enc = ["--encoder", os.path.join(out, "enc.pt")]
     if gpu:  # soda.py's z (the paper: 80% linear probe on CIFAR-10), exported
-        first = dict(method="encoder (soda.py)", runs=[train("soda.py", "train", "enc", "enc"),
-                                                       evaluate("soda.py", "enc"), export("soda.py", "enc")],
-                     result=res("enc"), claim="z probes above the same encoder at initialisation",
-                     paper="SODA CIFAR-10 linear probe 80.0")
-    else:  # decoupled_latent.py's E_u (SimCLR): on `shapes` it probes higher than soda.py's z at a CPU's budget
-        first = dict(method="encoder (decoupled_latent.py z_u)", runs=[
-            train("decoupled_latent.py", "train", "dl", "dl"), evaluate("decoupled_latent.py", "dl"),
-            export("decoupled_latent.py", "dl")], result=res("dl"), claim="z_u probes above its initialisation",
-                     paper="SimCLR-style invariance on z_u")
+        first = dict(
+            method="encoder (soda.py)",
+            runs=[
+                train("soda.py", "train", "enc", "enc"),
+                evaluate("soda.py", "enc"),
+                export("soda.py", "enc"),
+            ],
+            result=res("enc"),
+            claim="z probes above the same encoder at initialisation",
+            paper="SODA CIFAR-10 linear probe 80.0",
+        )
+    # decoupled_latent.py's E_u (SimCLR): on `shapes` it probes higher than soda.py's z at a CPU's
+    # budget
+    else:
+        first = dict(
+            method="encoder (decoupled_latent.py z_u)",
+            runs=[
+                train("decoupled_latent.py", "train", "dl", "dl"),
+                evaluate("decoupled_latent.py", "dl"),
+                export("decoupled_latent.py", "dl"),
+            ],
+            result=res("dl"),
+            claim="z_u probes above its initialisation",
+            paper="SimCLR-style invariance on z_u",
+        )
     rows = [
         first | dict(read=figures, pair=("probe_linear", "probe_linear_init", "higher")),
-        dict(method="jit_xpred.py (toy)", runs=[["jit_xpred.py", "toy", "--dims", "2", "512", *toy, "--out",
-                                                 d("jit_toy")]],
-             result=d("jit_toy", "toy.json"), read=lambda r: {f"sw_{x['pred']}_D{x['D']}": x["distance"]
-                                                              for x in r["results"]},
-             claim="at D = 512, x-prediction samples the spiral (sliced W1), eps-prediction does not",
-             paper="Fig. 2: x-pred holds at D = 512, eps/v collapse", pair=("sw_x_D512", "sw_eps_D512", "lower")),
-        dict(method="consistency.py (toy)", runs=[["consistency.py", "toy", *toy, "--out", d("ct_toy")]],
-             result=d("ct_toy", "toy.json"), read=lambda r: {f"sw_{x['model']}_{x['steps']}step": x["distance"]
-                                                             for x in r["results"]},
-             claim="1-step samples from scratch land on the data (sliced W1), far from the initialisation's",
-             paper="ECT: 1- and 2-step FID 3.60 / 2.11 on CIFAR-10", pair=("sw_trained_1step", "sw_init_1step",
-                                                                           "lower")),
-        dict(method="jit_xpred.py", runs=[train("jit_xpred.py", "train", "jit", "jit"),
-                                          evaluate("jit_xpred.py", "jit")],
-             result=res("jit"), read=figures, claim=None, paper="JiT-B/16 ImageNet 256 FID 3.66", pair=None),
-        dict(method="consistency.py", runs=[train("consistency.py", "train", "ct", "ct"),
-                                            evaluate("consistency.py", "ct")],
-             result=res("ct"), read=lambda r: figures(r, fd_2step=lambda r: r.get("fd_2step")), claim=None,
-             paper="ECT CIFAR-10 FID 3.60 (1 step)", pair=None),
+        dict(
+            method="jit_xpred.py (toy)",
+            runs=[["jit_xpred.py", "toy", "--dims", "2", "512", *toy, "--out", d("jit_toy")]],
+            result=d("jit_toy", "toy.json"),
+            read=lambda r: {f"sw_{x['pred']}_D{x['D']}": x["distance"] for x in r["results"]},
+            claim=(
+                "at D = 512, x-prediction samples the spiral (sliced W1), eps-prediction does not"
+            ),
+            paper="Fig. 2: x-pred holds at D = 512, eps/v collapse",
+            pair=("sw_x_D512", "sw_eps_D512", "lower"),
+        ),
+        dict(
+            method="consistency.py (toy)",
+            runs=[["consistency.py", "toy", *toy, "--out", d("ct_toy")]],
+            result=d("ct_toy", "toy.json"),
+            read=lambda r: {
+                f"sw_{x['model']}_{x['steps']}step": x["distance"] for x in r["results"]
+            },
+            claim=(
+                "1-step samples from scratch land on the data (sliced W1), far from the "
+                "initialisation's"
+            ),
+            paper="ECT: 1- and 2-step FID 3.60 / 2.11 on CIFAR-10",
+            pair=("sw_trained_1step", "sw_init_1step", "lower"),
+        ),
+        dict(
+            method="jit_xpred.py",
+            runs=[train("jit_xpred.py", "train", "jit", "jit"), evaluate("jit_xpred.py", "jit")],
+            result=res("jit"),
+            read=figures,
+            claim=None,
+            paper="JiT-B/16 ImageNet 256 FID 3.66",
+            pair=None,
+        ),
+        dict(
+            method="consistency.py",
+            runs=[train("consistency.py", "train", "ct", "ct"), evaluate("consistency.py", "ct")],
+            result=res("ct"),
+            read=lambda r: figures(r, fd_2step=lambda r: r.get("fd_2step")),
+            claim=None,
+            paper="ECT CIFAR-10 FID 3.60 (1 step)",
+            pair=None,
+        ),
     ]
     if not gpu:  # on gpu the encoder row is soda.py's
-        rows.append(dict(method="soda.py", runs=[train("soda.py", "train", "soda", "soda"),
-                                                 evaluate("soda.py", "soda")],
-                         result=res("soda"), read=figures, claim="z probes above the same encoder at initialisation",
-                         paper="SODA CIFAR-10 linear probe 80.0",
-                         pair=("probe_linear", "probe_linear_init", "higher")))
-    for seed in (["0", "1"] if not tiny else ["0"]):  # the second seed of one pair: the run-to-run spread
+        rows.append(
+            dict(
+                method="soda.py",
+                runs=[train("soda.py", "train", "soda", "soda"), evaluate("soda.py", "soda")],
+                result=res("soda"),
+                read=figures,
+                claim="z probes above the same encoder at initialisation",
+                paper="SODA CIFAR-10 linear probe 80.0",
+                pair=("probe_linear", "probe_linear_init", "higher"),
+            )
+        )
+    # the second seed of one pair: the run-to-run spread
+    for seed in ["0", "1"] if not tiny else ["0"]:
         s, tag = ["--seed", seed], "" if seed == "0" else f"_s{seed}"
-        rows.append(dict(
-            method="repa.py" + ("" if seed == "0" else f" (seed {seed})"),
-            runs=[train("repa.py", "train", f"repa{tag}", "repa", *enc, *s), evaluate("repa.py", f"repa{tag}"),
-                  train("repa.py", "train", f"sit{tag}", "repa", *enc, *s, "--proj-coeff", "0"),
-                  evaluate("repa.py", f"sit{tag}")],
-            result=res(f"repa{tag}"), read=lambda r, t=tag: figures(r, fd_control=control(f"sit{t}"),
-                                                                    probe_linear_control=control(f"sit{t}",
-                                                                                                 "probe_linear")),
-            claim="aligned to the trained encoder, the SiT's FD is lower than without alignment",
-            paper="SiT-B/2 + REPA 400k FID 24.4 (no CFG); 17.5x faster", pair=("fd", "fd_control", "lower")))
+        rows.append(
+            dict(
+                method="repa.py" + ("" if seed == "0" else f" (seed {seed})"),
+                runs=[
+                    train("repa.py", "train", f"repa{tag}", "repa", *enc, *s),
+                    evaluate("repa.py", f"repa{tag}"),
+                    train("repa.py", "train", f"sit{tag}", "repa", *enc, *s, "--proj-coeff", "0"),
+                    evaluate("repa.py", f"sit{tag}"),
+                ],
+                result=res(f"repa{tag}"),
+                read=lambda r, t=tag: figures(
+                    r,
+                    fd_control=control(f"sit{t}"),
+                    probe_linear_control=control(f"sit{t}", "probe_linear"),
+                ),
+                claim=(
+                    "aligned to the trained encoder, the SiT's FD is lower than without alignment"
+                ),
+                paper="SiT-B/2 + REPA 400k FID 24.4 (no CFG); 17.5x faster",
+                pair=("fd", "fd_control", "lower"),
+            )
+        )
     rows += [
-        dict(method="rae.py", runs=[train("rae.py", "train-decoder", "rae_dec", "rae_dec", *enc),
-                                    train("rae.py", "train", "rae", "rae", "--decoder", ck("rae_dec")),
-                                    evaluate("rae.py", "rae"),
-                                    train("rae.py", "train", "rae_plain", "rae", "--decoder", ck("rae_dec"),
-                                          "--head", "none"), evaluate("rae.py", "rae_plain")],
-             result=res("rae"), read=lambda r: figures(r, fd_control=control("rae_plain"), psnr=lambda r: r["psnr"],
-                                                       psnr_init=lambda r: r["psnr_init"]),
-             claim="DiT^DH's FD is lower than a plain DiT's with as many parameters",
-             paper="RAE DiT^DH-XL ImageNet 256 FID 1.51, rFID 0.57", pair=("fd", "fd_control", "lower")),
-        dict(method="rcg.py", runs=[train("rcg.py", "train-rdm", "rdm", "rdm", *enc),
-                                    train("rcg.py", "train", "rcg", "rcg", *enc),
-                                    evaluate("rcg.py", "rcg", "--rdm", ck("rdm")),
-                                    train("rcg.py", "train", "rcg_norep", "rcg", *enc, "--no-rep"),
-                                    evaluate("rcg.py", "rcg_norep")],
-             result=res("rcg"), read=lambda r: figures(r, fd_control=control("rcg_norep"),
-                                                       rep_fd=lambda r: r.get("rep_fd")),
-             claim="pixels generated from a generated representation: lower FD than without one",
-             paper="RCG DiT-XL unconditional ImageNet 256 FID 4.89 (27.32 without)",
-             pair=("fd", "fd_control", "lower")),
-        dict(method="decoupled_latent.py", runs=[
-            *([train("decoupled_latent.py", "train", "dl", "dl")] if gpu else []),  # else the encoder row's run
-            train("decoupled_latent.py", "train-gen", "dl_gen", "dl_gen", "--ae", ck("dl")),
-            evaluate("decoupled_latent.py", "dl_gen"),
-            train("decoupled_latent.py", "train", "dl_joint", "dl", "--no-decouple"),
-            evaluate("decoupled_latent.py", "dl_joint")],
-             result=res("dl_gen"), read=lambda r: figures(
-                 r, probe_linear_control=control("dl_joint", "probe_linear"),
-                 probe_linear_z_d=lambda r: r["parts"]["z_d"]["probe_linear"],
-                 probe_linear_all=lambda r: r["parts"]["all"]["probe_linear"]),
-             claim="z_u of the split latent probes above the same slice of the undivided one",
-             paper="the seeds' proposal (no paper)", pair=("probe_linear", "probe_linear_control", "higher")),
+        dict(
+            method="rae.py",
+            runs=[
+                train("rae.py", "train-decoder", "rae_dec", "rae_dec", *enc),
+                train("rae.py", "train", "rae", "rae", "--decoder", ck("rae_dec")),
+                evaluate("rae.py", "rae"),
+                train(
+                    "rae.py",
+                    "train",
+                    "rae_plain",
+                    "rae",
+                    "--decoder",
+                    ck("rae_dec"),
+                    "--head",
+                    "none",
+                ),
+                evaluate("rae.py", "rae_plain"),
+            ],
+            result=res("rae"),
+            read=lambda r: figures(
+                r,
+                fd_control=control("rae_plain"),
+                psnr=lambda r: r["psnr"],
+                psnr_init=lambda r: r["psnr_init"],
+            ),
+            claim="DiT^DH's FD is lower than a plain DiT's with as many parameters",
+            paper="RAE DiT^DH-XL ImageNet 256 FID 1.51, rFID 0.57",
+            pair=("fd", "fd_control", "lower"),
+        ),
+        dict(
+            method="rcg.py",
+            runs=[
+                train("rcg.py", "train-rdm", "rdm", "rdm", *enc),
+                train("rcg.py", "train", "rcg", "rcg", *enc),
+                evaluate("rcg.py", "rcg", "--rdm", ck("rdm")),
+                train("rcg.py", "train", "rcg_norep", "rcg", *enc, "--no-rep"),
+                evaluate("rcg.py", "rcg_norep"),
+            ],
+            result=res("rcg"),
+            read=lambda r: figures(
+                r, fd_control=control("rcg_norep"), rep_fd=lambda r: r.get("rep_fd")
+            ),
+            claim="pixels generated from a generated representation: lower FD than without one",
+            paper="RCG DiT-XL unconditional ImageNet 256 FID 4.89 (27.32 without)",
+            pair=("fd", "fd_control", "lower"),
+        ),
+        dict(
+            method="decoupled_latent.py",
+            runs=[
+                # else the encoder row's run
+                *([train("decoupled_latent.py", "train", "dl", "dl")] if gpu else []),
+                train("decoupled_latent.py", "train-gen", "dl_gen", "dl_gen", "--ae", ck("dl")),
+                evaluate("decoupled_latent.py", "dl_gen"),
+                train("decoupled_latent.py", "train", "dl_joint", "dl", "--no-decouple"),
+                evaluate("decoupled_latent.py", "dl_joint"),
+            ],
+            result=res("dl_gen"),
+            read=lambda r: figures(
+                r,
+                probe_linear_control=control("dl_joint", "probe_linear"),
+                probe_linear_z_d=lambda r: r["parts"]["z_d"]["probe_linear"],
+                probe_linear_all=lambda r: r["parts"]["all"]["probe_linear"],
+            ),
+            claim="z_u of the split latent probes above the same slice of the undivided one",
+            paper="the seeds' proposal (no paper)",
+            pair=("probe_linear", "probe_linear_control", "higher"),
+        ),
     ]
     return rows
 
 
 def spread(rows):
-    """The run-to-run spread of each figure a pair compares, from the rows run at two seeds: |seed 0 - seed 1| of the
-    run and of its control (FD: relative to the mean, probes: absolute) -> {"fd": x, "probe": y}."""
+    """The run-to-run spread of each figure a pair compares, from the rows run at two seeds: |seed 0
+    - seed 1| of the run and of its control (FD: relative to the mean, probes: absolute) -> {"fd":
+    x, "probe": y}."""
     by = {r["method"]: r for r in rows}
     out = {}
     for name, r1 in by.items():
         r0 = by.get(name.split(" (seed")[0]) if "(seed" in name else None
         if not r0 or "error" in r0 or "error" in r1:
             continue
-        for kind, keys, rel in (("fd", ("fd", "fd_control"), True), ("probe", ("probe_linear",
-                                                                               "probe_linear_control"), False)):
-            gaps = [abs(r0[k] - r1[k]) / ((r0[k] + r1[k]) / 2 if rel else 1) for k in keys
-                    if r0.get(k) is not None and r1.get(k) is not None]
+        for kind, keys, rel in (
+            ("fd", ("fd", "fd_control"), True),
+            ("probe", ("probe_linear", "probe_linear_control"), False),
+        ):
+            gaps = [
+                abs(r0[k] - r1[k]) / ((r0[k] + r1[k]) / 2 if rel else 1)
+                for k in keys
+                if r0.get(k) is not None and r1.get(k) is not None
+            ]
             out[kind] = max(gaps + [out.get(kind, 0)]) if gaps else out.get(kind)
     return out
 
 
 def held(row, spreads):
-    """The paper's direction with a margin larger than the measured spread of that kind of figure (FD: relative)."""
+    """The paper's direction with a margin larger than the measured spread of that kind of figure
+    (FD: relative)."""
     if not row.get("pair") or "error" in row:
         return None
     key, ctrl, better = row["pair"]
@@ -181,51 +353,107 @@ def best_t(by_t):  # [[t, accuracy], ...] -> the t with the highest linear probe
 
 
 def table(rows, spreads):
-    """The README's table (markdown): each figure beside its floor or its control, and the raw pixels' row."""
-    fmt = lambda v: "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
-    pair = lambda r, k, s="_init": fmt(r.get(k)) + (f" ({fmt(r[k + s])})" if r.get(k + s) is not None else "")
-    lines = ["| method | minutes | FD (control) | probe linear (init) | probe kNN (init) | detail R^2 (init) "
-             "| best t | the paper's comparison | ours | control | held |",
-             "|---|---:|" + "---:|" * 5 + "---|---:|---:|---|"]
+    """The README's table (markdown): each figure beside its floor or its control, and the raw
+    pixels' row."""
+
+    def fmt(v):
+        if v is None:
+            return ""
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    def pair(r, k, s="_init"):  # a figure and, in brackets, its floor or control
+        return fmt(r.get(k)) + (f" ({fmt(r[k + s])})" if r.get(k + s) is not None else "")
+
+    lines = [
+        "| method | minutes | FD (control) | probe linear (init) | probe kNN (init) | detail R^2 "
+        "(init) "
+        "| best t | the paper's comparison | ours | control | held |",
+        "|---|---:|" + "---:|" * 5 + "---|---:|---:|---|",
+    ]
     for r in rows:
         key, ctrl, better = r.get("pair") or (None, None, None)
         ok = {True: "yes", False: "**no**", None: ""}[r.get("held")]
-        cols = [fmt(r.get("minutes")), pair(r, "fd", "_control"), pair(r, "probe_linear"), pair(r, "probe_knn"),
-                pair(r, "detail_r2"), fmt(best_t(r.get("probe_linear_by_t")))]
+        cols = [
+            fmt(r.get("minutes")),
+            pair(r, "fd", "_control"),
+            pair(r, "probe_linear"),
+            pair(r, "probe_knn"),
+            pair(r, "detail_r2"),
+            fmt(best_t(r.get("probe_linear_by_t"))),
+        ]
         cmp = f"{r['claim']} ({key} {better})" if key else ""
-        lines.append(f"| {r['method']} | {' | '.join(cols)} | {cmp} | {fmt(r.get(key))} | {fmt(r.get(ctrl))} | {ok} |")
+        lines.append(
+            f"| {r['method']} | {' | '.join(cols)} | {cmp} | {fmt(r.get(key))} | "
+            f"{fmt(r.get(ctrl))} | {ok} |"
+        )
     px = next((r for r in rows if r.get("probe_linear_pixels") is not None), None)
     if px:
-        lines.append(f"| raw pixels (floor; detail: ceiling) | | | {fmt(px['probe_linear_pixels'])} | "
-                     f"{fmt(px['probe_knn_pixels'])} | {fmt(px.get('detail_r2_pixels'))} | | | | | |")
-    note = ", ".join(f"{k} {v:.3g}" + (" (relative)" if k == "fd" else "") for k, v in spreads.items()
-                     if v is not None)
-    return "\n".join(lines) + f"\n\nRun-to-run spread (two seeds of one pair): {note or 'not measured'}.\n"
+        lines.append(
+            f"| raw pixels (floor; detail: ceiling) | | | {fmt(px['probe_linear_pixels'])} | "
+            f"{fmt(px['probe_knn_pixels'])} | {fmt(px.get('detail_r2_pixels'))} | | | | | |"
+        )
+    note = ", ".join(
+        f"{k} {v:.3g}" + (" (relative)" if k == "fd" else "")
+        for k, v in spreads.items()
+        if v is not None
+    )
+    return (
+        "\n".join(lines)
+        + f"\n\nRun-to-run spread (two seeds of one pair): {note or 'not measured'}.\n"
+    )
 
 
 def svg(rows, path):
-    """figure.svg without a plotting package: left, the linear probe against FD (one point per run, a line to its
-    control); right, the probe of each denoiser's features against the noise level t."""
-    pts = [(r["method"], r["fd"], r["probe_linear"], r.get("fd_control"), r.get("probe_linear_control")) for r in rows
-           if r.get("fd") is not None and r.get("probe_linear") is not None]
+    """figure.svg without a plotting package: left, the linear probe against FD (one point per run,
+    a line to its control); right, the probe of each denoiser's features against the noise level
+    t."""
+    pts = [
+        (
+            r["method"],
+            r["fd"],
+            r["probe_linear"],
+            r.get("fd_control"),
+            r.get("probe_linear_control"),
+        )
+        for r in rows
+        if r.get("fd") is not None and r.get("probe_linear") is not None
+    ]
     curves = [(r["method"], r["probe_linear_by_t"]) for r in rows if r.get("probe_linear_by_t")]
     W, H, P = 360, 260, 40
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H}" font-family="sans-serif" '
-           f'font-size="10"><rect width="100%" height="100%" fill="white"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H}" '
+        'font-family="sans-serif" '
+        f'font-size="10"><rect width="100%" height="100%" fill="white"/>'
+    ]
 
     def axes(x0, xs, ys, xlabel, ylabel, log=False):
-        tx = (lambda v: math.log10(v)) if log else (lambda v: v)
+
+        def tx(v):  # the x axis' scale
+            return math.log10(v) if log else v
+
         lo, hi = min(map(tx, xs)), max(map(tx, xs))
         ylo, yhi = min(ys), max(ys)
-        fx = lambda v: x0 + P + (tx(v) - lo) / (hi - lo or 1) * (W - 2 * P)
-        fy = lambda v: H - P - (v - ylo) / (yhi - ylo or 1) * (H - 2 * P)
-        out.append(f'<rect x="{x0 + P}" y="{P}" width="{W - 2 * P}" height="{H - 2 * P}" fill="none" stroke="#999"/>')
+
+        def fx(v):  # x value -> pixel column
+            return x0 + P + (tx(v) - lo) / (hi - lo or 1) * (W - 2 * P)
+
+        def fy(v):  # y value -> pixel row
+            return H - P - (v - ylo) / (yhi - ylo or 1) * (H - 2 * P)
+
+        out.append(
+            f'<rect x="{x0 + P}" y="{P}" width="{W - 2 * P}" height="{H - 2 * P}" fill="none" '
+            'stroke="#999"/>'
+        )
         out.append(f'<text x="{x0 + W / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>')
-        out.append(f'<text x="{x0 + 10}" y="{H / 2}" transform="rotate(-90 {x0 + 10} {H / 2})" '
-                   f'text-anchor="middle">{ylabel}</text>')
+        out.append(
+            f'<text x="{x0 + 10}" y="{H / 2}" transform="rotate(-90 {x0 + 10} {H / 2})" '
+            f'text-anchor="middle">{ylabel}</text>'
+        )
         for v, f, anchor in ((lo, fx, "start"), (hi, fx, "end")):
-            out.append(f'<text x="{f(10 ** v if log else v)}" y="{H - P + 12}" text-anchor="{anchor}">'
-                       f'{(10 ** v if log else v):.3g}</text>')
+            out.append(
+                f'<text x="{f(10**v if log else v)}" y="{H - P + 12}" text-anchor="{anchor}">'
+                f"{(10**v if log else v):.3g}</text>"
+            )
         out.append(f'<text x="{x0 + P - 3}" y="{fy(ylo)}" text-anchor="end">{ylo:.3g}</text>')
         out.append(f'<text x="{x0 + P - 3}" y="{fy(yhi) + 8}" text-anchor="end">{yhi:.3g}</text>')
         return fx, fy
@@ -237,10 +465,14 @@ def svg(rows, path):
         for name, fd, pr, fd_c, pr_c in pts:
             if fd_c is not None:
                 y_c = fy(pr if pr_c is None else pr_c)
-                out.append(f'<line x1="{fx(fd)}" y1="{fy(pr)}" x2="{fx(fd_c)}" y2="{y_c}" stroke="#bbb"/>'
-                           f'<circle cx="{fx(fd_c)}" cy="{y_c}" r="3" fill="white" stroke="#555"/>')
-            out.append(f'<circle cx="{fx(fd)}" cy="{fy(pr)}" r="3.5" fill="#1f5fbf"/>'
-                       f'<text x="{fx(fd) + 5}" y="{fy(pr) - 4}">{name}</text>')
+                out.append(
+                    f'<line x1="{fx(fd)}" y1="{fy(pr)}" x2="{fx(fd_c)}" y2="{y_c}" stroke="#bbb"/>'
+                    f'<circle cx="{fx(fd_c)}" cy="{y_c}" r="3" fill="white" stroke="#555"/>'
+                )
+            out.append(
+                f'<circle cx="{fx(fd)}" cy="{fy(pr)}" r="3.5" fill="#1f5fbf"/>'
+                f'<text x="{fx(fd) + 5}" y="{fy(pr) - 4}">{name}</text>'
+            )
     if curves:
         xs = [t for _, c in curves for t, _ in c]
         ys = [a for _, c in curves for _, a in c]
@@ -248,38 +480,54 @@ def svg(rows, path):
         colours = ["#1f5fbf", "#c0392b", "#27ae60", "#8e44ad", "#d35400"]
         for k, (name, c) in enumerate(curves):
             col = colours[k % len(colours)]
-            out.append(f'<polyline fill="none" stroke="{col}" points="' +
-                       " ".join(f"{fx(t)},{fy(a)}" for t, a in c) + '"/>')
+            out.append(
+                f'<polyline fill="none" stroke="{col}" points="'
+                + " ".join(f"{fx(t)},{fy(a)}" for t, a in c)
+                + '"/>'
+            )
             out.append(f'<text x="{W + P + 4}" y="{P + 12 + 12 * k}" fill="{col}">{name}</text>')
     open(path, "w").write("\n".join(out + ["</svg>"]) + "\n")
 
 
-def commit():  # -> the checkout's commit (with "+changes" when the tree differs from it), or None outside git
-    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+# -> the checkout's commit (with "+changes" when the tree differs from it), or None outside git
+def commit():
+
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
     head = run("rev-parse", "--short", "HEAD")
     if head.returncode:
         return None
-    return head.stdout.strip() + ("+changes" if run("status", "--porcelain", "--untracked-files=no").stdout else "")
+    return head.stdout.strip() + (
+        "+changes" if run("status", "--porcelain", "--untracked-files=no").stdout else ""
+    )
 
 
 def run_row(row, log):
-    """Runs a row's commands; a training command whose checkpoint exists resumes (the same command + --resume)."""
+    """Runs a row's commands; a training command whose checkpoint exists resumes (the same command +
+    --resume)."""
     t0 = time.time()
     for argv in row["runs"]:
         out = argv[argv.index("--out") + 1] if "--out" in argv else ""
-        argv = argv + (["--resume"] if argv[1].startswith("train") and os.path.isfile(os.path.join(out, "ckpt.pt"))
-                       else [])
+        argv = argv + (
+            ["--resume"]
+            if argv[1].startswith("train") and os.path.isfile(os.path.join(out, "ckpt.pt"))
+            else []
+        )
         print(f"$ python {' '.join(argv)}", flush=True)
         log.write(f"$ python {' '.join(argv)}\n")
         log.flush()
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if r.returncode:
-            return dict(error=f"exit {r.returncode}: python {' '.join(argv)}"), (time.time() - t0) / 60
+            return dict(error=f"exit {r.returncode}: python {' '.join(argv)}"), (
+                time.time() - t0
+            ) / 60
     return {}, (time.time() - t0) / 60
 
 
 def module_of(file):
     import importlib
+
     sys.path.insert(0, ROOT)
     return importlib.import_module(file[:-3])
 
@@ -295,6 +543,7 @@ def parses(argv):
 
     def stop(self, args=None, namespace=None):
         raise Parsed(parse(self, args, namespace))
+
     common.Parser.parse_args = stop
     try:
         module_of(argv[0]).main(argv[1:])
@@ -308,46 +557,74 @@ def parses(argv):
 
 
 def counted(argv):
-    """Runs a method file's command in this process on a CPU -> (FLOPs it counted, bytes of the distinct tensors
-    autograd saved for backward, leaves such as weights and data left out)."""
-    import torch, torch.utils.flop_counter
+    """Runs a method file's command in this process on a CPU -> (FLOPs it counted, bytes of the
+    distinct tensors autograd saved for backward, leaves such as weights and data left out)."""
+    import torch
+    import torch.utils.flop_counter
+
     import common
+
     saved = {}
 
     def pack(t):
         if t.grad_fn is not None or not t.is_leaf:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as fc, \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), contextlib.redirect_stdout(sys.stderr):
+
+    with (
+        torch.utils.flop_counter.FlopCounterMode(display=False) as fc,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        contextlib.redirect_stdout(sys.stderr),
+    ):
         common.load_images.cache_clear()
         common.cli(module_of(argv[0]).main, argv[1:])
     return fc.get_total_flops(), sum(saved.values())
 
 
 def small_run(argv, folder, batch=2, steps=1):
-    """argv (a training command) on `shapes:64` at a small batch for a few steps on a CPU, into folder."""
+    """argv (a training command) on `shapes:64` at a small batch for a few steps on a CPU, into
+    folder."""
     argv = [a for a in argv if a != "--compile"]
     for flag in ("--data", "--steps", "--batch-size", "--out", "--device"):
         if flag in argv:
             i = argv.index(flag)
-            argv = argv[:i] + argv[i + 2:]
-    return [*argv, "--data", "shapes:64", "--batch-size", str(batch), "--steps", str(steps), "--device", "cpu",
-            "--set", "grid=0", "--out", folder]
+            argv = argv[:i] + argv[i + 2 :]
+    return [
+        *argv,
+        "--data",
+        "shapes:64",
+        "--batch-size",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--device",
+        "cpu",
+        "--set",
+        "grid=0",
+        "--out",
+        folder,
+    ]
 
 
 def step_flops(argv, folder):
-    """FLOPs of one training step of argv at batch 2: its run for two steps less its run for one (what a run does once,
-    such as encoding the data set, cancels)."""
-    return counted(small_run(argv, folder, steps=2))[0] - counted(small_run(argv, folder + "_1", steps=1))[0]
+    """FLOPs of one training step of argv at batch 2: its run for two steps less its run for one
+    (what a run does once, such as encoding the data set, cancels)."""
+    return (
+        counted(small_run(argv, folder, steps=2))[0]
+        - counted(small_run(argv, folder + "_1", steps=1))[0]
+    )
 
 
 def estimate(rows, out):
-    """The gpu plan's training on one H100 at MFU of its bf16 peak: each training command's FLOPs per step at its
-    preset's batch (step_flops at batch 2, scaled) times its steps. The evals' sampling comes on top (minutes more)."""
+    """The gpu plan's training on one H100 at MFU of its bf16 peak: each training command's FLOPs
+    per step at its preset's batch (step_flops at batch 2, scaled) times its steps. The evals'
+    sampling comes on top (minutes more)."""
     est = []
     with tempfile.TemporaryDirectory() as tmp:
-        moved = lambda argv: [a.replace(out, tmp) for a in argv]  # the plan's folder -> a temporary one
+
+        def moved(argv):  # the plan's folder -> a temporary one
+            return [a.replace(out, tmp) for a in argv]
+
         for row in rows:
             for argv in row["runs"]:
                 if argv[1] == "export-encoder":  # what later commands read
@@ -356,126 +633,239 @@ def estimate(rows, out):
                     continue
                 argv = moved(argv)
                 mod = module_of(argv[0])
-                cfg = mod.Config(**mod.PRESETS[argv[argv.index("--preset") + 1] if "--preset" in argv else "default"])
+                cfg = mod.Config(
+                    **mod.PRESETS[
+                        argv[argv.index("--preset") + 1] if "--preset" in argv else "default"
+                    ]
+                )
                 steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else cfg.steps
                 per_step = step_flops(argv, argv[argv.index("--out") + 1]) * cfg.batch_size / 2
-                est.append(dict(command=f"{argv[0]} {argv[1]} {os.path.basename(argv[argv.index('--out') + 1])}",
-                                steps=steps, batch=cfg.batch_size, tflop_per_step=round(per_step / 1e12, 2),
-                                minutes=round(per_step * steps / (MFU * PEAK["H100"]) / 60, 1)))
+                est.append(
+                    dict(
+                        command=(
+                            f"{argv[0]} {argv[1]} {os.path.basename(argv[argv.index('--out') + 1])}"
+                        ),
+                        steps=steps,
+                        batch=cfg.batch_size,
+                        tflop_per_step=round(per_step / 1e12, 2),
+                        minutes=round(per_step * steps / (MFU * PEAK["H100"]) / 60, 1),
+                    )
+                )
     return est
 
 
-BENCH = {"jit_xpred.py": ["train"], "consistency.py": ["train"], "soda.py": ["train"],
-         "repa.py": ["train", "--encoder", "random-vit-b@224"],
-         "rae.py": ["train-decoder", "--encoder", "random-vit-b@224"],
-         "rcg.py": ["train", "--encoder", "random-vit-b@224"], "decoupled_latent.py": ["train"]}  # DINOv2-B's compute
+BENCH = {
+    "jit_xpred.py": ["train"],
+    "consistency.py": ["train"],
+    "soda.py": ["train"],
+    "repa.py": ["train", "--encoder", "random-vit-b@224"],
+    "rae.py": ["train-decoder", "--encoder", "random-vit-b@224"],
+    # DINOv2-B's compute
+    "rcg.py": ["train", "--encoder", "random-vit-b@224"],
+    "decoupled_latent.py": ["train"],
+}
 
 
 def bench(args):
-    """Each file's own train step, as its command runs it (`train --preset P` on `shapes` at 32 px, the preset's
-    batch): img/s and peak memory from its log.jsonl after --warmup steps, MFU from its FLOPs per step (step_flops)."""
+    """Each file's own train step, as its command runs it (`train --preset P` on `shapes` at 32 px,
+    the preset's batch): img/s and peak memory from its log.jsonl after --warmup steps, MFU from its
+    FLOPs per step (step_flops)."""
     import torch
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = next((p for k, p in PEAK.items() if k in torch.cuda.get_device_name()), None) if dev == "cuda" else None
+    peak = (
+        next((p for k, p in PEAK.items() if k in torch.cuda.get_device_name()), None)
+        if dev == "cuda"
+        else None
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for file in args.files.split(","):
             mod, (cmd, *extra) = module_of(file), BENCH[file]
             preset = args.preset if args.preset in mod.PRESETS else "default"
             base = [file, cmd, "--preset", preset, *extra]
-            flops = step_flops([*base, "--out", "x"], os.path.join(tmp, f"flops_{file}")) / 2  # per image
+            # per image
+            flops = step_flops([*base, "--out", "x"], os.path.join(tmp, f"flops_{file}")) / 2
             batch = args.batch or mod.Config(**mod.PRESETS[preset]).batch_size
-            argv = [*base, "--data", "shapes:5000", "--batch-size", str(batch), "--steps",
-                    str(args.warmup + args.steps), "--set", f"log_every={args.steps}", "--set", "grid=0", "--set",
-                    f"ckpt_every={10 ** 9}", "--device", dev, *(["--compile"] if args.compile else []),
-                    "--out", os.path.join(tmp, file)]
+            argv = [
+                *base,
+                "--data",
+                "shapes:5000",
+                "--batch-size",
+                str(batch),
+                "--steps",
+                str(args.warmup + args.steps),
+                "--set",
+                f"log_every={args.steps}",
+                "--set",
+                "grid=0",
+                "--set",
+                f"ckpt_every={10**9}",
+                "--device",
+                dev,
+                *(["--compile"] if args.compile else []),
+                "--out",
+                os.path.join(tmp, file),
+            ]
             r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr[-2000:], file=sys.stderr)
                 sys.exit(1)
             last = [json.loads(x) for x in open(os.path.join(tmp, file, "log.jsonl"))][-1]
-            print(json.dumps(dict(file=file, command=cmd, preset=preset, batch=batch, device=dev, compile=args.compile,
-                                  img_per_s=last["img_per_s"], gflop_per_image=round(flops / 1e9, 2),
-                                  mfu=round(flops * last["img_per_s"] / peak, 4) if peak else None,
-                                  max_mem_gib=last.get("max_mem_gib"))), flush=True)
+            print(
+                json.dumps(
+                    dict(
+                        file=file,
+                        command=cmd,
+                        preset=preset,
+                        batch=batch,
+                        device=dev,
+                        compile=args.compile,
+                        img_per_s=last["img_per_s"],
+                        gflop_per_image=round(flops / 1e9, 2),
+                        mfu=round(flops * last["img_per_s"] / peak, 4) if peak else None,
+                        max_mem_gib=last.get("max_mem_gib"),
+                    )
+                ),
+                flush=True,
+            )
 
 
 def memory(args):
-    """Each file's default preset at its batch on one GPU, estimated here: the activations autograd saves for
-    backward under bf16 autocast (counted at batch 2 and 4 on this CPU: a fixed part plus a part per image, scaled),
-    plus fp32 weights, gradients, AdamW's two moments and the EMA (20 bytes a trained parameter) and the frozen
-    encoder's weights. The allocator's overhead and transient peaks are not in it."""
+    """Each file's default preset at its batch on one GPU, estimated here: the activations autograd
+    saves for backward under bf16 autocast (counted at batch 2 and 4 on this CPU: a fixed part plus
+    a part per image, scaled), plus fp32 weights, gradients, AdamW's two moments and the EMA (20
+    bytes a trained parameter) and the frozen encoder's weights. The allocator's overhead and
+    transient peaks are not in it."""
     os.environ["REPDIFF_CPU_BF16"] = "1"
     import torch
+
     with tempfile.TemporaryDirectory() as tmp:
         for file, (cmd, *extra) in BENCH.items():
             mod = module_of(file)
             cfg = mod.Config(**mod.PRESETS["default"])
             base = [file, cmd, *extra]
-            s2, s4 = (counted(small_run(base, os.path.join(tmp, f"{file}{b}"), batch=b))[1] for b in (2, 4))
+            s2, s4 = (
+                counted(small_run(base, os.path.join(tmp, f"{file}{b}"), batch=b))[1]
+                for b in (2, 4)
+            )
             ck = torch.load(os.path.join(tmp, f"{file}2", "ckpt.pt"), weights_only=True)
             params = sum(v.numel() for v in ck["model"].values() if v.is_floating_point())
             act = s2 + (s4 - s2) / 2 * (cfg.batch_size - 2)
             frozen = 86e6 * 4 if extra else 0  # random-vit-b's (DINOv2-B's) weights, fp32
-            print(json.dumps(dict(file=file, command=cmd, batch=cfg.batch_size, params_m=round(params / 1e6, 1),
-                                  activations_gib=round(act / 2 ** 30, 2), states_gib=round(params * 20 / 2 ** 30, 2),
-                                  total_gib=round((act + params * 20 + frozen) / 2 ** 30, 1))), flush=True)
+            print(
+                json.dumps(
+                    dict(
+                        file=file,
+                        command=cmd,
+                        batch=cfg.batch_size,
+                        params_m=round(params / 1e6, 1),
+                        activations_gib=round(act / 2**30, 2),
+                        states_gib=round(params * 20 / 2**30, 2),
+                        total_gib=round((act + params * 20 + frozen) / 2**30, 1),
+                    )
+                ),
+                flush=True,
+            )
+
+
+def write_synthetic_jpeg(i, folder, size):
+    """Image i of a synthetic folder: a smooth colour field with noise (JPEG sizes near natural
+    images'), in class c{i % 1000}."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    im = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), 3)
+    im.save(os.path.join(folder, "train", f"c{i % 1000:03d}", f"{i:07d}.jpg"), quality=90)
 
 
 def bench_data(args):
-    """For synthetic image folders (N images x side, JPEG, 1,000 classes), written once under --root: the first start
-    of common.load_images (decoding into the cache), a later start (memory-mapping it), the resident memory, and at
-    batch 256 the rate of reading a batch's rows and of common.batch() on the device, each start a fresh process."""
-    import numpy as np
+    """For synthetic image folders (N images x side, JPEG, 1,000 classes), written once under
+    --root: the first start of common.load_images (decoding into the cache), a later start
+    (memory-mapping it), the resident memory, and at batch 256 the rate of reading a batch's rows
+    and of common.batch() on the device, each start a fresh process."""
     from concurrent.futures import ThreadPoolExecutor
-    from PIL import Image
+
     from tqdm import tqdm
+
     for n, size in args.sets:
         folder = os.path.join(args.root, f"synthetic_{n}x{size}")
         if not os.path.isdir(folder):
-            def write(i):  # smooth colour fields with noise: JPEG sizes near natural images'
-                rng = np.random.default_rng(i)
-                im = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), 3)
-                im.save(os.path.join(folder + ".tmp", "train", f"c{i % 1000:03d}", f"{i:07d}.jpg"), quality=90)
+            write = functools.partial(write_synthetic_jpeg, folder=folder + ".tmp", size=size)
             for c in range(1000):
                 os.makedirs(os.path.join(folder + ".tmp", "train", f"c{c:03d}"), exist_ok=True)
             with ThreadPoolExecutor(8) as ex:
-                list(tqdm(ex.map(write, range(n), chunksize=256), total=n, desc=f"write {n} x {size}px JPEGs"))
+                list(
+                    tqdm(
+                        ex.map(write, range(n), chunksize=256),
+                        total=n,
+                        desc=f"write {n} x {size}px JPEGs",
+                    )
+                )
             os.replace(folder + ".tmp", folder)
         cache = os.path.join(args.root, f"cache_{n}x{size}")
-        for f in (os.listdir(cache) if os.path.isdir(cache) else []):
+        for f in os.listdir(cache) if os.path.isdir(cache) else []:
             os.remove(os.path.join(cache, f))  # the first start decodes
         for start in ("first", "later"):
-            child = f"import reproduce; reproduce._bench_data_child({folder!r}, {size}, {args.batches})"
-            r = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True,
-                               env=dict(os.environ, REPDIFF_CACHE=cache))
+            child = (
+                f"import reproduce; reproduce._bench_data_child({folder!r}, {size}, {args.batches})"
+            )
+            r = subprocess.run(
+                [sys.executable, "-c", child],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, REPDIFF_CACHE=cache),
+            )
             if r.returncode:
                 print(r.stderr[-2000:], file=sys.stderr)
                 sys.exit(1)
-            print(json.dumps(dict(images=n, side=size, start=start, **json.loads(r.stdout.splitlines()[-1]))),
-                  flush=True)
+            print(
+                json.dumps(
+                    dict(images=n, side=size, start=start, **json.loads(r.stdout.splitlines()[-1]))
+                ),
+                flush=True,
+            )
 
 
 def _bench_data_child(folder, size, batches):
     import torch
+
     import common
+
     t0 = time.time()
     x, y, _ = common.load_images(folder, "train", size)
     start = time.time() - t0
-    mem = {k: int(v.split()[0]) / 2 ** 20 for k, v in (line.split(":") for line in open("/proc/self/status"))
-           if k in ("RssAnon", "RssFile")}  # GiB
+    mem = {
+        k: int(v.split()[0]) / 2**20
+        for k, v in (line.split(":") for line in open("/proc/self/status"))
+        if k in ("RssAnon", "RssFile")
+    }  # GiB
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rate = {}
-    for name, fn in (("read", lambda s: x[common.batch_rows(len(x), 256, 0, s)[0]]),  # the rows: the host's part
-                     ("batch", lambda s: common.batch(x, y, 256, 0, s, 0, flip=True, device=device))):
+    # the rows: the host's part
+    for name, fn in (
+        ("read", lambda s: x[common.batch_rows(len(x), 256, 0, s)[0]]),
+        ("batch", lambda s: common.batch(x, y, 256, 0, s, 0, flip=True, device=device)),
+    ):
         t0 = time.time()
         for step in range(batches):
             fn(step + (batches if name == "batch" else 0))
         if device == "cuda":
             torch.cuda.synchronize()
         rate[name] = batches / (time.time() - t0)
-    print(json.dumps(dict(start_s=round(start, 2), rss_anon_gib=round(mem["RssAnon"], 3),
-                          rss_file_gib=round(mem["RssFile"], 3), read_batches_per_s=round(rate["read"], 1),
-                          batch_device=device, batch_per_s=round(rate["batch"], 1))))
+    print(
+        json.dumps(
+            dict(
+                start_s=round(start, 2),
+                rss_anon_gib=round(mem["RssAnon"], 3),
+                rss_file_gib=round(mem["RssFile"], 3),
+                read_batches_per_s=round(rate["read"], 1),
+                batch_device=device,
+                batch_per_s=round(rate["batch"], 1),
+            )
+        )
+    )
 
 
 def sizes(text):
@@ -502,13 +892,20 @@ def reproduce(args):
     if bad:
         print("error: " + "\n       ".join(bad), file=sys.stderr)
         sys.exit(2)
-    print(f"{sum(len(r['runs']) for r in rows)} commands of {len(rows)} rows parse with their files' own parsers")
+    print(
+        f"{sum(len(r['runs']) for r in rows)} commands of {len(rows)} rows parse with their "
+        "files' own parsers"
+    )
     if args.machine == "gpu":
         est = estimate(rows, os.path.abspath(args.out))
         for e in est:
             print(json.dumps(e))
-        print(f"estimate: {sum(e['minutes'] for e in est):.0f} minutes of training on one H100 at {MFU:.0%} of its "
-              f"bf16 peak, plus the evals' sampling", flush=True)
+        print(
+            f"estimate: {sum(e['minutes'] for e in est):.0f} minutes of training on one H100 at "
+            f"{MFU:.0%} of its "
+            f"bf16 peak, plus the evals' sampling",
+            flush=True,
+        )
     if args.dry_run:
         return
     os.makedirs(args.out, exist_ok=True)
@@ -519,46 +916,82 @@ def reproduce(args):
             old = done.get(row["method"])
             if not (old and "error" not in old and os.path.isfile(row["result"])):
                 err, minutes = run_row(row, log)
-                command = " && ".join("python " + " ".join(a) for a in row["runs"]).replace(ROOT + os.sep, "")
+                command = " && ".join("python " + " ".join(a) for a in row["runs"]).replace(
+                    ROOT + os.sep, ""
+                )
                 old = dict(method=row["method"], command=command, minutes=round(minutes, 2), **err)
             fig = {} if "error" in old else row["read"](json.load(open(row["result"])))
-            done[row["method"]] = {**old, **fig, "claim": row["claim"], "paper": row["paper"], "pair": row["pair"]}
+            done[row["method"]] = {
+                **old,
+                **fig,
+                "claim": row["claim"],
+                "paper": row["paper"],
+                "pair": row["pair"],
+            }
             print(json.dumps(done[row["method"]]), flush=True)
-            json.dump(dict(machine=args.machine, rows=list(done.values())), open(path, "w"), indent=1)
+            json.dump(
+                dict(machine=args.machine, rows=list(done.values())), open(path, "w"), indent=1
+            )
     rows = list(done.values())
     spreads = spread(rows)
     for r in rows:
         r["held"] = held(r, spreads)
-    json.dump(dict(machine=args.machine, commit=commit(), cpus=os.cpu_count(), spread=spreads, rows=rows),
-              open(path, "w"), indent=1)
+    json.dump(
+        dict(machine=args.machine, commit=commit(), cpus=os.cpu_count(), spread=spreads, rows=rows),
+        open(path, "w"),
+        indent=1,
+    )
     open(os.path.join(args.out, "table.md"), "w").write(table(rows, spreads))
     svg(rows, os.path.join(args.out, "figure.svg"))
     print(table(rows, spreads))
     failed = [r["method"] for r in rows if "error" in r]
     if failed:
-        print(f"error: {', '.join(failed)} failed; see {os.path.join(args.out, 'log.txt')}", file=sys.stderr)
+        print(
+            f"error: {', '.join(failed)} failed; see {os.path.join(args.out, 'log.txt')}",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="machine", required=True)
-    for machine, what in (("cpu", "any machine, offline"), ("gpu", "one GPU, CIFAR-10"), ("tiny", "seconds a file")):
+    for machine, what in (
+        ("cpu", "any machine, offline"),
+        ("gpu", "one GPU, CIFAR-10"),
+        ("tiny", "seconds a file"),
+    ):
         r = sub.add_parser(machine, help=f"the reproductions: {what}")
-        r.add_argument("--out", default=f"runs/repro_{machine}", help="folder for the runs and the results")
+        r.add_argument(
+            "--out", default=f"runs/repro_{machine}", help="folder for the runs and the results"
+        )
         r.add_argument("--only", help="comma-separated methods (file names) to run")
-        r.add_argument("--dry-run", action="store_true", help="parse every command (gpu: and estimate); run nothing")
+        r.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="parse every command (gpu: and estimate); run nothing",
+        )
     b = sub.add_parser("bench", help="img/s, MFU and peak memory of each file's own train step")
     b.add_argument("--files", default="jit_xpred.py,repa.py", help="comma-separated method files")
-    b.add_argument("--preset", default="default", help="the preset to time (a file without it: default)")
+    b.add_argument(
+        "--preset", default="default", help="the preset to time (a file without it: default)"
+    )
     b.add_argument("--batch", type=int, help="batch size (default: the preset's)")
     b.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
     b.add_argument("--warmup", type=int, default=10)
     b.add_argument("--compile", action="store_true")
-    sub.add_parser("memory", help="each default preset's GPU memory at its batch, estimated on this machine")
-    bd = sub.add_parser("bench-data", help="start time, memory and batch() rate of large image folders")
-    bd.add_argument("--root", required=True, help="folder for the synthetic image folders and their cache")
-    bd.add_argument("--sets", default="1000000x32,100000x256", type=sizes, help="comma-separated NxSIDE")
+    sub.add_parser(
+        "memory", help="each default preset's GPU memory at its batch, estimated on this machine"
+    )
+    bd = sub.add_parser(
+        "bench-data", help="start time, memory and batch() rate of large image folders"
+    )
+    bd.add_argument(
+        "--root", required=True, help="folder for the synthetic image folders and their cache"
+    )
+    bd.add_argument(
+        "--sets", default="1000000x32,100000x256", type=sizes, help="comma-separated NxSIDE"
+    )
     bd.add_argument("--batches", type=int, default=200, help="batch() calls timed")
     args = p.parse_args(argv)
     if getattr(args, "out", None) and os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -1,66 +1,56 @@
-"""SODA: a bottleneck diffusion model that learns a representation by generating one view from another.
+"""SODA: a bottleneck diffusion model that learns a representation by generating another view.
 
-Paper: D. A. Hudson, D. Zoran, M. Malinowski, A. K. Lampinen, A. Jaegle, J. L. McClelland, L. Matthey, F. Hill,
-A. Lerchner, "SODA: Bottleneck Diffusion Models for Representation Learning", CVPR 2024 (no official code released).
-Claim: an encoder that must tell a denoiser, through a compact latent z only, how to generate a *different* view of
-the image learns a strong, linearly separable representation (the seeds' "condition as the medium" side).
+D. A. Hudson, D. Zoran, M. Malinowski, A. K. Lampinen, A. Jaegle, J. L. McClelland, L. Matthey,
+F. Hill, A. Lerchner, "SODA: Bottleneck Diffusion Models for Representation Learning", CVPR 2024
+(no official code; the reference is FutureXiang/soda, a public CIFAR reimplementation).
 
-    z = E(source view)  (a compact vector);  x_0 = target view (an independent crop of the same image)
-    x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) e,  L = || e - eps_theta(x_t, t, z) ||^2              (Sec. 3)
-    abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s: the inverted cosine schedule (Sec. 3.3); with t uniform, 81% of
-    the samples fall at abar in [0.2, 0.8] (cosine: 41%): training on mid noise, where a view's structure is decided
-    layer modulation: z = [z_0 .. z_m]; z_i modulates group i of the U-Net (down level i and its mirrored up level,
-    the middle is group m) as h <- h (1 + z_s) + z_b, (z_s, z_b) = Linear(SiLU(z_i)), after the time FiLM; layer
-    masking drops groups at random and dropping all of them is the unconditional model for guidance on z   (Sec. 3.2)
-Sampling: DDIM from t = 1 to 0 conditioned on z of a source image, eps = (1 + w) eps(z) - w eps(no z), x0 clamped to
-[-1, 1] (and, with recompute_eps, eps re-derived from the clamped x0).
+Claim: an encoder that must tell a denoiser, through a compact latent z only, how to generate a
+*different* view of the image learns a strong, linearly separable representation.
 
-Checked against FutureXiang/soda (commit 79f9c0a), a public CIFAR reimplementation, read file by file (its
-config/cifar10.yaml, model/, datasets.py, train.py, test.py, metric.py); no fixture, since its z pathway differs by
-design. Its residual block equals ours once its FiLM scales are written as 1 + s (checked by loading one block's
-weights). As there: resnet18 with the CIFAR stem and its fc to z of 128; a U-Net of 128 channels, ch_mult 1 2 2 2,
-two blocks a level, attention at 16 px, dropout 0.1, a SiLU before each block's t and z FiLM; z dropped with p 0.1;
-w = 0.3; DDIM, 100 steps, eta 0, x0 clamped; AdamW (0.9, 0.95), weight decay 0.05, lr 4e-4 (its 1e-4 per process
-x 4) and 2x for the encoder, global batch 512, about 800 epochs with a 20-epoch warm-up, clipping at 1, EMA 0.9999.
-Ours where they differ, the paper's first: the inverted cosine schedule (its CIFAR config: linear betas 1e-4..0.02
-over 1000 steps, the inverted one commented out); one sub-vector per group with layer masking (it feeds all of z to
-every block; masking is its TODO). Then our choices: both FiLMs as h (1 + s) + b, so that a masked sub-vector means
-no modulation (there h s + b, and a dropped z = 0 still passes the Linear's bias); the views (there each a
-RandomResizedCrop over 0.08-1 of the area with a flip, p 0.95, then RandAugment, p 0.65, the source with CIFAR
-mean/std and N(0, 0.1^2) noise added); t into the sinusoids as 1000 t (there the step / 1000); eps not re-derived
-from the clamped x0 unless recompute_eps (it is there); the final GroupNorm's 32 groups (8 there); zero-initialised
-output convolutions (ADM's); common.Ema's warm-up (ema_pytorch's 1 - (1 + step)^(-2/3) there); bf16 (fp16 there).
+    z = E(source view),   x_0 = the target view (an independent crop of the same image)
+    x_t = sqrt(abar(t)) x_0 + sqrt(1 - abar(t)) e,   L = ||e - eps_theta(x_t, t, z)||^2    (Sec. 3)
+    abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s      the inverted cosine schedule (Sec. 3.3)
+    z = [z_0 .. z_m]: z_i modulates group i of the U-Net as h <- h (1 + z_s) + z_b,
+        (z_s, z_b) = Linear(SiLU(z_i)); layer masking drops groups at random        (Sec. 3.2)
+    sampling: DDIM from t = 1 to 0,  eps = (1 + w) eps(z) - w eps(no z),  x0 clamped to [-1, 1]
 
-The encoder is the paper's ResNet (common.ResNet, torchvision's keys) or, with --set encoder=vit, the DINOv2-layout
-ViT of common.py; `export-encoder` writes a file common.load_encoder reads, so a SODA checkpoint can serve offline as
-the frozen encoder of repa.py, rae.py or rcg.py (--encoder enc.pt). No released checkpoint exists (neither the paper
-nor the reimplementation published weights).
+With t uniform, 81% of the samples fall at abar in [0.2, 0.8] (cosine: 41%): training on mid noise,
+where a view's structure is decided. Group i is down level i and its mirrored up level; the middle
+is group m; dropping every group is the unconditional model that guidance needs.
 
 Commands (python soda.py {train,sample,eval,export-encoder} -h lists every flag):
-    CPU smoke, seconds:  python soda.py train --preset tiny --out runs/soda_tiny --device cpu
-    shapes on a CPU:     python soda.py train --preset cpu --out runs/soda_cpu --device cpu     # 8 min
-                         python soda.py eval --ckpt runs/soda_cpu/ckpt.pt --device cpu
-    one GPU:             python soda.py train --data cifar10 --out runs/soda --compile
-                         python soda.py sample --ckpt runs/soda/ckpt.pt --n 10000 --out runs/soda/views.npz
-                         python soda.py eval --ckpt runs/soda/ckpt.pt --n 10000 --fd-model inception
-                         python soda.py export-encoder --ckpt runs/soda/ckpt.pt --out runs/soda/enc.pt
-    torchrun:            torchrun --nproc_per_node 8 soda.py train --data cifar10 --out runs/soda --compile
-`sample` and `eval` generate a view of each test image (drawn uniformly) from its own z. eval.json: `fd`, the views'
-FD against the training split; `psnr`, their fidelity to the whole source image (`psnr_crop`: what an independent
-crop scores, a perfect novel-view model's figure); `probe_*`, the probes of z (`*_l2` on z / ||z||,
-`probe_knn_uniform` 20 equal votes; `*_init`: the encoder at initialisation, `*_pixels`: raw pixels); on `shapes`,
-`detail_r2`, the stripe detail kept in the views of the first 1,000 probe test images (`detail_r2_pixels`: of the
-images; no `_init`: a view costs sample_steps passes); `probe_linear_by_t`, the linear probe of the denoiser's own
+
+    python soda.py train --preset cpu --out runs/soda_cpu --device cpu     # shapes: CPU, 8 min
+    python soda.py eval --ckpt runs/soda_cpu/ckpt.pt --device cpu
+    python soda.py train --data cifar10 --out runs/soda --compile          # one GPU
+    python soda.py sample --ckpt runs/soda/ckpt.pt --n 10000 --out runs/soda/views.npz
+    python soda.py eval --ckpt runs/soda/ckpt.pt --n 10000 --fd-model inception
+    python soda.py export-encoder --ckpt runs/soda/ckpt.pt --out runs/soda/enc.pt
+
+Expected: the probe on z beats the same encoder at initialisation. FutureXiang/soda reports 80.0%
+linear / 80.4% kNN on CIFAR-10 after 800 epochs on 4 GPUs. On `shapes` with the cpu preset (2-core
+CPU, 8 min): 0.173 linear against 0.124 at initialisation. `sample` and `eval` generate a view of
+each test image from its own z. eval.json: `fd` of the views; `psnr`, their fidelity to the source
+image (`psnr_crop`: what an independent crop scores, a perfect novel-view model's figure);
+`probe_*`, the probes of z (`*_l2` on z / ||z||, `probe_knn_uniform` with 20 equal votes);
+`detail_r2`, the stripes kept in the views (on `shapes`); `probe_linear_by_t`, the denoiser's own
 features (the U-Net's middle on x_t, z dropped) at t = 0.1 .. 0.9.
-Expected: the probe on z beats the same encoder at initialisation. FutureXiang/soda reports 80.0% linear / 80.4% k-NN
-on CIFAR-10 after 800 epochs on 4 GPUs (SyncBatchNorm over 512, as common.wrap converts it under torchrun on GPUs),
-with other probes: BatchNorm + a linear layer (Adam, 15 epochs) on z / ||z|| of all 50k training images re-augmented
-each epoch, and a 20-NN vote; eval here fits full-batch Adam on standardised z of 10k unaugmented training images and
-tests 5k. The default preset is not yet run on a GPU. On `shapes` with the cpu preset (2-core CPU, 8 min idle): 0.173
-linear against 0.124 at initialisation, +4.9 points, short of the 5 points this preset aims at (an earlier version
-measured 0.242; a ViT encoder did not get there).
+
+The encoder is the paper's ResNet (common.ResNet) or, with --set encoder=vit, the ViT of common.py;
+`export-encoder` writes a file common.load_encoder reads, so a SODA run serves as the frozen encoder
+of repa.py, rae.py or rcg.py (--encoder enc.pt). No weights were released.
+
+Deliberate differences from FutureXiang/soda (the paper's choices first):
+- the inverted cosine schedule (its CIFAR config: linear betas 1e-4..0.02);
+- one sub-vector per group with layer masking (it feeds all of z to every block);
+- both FiLMs as h (1 + s) + b, so that a masked sub-vector means no modulation;
+- our views (there RandomResizedCrop over 0.08-1 with RandAugment); t into the sinusoids as 1000 t;
+  eps re-derived from the clamped x0 only with recompute_eps; GroupNorm of 32 groups at the output;
+  zero-initialised output convolutions; an EMA that warms up; bf16 (fp16 there).
 """
-import math, os
+
+import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -72,71 +62,118 @@ import common
 from common import UsageError, print0
 
 
-# ---------------------------------------------------------------------------------------------------------- config
+# ------------------------------------------------------------------------------------------- config
 @dataclass
 class Config:
-    data: str = "cifar10"           # dataset (common.load_images)
-    image_size: int = 32            # images are resized to image_size^2
-    encoder: str = "resnet"         # E: "resnet" (the paper's) or "vit"
-    res_width: int = 64             # ResNet width and blocks per stage (resnet18: 64, 2 2 2 2), the CIFAR stem
+    data: str = "cifar10"  # dataset (common.load_images)
+    image_size: int = 32  # images are resized to image_size^2
+    encoder: str = "resnet"  # E: "resnet" (the paper's) or "vit"
+    res_width: int = 64  # ResNet width and blocks per stage (resnet18: 64, 2 2 2 2), the CIFAR stem
     res_layers: list = field(default_factory=lambda: [2, 2, 2, 2])
-    enc_patch: int = 4              # ViT encoder: patch (8x8 tokens at 32 px)
-    enc_dim: int = 384              # ViT encoder: width (a multiple of 64: heads = width / 64)
-    enc_depth: int = 12             # ViT encoder: blocks (ViT-S)
-    z_dim: int = 128                # the compact latent (FutureXiang's), split over the groups: 26 26 26 25 25
-    channels: int = 128             # U-Net base width
-    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])  # width at 32 .. 4 px (FutureXiang's); groups: 5
-    num_res: int = 2                # residual blocks per resolution
-    attn_res: list = field(default_factory=lambda: [16])      # resolutions with self-attention
-    dropout: float = 0.1            # in each residual block, before its second conv (FutureXiang's 0.1)
-    source_scale: list = field(default_factory=lambda: [0.2, 1.0])  # crop area of the source view (FutureXiang: 0.08)
-    target_scale: list = field(default_factory=lambda: [0.2, 1.0])  # ... and of the independent target view
-    jitter: float = 0.4             # colour jitter strength on the source (brightness, contrast, saturation)
-    gray: float = 0.2               # P(source made grayscale)
-    blur: list = field(default_factory=lambda: [0.1, 2.0])  # Gaussian blur sigma of the source (pixels at 32 px),
-    blur_prob: float = 0.5          # applied with this probability (SimCLR's recipe)
-    mask_prob: float = 0.1          # layer masking: each group loses its z_i with this probability (FutureXiang: none)
-    z_drop: float = 0.1             # all of z dropped (the unconditional model for guidance)
-    guidance: float = 0.3           # w in (1 + w) eps(z) - w eps(no z)
-    schedule_s: float = 0.008       # s of the paper's inverted cosine schedule (FutureXiang's CIFAR: linear betas)
-    sample_steps: int = 100         # DDIM steps
-    recompute_eps: bool = False     # DDIM: eps re-derived from the clamped x0 (GLIDE; diffusers' use_clipped_model_
-                                    # output; FutureXiang's). Off: 21% of pixels saturated, FD 15.4 vs 10.1 (README)
-    steps: int = 78_000             # optimiser steps: 800 epochs of CIFAR-10 at 512 (FutureXiang's 800 epochs)
-    batch_size: int = 512           # global batch size (FutureXiang's 4 GPUs x 128, with SyncBatchNorm)
-    lr: float = 4e-4                # the U-Net's AdamW (0.9, 0.95) lr: FutureXiang's 1e-4 per process x 4 processes
-    enc_lr_ratio: float = 2.0       # the encoder's lr / the U-Net's (FutureXiang's lrate_ratio)
-    weight_decay: float = 0.05      # AdamW's (FutureXiang's 0.05)
-    grad_clip: float = 1.0          # max global gradient norm (FutureXiang's 1)
-    warmup: int = 2_000             # linear warm-up steps (about 20 epochs at 512, FutureXiang's warm_epoch)
-    ema: float = 0.9999             # EMA decay (with warm-up)
-    num_classes: int = 10           # filled in from the data (only the probe uses labels)
-    log_every: int = 50             # steps between log.jsonl rows
-    sample_every: int = 5_000       # steps between sample grids
-    grid: int = 64                  # views in the sample grids, each beside its source (0: none)
-    ckpt_every: int = 2_500         # steps between checkpoints
+    enc_patch: int = 4  # ViT encoder: patch (8x8 tokens at 32 px)
+    enc_dim: int = 384  # ViT encoder: width (a multiple of 64: heads = width / 64)
+    enc_depth: int = 12  # ViT encoder: blocks (ViT-S)
+    z_dim: int = 128  # the compact latent (FutureXiang's), split over the groups: 26 26 26 25 25
+    channels: int = 128  # U-Net base width
+    # width at 32 .. 4 px (FutureXiang's); groups: 5
+    ch_mult: list = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res: int = 2  # residual blocks per resolution
+    attn_res: list = field(default_factory=lambda: [16])  # resolutions with self-attention
+    dropout: float = 0.1  # in each residual block, before its second conv (FutureXiang's 0.1)
+    # crop area of the source view (FutureXiang: 0.08)
+    source_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    # ... and of the independent target view
+    target_scale: list = field(default_factory=lambda: [0.2, 1.0])
+    jitter: float = 0.4  # colour jitter strength on the source (brightness, contrast, saturation)
+    gray: float = 0.2  # P(source made grayscale)
+    # Gaussian blur sigma of the source (pixels at 32 px),
+    blur: list = field(default_factory=lambda: [0.1, 2.0])
+    blur_prob: float = 0.5  # applied with this probability (SimCLR's recipe)
+    # layer masking: each group loses its z_i with this probability (FutureXiang: none)
+    mask_prob: float = 0.1
+    z_drop: float = 0.1  # all of z dropped (the unconditional model for guidance)
+    guidance: float = 0.3  # w in (1 + w) eps(z) - w eps(no z)
+    # s of the paper's inverted cosine schedule (FutureXiang's CIFAR: linear betas)
+    schedule_s: float = 0.008
+    sample_steps: int = 100  # DDIM steps
+    # DDIM: eps re-derived from the clamped x0 (GLIDE; diffusers' use_clipped_model_
+    recompute_eps: bool = False
+    # output; FutureXiang's). Off: 21% of pixels saturated, FD 15.4
+    # vs 10.1 (README)
+    steps: int = 78_000  # optimiser steps: 800 epochs of CIFAR-10 at 512 (FutureXiang's 800 epochs)
+    batch_size: int = 512  # global batch size (FutureXiang's 4 GPUs x 128, with SyncBatchNorm)
+    # the U-Net's AdamW (0.9, 0.95) lr: FutureXiang's 1e-4 per process x 4 processes
+    lr: float = 4e-4
+    enc_lr_ratio: float = 2.0  # the encoder's lr / the U-Net's (FutureXiang's lrate_ratio)
+    weight_decay: float = 0.05  # AdamW's (FutureXiang's 0.05)
+    grad_clip: float = 1.0  # max global gradient norm (FutureXiang's 1)
+    warmup: int = 2_000  # linear warm-up steps (about 20 epochs at 512, FutureXiang's warm_epoch)
+    ema: float = 0.9999  # EMA decay (with warm-up)
+    num_classes: int = 10  # filled in from the data (only the probe uses labels)
+    log_every: int = 50  # steps between log.jsonl rows
+    sample_every: int = 5_000  # steps between sample grids
+    grid: int = 64  # views in the sample grids, each beside its source (0: none)
+    ckpt_every: int = 2_500  # steps between checkpoints
     seed: int = 0
 
 
 PRESETS = {
     # seconds, for tests
-    "tiny": dict(data="shapes:500", image_size=16, res_width=8, res_layers=[1, 1], enc_dim=64, enc_depth=2,
-                 z_dim=12, channels=16,
-                 ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=5, steps=20, batch_size=32, lr=1e-3,
-                 warmup=0, ema=0.9, log_every=1, sample_every=10, ckpt_every=10),
-    # shapes on a 2-core CPU in under 10 minutes: a ResNet of width 32 and one block per stage (resnet18 is too slow
-    # there), z of 48 in 3 groups, the tiny U-Net at 16 px
-    "cpu": dict(data="shapes:10000", image_size=16, res_width=32, res_layers=[1, 1, 1, 1], z_dim=48, channels=16,
-                ch_mult=[1, 2], num_res=1, attn_res=[], dropout=0.0, sample_steps=50, steps=4000, batch_size=32,
-                lr=1e-3, warmup=100, ema=0.999, log_every=50, sample_every=500, ckpt_every=500),
+    "tiny": dict(
+        data="shapes:500",
+        image_size=16,
+        res_width=8,
+        res_layers=[1, 1],
+        enc_dim=64,
+        enc_depth=2,
+        z_dim=12,
+        channels=16,
+        ch_mult=[1, 2],
+        num_res=1,
+        attn_res=[],
+        dropout=0.0,
+        sample_steps=5,
+        steps=20,
+        batch_size=32,
+        lr=1e-3,
+        warmup=0,
+        ema=0.9,
+        log_every=1,
+        sample_every=10,
+        ckpt_every=10,
+    ),
+    # shapes on a 2-core CPU in under 10 minutes: a ResNet of width 32 and one block per stage
+    # (resnet18 is too slow there), z of 48 in 3 groups, the tiny U-Net at 16 px
+    "cpu": dict(
+        data="shapes:10000",
+        image_size=16,
+        res_width=32,
+        res_layers=[1, 1, 1, 1],
+        z_dim=48,
+        channels=16,
+        ch_mult=[1, 2],
+        num_res=1,
+        attn_res=[],
+        dropout=0.0,
+        sample_steps=50,
+        steps=4000,
+        batch_size=32,
+        lr=1e-3,
+        warmup=100,
+        ema=0.999,
+        log_every=50,
+        sample_every=500,
+        ckpt_every=500,
+    ),
     # one GPU: CIFAR-10 32x32, resnet18 encoder (CIFAR stem), z of 128, U-Net of 128 channels
     "default": dict(),
 }
 
 
-# ---------------------------------------------------------------------------------------------------------- method
+# ------------------------------------------------------------------------------------------- method
 class SODA(nn.Module):
-    """forward(x) -> denoising loss of a target view given z of a source view; encode(x) -> z; sample(z) -> images."""
+    """forward(x) -> denoising loss of a target view given z of a source view; encode(x) -> z;
+    sample(z) -> images."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -145,24 +182,34 @@ class SODA(nn.Module):
             self.encoder = common.ResNet(cfg.res_width, cfg.res_layers, cifar_stem=True)
         else:
             g = cfg.image_size // cfg.enc_patch
-            self.encoder = common.DinoViT(cfg.enc_dim, cfg.enc_depth, cfg.enc_dim // 64, cfg.enc_patch, g)
-        self.head = nn.Linear(self.encoder.dim, cfg.z_dim)  # pooled feature / global token -> z (resnet18's fc)
+            self.encoder = common.DinoViT(
+                cfg.enc_dim, cfg.enc_depth, cfg.enc_dim // 64, cfg.enc_patch, g
+            )
+        # pooled feature / global token -> z (resnet18's fc)
+        self.head = nn.Linear(self.encoder.dim, cfg.z_dim)
         self.net = UNet(cfg)
-        self.register_buffer("mean", torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1), persistent=False
+        )
 
     def encode(self, x):
-        """[-1, 1] images -> z [B, z_dim]. ImageNet normalisation, as common.FrozenEncoder does for the export."""
+        """[-1, 1] images -> z [B, z_dim]. ImageNet normalisation, as common.FrozenEncoder does for
+        the export."""
         return self.head(self.encoder(((x + 1) / 2 - self.mean) / self.std)[0])
 
     def forward(self, x):
-        """x [B,3,H,W] in [-1, 1] -> the loss of eps_theta on a target view, given z of a source view (Sec. 3)."""
+        """x [B,3,H,W] in [-1, 1] -> the loss of eps_theta on a target view, given z of a source
+        view (Sec. 3)."""
         cfg, B = self.cfg, x.shape[0]
         source = source_view(x, cfg)  # [B,3,H,W]: crop, flip, colour jitter, grayscale, blur
         target = random_crops(x, cfg.target_scale)  # [B,3,H,W]: x_0, an independent crop
         z = self.encode(source)  # [B, z_dim]
-        keep = (torch.rand(B, self.net.groups, device=x.device) >= cfg.mask_prob) & \
-               (torch.rand(B, 1, device=x.device) >= cfg.z_drop)  # [B, G]: layer masking; none kept: unconditional
+        # [B, G]: layer masking; none kept: unconditional
+        layers_kept = torch.rand(B, self.net.groups, device=x.device) >= cfg.mask_prob
+        keep = layers_kept & (torch.rand(B, 1, device=x.device) >= cfg.z_drop)
         t = torch.rand(B, device=x.device)
         a = abar(t, cfg.schedule_s).view(B, 1, 1, 1)
         e = torch.randn_like(target)
@@ -170,73 +217,98 @@ class SODA(nn.Module):
         return ((self.net(x_t, t, z, keep.float()).float() - e) ** 2).mean()
 
     def eps(self, x_t, t, z, w):
-        """Guided noise prediction at t (a float): (1 + w) eps(z) - w eps(no z), the two in one batch."""
+        """Guided noise prediction at t (a float): (1 + w) eps(z) - w eps(no z), the two in one
+        batch."""
         B, G, dev = x_t.shape[0], self.net.groups, x_t.device
         tt = torch.full((B,), t, device=dev)
         if w == 0:
             return self.net(x_t, tt, z, torch.ones(B, G, device=dev)).float()
-        keep = torch.cat([torch.ones(B, G, device=dev), torch.zeros(B, G, device=dev)])  # [2B, G]: z, then no z
-        e_c, e_u = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([z, z]), keep).float().chunk(2)
+        # [2B, G]: z, then no z
+        keep = torch.cat([torch.ones(B, G, device=dev), torch.zeros(B, G, device=dev)])
+        e_c, e_u = (
+            self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([z, z]), keep)
+            .float()
+            .chunk(2)
+        )
         return (1 + w) * e_c - w * e_u
 
     @torch.no_grad()
     def sample(self, z, *, steps=None, w=None, generator=None):
-        """DDIM (eta = 0) from t = 1 to 0 with the inverted cosine schedule, conditioned on z [B, z_dim]. The schedule
-        is Python floats, computed once: the loop never waits on the device."""
+        """DDIM (eta = 0) from t = 1 to 0 with the inverted cosine schedule, conditioned on z [B,
+        z_dim]. The schedule is Python floats, computed once: the loop never waits on the device."""
         cfg = self.cfg
         steps, w = steps or cfg.sample_steps, cfg.guidance if w is None else w
         t = [1 - i / steps for i in range(steps + 1)]
-        a = abar(torch.tensor(t, dtype=torch.float64), cfg.schedule_s).tolist()  # abar(t_i), on the CPU, once
-        x = torch.randn((len(z), 3, cfg.image_size, cfg.image_size), device=z.device, generator=generator)
+        # abar(t_i), on the CPU, once
+        a = abar(torch.tensor(t, dtype=torch.float64), cfg.schedule_s).tolist()
+        x = torch.randn(
+            (len(z), 3, cfg.image_size, cfg.image_size), device=z.device, generator=generator
+        )
         with common.autocast(z.device):
             for i in range(steps):
                 e = self.eps(x, t[i], z, w)
                 x0 = ((x - math.sqrt(1 - a[i]) * e) / math.sqrt(a[i])).clamp(-1, 1)
                 if cfg.recompute_eps:
-                    e = (x - math.sqrt(a[i]) * x0) / math.sqrt(1 - a[i])  # the noise consistent with the clamped x0
+                    # the noise consistent with the clamped x0
+                    e = (x - math.sqrt(a[i]) * x0) / math.sqrt(1 - a[i])
                 x = math.sqrt(a[i + 1]) * x0 + math.sqrt(1 - a[i + 1]) * e
         return x0
 
 
 def abar(t, s):
-    """The inverted cosine schedule: abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s, abar(0) = 1, clamped near 0."""
+    """The inverted cosine schedule: abar(t) = (2 (1 + s) / pi) arccos(sqrt(t)) - s, abar(0) = 1,
+    clamped near 0."""
     return ((2 * (1 + s) / math.pi) * torch.arccos(t.sqrt()) - s).clamp(1e-4, 1.0)
 
 
 def random_crops(x, scale):
-    """Per-image random resized crops (area in `scale`, aspect in [3/4, 4/3]) with horizontal flips, resampled to
-    the input size, on the tensor batch (on the GPU when there is one). x [B,3,H,W] -> [B,3,H,W]."""
+    """Per-image random resized crops (area in `scale`, aspect in [3/4, 4/3]) with horizontal flips,
+    resampled to the input size, on the tensor batch (on the GPU when there is one). x [B,3,H,W] ->
+    [B,3,H,W]."""
     B, dev = x.shape[0], x.device
     area = torch.empty(B, device=dev).uniform_(*scale)
     log_r = torch.empty(B, device=dev).uniform_(math.log(3 / 4), math.log(4 / 3))
-    sx, sy = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)  # half-extent / 1
-    cx, cy = (torch.rand(B, device=dev) * 2 - 1) * (1 - sx), (torch.rand(B, device=dev) * 2 - 1) * (1 - sy)
+    # half-extent / 1
+    sx, sy = (area * log_r.exp()).sqrt().clamp(max=1), (area / log_r.exp()).sqrt().clamp(max=1)
+    cx, cy = (
+        (torch.rand(B, device=dev) * 2 - 1) * (1 - sx),
+        (torch.rand(B, device=dev) * 2 - 1) * (1 - sy),
+    )
     flip = torch.where(torch.rand(B, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(B, 2, 3, device=dev)  # [B, 2, 3]: the affine map from output to input coordinates
+    # [B, 2, 3]: the affine map from output to input coordinates
+    theta = torch.zeros(B, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, cx, sy, cy
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)  # [B, H, W, 2]
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def source_view(x, cfg):
-    """The encoder's view: a random resized crop with a flip, colour jitter (brightness, contrast, saturation), random
-    grayscale and random Gaussian blur, on the tensor batch. [-1, 1] -> [-1, 1]."""
+    """The encoder's view: a random resized crop with a flip, colour jitter (brightness, contrast,
+    saturation), random grayscale and random Gaussian blur, on the tensor batch. [-1, 1] -> [-1,
+    1]."""
     B, dev = x.shape[0], x.device
     x = (random_crops(x, cfg.source_scale) + 1) / 2
-    f = lambda: 1 + (torch.rand(B, 1, 1, 1, device=dev) * 2 - 1) * cfg.jitter
-    x = x * f()  # brightness
+
+    def jitter():  # a factor per image, uniform in [1 - jitter, 1 + jitter]
+        return 1 + (torch.rand(B, 1, 1, 1, device=dev) * 2 - 1) * cfg.jitter
+
+    x = x * jitter()  # brightness
     mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * f() + mean  # contrast
+    x = (x - mean) * jitter() + mean  # contrast
     gray = x.mean(1, keepdim=True)
-    x = (x - gray) * f() + gray  # saturation
-    x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.gray, x.mean(1, keepdim=True).expand_as(x), x)
-    sigma = torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32  # [B], in pixels at this size
-    blurred = common.gaussian_blur(x, sigma, cfg.blur[1] * x.shape[-1] / 32)  # its bound: no read of the device
+    x = (x - gray) * jitter() + gray  # saturation
+    x = torch.where(
+        torch.rand(B, 1, 1, 1, device=dev) < cfg.gray, x.mean(1, keepdim=True).expand_as(x), x
+    )
+    # [B], in pixels at this size
+    sigma = torch.empty(B, device=dev).uniform_(*cfg.blur) * x.shape[-1] / 32
+    # its bound: no read of the device
+    blurred = common.gaussian_blur(x, sigma, cfg.blur[1] * x.shape[-1] / 32)
     x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < cfg.blur_prob, blurred, x)
     return x.clamp(0, 1) * 2 - 1
 
 
-# -------------------------------------------------------------------------------------------------------- backbone
+# ----------------------------------------------------------------------------------------- backbone
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like DDPM's step index) -> [B, dim]."""
     f = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
@@ -249,12 +321,14 @@ def group_norm(ch):
 
 
 class ResBlock(nn.Module):
-    """Residual conv block with time FiLM, then the FiLM of its group's sub-vector z_group (none when masked), each
-    read through a SiLU (ADM's emb_layers; FutureXiang's time_emb and z_emb); then self-attention where it has it."""
+    """Residual conv block with time FiLM, then the FiLM of its group's sub-vector z_group (none
+    when masked), each read through a SiLU (ADM's emb_layers; FutureXiang's time_emb and z_emb);
+    then self-attention where it has it."""
 
     def __init__(self, c_in, c_out, emb_dim, z_sizes, group, dropout, attn=False):
         super().__init__()
-        self.group = group  # the sub-vector z_group that modulates this block (down level i and up level i: i)
+        # the sub-vector z_group that modulates this block (down level i and up level i: i)
+        self.group = group
         self.norm1 = group_norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
         self.film = nn.Linear(emb_dim, 2 * c_out)  # SiLU(emb(t)) -> (scale, shift)
@@ -267,18 +341,21 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
 
-    def forward(self, x, emb, zs, keep):  # x [B,C_in,H,W], emb [B,E], zs: z_0 .. z_m, keep [B, G] in {0, 1}
+    # x [B,C_in,H,W], emb [B,E], zs: z_0 .. z_m, keep [B, G] in {0, 1}
+    def forward(self, x, emb, zs, keep):
         h = self.conv1(F.silu(self.norm1(x)))  # [B,C,H,W]
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
-        zmod = self.z_film(F.silu(zs[self.group])) * keep[:, self.group, None]  # [B, 2C]: zero when masked
+        # [B, 2C]: zero when masked
+        zmod = self.z_film(F.silu(zs[self.group])) * keep[:, self.group, None]
         z_s, z_b = zmod[:, :, None, None].chunk(2, 1)  # 2 x [B, C, 1, 1]
         h = (self.norm2(h) * (1 + scale) + shift) * (1 + z_s) + z_b
         return self.attn(self.skip(x) + self.conv2(self.drop(F.silu(h))))
 
 
 class AttnBlock(nn.Module):
-    """Self-attention over the H*W positions. q, k, v come from a Linear on the tokens, so each is contiguous in its
-    last dimension, as the fused (flash / memory-efficient) kernels of scaled_dot_product_attention need."""
+    """Self-attention over the H*W positions. q, k, v come from a Linear on the tokens, so each is
+    contiguous in its last dimension, as the fused (flash / memory-efficient) kernels of
+    scaled_dot_product_attention need."""
 
     def __init__(self, ch, heads=1):
         super().__init__()
@@ -294,23 +371,31 @@ class AttnBlock(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
         qkv = self.qkv(tokens).view(B, H * W, 3, self.heads, C // self.heads)  # [B, HW, 3, h, C/h]
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, h, HW, C/h], stride 1 in C/h
-        out = common.attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)  # [B, h, HW, C/h] -> [B, HW, C]
+        # [B, h, HW, C/h] -> [B, HW, C]
+        out = common.attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
         return x + self.proj(out).transpose(1, 2).reshape(B, C, H, W)  # [B, HW, C] -> [B, C, H, W]
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, z, keep): a U-Net whose residual blocks are grouped (down level i with up level i; the
-    middle), each modulated by its group's sub-vector of z. keep [B, groups] in {0, 1} masks groups (masking / CFG)."""
+    """eps_theta(x_t, t, z, keep): a U-Net whose residual blocks are grouped (down level i with up
+    level i; the middle), each modulated by its group's sub-vector of z. keep [B, groups] in {0, 1}
+    masks groups (masking / CFG)."""
 
     def __init__(self, cfg):
         super().__init__()
-        ch, emb_dim, G = cfg.channels, 4 * cfg.channels, len(cfg.ch_mult) + 1  # make_config checks z_dim >= G
+        # make_config checks z_dim >= G
+        ch, emb_dim, G = cfg.channels, 4 * cfg.channels, len(cfg.ch_mult) + 1
         self.ch, self.groups = ch, G
-        self.z_sizes = [len(c) for c in torch.arange(cfg.z_dim).tensor_split(G)]  # sub-vector sizes, as evenly as goes
-        block = lambda c_in, c_out, group, attn: ResBlock(c_in, c_out, emb_dim, self.z_sizes, group, cfg.dropout, attn)
+        # sub-vector sizes, as evenly as goes
+        self.z_sizes = [len(c) for c in torch.arange(cfg.z_dim).tensor_split(G)]
+
+        def block(c_in, c_out, group, attn):
+            return ResBlock(c_in, c_out, emb_dim, self.z_sizes, group, cfg.dropout, attn)
+
         self.emb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
-        self.down = nn.ModuleList()  # ResBlocks of group i at level i, then a downsampling conv, in forward order
+        # ResBlocks of group i at level i, then a downsampling conv, in forward order
+        self.down = nn.ModuleList()
         skips = [ch]  # channels of each skip connection the up path will concatenate
         c, res = ch, cfg.image_size
         for i, m in enumerate(cfg.ch_mult):
@@ -322,14 +407,20 @@ class UNet(nn.Module):
                 self.down.append(nn.Conv2d(c, c, 3, 2, 1))  # downsample x2
                 skips.append(c)
                 res //= 2
-        self.mid = nn.ModuleList([block(c, c, G - 1, True), block(c, c, G - 1, False)])  # group m, attention between
-        self.up = nn.ModuleList()  # ResBlocks of group i at level i (mirrored), then upsampling, in forward order
+        # group m, attention between
+        self.mid = nn.ModuleList([block(c, c, G - 1, True), block(c, c, G - 1, False)])
+        # ResBlocks of group i at level i (mirrored), then upsampling, in forward order
+        self.up = nn.ModuleList()
         for i, m in reversed(list(enumerate(cfg.ch_mult))):
             for _ in range(cfg.num_res + 1):
                 self.up.append(block(c + skips.pop(), ch * m, i, res in cfg.attn_res))
                 c = ch * m
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)))
+                self.up.append(
+                    nn.Sequential(
+                        nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, 1, 1)
+                    )
+                )
                 res *= 2
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, 3, 3, 1, 1)
@@ -337,10 +428,11 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x, t, z, keep, bottleneck=False):
-        """x_t [B,3,H,W], t [B], z [B, z_dim], keep [B, G] -> eps [B,3,H,W]; bottleneck: the middle's output averaged
-        over the positions [B, C] instead."""
+        """x_t [B,3,H,W], t [B], z [B, z_dim], keep [B, G] -> eps [B,3,H,W]; bottleneck: the
+        middle's output averaged over the positions [B, C] instead."""
         emb = self.emb(timestep_embedding(t, self.ch))  # [B, 4 ch]
-        zs = z.tensor_split(self.groups, 1)  # z_0 .. z_m: G x [B, z_sizes[g]]; a block reads zs[block.group]
+        # z_0 .. z_m: G x [B, z_sizes[g]]; a block reads zs[block.group]
+        zs = z.tensor_split(self.groups, 1)
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
@@ -351,15 +443,30 @@ class UNet(nn.Module):
         if bottleneck:
             return h.mean((2, 3))  # [B, C]
         for layer in self.up:
-            h = layer(torch.cat([h, hs.pop()], 1), emb, zs, keep) if isinstance(layer, ResBlock) else layer(h)
+            h = (
+                layer(torch.cat([h, hs.pop()], 1), emb, zs, keep)
+                if isinstance(layer, ResBlock)
+                else layer(h)
+            )
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# ---------------------------------------------------------------------------------------------------- train / main
+# ------------------------------------------------------------------------------------- train / main
 def make_config(args):
     cfg = common.configure(Config, PRESETS, args)
-    sizes = ("res_width", "enc_patch", "enc_dim", "enc_depth", "z_dim", "channels", "num_res", "sample_steps",
-             "log_every", "sample_every", "ckpt_every")
+    sizes = (
+        "res_width",
+        "enc_patch",
+        "enc_dim",
+        "enc_depth",
+        "z_dim",
+        "channels",
+        "num_res",
+        "sample_steps",
+        "log_every",
+        "sample_every",
+        "ckpt_every",
+    )
     if min(getattr(cfg, k) for k in sizes) <= 0 or not cfg.res_layers or min(cfg.res_layers) <= 0:
         raise UsageError(f"{', '.join(sizes)} and res_layers must be positive")
     if cfg.grid < 0:
@@ -367,46 +474,62 @@ def make_config(args):
     if cfg.encoder not in ("resnet", "vit"):
         raise UsageError(f"encoder {cfg.encoder!r}: resnet or vit")
     if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
-        raise UsageError(f"image size {cfg.image_size} is not divisible by the U-Net's {2 ** (len(cfg.ch_mult) - 1)}")
+        raise UsageError(
+            f"image size {cfg.image_size} is not divisible by the U-Net's "
+            f"{2 ** (len(cfg.ch_mult) - 1)}"
+        )
     if cfg.encoder == "vit" and (cfg.image_size % cfg.enc_patch or cfg.enc_dim % 64):
-        raise UsageError(f"ViT encoder: the image size ({cfg.image_size}) must be divisible by the patch "
-                         f"({cfg.enc_patch}) and enc_dim ({cfg.enc_dim}) a multiple of 64")
+        raise UsageError(
+            f"ViT encoder: the image size ({cfg.image_size}) must be divisible by the patch "
+            f"({cfg.enc_patch}) and enc_dim ({cfg.enc_dim}) a multiple of 64"
+        )
     if cfg.z_dim < len(cfg.ch_mult) + 1:
         raise UsageError(f"z_dim ({cfg.z_dim}) must be at least the {len(cfg.ch_mult) + 1} groups")
     return cfg
 
 
 def make_optimizer(model, cfg):
-    """AdamW (0.9, 0.95) over the U-Net at lr and the encoder (with its head) at enc_lr_ratio x lr: lr_mult."""
+    """AdamW (0.9, 0.95) over the U-Net at lr and the encoder (with its head) at enc_lr_ratio x lr:
+    lr_mult."""
     enc = list(model.encoder.parameters()) + list(model.head.parameters())
-    groups = [{"params": list(model.net.parameters()), "lr": cfg.lr, "lr_mult": 1.0},
-              {"params": enc, "lr": cfg.lr * cfg.enc_lr_ratio, "lr_mult": cfg.enc_lr_ratio}]
+    groups = [
+        {"params": list(model.net.parameters()), "lr": cfg.lr, "lr_mult": 1.0},
+        {"params": enc, "lr": cfg.lr * cfg.enc_lr_ratio, "lr_mult": cfg.enc_lr_ratio},
+    ]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
 def train(args):
     d, cfg, ckpt = common.start_run(args, Config, PRESETS, make_config)
     images, labels, cfg.num_classes = common.load_images(cfg.data, "train", cfg.image_size)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (and in eval's "at initialisation")
+    # the same initial weights on every rank (and in eval's "at initialisation")
+    torch.manual_seed(cfg.seed)
     model = SODA(cfg).to(d.device)
     ema = common.Ema(model)
     opt = make_optimizer(model, cfg)
-    step = common.restore(ckpt, d, cfg.seed, model, ema, opt)
+    start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     n_net, n_enc = (sum(p.numel() for p in g["params"]) / 1e6 for g in opt.param_groups)
-    print0(f"SODA encoder {n_enc:.1f}M + U-Net {n_net:.1f}M params, z {cfg.z_dim} in {model.net.groups} groups, "
-           f"{len(images)} images of {cfg.data}, step {step} -> {cfg.steps}, {d.world} x {d.device}")
-    step_model = common.wrap(model, d, args.compile)  # DDP with SyncBatchNorm on GPUs (FutureXiang's), compiled
+    print0(
+        f"SODA encoder {n_enc:.1f}M + U-Net {n_net:.1f}M params, z {cfg.z_dim} in "
+        f"{model.net.groups} groups, "
+        f"{len(images)} images of {cfg.data}, step {start} -> {cfg.steps}, {d.world} x {d.device}"
+    )
+    # DDP with SyncBatchNorm on GPUs (FutureXiang's), compiled
+    step_model = common.wrap(model, d, args.compile)
     bs = cfg.batch_size // d.world
-    x_show = common.to_float(images[common.subset(len(images), cfg.grid)]).to(d.device)  # the grids' sources
-    log = common.Log(args.out, d, cfg, step)
-    for step in log.steps(step, cfg.steps):
+    # the grids' sources
+    x_show = common.to_float(images[common.subset(len(images), cfg.grid)]).to(d.device)
+    log = common.Log(args.out, d, cfg, start)
+    for step in log.steps(start, cfg.steps):
         # learning rate: linear warm-up, then constant; the encoder at enc_lr_ratio x
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
         # forward (the views are made inside), backward, clip, update, EMA
-        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank,  # this rank's rows, drawn with replacement
-                            flip=False, device=d.device)  # no flip here: the views flip
+        # this rank's rows, drawn with replacement
+        x, _ = common.batch(
+            images, labels, bs, cfg.seed, step, d.rank, flip=False, device=d.device
+        )  # no flip here: the views flip
         with common.autocast(d.device):
             loss = step_model(x)
         opt.zero_grad(set_to_none=True)
@@ -418,16 +541,22 @@ def train(args):
         done = step + 1
         log(done, loss, lr=lr)
         if d.master and cfg.grid and done % cfg.sample_every == 0:
-            g = torch.Generator(d.device).manual_seed(cfg.seed)  # own generator: the training RNG stream is untouched
+            # own generator: the training RNG stream is untouched
+            g = torch.Generator(d.device).manual_seed(cfg.seed)
             with torch.no_grad():
-                views = ema.model.sample(ema.model.encode(x_show), generator=g)  # the run's sample_steps
-            common.save_grid(side_by_side(x_show, views), os.path.join(args.out, f"samples_{done:07d}.png"))
+                # the run's sample_steps
+                views = ema.model.sample(ema.model.encode(x_show), generator=g)
+            common.save_grid(
+                side_by_side(x_show, views), os.path.join(args.out, f"samples_{done:07d}.png")
+            )
         if common.due(done, cfg.ckpt_every, cfg.steps):
             common.save_run(args.out, d, done, cfg, model, ema, opt)
 
 
-def side_by_side(src, views):  # [k,3,H,W] twice -> [2k,3,H,W]: source, its view, source, its view, ...
-    return torch.stack([src.float().cpu(), views.float().cpu()], 1).flatten(0, 1)  # [k,2,3,H,W] -> [2k,3,H,W]
+# [k,3,H,W] twice -> [2k,3,H,W]: source, its view, source, its view, ...
+def side_by_side(src, views):
+    # [k,2,3,H,W] -> [2k,3,H,W]
+    return torch.stack([src.float().cpu(), views.float().cpu()], 1).flatten(0, 1)
 
 
 def load(args):
@@ -435,16 +564,17 @@ def load(args):
 
 
 def sources(spec, size, n):
-    """n test images of `spec`, drawn uniformly (common.subset); past the split's size it starts over -> uint8. The
-    same draw as common.probe_data's test subset: its first rows are that subset's first rows."""
+    """n test images of `spec`, drawn uniformly (common.subset); past the split's size it starts
+    over -> uint8. The same draw as common.probe_data's test subset: its first rows are that
+    subset's first rows."""
     x_te = common.load_images(spec, "test", size)[0]
     return x_te[common.subset(len(x_te), len(x_te)).repeat(math.ceil(n / len(x_te)))[:n]]
 
 
 @torch.no_grad()
 def generate(model, src, args, d):
-    """A view of each source image generated from its own z (the whole image is the source), split over the processes
-    and gathered: uint8 [n,3,H,W] -> [n,3,H,W] in [-1, 1] (on every rank)."""
+    """A view of each source image generated from its own z (the whole image is the source), split
+    over the processes and gathered: uint8 [n,3,H,W] -> [n,3,H,W] in [-1, 1] (on every rank)."""
     per = math.ceil(len(src) / d.world)
     rows = (torch.arange(per) + d.rank * per) % len(src)
     g = torch.Generator(d.device).manual_seed(args.seed * 1000 + d.rank)
@@ -456,15 +586,26 @@ def generate(model, src, args, d):
 
 
 def bottleneck(model, images, t, device):
-    """The unconditional denoiser's features: the U-Net's middle (averaged over the positions) on x_t of the images
-    with z dropped, outside autocast like z's probe, each chunk's noise seeded by its first row -> [N, C]."""
-    a, G, Z = abar(torch.tensor(t, dtype=torch.float64), model.cfg.schedule_s).item(), model.net.groups, model.cfg.z_dim
+    """The unconditional denoiser's features: the U-Net's middle (averaged over the positions) on
+    x_t of the images with z dropped, outside autocast like z's probe, each chunk's noise seeded by
+    its first row -> [N, C]."""
+    a, G, Z = (
+        abar(torch.tensor(t, dtype=torch.float64), model.cfg.schedule_s).item(),
+        model.net.groups,
+        model.cfg.z_dim,
+    )
 
     def fn(x, i):  # x [B,3,H,W] -> [B, C]
         e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
         x_t = math.sqrt(a) * x + math.sqrt(1 - a) * e
-        return model.net(x_t, torch.full((len(x),), t, device=device), x.new_zeros(len(x), Z), x.new_zeros(len(x), G),
-                         bottleneck=True)  # z dropped: no group kept
+        return model.net(
+            x_t,
+            torch.full((len(x),), t, device=device),
+            x.new_zeros(len(x), Z),
+            x.new_zeros(len(x), G),
+            bottleneck=True,
+        )  # z dropped: no group kept
+
     return common.extract(fn, images, device, desc=f"bottleneck at t={t}")
 
 
@@ -473,7 +614,8 @@ def sample_cmd(args):
     src = sources(args.data or cfg.data, cfg.image_size, args.n)
     x = generate(model, src, args, d)
     if d.master:
-        common.write_samples(args.out, x, grid=side_by_side(common.to_float(src[:32]), x[:32]))  # 32 pairs at most
+        # 32 pairs at most
+        common.write_samples(args.out, x, grid=side_by_side(common.to_float(src[:32]), x[:32]))
 
 
 def eval_cmd(args):
@@ -484,41 +626,66 @@ def eval_cmd(args):
     x = generate(model, src, args, d)
     if not d.master:
         return
-    psnr = lambda a, b: (10 * torch.log10(4 / ((a - b) ** 2).flatten(1).mean(1))).mean().item()  # [-1, 1] spans 2
     x_src = common.to_float(src)
     with torch.random.fork_rng():
         torch.manual_seed(args.seed)
-        crops = random_crops(x_src, cfg.target_scale)  # what a perfect novel-view model would generate
+        # what a perfect novel-view model would generate
+        crops = random_crops(x_src, cfg.target_scale)
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
-    y_tr, y_te = y_tr.to(dev), y_te.to(dev)  # beside the features (the probes below run on the device)
-    m = min(1000, len(x_te), args.n)  # src[:m] is x_te[:m]; a view is another crop, and the stripes do not depend on it
+    # beside the features (the probes below run on the device)
+    y_tr, y_te = y_tr.to(dev), y_te.to(dev)
+    # src[:m] is x_te[:m]; a view is another crop, and the stripes do not depend on it
+    m = min(1000, len(x_te), args.n)
     torch.manual_seed(cfg.seed)
     init = SODA(cfg).to(dev).eval()  # the same encoder at initialisation: the probe's floor
-    res = dict(step=ckpt["step"], data=data, fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
-               fd_model=args.fd_model, n_samples=args.n, probe="z, the encoder's compact latent",
-               probe_by_t="the U-Net's middle on x_t, z dropped",
-               psnr=round(psnr(x.cpu().float(), x_src), 3), psnr_crop=round(psnr(crops, x_src), 3),
-               n_sources=min(args.n, len(common.load_images(data, "test", cfg.image_size)[0])),
-               sample_steps=args.sample_steps or cfg.sample_steps,
-               guidance=cfg.guidance if args.guidance is None else args.guidance,
-               detail_r2=common.detail_r2(x[:m], data) if data.startswith("shapes") else None)
+    res = dict(
+        step=ckpt["step"],
+        data=data,
+        fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
+        fd_model=args.fd_model,
+        n_samples=args.n,
+        probe="z, the encoder's compact latent",
+        probe_by_t="the U-Net's middle on x_t, z dropped",
+        psnr=round(common.psnr(x.cpu(), x_src), 3),
+        psnr_crop=round(common.psnr(crops, x_src), 3),
+        n_sources=min(args.n, len(common.load_images(data, "test", cfg.image_size)[0])),
+        sample_steps=args.sample_steps or cfg.sample_steps,
+        guidance=cfg.guidance if args.guidance is None else args.guidance,
+        detail_r2=common.detail_r2(x[:m], data) if data.startswith("shapes") else None,
+    )
     for suffix, net in (("", model), ("_init", init)):
-        f_tr, f_te = (common.extract(lambda v, i: net.encode(v), xs, dev, desc="encode") for xs in (x_tr, x_te))
+        f_tr, f_te = (encode_all(net, xs, dev) for xs in (x_tr, x_te))
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
         l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||
-        knn = common.knn_accuracy(f_tr, y_tr, f_te, y_te, T=float("inf"))  # 20 equal votes, FutureXiang's test.py
-        res.update({f"probe_linear{suffix}_l2": round(l2, 4), f"probe_knn{suffix}_uniform": round(knn, 4)})
+        # 20 equal votes, FutureXiang's test.py
+        knn = common.knn_accuracy(f_tr, y_tr, f_te, y_te, T=float("inf"))
+        res.update(
+            {f"probe_linear{suffix}_l2": round(l2, 4), f"probe_knn{suffix}_uniform": round(knn, 4)}
+        )
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)
-    probe = lambda t: common.linear_probe(bottleneck(model, x_tr, t, dev), y_tr.to(dev),
-                                          bottleneck(model, x_te, t, dev), y_te.to(dev))
-    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in (0.1, 0.3, 0.5, 0.7, 0.9)]  # clean -> noise (t = 1)
+
+    def probe(t):
+        f_tr, f_te = bottleneck(model, x_tr, t, dev), bottleneck(model, x_te, t, dev)
+        return common.linear_probe(f_tr, y_tr.to(dev), f_te, y_te.to(dev))
+
+    # clean -> noise (t = 1)
+    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in (0.1, 0.3, 0.5, 0.7, 0.9)]
     common.write_eval(args.ckpt, res)
 
 
+def encode_all(model, images, device):
+    """z of uint8 images [N, 3, H, W], in chunks -> [N, z_dim]."""
+
+    def encode(x, first_row):
+        return model.encode(x)
+
+    return common.extract(encode, images, device, desc="encode")
+
+
 def export_encoder(args):
-    """The EMA encoder as a state dict common.load_encoder(PATH) reads: torchvision's ResNet layout (at the images'
-    size) or DINOv2's ViT layout (at image_size)."""
+    """The EMA encoder as a state dict common.load_encoder(PATH) reads: torchvision's ResNet layout
+    (at the images' size) or DINOv2's ViT layout (at image_size)."""
     if os.path.isdir(args.out):
         raise UsageError(f"--out {args.out} is a folder; name the file to write")
     _, ckpt, cfg, model = load(args)
@@ -533,17 +700,28 @@ def main(argv=None):
     sa.add_argument("--data", help="source images: their test split (default: the run's)")
     sa.add_argument("--cache", type=common.cache_flag, help="where image folders are decoded to")
     for s in (sa, ev):
-        s.add_argument("--sample-steps", type=common.number(int), help="DDIM steps (default: the run's, 100)")
-        s.add_argument("--guidance", type=common.number(float, 0, strict=False),
-                       help="w of the guidance on z (default: the run's, 0.3)")
-    ev.set_defaults(n=1000)  # each view costs sample_steps passes; 1,000 are enough for PSNR and a rough FD
-    ex = sub.add_parser("export-encoder", help="write the EMA encoder for common.load_encoder / --encoder PATH")
+        s.add_argument(
+            "--sample-steps", type=common.number(int), help="DDIM steps (default: the run's, 100)"
+        )
+        s.add_argument(
+            "--guidance",
+            type=common.number(float, 0, strict=False),
+            help="w of the guidance on z (default: the run's, 0.3)",
+        )
+    # each view costs sample_steps passes; 1,000 are enough for PSNR and a rough FD
+    ev.set_defaults(n=1000)
+    ex = sub.add_parser(
+        "export-encoder", help="write the EMA encoder for common.load_encoder / --encoder PATH"
+    )
     ex.add_argument("--ckpt", required=True)
     ex.add_argument("--out", required=True, type=common.out_file)
     ex.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
-    ex.set_defaults(compile=False)  # common.load_run reads args.compile; nothing runs the network here
+    # common.load_run reads args.compile; nothing runs the network here
+    ex.set_defaults(compile=False)
     args = p.parse_args(argv)
-    {"train": train, "sample": sample_cmd, "eval": eval_cmd, "export-encoder": export_encoder}[args.cmd](args)
+    {"train": train, "sample": sample_cmd, "eval": eval_cmd, "export-encoder": export_encoder}[
+        args.cmd
+    ](args)
 
 
 if __name__ == "__main__":

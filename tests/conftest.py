@@ -1,18 +1,23 @@
-import os, subprocess, sys
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("TORCH_HOME", os.path.join(ROOT, ".pytest_cache", "torch_home"))  # FD statistics, downloads
-os.environ.setdefault("REPDIFF_CACHE", os.path.join(ROOT, ".pytest_cache", "repdiff_cache"))  # decoded folders
+# FD statistics, downloads
+os.environ.setdefault("TORCH_HOME", os.path.join(ROOT, ".pytest_cache", "torch_home"))
+# decoded folders
+os.environ.setdefault("REPDIFF_CACHE", os.path.join(ROOT, ".pytest_cache", "repdiff_cache"))
 torch.set_num_threads(2)
 
 
 def run_cli(module, argv):
     """Run a method file's command line in this process; -> exit code (0 when it returns)."""
     import common
+
     try:
         common.cli(module.main, [str(a) for a in argv])
     except SystemExit as e:
@@ -27,8 +32,8 @@ def cli():
 
 @pytest.fixture
 def few_probe_images(monkeypatch):
-    """-> cap(n_train, n_test): eval's probes (common.probe_data) then read at most that many images of each split,
-    for tests of eval's code path and keys rather than its figures."""
+    """-> cap(n_train, n_test): eval's probes (common.probe_data) then read at most that many images
+    of each split, for tests of eval's code path and keys rather than its figures."""
     import common
 
     real = common.probe_data
@@ -46,29 +51,46 @@ def few_probe_images(monkeypatch):
 def logged_losses():
     """-> a function: run folder -> the losses of its log.jsonl, in order."""
     import json
+
     return lambda out: [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
 
 
 @pytest.fixture
 def torchrun():
-    """-> a function (method file, argv, port) that runs the file under torchrun with 2 CPU processes (gloo)."""
+    """-> a function (method file, argv, port) that runs the file under torchrun with 2 CPU
+    processes (gloo)."""
+
     def run(module_file, argv, port):
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        file = [] if module_file == "--" else [module_file]  # "--": else torchrun reads the file's --n as its own
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "--", *file, *map(str, argv)]
+        # "--": else torchrun reads the file's --n as its own
+        file = [] if module_file == "--" else [module_file]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "--",
+            *file,
+            *map(str, argv),
+        ]
         return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
     return run
 
 
-# ---------------------------------------------------------------------------------------- comparing with a reference
-# Two tolerances, stated once. In float64 the two implementations agree to ~1e-15 relative per operation, so 1e-10
-# of the largest value shows real disagreement (a changed constant, a missing term) and never rounding. In float32 the
-# same arithmetic in another order (another CPU's vector width, another BLAS kernel, a GPU) moves each value by a few
-# units in the last place (2^-24 = 6e-8 relative) per operation, compounded over a network's depth and its sums of
-# hundreds of terms: elementwise tolerances then fail on the values near zero. So fp32 outputs are compared as a whole:
-# the relative norm ||ours - ref|| / ||ref|| within 2e-5 (about 300 ulps), far below what a real difference gives
-# (the put-back differences named in the reference tests move outputs by 1e-3 or more).
+# ----------------------------------------------------------------------- comparing with a reference
+# Two tolerances, stated once. In float64 the two implementations agree to ~1e-15 relative per
+# operation, so 1e-10 of the largest value shows real disagreement (a changed constant, a missing
+# term) and never rounding. In float32 the same arithmetic in another order (another CPU's vector
+# width, another BLAS kernel, a GPU) moves each value by a few units in the last place (2^-24 = 6e-8
+# relative) per operation, compounded over a network's depth and its sums of hundreds of terms:
+# elementwise tolerances then fail on the values near zero. So fp32 outputs are compared as a whole:
+# the relative norm ||ours - ref|| / ||ref|| within 2e-5 (about 300 ulps), far below what a real
+# difference gives (the put-back differences named in the reference tests move outputs by 1e-3 or
+# more).
 FP64_RTOL = 1e-10
 FP32_REL_NORM = 2e-5
 
@@ -91,14 +113,16 @@ def assert_close32(ours, ref, msg="", rel=FP32_REL_NORM):
 
 
 class Draws:
-    """Stand in for torch's random draws: `feed` returns recorded tensors in order, `record` keeps what was drawn.
+    """Stand in for torch's random draws: `feed` returns recorded tensors in order, `record` keeps
+    what was drawn.
 
-    Inside `with Draws.feed(tensors):` each call of torch.rand, randn, randint, rand_like, randn_like and
-    Tensor.bernoulli_ / normal_ / uniform_ returns (or writes) the next recorded tensor, in the caller's dtype and
-    device, and fails if its shape differs; leaving the block fails if a recorded draw was not used. So a test gives
-    the official code's own noise, t and labels to ours, whatever this machine's random stream is. Inside
-    `with Draws.record() as drawn:` the calls run as usual and `drawn` lists (function name, tensor) in call order:
-    the draw-order tests compare ours with a replay of the official order on this machine's RNG."""
+    Inside `with Draws.feed(tensors):` each call of torch.rand, randn, randint, rand_like,
+    randn_like and Tensor.bernoulli_ / normal_ / uniform_ returns (or writes) the next recorded
+    tensor, in the caller's dtype and device, and fails if its shape differs; leaving the block
+    fails if a recorded draw was not used. So a test gives the official code's own noise, t and
+    labels to ours, whatever this machine's random stream is. Inside `with Draws.record() as drawn:`
+    the calls run as usual and `drawn` lists (function name, tensor) in call order: the draw-order
+    tests compare ours with a replay of the official order on this machine's RNG."""
 
     FUNCS = ("rand", "randn", "randint", "rand_like", "randn_like")
     METHODS = ("bernoulli_", "normal_", "uniform_")
@@ -111,15 +135,22 @@ class Draws:
         if name.endswith("_like"):
             return tuple(args[0].shape)
         if name == "randint":
-            size = kwargs.get("size", args[-1] if args and isinstance(args[-1], (tuple, list, torch.Size)) else None)
+            size = kwargs.get(
+                "size",
+                args[-1] if args and isinstance(args[-1], (tuple, list, torch.Size)) else None,
+            )
             return tuple(size)
-        size = kwargs.get("size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args)
+        size = kwargs.get(
+            "size", args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+        )
         return tuple(size)
 
     def _next(self, name, shape):
         assert self.queue, f"{name}{shape}: no recorded draw left"
         t = self.queue.pop(0)
-        assert tuple(t.shape) == tuple(shape), f"{name}: drawn shape {tuple(shape)}, recorded {tuple(t.shape)}"
+        assert tuple(t.shape) == tuple(shape), (
+            f"{name}: drawn shape {tuple(shape)}, recorded {tuple(t.shape)}"
+        )
         return t
 
     def _func(self, name, real):
@@ -133,7 +164,12 @@ class Draws:
             device = kwargs.get("device") or (like.device if like is not None else None)
             if dtype is None:
                 dtype = torch.int64 if name == "randint" else torch.get_default_dtype()
-            return self._next(name, self._shape(name, args, kwargs)).to(dtype=dtype, device=device).clone()
+            return (
+                self._next(name, self._shape(name, args, kwargs))
+                .to(dtype=dtype, device=device)
+                .clone()
+            )
+
         return draw
 
     def _method(self, name, real):
@@ -144,6 +180,7 @@ class Draws:
                 return out
             with torch.no_grad():
                 return tensor.copy_(self._next(name, tuple(tensor.shape)))
+
         return draw
 
     def __enter__(self):
@@ -170,8 +207,13 @@ class Draws:
 
 @pytest.fixture
 def reference():
-    """-> a function (method, name) -> the fixture tests/reference/{method}_{name}.pt, made from the official code by
-    tests/reference/make_references.py (its `meta` names the repository, commit and versions)."""
+    """-> a function (method, name) -> the fixture tests/reference/{method}_{name}.pt, made from the
+    official code by tests/reference/make_references.py (its `meta` names the repository, commit and
+    versions)."""
+
     def load(method, name):
-        return torch.load(os.path.join(ROOT, "tests", "reference", f"{method}_{name}.pt"), weights_only=True)
+        return torch.load(
+            os.path.join(ROOT, "tests", "reference", f"{method}_{name}.pt"), weights_only=True
+        )
+
     return load

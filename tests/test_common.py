@@ -1,4 +1,6 @@
-import math, os, urllib.error
+import math
+import os
+import urllib.error
 
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def _blobs(n, d=32, classes=5):
 
 def test_probes_do_not_depend_on_the_global_seed():
     f, y = _blobs(600, d=64, classes=10)
-    f = f + 12 * torch.randn(f.shape, generator=torch.Generator().manual_seed(1))  # a hard, noisy probe
+    # a hard, noisy probe
+    f = f + 12 * torch.randn(f.shape, generator=torch.Generator().manual_seed(1))
     accs = set()
     for seed in range(3):
         torch.manual_seed(seed)
@@ -34,12 +37,17 @@ def test_probes_do_not_depend_on_the_global_seed():
 
 
 def test_knn_weights_votes_by_similarity():
-    # two neighbours of class 0 at similarity 0.6, one of class 1 at similarity 1: a majority vote says 0, DINO's
-    # exp(sim / 0.07) weights say 1 (exp(1/0.07) > 2 exp(0.6/0.07))
+    # two neighbours of class 0 at similarity 0.6, one of class 1 at similarity 1: a majority vote
+    # says 0, DINO's exp(sim / 0.07) weights say 1 (exp(1/0.07) > 2 exp(0.6/0.07))
     f_tr = torch.tensor([[0.6, 0.8], [0.6, -0.8], [1.0, 0.0]])
     y_tr = torch.tensor([0, 0, 1])
-    assert common.knn_accuracy(f_tr, y_tr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=3) == 1.0
-    assert common.knn_accuracy(f_tr, y_tr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=3, T=100.0) == 0.0
+    assert (
+        common.knn_accuracy(f_tr, y_tr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=3) == 1.0
+    )
+    assert (
+        common.knn_accuracy(f_tr, y_tr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=3, T=100.0)
+        == 0.0
+    )
 
 
 def test_probe_separable_and_shuffled():
@@ -48,7 +56,8 @@ def test_probe_separable_and_shuffled():
     assert common.linear_probe(f_tr, y_tr, f_te, y_te) > 0.97
     assert common.knn_accuracy(f_tr, y_tr, f_te, y_te) > 0.97
     shuffled = y_tr[torch.randperm(len(y_tr), generator=torch.Generator().manual_seed(0))]
-    assert abs(common.linear_probe(f_tr, shuffled, f_te, y_te) - 0.2) < 0.08  # 5 classes: chance is 0.2
+    # 5 classes: chance is 0.2
+    assert abs(common.linear_probe(f_tr, shuffled, f_te, y_te) - 0.2) < 0.08
     assert abs(common.knn_accuracy(f_tr, shuffled, f_te, y_te) - 0.2) < 0.08
 
 
@@ -56,16 +65,28 @@ def test_frechet_distance():
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.integers(0, 256, (300, 3, 16, 16), dtype=np.uint8))
     fd_net = common.FDFeatures("pixels", torch.device("cpu"))
-    assert abs(common.frechet_distance(*fd_net.stats(x), *fd_net.stats(x))) < 1e-6  # a set against itself
+    # a set against itself
+    assert abs(common.frechet_distance(*fd_net.stats(x), *fd_net.stats(x))) < 1e-6
     mean_uint8, mean_float = fd_net.stats(x)[0], fd_net.stats(x.float() / 127.5 - 1)[0]
-    assert torch.allclose(torch.from_numpy(mean_uint8).float(), torch.from_numpy(mean_float).float())
+    assert torch.allclose(
+        torch.from_numpy(mean_uint8).float(), torch.from_numpy(mean_float).float()
+    )
     # closed form for diagonal Gaussians: |mu1 - mu2|^2 + sum (s1 - s2)^2
-    mu1, mu2, s1, s2 = rng.normal(size=5), rng.normal(size=5), rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5)
+    mu1, mu2, s1, s2 = (
+        rng.normal(size=5),
+        rng.normal(size=5),
+        rng.uniform(0.5, 2, 5),
+        rng.uniform(0.5, 2, 5),
+    )
     expected = ((mu1 - mu2) ** 2).sum() + ((s1 - s2) ** 2).sum()
-    assert common.frechet_distance(mu1, np.diag(s1 ** 2), mu2, np.diag(s2 ** 2)) == pytest.approx(expected, rel=1e-9)
+    assert common.frechet_distance(mu1, np.diag(s1**2), mu2, np.diag(s2**2)) == pytest.approx(
+        expected, rel=1e-9
+    )
     # a full covariance: FD is invariant to a common rotation
     Q = np.linalg.qr(rng.normal(size=(5, 5)))[0]
-    rot = common.frechet_distance(Q @ mu1, Q @ np.diag(s1 ** 2) @ Q.T, Q @ mu2, Q @ np.diag(s2 ** 2) @ Q.T)
+    rot = common.frechet_distance(
+        Q @ mu1, Q @ np.diag(s1**2) @ Q.T, Q @ mu2, Q @ np.diag(s2**2) @ Q.T
+    )
     assert rot == pytest.approx(expected, rel=1e-6)
 
 
@@ -73,7 +94,13 @@ def test_shapes_deterministic_and_varied():
     a, la = common.render_shape(7, 32)
     b, lb = common.render_shape(7, 32)
     c, _ = common.render_shape(8, 32)
-    assert a.dtype == np.uint8 and a.shape == (3, 32, 32) and la == lb and (a == b).all() and (a != c).any()
+    assert (
+        a.dtype == np.uint8
+        and a.shape == (3, 32, 32)
+        and la == lb
+        and (a == b).all()
+        and (a != c).any()
+    )
     labels = [common.render_shape(i, 16)[1] for i in range(500)]
     assert set(labels) == set(range(len(common.SHAPE_CLASSES)))
     x, y, k = common.load_images("shapes:500", "train", 24)
@@ -89,8 +116,17 @@ def test_shapes_labels_are_learnable():
 
     def block(i, o):
         return [nn.Conv2d(i, o, 3, 1, 1), nn.BatchNorm2d(o), nn.ReLU()]
-    net = nn.Sequential(*block(3, 32), nn.MaxPool2d(2), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-                        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    net = nn.Sequential(
+        *block(3, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     for step in range(200):
         xb, yb = common.batch(x, y, 64, 0, step, 0, flip=True, device="cpu")
@@ -105,23 +141,33 @@ def test_shapes_labels_are_learnable():
 
 
 def test_batch_is_a_function_of_step_and_rank():
-    x, y = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous(), torch.arange(10)
+    x, y = (
+        torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous(),
+        torch.arange(10),
+    )
     a, ya = common.batch(x, y, 8, 0, 5, 0, flip=True, device="cpu")
     b, yb = common.batch(x, y, 8, 0, 5, 0, flip=True, device="cpu")
     c, yc = common.batch(x, y, 8, 0, 6, 0, flip=True, device="cpu")
     r1, yr1 = common.batch(x, y, 8, 0, 5, 1, flip=True, device="cpu")
     assert torch.equal(a, b) and torch.equal(ya, yb) and not torch.equal(ya, yc)
     assert not torch.equal(ya, yr1)  # two ranks draw different rows at the same step
-    assert torch.equal(a[:, 0, 0, 0], common.to_float(x)[ya][:, 0, 0, 0])  # the rows of the labels, in [-1, 1]
+    # the rows of the labels, in [-1, 1]
+    assert torch.equal(a[:, 0, 0, 0], common.to_float(x)[ya][:, 0, 0, 0])
     # flips: a left-right asymmetric image comes back flipped in about half of the draws
     img = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
     img[..., 1] = 255
     one = torch.zeros(1, dtype=torch.long)
-    flipped = [common.batch(img, one, 64, 0, s, 0, flip=True, device="cpu")[0][:, 0, 0, 0] for s in range(4)]
-    frac = (torch.cat(flipped) > 0).float().mean().item()  # the left pixel is bright only when flipped
+    flipped = [
+        common.batch(img, one, 64, 0, s, 0, flip=True, device="cpu")[0][:, 0, 0, 0]
+        for s in range(4)
+    ]
+    # the left pixel is bright only when flipped
+    frac = (torch.cat(flipped) > 0).float().mean().item()
     assert 0.4 < frac < 0.6, frac
-    assert torch.equal(common.batch(img, one, 64, 0, 0, 0, flip=False, device="cpu")[0][:, 0, 0, 0],
-                       torch.full((64,), -1.0))
+    assert torch.equal(
+        common.batch(img, one, 64, 0, 0, 0, flip=False, device="cpu")[0][:, 0, 0, 0],
+        torch.full((64,), -1.0),
+    )
 
 
 def test_to_float_and_to_uint8_round_trip():
@@ -133,13 +179,16 @@ def test_to_float_and_to_uint8_round_trip():
 
 def _write_folder(root, splits, classes, n, size=8):
     from PIL import Image
+
     rng = np.random.default_rng(0)
     for split in splits:
         for c in classes:
             d = os.path.join(root, split, c) if split else os.path.join(root, c)
             os.makedirs(d)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(d, f"{i}.png"))
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    os.path.join(d, f"{i}.png")
+                )
 
 
 def test_npy_split_is_seeded_and_keeps_every_class(tmp_path):
@@ -158,12 +207,21 @@ def test_npy_split_is_seeded_and_keeps_every_class(tmp_path):
 
 
 def test_image_folders(tmp_path):
-    # train/ and test/, class-sorted on disk: probe_data draws uniform subsets, so every class is in them
+    # train/ and test/, class-sorted on disk: probe_data draws uniform subsets, so every class is in
+    # them
     _write_folder(tmp_path / "f", ["train", "test"], ["a", "b", "c", "d"], 5)
     x, y, k = common.load_images(str(tmp_path / "f"), "test", 16)
-    assert x.shape == (20, 3, 16, 16) and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5 and k == 4
+    assert (
+        x.shape == (20, 3, 16, 16)
+        and y.tolist() == [0] * 5 + [1] * 5 + [2] * 5 + [3] * 5
+        and k == 4
+    )
     x_tr, y_tr, x_te, y_te = common.probe_data(str(tmp_path / "f"), 16, n_train=8, n_test=8)
-    assert len(x_tr) == len(x_te) == 8 and len(set(y_te.tolist())) >= 3 and len(set(y_tr.tolist())) >= 3
+    assert (
+        len(x_tr) == len(x_te) == 8
+        and len(set(y_te.tolist())) >= 3
+        and len(set(y_tr.tolist())) >= 3
+    )
     # a class folder missing from test/, and a hidden folder: the ids still come from train/
     _write_folder(tmp_path / "g", ["train"], ["a", "b", "c"], 2)
     _write_folder(tmp_path / "g", ["test"], [".cache", "c"], 2)
@@ -192,6 +250,7 @@ def test_bad_data_is_a_usage_error(monkeypatch):
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
+
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     with pytest.raises(common.UsageError, match="--data shapes"):
         common.load_images.__wrapped__("cifar10", "train", 32)
@@ -209,7 +268,9 @@ def test_ema_update():
 
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     p = str(tmp_path / "c.pt")
-    common.save_checkpoint(p, {"w": torch.ones(3), "config": {"a": 1, "iv": [0.1, 1.0]}, "rng": common.rng_state()})
+    common.save_checkpoint(
+        p, {"w": torch.ones(3), "config": {"a": 1, "iv": [0.1, 1.0]}, "rng": common.rng_state()}
+    )
     assert not os.path.exists(p + ".tmp")
     assert common.load_checkpoint(p)["config"]["iv"] == [0.1, 1.0]
     with pytest.raises(common.UsageError, match="no checkpoint"):
@@ -220,7 +281,8 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
 
 
 class _FakeInception(torch.nn.Module):
-    """The StyleGAN2-ADA network's interface: uint8 [N,3,H,W] in, 2048-d features out with return_features=True."""
+    """The StyleGAN2-ADA network's interface: uint8 [N,3,H,W] in, 2048-d features out with
+    return_features=True."""
 
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         assert x.dtype == torch.uint8
@@ -233,23 +295,27 @@ def test_standard_fid_network_from_the_hub_cache(tmp_path, monkeypatch):
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     path = tmp_path / "hub" / "checkpoints" / "inception-2015-12-05.pt"
     with pytest.raises(common.UsageError, match=f"put {common.INCEPTION_URL} at {path}"):
         common.FDFeatures("inception", torch.device("cpu"))
-    assert os.path.isdir(tmp_path / "hub" / "checkpoints")  # a fresh machine's hub has no checkpoints/ folder yet
+    # a fresh machine's hub has no checkpoints/ folder yet
+    assert os.path.isdir(tmp_path / "hub" / "checkpoints")
     torch.jit.save(torch.jit.script(_FakeInception()), str(path))
     fd_net = common.FDFeatures("inception", torch.device("cpu"))
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (20, 3, 8, 8), dtype=np.uint8))
     f = fd_net.features(x)
-    assert f.shape == (20, 2048) and torch.equal(fd_net.features(common.to_float(x)), f)  # [-1, 1] -> uint8 exactly
+    # [-1, 1] -> uint8 exactly
+    assert f.shape == (20, 2048) and torch.equal(fd_net.features(common.to_float(x)), f)
 
 
 def test_fd_reference_statistics_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     fd_net = common.FDFeatures("pixels", torch.device("cpu"))
     x, _, _ = common.load_images("shapes:300", "train", 16)
-    assert common.fd_to_train(fd_net, x, "shapes:300", 16) == pytest.approx(0, abs=1e-6)  # the training set itself
+    # the training set itself
+    assert common.fd_to_train(fd_net, x, "shapes:300", 16) == pytest.approx(0, abs=1e-6)
     fake = common.to_float(x[:100]).flip(2)  # other images: a positive distance
     fd = common.fd_to_train(fd_net, fake, "shapes:300", 16)
     assert fd > 0.01 and len(os.listdir(tmp_path / "repdiff_fd")) == 1
@@ -274,28 +340,49 @@ def test_configure_types_set_values_from_the_config_fields():
         flag: bool = False
         sizes: list = dataclasses.field(default_factory=lambda: [1, 2])
         data: str = "shapes"
+
     presets = {"tiny": dict(steps=5)}
-    args = argparse.Namespace(preset="tiny", steps=None, lr=2e-3, data=None, out="x",
-                              set=["flag=true", "sizes=1,2,4", "ema=0.99", "data=mnist"])
+    args = argparse.Namespace(
+        preset="tiny",
+        steps=None,
+        lr=2e-3,
+        data=None,
+        out="x",
+        set=["flag=true", "sizes=1,2,4", "ema=0.99", "data=mnist"],
+    )
     cfg = common.configure(Cfg, presets, args)
-    assert (cfg.steps, cfg.lr, cfg.flag, cfg.sizes, cfg.ema, cfg.data) == (5, 2e-3, True, [1, 2, 4], 0.99, "mnist")
+    assert (cfg.steps, cfg.lr, cfg.flag, cfg.sizes, cfg.ema, cfg.data) == (
+        5,
+        2e-3,
+        True,
+        [1, 2, 4],
+        0.99,
+        "mnist",
+    )
     for bad in (["nope=1"], ["flag=maybe"], ["steps=1.5"], ["ema"]):
         with pytest.raises(common.UsageError):
             common.configure(Cfg, presets, argparse.Namespace(preset="tiny", set=bad))
 
 
 def test_detail_read_out_sees_the_stripes_of_real_images_and_not_of_blurred_ones():
-    """The detail column's ceiling: the spectral read-out recovers the stripe factors (frequency, angle, amplitude)
-    from the raw test images (mean R^2 above 0.5 at 16 px); from the same images blurred (no stripes left), from
-    another image's stripes or from a flat image it recovers nothing: 0, its floor."""
+    """The detail column's ceiling: the spectral read-out recovers the stripe factors (frequency,
+    angle, amplitude) from the raw test images (mean R^2 above 0.5 at 16 px); from the same images
+    blurred (no stripes left), from another image's stripes or from a flat image it recovers
+    nothing: 0, its floor."""
     spec = "shapes:10000"
     _, _, x_te, _ = common.probe_data(spec, 16, n_train=10, n_test=2000)
     x = common.to_float(x_te)
     assert common.detail_r2(x, spec) > 0.5
     # 0 for no stripes: each factor's R^2 is clipped at 0 (unclipped, the blurred images read -8.3)
     assert 0 <= common.detail_r2(common.gaussian_blur(x, 1.5), spec) < 0.02
-    assert 0 <= common.detail_r2(x.roll(1, 0), spec) < 0.02  # each image read against its neighbour's factors
+    # each image read against its neighbour's factors
+    assert 0 <= common.detail_r2(x.roll(1, 0), spec) < 0.02
     assert common.detail_r2(torch.zeros_like(x), spec) == 0  # a flat image
-    zeros = lambda n: torch.zeros(n, dtype=torch.long)
-    assert common.pixel_probes(x_te[:100], zeros(100), x_te, zeros(2000),
-                               spec)["detail_r2_pixels"] > 0.5
+
+    def zeros(n):
+        return torch.zeros(n, dtype=torch.long)
+
+    assert (
+        common.pixel_probes(x_te[:100], zeros(100), x_te, zeros(2000), spec)["detail_r2_pixels"]
+        > 0.5
+    )

@@ -1,12 +1,16 @@
-import json, math, os, sys, types
+import json
+import math
+import os
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
+from conftest import Draws, assert_close32, assert_close64
 
 import common
 import consistency as C
-from conftest import Draws, assert_close32, assert_close64
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -15,17 +19,21 @@ def test_scalings_by_hand_and_boundary_condition():
     t = torch.tensor([0.002, 0.5, 80.0])
     c_skip, c_out, c_in = C.scalings(t, sigma_data=0.5, t_min=0.002)
     assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0  # the boundary: f(x, t_min) = x
-    # t = 0.5: c_skip = 0.25 / (0.498^2 + 0.25), c_out = 0.5 * 0.498 / sqrt(0.5), c_in = 1 / sqrt(0.5)
-    assert c_skip[1].item() == pytest.approx(0.25 / (0.498 ** 2 + 0.25))
+    # t = 0.5: c_skip = 0.25 / (0.498^2 + 0.25), c_out = 0.5 * 0.498 / sqrt(0.5), c_in = 1 /
+    # sqrt(0.5)
+    assert c_skip[1].item() == pytest.approx(0.25 / (0.498**2 + 0.25))
     assert c_out[1].item() == pytest.approx(0.5 * 0.498 / math.sqrt(0.5))
     assert c_in[1].item() == pytest.approx(1 / math.sqrt(0.5))
-    assert c_skip[2].item() == pytest.approx(0.25 / (79.998 ** 2 + 0.25))  # at t_max the network does the work
-    model = C.Consistency(C.Config(**C.PRESETS["tiny"])).eval()  # eval mode: the boundary scalings (ECMPrecond)
+    # at t_max the network does the work
+    assert c_skip[2].item() == pytest.approx(0.25 / (79.998**2 + 0.25))
+    # eval mode: the boundary scalings (ECMPrecond)
+    model = C.Consistency(C.Config(**C.PRESETS["tiny"])).eval()
     torch.nn.init.normal_(model.net.conv_out.weight)  # a network that does not output 0
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(model.f(x, torch.full((2,), model.cfg.t_min)), x)
     assert not torch.allclose(model.f(x, torch.full((2,), 1.0)), x)
-    assert not torch.allclose(model.train().f(x, torch.full((2,), model.cfg.t_min)), x)  # training: EDM's scalings
+    # training: EDM's scalings
+    assert not torch.allclose(model.train().f(x, torch.full((2,), model.cfg.t_min)), x)
 
 
 def test_ect_schedule():
@@ -60,10 +68,13 @@ REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"
 
 
 def official(ref):
-    """The U-Net of a fixture made from locuslab/ect (tests/reference/make_ect.py) in a Consistency: the fixture's
-    state dict is ECMPrecond's, whose network (this file's U-Net on both sides) sits under `model.`."""
+    """The U-Net of a fixture made from locuslab/ect (tests/reference/make_ect.py) in a Consistency:
+    the fixture's state dict is ECMPrecond's, whose network (this file's U-Net on both sides) sits
+    under `model.`."""
     model = C.Consistency(C.Config(**ref["config"]))
-    model.net.load_state_dict({k.removeprefix("model."): v for k, v in ref["state_dict"].items()}, strict=True)
+    model.net.load_state_dict(
+        {k.removeprefix("model."): v for k, v in ref["state_dict"].items()}, strict=True
+    )
     return model
 
 
@@ -136,11 +147,18 @@ def test_loss_matches_official_ecmloss(reference, monkeypatch):
         for name, g in case["grads"].items():
             grad = params["net." + name.removeprefix("model.")].grad
             assert_close32(grad, g, f"{msg} grad of {name}")
-    assert {(c["stage"], c["huber_c"] > 0) for c in ref["cases"]} == {(0, 0), (1, 0), (2, 0), (3, 0), (2, 1)}
+    assert {(c["stage"], c["huber_c"] > 0) for c in ref["cases"]} == {
+        (0, 0),
+        (1, 0),
+        (2, 0),
+        (3, 0),
+        (2, 1),
+    }
     t = ref["cases"][0]["t"]
     assert ((t < cfg.t_min) | (t > cfg.t_max)).any()  # a t that a clamp would change
     r1 = ref["cases"][1]["r"]
-    assert (r1 == 0).any() and (r1 > 0).any()  # stage 1 has both the boundary target x and the teacher's
+    # stage 1 has both the boundary target x and the teacher's
+    assert (r1 == 0).any() and (r1 > 0).any()
 
 
 def test_loss_draws_in_the_official_order():
@@ -182,7 +200,7 @@ def test_sampler_matches_official_generator_fn(reference):
     for key, mid_t in (("x1", []), ("x2", [0.821]), ("x3", [0.821, 0.01])):
         # each official run drew the first 1 + len(mid_t) of these (the same seed: make_ect.py
         # checks it); the re-noising draws are float64 there, ours takes them in fp32
-        with Draws.feed(ref["draws"][:1 + len(mid_t)]):
+        with Draws.feed(ref["draws"][: 1 + len(mid_t)]):
             x = model.sample(n, mid_t=mid_t)
         assert ref[key].abs().max() <= 1  # our clamp to [-1, 1] hides nothing here
         assert_close32(x, ref[key], key)
@@ -214,17 +232,24 @@ def test_sampler_draws_in_the_official_order():
 
 
 def test_defaults_are_ects_cifar10_run(reference):
-    """Config's defaults against ECT's CIFAR-10 run (run_ecm.sh over ct_train.py's defaults; ECMPrecond's, and
-    generator_fn's), read from the official files by the fixture maker."""
+    """Config's defaults against ECT's CIFAR-10 run (run_ecm.sh over ct_train.py's defaults;
+    ECMPrecond's, and generator_fn's), read from the official files by the fixture maker."""
     d = reference("ect", "loss")["defaults"]
     cfg = C.Config()
-    assert (cfg.P_mean, cfg.P_std, cfg.q, cfg.k, cfg.b) == (d["mean"], d["std"], d["q"], d["k"], d["b"])
+    assert (cfg.P_mean, cfg.P_std, cfg.q, cfg.k, cfg.b) == (
+        d["mean"],
+        d["std"],
+        d["q"],
+        d["k"],
+        d["b"],
+    )
     assert d["mapping"] == "sigmoid" and cfg.huber_c == d["c"] == 0  # the L2 norm
     assert (cfg.sigma_data, cfg.t_min, cfg.t_max) == (d["sigma_data"], d["sigma_min"], d["t_max"])
     assert cfg.mid_t == d["mid_t"]
     assert cfg.dropout == d["dropout"] and cfg.ema == d["ema_beta"] and d["ema"] is None
     assert not cfg.bf16 and not d["fp16"] and not d["tf32"]  # fp32, TF32 off
-    # the same images per stage (--double ticks of --tick kimg) and in all (--duration Mimg); lr scaled with the batch
+    # the same images per stage (--double ticks of --tick kimg) and in all (--duration Mimg); lr
+    # scaled with the batch
     assert cfg.stage_steps * cfg.batch_size == pytest.approx(d["double"] * d["tick"] * 1000)
     assert cfg.steps * cfg.batch_size == pytest.approx(d["duration"] * 1e6)
     assert cfg.lr / cfg.batch_size == pytest.approx(d["lr"] / d["batch"])
@@ -233,6 +258,7 @@ def test_defaults_are_ects_cifar10_run(reference):
 def ect_stand_ins():
     """Modules standing in for locuslab/ect's, with the API make_ect.py uses, built from this
     file's functions (scalings, ect_r, pseudo_huber) and the U-Net the maker gives them."""
+
     def module(name, **attrs):
         out = types.ModuleType(name)
         out.__dict__.update(attrs)
@@ -241,13 +267,24 @@ def ect_stand_ins():
     networks = module("training.networks")
 
     class ECMPrecond(torch.nn.Module):  # training/networks.py:678
-        def __init__(self, img_resolution, img_channels, model_type, sigma_min=0.003,
-                     sigma_data=0.5, **model_kwargs):
+        def __init__(
+            self,
+            img_resolution,
+            img_channels,
+            model_type,
+            sigma_min=0.003,
+            sigma_data=0.5,
+            **model_kwargs,
+        ):
             super().__init__()
             self.sigma_min, self.sigma_data = sigma_min, sigma_data
             self.model = getattr(networks, model_type)(
-                img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
-                label_dim=0, **model_kwargs)
+                img_resolution=img_resolution,
+                in_channels=img_channels,
+                out_channels=img_channels,
+                label_dim=0,
+                **model_kwargs,
+            )
 
         def forward(self, x, sigma, class_labels=None):
             x, sigma = x.float(), sigma.float().reshape(-1, 1, 1, 1)
@@ -292,10 +329,14 @@ def ect_stand_ins():
     loss = module("training.loss", ECMLoss=ECMLoss)
     loop = module("training.ct_training_loop", generator_fn=generator_fn)
     persistence = module("torch_utils.persistence", _check_pickleable=None)
-    return {"training": module("training", networks=networks, loss=loss, ct_training_loop=loop),
-            "training.networks": networks, "training.loss": loss, "training.ct_training_loop": loop,
-            "torch_utils": module("torch_utils", persistence=persistence),
-            "torch_utils.persistence": persistence}
+    return {
+        "training": module("training", networks=networks, loss=loss, ct_training_loop=loop),
+        "training.networks": networks,
+        "training.loss": loss,
+        "training.ct_training_loop": loop,
+        "torch_utils": module("torch_utils", persistence=persistence),
+        "torch_utils.persistence": persistence,
+    }
 
 
 def test_official_maker_runs_with_stand_ins(tmp_path, monkeypatch, capsys):
@@ -303,7 +344,9 @@ def test_official_maker_runs_with_stand_ins(tmp_path, monkeypatch, capsys):
     the maker's "ours" half keeps up with consistency.py's API (a change there breaks the maker
     here)."""
     monkeypatch.syspath_prepend(REFERENCE)
-    import make_ect, make_references
+    import make_ect
+    import make_references
+
     for name, stand_in in ect_stand_ins().items():
         monkeypatch.setitem(sys.modules, name, stand_in)
     monkeypatch.setattr(make_references, "OUT", str(tmp_path))
@@ -319,7 +362,8 @@ def test_official_maker_runs_with_stand_ins(tmp_path, monkeypatch, capsys):
 
 
 def opened(dropout=0.5):
-    """A tiny Consistency in training mode with dropout and its zero-initialised branches opened, so dropout shows."""
+    """A tiny Consistency in training mode with dropout and its zero-initialised branches opened, so
+    dropout shows."""
     torch.manual_seed(0)
     model = C.Consistency(C.Config(**dict(C.PRESETS["tiny"], dropout=dropout))).train()
     torch.nn.init.normal_(model.net.conv_out.weight)
@@ -337,18 +381,25 @@ def test_teacher_carries_no_gradient_and_shares_dropout():
     block.register_forward_pre_hook(lambda mod, args: masks.append(args[2]))
     loss, terms = model(torch.randn(4, 3, 16, 16), stage=2)
     loss.backward()
-    assert seen == [True, False]  # the student first (ECMLoss's order); then the teacher, without a graph
-    assert masks[0] is masks[1] and (masks[0] == 0).any() and (masks[0] == 2).any()  # one mask, p = 0.5
-    assert set(terms) == {"distance", "boundary"} and not any(v.requires_grad for v in terms.values())
-    assert C.Consistency(C.Config(**C.PRESETS["tiny"])).net.dropout_masks(4, "cpu") is None  # p = 0: nothing drawn
+    # the student first (ECMLoss's order); then the teacher, without a graph
+    assert seen == [True, False]
+    # one mask, p = 0.5
+    assert masks[0] is masks[1] and (masks[0] == 0).any() and (masks[0] == 2).any()
+    assert set(terms) == {"distance", "boundary"} and not any(
+        v.requires_grad for v in terms.values()
+    )
+    # p = 0: nothing drawn
+    assert C.Consistency(C.Config(**C.PRESETS["tiny"])).net.dropout_masks(4, "cpu") is None
 
 
 def test_teacher_shares_the_students_dropout_when_compiled(monkeypatch):
-    """Under torch.compile the teacher must still apply the student's dropout masks, or ECT's target is silently
-    another function. With r = t the teacher's input is the student's, so its output must equal the student's."""
+    """Under torch.compile the teacher must still apply the student's dropout masks, or ECT's target
+    is silently another function. With r = t the teacher's input is the student's, so its output
+    must equal the student's."""
     model = opened()
     x = torch.randn(4, 3, 16, 16)
-    with torch.no_grad():  # the control: dropout is on, two draws of the masks give two different outputs
+    # the control: dropout is on, two draws of the masks give two different outputs
+    with torch.no_grad():
         t = torch.full((4,), 1.0)
         a, b = (model.f(x, t, model.net.dropout_masks(4, "cpu")) for _ in range(2))
         assert (a - b).abs().max() > 1e-2
@@ -360,26 +411,60 @@ def test_teacher_shares_the_students_dropout_when_compiled(monkeypatch):
 
 
 def test_training_and_sampling_run_in_true_fp32(cli, tmp_path, monkeypatch):
-    """ECT trains in fp32 without TF32 (setup_dist turns TF32 on for a GPU run): every call of the U-Net (the
-    student, the teacher, the sample grid, sample) and the backward run with TF32 off."""
+    """ECT trains in fp32 without TF32 (setup_dist turns TF32 on for a GPU run): every call of the
+    U-Net (the student, the teacher, the sample grid, sample) and the backward run with TF32 off."""
     flags, forward = [], C.UNet.forward
 
     def recording(self, *a, **k):
-        flags.append(("forward", torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32))
+        flags.append(
+            ("forward", torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
+        )
         out = forward(self, *a, **k)
         if out.requires_grad:
-            out.register_hook(lambda g: flags.append(("backward", torch.backends.cuda.matmul.allow_tf32
-                                                      or torch.backends.cudnn.allow_tf32)))
+            out.register_hook(
+                lambda g: flags.append(
+                    (
+                        "backward",
+                        torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32,
+                    )
+                )
+            )
         return out
 
     monkeypatch.setattr(C.UNet, "forward", recording)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        argv = ["train", *TINY, "--steps", 2, "--set", "stage_steps=1", "--set", "sample_every=2", "--set", "grid=4"]
+        argv = [
+            "train",
+            *TINY,
+            "--steps",
+            2,
+            "--set",
+            "stage_steps=1",
+            "--set",
+            "sample_every=2",
+            "--set",
+            "grid=4",
+        ]
         assert cli(C, [*argv, "--out", tmp_path]) == 0
-        assert cli(C, ["sample", "--ckpt", tmp_path / "ckpt.pt", "--n", 2, "--sample-steps", 2,
-                       "--out", tmp_path / "s.npz"]) == 0
+        assert (
+            cli(
+                C,
+                [
+                    "sample",
+                    "--ckpt",
+                    tmp_path / "ckpt.pt",
+                    "--n",
+                    2,
+                    "--sample-steps",
+                    2,
+                    "--out",
+                    tmp_path / "s.npz",
+                ],
+            )
+            == 0
+        )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert os.path.isfile(tmp_path / "samples_0000002.png")
@@ -390,9 +475,14 @@ def test_training_and_sampling_run_in_true_fp32(cli, tmp_path, monkeypatch):
 
 
 def test_attention_gets_the_head_dim_last_and_contiguous(monkeypatch):
-    """The fused attention kernels need q, k, v with a unit stride in the head dim (else the math path runs)."""
+    """The fused attention kernels need q, k, v with a unit stride in the head dim (else the math
+    path runs)."""
     seen, attention = [], common.attention
-    monkeypatch.setattr(common, "attention", lambda q, k, v, **kw: seen.append((q, k, v)) or attention(q, k, v, **kw))
+    monkeypatch.setattr(
+        common,
+        "attention",
+        lambda q, k, v, **kw: seen.append((q, k, v)) or attention(q, k, v, **kw),
+    )
     cfg = C.Config(**C.PRESETS["tiny"])
     C.UNet(cfg)(torch.randn(2, 3, 16, 16), torch.zeros(2))
     assert len(seen) == 4  # at 8x8: one down block, the middle, two up blocks
@@ -402,17 +492,20 @@ def test_attention_gets_the_head_dim_last_and_contiguous(monkeypatch):
 
 
 def test_consistency_residual_is_first_order_in_fp32_and_bf16_rounds_it_away():
-    """f(x_t, t) - f(x_r, r) is what the loss measures. Computed as training computes it by default (fp32), it is
-    first order in the gap: halving t - r halves it. bf16 keeps 8 significant bits, so rounding f's output alone moves
-    each value by up to 2^-9 of it: at this gap that is a seventh of the residual, and it does not shrink with the gap
-    as the residual does (ECT's curriculum shrinks it 2x per stage); under bf16 autocast the error of the residual is
-    at least of that size (bounds from bf16's precision, not from this CPU's kernels). Hence fp32 training. On this
-    tiny U-Net: fp32 ratio 1.98-2.00; the bf16 error measured here, 1.2x the residual."""
-    assert not C.Config().bf16 and not any(p.get("bf16") for p in C.PRESETS.values())  # fp32 unless asked
+    """f(x_t, t) - f(x_r, r) is what the loss measures. Computed as training computes it by default
+    (fp32), it is first order in the gap: halving t - r halves it. bf16 keeps 8 significant bits, so
+    rounding f's output alone moves each value by up to 2^-9 of it: at this gap that is a seventh of
+    the residual, and it does not shrink with the gap as the residual does (ECT's curriculum shrinks
+    it 2x per stage); under bf16 autocast the error of the residual is at least of that size (bounds
+    from bf16's precision, not from this CPU's kernels). Hence fp32 training. On this tiny U-Net:
+    fp32 ratio 1.98-2.00; the bf16 error measured here, 1.2x the residual."""
+    # fp32 unless asked
+    assert not C.Config().bf16 and not any(p.get("bf16") for p in C.PRESETS.values())
     cfg = C.Config(**C.PRESETS["tiny"])
     torch.manual_seed(0)
     model = C.Consistency(cfg).eval()
-    torch.nn.init.normal_(model.net.conv_out.weight, std=0.1)  # open the output and the residual branches
+    # open the output and the residual branches
+    torch.nn.init.normal_(model.net.conv_out.weight, std=0.1)
     for m in model.net.modules():
         if isinstance(m, C.ResBlock):
             torch.nn.init.normal_(m.conv2.weight, std=0.05)
@@ -436,31 +529,39 @@ def test_consistency_residual_is_first_order_in_fp32_and_bf16_rounds_it_away():
     one_rounding = 2**-9 * norm(f_t)  # bf16's rounding of f's output, at most
     assert (one_rounding > norm(r1) / 10).all()  # not small beside the residual
     b1 = f_at(t, bf16=True) - f_at(t - delta, bf16=True)
-    # two independent roundings of up to 2^-9 |f_i| each: a norm of about 0.47 of one_rounding; asked: a quarter
+    # two independent roundings of up to 2^-9 |f_i| each: a norm of about 0.47 of one_rounding;
+    # asked: a quarter
     assert (norm(b1 - r1) > one_rounding / 4).all()
-    c = 0.00054 * math.sqrt(x[0].numel())  # iCT's pseudo-Huber c (ECT's CIFAR-10 run has c = 0: the L2 norm)
+    # iCT's pseudo-Huber c (ECT's CIFAR-10 run has c = 0: the L2 norm)
+    c = 0.00054 * math.sqrt(x[0].numel())
     assert (one_rounding > c).all()  # and above the c that would set the loss's scale
 
 
 def test_toy_one_step_lands_on_data(cli, tmp_path):
-    """1,000 steps (6 stages of 166): 1-step W1 0.074-0.121 and 2-step 0.063-0.075 over seeds 0-3, init 0.381."""
+    """1,000 steps (6 stages of 166): 1-step W1 0.074-0.121 and 2-step 0.063-0.075 over seeds 0-3,
+    init 0.381."""
     assert cli(C, ["toy", "--toy-steps", 1000, "--out", tmp_path]) == 0
-    rows = {(r["model"], r["steps"]): r["distance"] for r in json.load(open(tmp_path / "toy.json"))["results"]}
+    rows = {
+        (r["model"], r["steps"]): r["distance"]
+        for r in json.load(open(tmp_path / "toy.json"))["results"]
+    }
     assert rows[("trained", 1)] < rows[("init", 1)] / 3, rows
     assert rows[("trained", 2)] < rows[("init", 1)] / 3, rows
     assert os.path.isfile(tmp_path / "toy.png")
 
 
 def test_resume_continues_exactly_across_a_stage_with_dropout(cli, logged_losses, tmp_path):
-    """The same command plus --resume continues bit for bit across the stage 0 -> 1 boundary, with dropout (the
-    masks' draws continue the saved stream)."""
+    """The same command plus --resume continues bit for bit across the stage 0 -> 1 boundary, with
+    dropout (the masks' draws continue the saved stream)."""
     run = ["train", *TINY, "--set", "dropout=0.1"]
     argv = [*run, "--steps", 4, "--out", tmp_path / "b"]
     assert cli(C, [*run, "--steps", 6, "--out", tmp_path / "a"]) == 0
     assert cli(C, argv) == 0
     assert cli(C, [*argv, "--resume", "--steps", 6]) == 0
     assert logged_losses(tmp_path / "b") == logged_losses(tmp_path / "a")
-    assert [json.loads(l)["stage"] for l in open(tmp_path / "a" / "log.jsonl")] == [0] * 5 + [1]
+    assert [json.loads(line)["stage"] for line in open(tmp_path / "a" / "log.jsonl")] == [0] * 5 + [
+        1
+    ]
 
 
 def test_sample_eval(cli, tmp_path, few_probe_images):
@@ -470,25 +571,56 @@ def test_sample_eval(cli, tmp_path, few_probe_images):
     assert cli(C, ["train", *TINY, "--steps", 1, "--out", one]) == 0
     grids = sorted(f for f in os.listdir(b) if f.startswith("samples_"))
     assert grids == [f"samples_{s:07d}.png" for s in (10, 20, 30, 40)] and not any(
-        f.startswith("samples_") for f in os.listdir(one))  # a grid only at multiples of sample_every
+        # a grid only at multiples of sample_every
+        f.startswith("samples_")
+        for f in os.listdir(one)
+    )
     for steps in (1, 2):
         out = tmp_path / f"s{steps}.npz"
-        assert cli(C, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sample-steps", steps, "--out", out]) == 0
+        assert (
+            cli(
+                C,
+                [
+                    "sample",
+                    "--ckpt",
+                    b / "ckpt.pt",
+                    "--n",
+                    6,
+                    "--sample-steps",
+                    steps,
+                    "--out",
+                    out,
+                ],
+            )
+            == 0
+        )
         arr = np.load(out)["arr_0"]
         assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
         assert len({image.tobytes() for image in arr}) == 6  # each image from its own noise
-    # eval of the run trained 40 steps beats eval of the same preset trained 1 step (same seed, same samples' noise)
+    # eval of the run trained 40 steps beats eval of the same preset trained 1 step (same seed, same
+    # samples' noise)
     for run in (b, one):
         assert cli(C, ["eval", "--ckpt", run / "ckpt.pt", "--n", 64]) == 0
     res, res1 = json.load(open(b / "eval.json")), json.load(open(one / "eval.json"))
-    assert res["step"] == 40 and res1["step"] == 1 and res["fd_model"] == "pixels" and res["n_samples"] == 64
-    assert res["fd"] < 0.85 * res1["fd"], (res["fd"], res1["fd"])  # measured: 41.3 vs 59.6 (2 steps: 40.1 vs 55.0)
+    assert (
+        res["step"] == 40
+        and res1["step"] == 1
+        and res["fd_model"] == "pixels"
+        and res["n_samples"] == 64
+    )
+    # measured: 41.3 vs 59.6 (2 steps: 40.1 vs 55.0)
+    assert res["fd"] < 0.85 * res1["fd"], (res["fd"], res1["fd"])
     assert res["fd_2step"] < 0.85 * res1["fd_2step"], (res["fd_2step"], res1["fd_2step"])
     # the floors are the same seeded U-Net at initialisation, whatever the run
     init = ("probe_linear_init", "probe_knn_init", "detail_r2_init")
     assert {k: res[k] for k in init} == {k: res1[k] for k in init}
-    assert "bottleneck" in res["probe"] and {"probe_linear", "probe_knn", "detail_r2_pixels"} <= set(res)
-    assert 0 <= res["detail_r2"] <= res["detail_r2_pixels"]  # bounded: 0 for no stripes, the images the ceiling
+    assert "bottleneck" in res["probe"] and {
+        "probe_linear",
+        "probe_knn",
+        "detail_r2_pixels",
+    } <= set(res)
+    # bounded: 0 for no stripes, the images the ceiling
+    assert 0 <= res["detail_r2"] <= res["detail_r2_pixels"]
     assert [t for t, _ in res["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 1.0, 2.0]
     assert all(0 <= a <= 1 for _, a in res["probe_linear_by_t"])
 
@@ -500,10 +632,13 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert cli(C, ["sample", "--ckpt", tmp_path / "nope.pt", "--out", tmp_path / "s.png"]) == 2
     assert ".npz" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("a file, not a folder")
-    for argv, words in ((["train", *TINY, "--set", "bf16=maybe", "--out", tmp_path / "y"], "bf16"),
-                        (["toy", "--toy-steps", -1, "--out", tmp_path / "t"], "--toy-steps"),
-                        (["toy", "--out", tmp_path / "a_file" / "t"], "--out")):
+    for argv, words in (
+        (["train", *TINY, "--set", "bf16=maybe", "--out", tmp_path / "y"], "bf16"),
+        (["toy", "--toy-steps", -1, "--out", tmp_path / "t"], "--toy-steps"),
+        (["toy", "--out", tmp_path / "a_file" / "t"], "--out"),
+    ):
         assert cli(C, argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, (argv, err)  # one line on stderr
-    assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "t")  # nothing written
+    # nothing written
+    assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "t")

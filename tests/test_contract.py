@@ -1,19 +1,22 @@
-"""The contract every method file keeps, tested the same way for each: the seven files here, and any file named in
-$REPDIFF_FILES (comma-separated paths), so that a copy of a method file is tested before it is changed:
+"""The contract every method file keeps, tested the same way for each: the seven files here, and any
+file named in $REPDIFF_FILES (comma-separated paths), so that a copy of a method file is tested
+before it is changed:
 
     cp jit_xpred.py myidea.py
     REPDIFF_FILES=myidea.py python -m pytest -q tests/test_contract.py -k myidea
 
-Each test id carries the file's name. The contract: `train --preset tiny` writes ckpt.pt (model, EMA, optimizer,
-step, config, RNG), log.jsonl and a sample grid; the same command plus `--resume` continues exactly; `--resume --lr`
-applies and prints the new lr, `--resume --batch-size` is refused; `sample` writes an .npz of uint8 [N, H, W, 3];
-`eval` writes eval.json with the keys every file shares; bad input is one line on stderr and exit code 2, the run's
-checkpoint untouched; torchrun with two processes trains every stage.
+Each test id carries the file's name. The contract: `train --preset tiny` writes ckpt.pt (model,
+EMA, optimizer, step, config, RNG), log.jsonl and a sample grid; the same command plus `--resume`
+continues exactly; `--resume --lr` applies and prints the new lr, `--resume --batch-size` is
+refused; `sample` writes an .npz of uint8 [N, H, W, 3]; `eval` writes eval.json with the keys every
+file shares; bad input is one line on stderr and exit code 2, the run's checkpoint untouched;
+torchrun with two processes trains every stage.
 
-How a file trains the network it samples from follows from the commands it offers (pipeline() below): a file with
-`train-decoder` (rae.py) trains its first stage before `train --decoder`, one with `train-rdm` (rcg.py) trains the
-representation model that `sample` and `eval` read with `--rdm`, and one with `train-gen` (decoupled_latent.py)
-samples from `train-gen --ae` over the autoencoder that its `train` makes.
+How a file trains the network it samples from follows from the commands it offers (pipeline()
+below): a file with `train-decoder` (rae.py) trains its first stage before `train --decoder`, one
+with `train-rdm` (rcg.py) trains the representation model that `sample` and `eval` read with
+`--rdm`, and one with `train-gen` (decoupled_latent.py) samples from `train-gen --ae` over the
+autoencoder that its `train` makes.
 """
 
 import contextlib
@@ -27,7 +30,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_cli
 
 METHOD_FILES = [
@@ -68,8 +70,8 @@ def commands(module):
 
 
 def pipeline(module, folder):
-    """What the file's sampler needs trained first -> (that first stage's argv or None, the train argv, the extra
-    argv of sample and eval); the first stage writes folder / "first_stage"."""
+    """What the file's sampler needs trained first -> (that first stage's argv or None, the train
+    argv, the extra argv of sample and eval); the first stage writes folder / "first_stage"."""
     cmds = commands(module)
     first = folder / "first_stage"
     stage = [*TINY, "--steps", 2, "--out", first]
@@ -86,16 +88,26 @@ def losses(run):
     return [json.loads(line)["loss"] for line in open(run / "log.jsonl")]
 
 
-@pytest.fixture(scope="module", params=FILES, ids=lambda f: os.path.splitext(os.path.basename(f))[0])
+@pytest.fixture(
+    scope="module", params=FILES, ids=lambda f: os.path.splitext(os.path.basename(f))[0]
+)
 def trained(request, tmp_path_factory):
-    """A file's tiny run of 4 steps -> dict(module, folder, train argv, sample/eval argv, run folder)."""
+    """A file's tiny run of 4 steps -> dict(module, folder, train argv, sample/eval argv, run
+    folder)."""
     module = load(request.param)
     folder = tmp_path_factory.mktemp(module.__name__)
     first_stage, train, extra = pipeline(module, folder)
     assert first_stage is None or run_cli(module, first_stage) == 0
     run = folder / "a"
     assert run_cli(module, [*train, *TINY, "--steps", 4, "--out", run]) == 0
-    return dict(module=module, folder=folder, train=train, extra=extra, run=run, index=FILES.index(request.param))
+    return dict(
+        module=module,
+        folder=folder,
+        train=train,
+        extra=extra,
+        run=run,
+        index=FILES.index(request.param),
+    )
 
 
 def test_train_writes_checkpoint_log_and_grid(trained):
@@ -107,7 +119,11 @@ def test_train_writes_checkpoint_log_and_grid(trained):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) for r in rows)
     # the EMA is not the model: it moved towards it from the initial weights
-    assert any(not torch.equal(ckpt["model"][k], v) for k, v in ckpt["ema"].items() if v.is_floating_point())
+    assert any(
+        not torch.equal(ckpt["model"][k], v)
+        for k, v in ckpt["ema"].items()
+        if v.is_floating_point()
+    )
     grids = sorted(f for f in os.listdir(run) if f.endswith(".png"))
     assert grids == ["samples_0000002.png", "samples_0000004.png"]
 
@@ -122,8 +138,9 @@ def test_resume_continues_exactly(trained):
 
 
 def test_resume_changes_the_lr_and_refuses_the_batch_size(trained, capsys):
-    """A 1-step run resumed to 3 steps twice: with --lr halved (printed, saved, and the step's lr is another than
-    without it, whatever the file's schedule) and as it was; then --batch-size is refused, the checkpoint untouched."""
+    """A 1-step run resumed to 3 steps twice: with --lr halved (printed, saved, and the step's lr is
+    another than without it, whatever the file's schedule) and as it was; then --batch-size is
+    refused, the checkpoint untouched."""
     module, c, same = trained["module"], trained["folder"] / "c", trained["folder"] / "c_same"
     argv = [*trained["train"], *TINY, "--out", c]
     assert run_cli(module, [*argv, "--steps", 1]) == 0
@@ -155,7 +172,8 @@ def test_sample_writes_uint8_nhwc(trained):
 
 
 def test_eval_writes_the_shared_keys(trained, few_probe_images):
-    """eval's code path with its probes on 200 / 100 images (the keys are the contract, not the figures)."""
+    """eval's code path with its probes on 200 / 100 images (the keys are the contract, not the
+    figures)."""
     module, run = trained["module"], trained["run"]
     few_probe_images(200, 100)
     argv = ["eval", "--ckpt", run / "ckpt.pt", "--n", 20, "--device", "cpu", *trained["extra"]]
@@ -206,7 +224,8 @@ def bad_inputs(trained, tmp):
         ["sample", "--ckpt", garbage, "--out", tmp / "s.npz", *extra],
         [*sample[:4], 0, "--out", tmp / "s.npz"],  # --n 0
         ["eval", "--ckpt", other, *extra],  # another file's checkpoint
-        ["eval", "--ckpt", eval_dir / "ckpt.pt", "--device", "cpu", *extra],  # eval.json cannot be written
+        # eval.json cannot be written
+        ["eval", "--ckpt", eval_dir / "ckpt.pt", "--device", "cpu", *extra],
         ["eval", "--ckpt", run / "ckpt.pt", "--fd-model", "no-such-net", *extra],
     ]
     if not torch.cuda.is_available():
@@ -227,20 +246,37 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
 
 
 def test_torchrun_two_processes(trained, torchrun, tmp_path):
-    """DDP on two CPU processes (gloo), every stage the file trains: both ranks train (every parameter gets a
-    gradient, else DDP stops at the second step), rank 0 writes the run. (test_jit checks the logged loss against
-    both ranks' own and runs eval there: both ranks sample, rank 0 writes.)"""
+    """DDP on two CPU processes (gloo), every stage the file trains: both ranks train (every
+    parameter gets a gradient, else DDP stops at the second step), rank 0 writes the run. (test_jit
+    checks the logged loss against both ranks' own and runs eval there: both ranks sample, rank 0
+    writes.)"""
     module = trained["module"]
     first_stage, train, _ = pipeline(module, tmp_path)
     port = 29600 + 4 * trained["index"]
     # on 64 images: each process encodes the data set, where a file has a frozen encoder
     runs = [[*first_stage, "--data", "shapes:64"]] if first_stage else []
-    runs.append([*train, *TINY, "--data", "shapes:64", "--steps", 2, "--batch-size", 4, "--out", tmp_path / "ddp"])
+    runs.append(
+        [
+            *train,
+            *TINY,
+            "--data",
+            "shapes:64",
+            "--steps",
+            2,
+            "--batch-size",
+            4,
+            "--out",
+            tmp_path / "ddp",
+        ]
+    )
     for i, argv in enumerate(runs):
-        # "--" before the file: else torchrun's own parser reads the file's --n as an abbreviation of its options
+        # "--" before the file: else torchrun's own parser reads the file's --n as an abbreviation
+        # of its options
         r = torchrun("--", [module.__file__, *argv], port + i)
         assert r.returncode == 0, r.stderr[-2000:]
         run = argv[argv.index("--out") + 1]
         steps = int(argv[argv.index("--steps") + 1])
-        assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(range(1, steps + 1))
+        assert [json.loads(line)["step"] for line in open(run / "log.jsonl")] == list(
+            range(1, steps + 1)
+        )
         assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == steps

@@ -1,4 +1,6 @@
-"""Data at scale: image folders decoded once into a memory-mapped cache, folders of .npy files, ImageArray."""
+"""Data at scale: image folders decoded once into a memory-mapped cache, folders of .npy files,
+ImageArray."""
+
 import os
 
 import numpy as np
@@ -12,6 +14,7 @@ import jit_xpred as J
 def write_folder(root, n=6, size=12, classes=("a", "b"), seed=0):
     """-> the images in load order, uint8 [N,3,size,size] (class by class, files sorted)."""
     from PIL import Image
+
     rng, out = np.random.default_rng(seed), []
     for split in ("train", "test"):
         for c in classes:
@@ -27,11 +30,14 @@ def write_folder(root, n=6, size=12, classes=("a", "b"), seed=0):
 def decodes(monkeypatch):
     """-> a list that records every image the cache decodes."""
     seen, read = [], common._read_image
-    monkeypatch.setattr(common, "_read_image", lambda path, size: seen.append(path) or read(path, size))
+    monkeypatch.setattr(
+        common, "_read_image", lambda path, size: seen.append(path) or read(path, size)
+    )
     return seen
 
 
-def load(spec, split="train", size=12):  # past load_images' in-process cache: what a new run would see
+# past load_images' in-process cache: what a new run would see
+def load(spec, split="train", size=12):
     return common.load_images.__wrapped__(str(spec), split, size)
 
 
@@ -58,13 +64,19 @@ def test_folder_is_decoded_once_then_memory_mapped(tmp_path, decodes):
 
 def test_a_changed_folder_is_decoded_again(tmp_path, decodes):
     from PIL import Image
+
     write_folder(tmp_path / "f")
     load(tmp_path / "f")
-    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "f" / "train" / "b" / "99.png")  # a new image
+    # a new image
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(tmp_path / "f" / "train" / "b" / "99.png")
     x, y, _ = load(tmp_path / "f")
     assert len(decodes) == 25 and len(x) == 13 and y[-1] == 1 and x[-1].max() == 0
-    Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(tmp_path / "f" / "train" / "b" / "99.png")  # rewritten
-    os.utime(tmp_path / "f" / "train" / "b" / "99.png", ns=(1, 1))  # a different mtime, whatever the clock
+    # rewritten
+    Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(
+        tmp_path / "f" / "train" / "b" / "99.png"
+    )
+    # a different mtime, whatever the clock
+    os.utime(tmp_path / "f" / "train" / "b" / "99.png", ns=(1, 1))
     x, _, _ = load(tmp_path / "f")
     assert len(decodes) == 38 and x[-1].min() == 7
     assert len(cache_files(tmp_path)) == 1  # rebuilt in place: one file per (folder, size, split)
@@ -99,20 +111,30 @@ def test_npy_folder_batches_equal_in_memory_batches(tmp_path):
     np.save(tmp_path / "d" / "train_images.npy", imgs)
     np.save(tmp_path / "d" / "train_labels.npy", labels)
     x, y, k = load(tmp_path / "d", "train", 8)
-    assert isinstance(x, common.ImageArray) and x.shape == (45, 3, 8, 8) and k == int(labels.max()) + 1
+    assert (
+        isinstance(x, common.ImageArray) and x.shape == (45, 3, 8, 8) and k == int(labels.max()) + 1
+    )
     rows = common.split_rows(50, "train")  # no test_images.npy: the seeded 90/10 split
-    ref_x, ref_y = torch.from_numpy(imgs[rows].transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels[rows])
+    ref_x, ref_y = (
+        torch.from_numpy(imgs[rows].transpose(0, 3, 1, 2).copy()),
+        torch.from_numpy(labels[rows]),
+    )
     for seed, step, rank in ((0, 0, 0), (0, 7, 1), (3, 2, 0)):
         a = common.batch(x, y, 16, seed, step, rank, flip=True, device="cpu")
         b = common.batch(ref_x, ref_y, 16, seed, step, rank, flip=True, device="cpu")
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(x[-1], ref_x[-1]) and torch.equal(x[2:5], ref_x[2:5]) and torch.equal(x[3], ref_x[3])
+    assert (
+        torch.equal(x[-1], ref_x[-1])
+        and torch.equal(x[2:5], ref_x[2:5])
+        and torch.equal(x[3], ref_x[3])
+    )
     with pytest.raises(IndexError):
         x[45]
     # another side: resized per batch exactly as an in-memory dataset is resized once
     x16 = load(tmp_path / "d", "train", 16)[0]
-    assert x16.shape == (45, 3, 16, 16) and torch.equal(x16[[4, 0]], torch.from_numpy(common._resize(ref_x.numpy(),
-                                                                                                      16))[[4, 0]])
+    assert x16.shape == (45, 3, 16, 16) and torch.equal(
+        x16[[4, 0]], torch.from_numpy(common._resize(ref_x.numpy(), 16))[[4, 0]]
+    )
     # its own test split, and MNIST-like single-channel images
     np.save(tmp_path / "d" / "test_images.npy", imgs[:7, :, :, :1])
     xt, yt, _ = load(tmp_path / "d", "test", 8)
@@ -138,7 +160,19 @@ def test_bad_npy_folders_are_usage_errors(tmp_path):
 def test_train_on_a_cached_folder_and_the_cache_flag(cli, tmp_path, capsys):
     write_folder(tmp_path / "f", size=16)
     cache = tmp_path / "elsewhere"
-    argv = ["train", "--preset", "tiny", "--device", "cpu", "--data", tmp_path / "f", "--image-size", 16, "--steps", 2]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--data",
+        tmp_path / "f",
+        "--image-size",
+        16,
+        "--steps",
+        2,
+    ]
     assert cli(J, [*argv, "--cache", cache, "--out", tmp_path / "run"]) == 0
     assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 1
     blocked = tmp_path / "file"
@@ -149,12 +183,30 @@ def test_train_on_a_cached_folder_and_the_cache_flag(cli, tmp_path, capsys):
 
 
 def test_two_ranks_share_one_decode(torchrun, tmp_path):
-    """torchrun, 2 CPU processes on one folder with no cache yet: the lock lets one rank decode; the other finds the
-    finished file (one "decoding" line, one cache file), and both train on it."""
+    """torchrun, 2 CPU processes on one folder with no cache yet: the lock lets one rank decode; the
+    other finds the finished file (one "decoding" line, one cache file), and both train on it."""
     write_folder(tmp_path / "f", size=16)
-    argv = ["train", "--preset", "tiny", "--device", "cpu", "--data", tmp_path / "f", "--image-size", 16, "--steps", 2,
-            "--cache", tmp_path / "c", "--out", tmp_path / "run"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--data",
+        tmp_path / "f",
+        "--image-size",
+        16,
+        "--steps",
+        2,
+        "--cache",
+        tmp_path / "c",
+        "--out",
+        tmp_path / "run",
+    ]
     r = torchrun("jit_xpred.py", argv, 29541)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stderr.count("decoding") == 1 and len([f for f in os.listdir(tmp_path / "c") if f.endswith(".npy")]) == 1
+    assert (
+        r.stderr.count("decoding") == 1
+        and len([f for f in os.listdir(tmp_path / "c") if f.endswith(".npy")]) == 1
+    )
     assert (tmp_path / "run" / "ckpt.pt").exists()

@@ -1,4 +1,7 @@
-import argparse, json, os, textwrap
+import argparse
+import json
+import os
+import textwrap
 
 import numpy as np
 import pytest
@@ -21,8 +24,12 @@ def test_split_sizes():
     z_u, tokens = m.encode(x)
     assert z_u.shape == (3, 16) and tokens.shape == (3, 16, 5)
     parts = m.parts(z_u, tokens)
-    assert {k: v.shape[1] for k, v in parts.items()} == dict(z_u=16, z_s=32, z_d=48, z_us=48, all=96)
-    assert torch.equal(parts["z_d"], tokens[..., 2:].flatten(1)) and torch.equal(parts["all"][:, :16], z_u)
+    assert {k: v.shape[1] for k, v in parts.items()} == dict(
+        z_u=16, z_s=32, z_d=48, z_us=48, all=96
+    )
+    assert torch.equal(parts["z_d"], tokens[..., 2:].flatten(1)) and torch.equal(
+        parts["all"][:, :16], z_u
+    )
     with pytest.raises(common.UsageError, match="divide"):
         _model(split=[16, 15, 16])
 
@@ -31,17 +38,24 @@ def test_dropping_z_d_zeroes_only_z_d():
     m = _model()
     seen = []
     m.decoder.register_forward_pre_hook(lambda mod, a: seen.append([t.clone() for t in a]))
-    z_u, tokens = torch.randn(2, 16), torch.randn(2, 16, 2)  # split 16/16/16: one z_s and one z_d channel a token
+    # split 16/16/16: one z_s and one z_d channel a token
+    z_u, tokens = torch.randn(2, 16), torch.randn(2, 16, 2)
     m.decode(z_u, tokens, torch.tensor([True, False]))
-    (u, tok), = seen
+    ((u, tok),) = seen
     assert torch.equal(u, z_u) and torch.equal(tok[0], tokens[0])  # kept: unchanged
-    assert torch.equal(tok[1, :, 0], tokens[1, :, 0]) and (tok[1, :, 1] == 0).all()  # dropped: z_d is 0, z_s kept
+    # dropped: z_d is 0, z_s kept
+    assert torch.equal(tok[1, :, 0], tokens[1, :, 0]) and (tok[1, :, 1] == 0).all()
 
 
 def test_reconstruction_does_not_reach_z_u():
-    """detach_u: the decoder reads z_u, but L_rec sends E_u no gradient; without it (or in the control) it does."""
+    """detach_u: the decoder reads z_u, but L_rec sends E_u no gradient; without it (or in the
+    control) it does."""
     x = torch.rand(4, 3, 16, 16) * 2 - 1
-    for kw, reaches in ((dict(), False), (dict(detach_u=False), True), (dict(decouple=False), True)):
+    for kw, reaches in (
+        (dict(), False),
+        (dict(detach_u=False), True),
+        (dict(decouple=False), True),
+    ):
         m = _model(sem_coeff=0.0, drop_d=0.0, **kw)
         m(x)[0].backward()
         g = sum(p.grad.abs().sum() for p in m.enc_u.parameters() if p.grad is not None)
@@ -56,18 +70,24 @@ def test_lowpass_target_is_a_gaussian_blur():
     y = common.gaussian_blur(x, sigma)
     r = torch.arange(16.0) - 8
     g = torch.exp(-0.5 * (r / sigma) ** 2)
-    g = g / g[8 - 5:8 + 6].sum()  # the kernel is cut at 3 sigma (radius 5)
+    g = g / g[8 - 5 : 8 + 6].sum()  # the kernel is cut at 3 sigma (radius 5)
     expected = torch.outer(g, g)
     expected[(r.abs() > 5)[:, None] | (r.abs() > 5)[None]] = 0
     assert torch.allclose(y[0, 0], expected, atol=1e-6)
-    assert torch.allclose(common.gaussian_blur(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 2.0]), 2.0),
-                          torch.full((2, 3, 16, 16), 0.3), atol=1e-6)  # a constant image is its own low pass
+    assert torch.allclose(
+        common.gaussian_blur(torch.full((2, 3, 16, 16), 0.3), torch.tensor([0.5, 2.0]), 2.0),
+        # a constant image is its own low pass
+        torch.full((2, 3, 16, 16), 0.3),
+        atol=1e-6,
+    )
     m = _model()
-    assert torch.allclose(m.lowpass(x), common.gaussian_blur(x, m.cfg.lowpass))  # in pixels, at any size
+    # in pixels, at any size
+    assert torch.allclose(m.lowpass(x), common.gaussian_blur(x, m.cfg.lowpass))
 
 
 def test_info_nce_by_hand():
-    """SimCLR's NT-Xent: view i of 2B picks its other view among the other 2B - 1, cosine similarities over tau."""
+    """SimCLR's NT-Xent: view i of 2B picks its other view among the other 2B - 1, cosine
+    similarities over tau."""
     g = torch.Generator().manual_seed(0)
     h1, h2 = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     z = torch.nn.functional.normalize(torch.cat([h1, h2]), dim=-1)
@@ -77,7 +97,8 @@ def test_info_nce_by_hand():
         logits = torch.stack([z[i] @ z[j] / 0.2 for j in others])
         total -= torch.log_softmax(logits, 0)[others.index((i + 3) % 6)]
     assert DL.info_nce(h1, h2, 0.2).item() == pytest.approx(total.item() / 6, rel=1e-5)
-    assert DL.info_nce(h1, h1 * 3, 0.05).item() < 0.01  # the two views agree: the loss vanishes at a low tau
+    # the two views agree: the loss vanishes at a low tau
+    assert DL.info_nce(h1, h1 * 3, 0.05).item() < 0.01
 
 
 def test_views_remove_colour_and_pose_but_keep_the_image():
@@ -88,7 +109,8 @@ def test_views_remove_colour_and_pose_but_keep_the_image():
     assert v1.shape == x.shape and v1.min() >= -1 and v1.max() <= 1
     assert (v1 - v2).abs().mean() > 0.1  # two views differ
     cfg.crop_scale, cfg.jitter, cfg.blur = [1.0, 1.0], 0.0, [1e-4, 1e-4]
-    # no jitter, no blur, a full crop: only rotation, flip and channel order change, so the sorted values survive
+    # no jitter, no blur, a full crop: only rotation, flip and channel order change, so the sorted
+    # values survive
     v = DL.views(torch.full((2, 3, 16, 16), 0.2), cfg)
     assert torch.allclose(v, torch.full_like(v, 0.2), atol=1e-5)
 
@@ -105,13 +127,14 @@ def test_shape_factors_match_what_was_drawn():
             mask = np.abs(img.transpose(1, 2, 0) / 255 - bg).sum(-1) > 0.3
             yy, xx = np.nonzero(mask)
             assert abs(xx.mean() - p["cx"]) < 1.0 and abs(yy.mean() - p["cy"]) < 1.0
-            assert f[i, 6].item() * 32 + 15.5 == pytest.approx(p["cx"], abs=1e-4)  # offset from the centre / side
+            # offset from the centre / side
+            assert f[i, 6].item() * 32 + 15.5 == pytest.approx(p["cx"], abs=1e-4)
     assert all(("stripe" in k) == (j >= 11) for j, k in enumerate(common.FACTORS))
 
 
 def test_r2_read_outs():
-    """Linear ridge: a linear factor is read exactly, one that is an even function of the features not at all; the MLP
-    reads both (the stripe case: a waveform whose phase varies)."""
+    """Linear ridge: a linear factor is read exactly, one that is an even function of the features
+    not at all; the MLP reads both (the stripe case: a waveform whose phase varies)."""
     g = torch.Generator().manual_seed(0)
     f = torch.randn(3000, 4, generator=g)
     v = torch.stack([2 * f[:, 0] - f[:, 1], f[:, 2] ** 2 + f[:, 3] ** 2], 1)  # [N, 2]
@@ -122,8 +145,8 @@ def test_r2_read_outs():
 
 
 def test_resume_continues_exactly(cli, logged_losses, tmp_path):
-    """The same command plus --resume continues the run bit for bit (every training flag is a Config field: here the
-    control's --no-decouple, which test_contract's tiny run does not set)."""
+    """The same command plus --resume continues the run bit for bit (every training flag is a Config
+    field: here the control's --no-decouple, which test_contract's tiny run does not set)."""
     a, b = tmp_path / "a", tmp_path / "b"
     argv = ["train", *TINY, "--no-decouple", "--steps", 4, "--out", b]
     assert cli(DL, ["train", *TINY, "--no-decouple", "--steps", 6, "--out", a]) == 0
@@ -131,91 +154,129 @@ def test_resume_continues_exactly(cli, logged_losses, tmp_path):
     assert cli(DL, [*argv, "--resume", "--steps", 6]) == 0
     assert logged_losses(b) == logged_losses(a)
     row = json.loads(open(a / "log.jsonl").readline())
-    assert row["loss"] == pytest.approx(row["loss_rec"] + row["loss_sem"], rel=1e-5)  # the terms forward returns
+    # the terms forward returns
+    assert row["loss"] == pytest.approx(row["loss_rec"] + row["loss_sem"], rel=1e-5)
 
 
 def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch, few_probe_images):
     few_probe_images(200, 100)
     b = tmp_path / "b"
     assert cli(DL, ["train", *TINY, "--steps", 11, "--out", b]) == 0
-    assert [f for f in os.listdir(b) if f.endswith(".png")] == ["samples_0000010.png"]  # at multiples of sample_every
+    # at multiples of sample_every
+    assert [f for f in os.listdir(b) if f.endswith(".png")] == ["samples_0000010.png"]
     assert cli(DL, ["eval", "--ckpt", b / "ckpt.pt", "--device", "cpu"]) == 0
     res = json.load(open(b / "eval.json"))
     assert set(res["parts"]) == {"z_u", "z_s", "z_d", "z_us", "all"} and res["fd"] is None
     assert res["probe_linear"] == res["parts"]["z_u"]["probe_linear"]
     assert res["probe_linear_init"] == res["parts_init"]["z_u"]["probe_linear"]
     for key in ("detail_r2", "detail_r2_drop_d", "detail_r2_init", "detail_r2_pixels"):
-        assert isinstance(res[key], float) and 0 <= res[key] <= 1, key  # R^2 clipped at 0: 0 when it is lost
+        # R^2 clipped at 0: 0 when it is lost
+        assert isinstance(res[key], float) and 0 <= res[key] <= 1, key
     for key in ("r2", "r2_mlp"):
-        assert [k for k in res["parts"]["z_d"][key] if "stripe" in k] == [k for k in common.FACTORS if "stripe" in k]
+        assert [k for k in res["parts"]["z_d"][key] if "stripe" in k] == [
+            k for k in common.FACTORS if "stripe" in k
+        ]
     # export: common.load_encoder gives E_u's global token, from which z_u is one linear map
     assert cli(DL, ["export-encoder", "--ckpt", b / "ckpt.pt", "--out", tmp_path / "enc.pt"]) == 0
     enc = common.load_encoder(str(tmp_path / "enc.pt"))
     cfg, ae = DL.load_ae(str(b / "ckpt.pt"), "cpu")
     x = torch.rand(3, 3, 16, 16) * 2 - 1
-    assert enc.resolution is None and torch.allclose(ae.head_u(enc(x)[0]), ae.encode(x)[0], atol=1e-4)
-    # stage 2 on the latent: grids only at multiples of sample_every, of `grid` images, with the run's sampler steps
+    assert enc.resolution is None and torch.allclose(
+        ae.head_u(enc(x)[0]), ae.encode(x)[0], atol=1e-4
+    )
+    # stage 2 on the latent: grids only at multiples of sample_every, of `grid` images, with the
+    # run's sampler steps
     calls, sample = [], DL.LatentGenerator.sample
-    monkeypatch.setattr(DL.LatentGenerator, "sample", lambda self, n, **k: calls.append((n, k.get("steps"))) or
-                        sample(self, n, **k))
+    monkeypatch.setattr(
+        DL.LatentGenerator,
+        "sample",
+        lambda self, n, **k: calls.append((n, k.get("steps"))) or sample(self, n, **k),
+    )
     g = tmp_path / "g"
-    assert cli(DL, ["train-gen", *TINY, "--steps", 7, "--set", "grid=8", "--set", "sample_every=3", "--ae",
-                    b / "ckpt.pt", "--out", g]) == 0
+    assert (
+        cli(
+            DL,
+            [
+                "train-gen",
+                *TINY,
+                "--steps",
+                7,
+                "--set",
+                "grid=8",
+                "--set",
+                "sample_every=3",
+                "--ae",
+                b / "ckpt.pt",
+                "--out",
+                g,
+            ],
+        )
+        == 0
+    )
     assert calls == [(8, None), (8, None)]
     # sample and eval honour --compile (the decoder and the DiT) and --sample-steps
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(type(m).__name__) or m)
-    assert cli(DL, ["sample", "--ckpt", g / "ckpt.pt", "--n", 5, "--out", tmp_path / "s.npz", "--device", "cpu",
-                    "--sample-steps", 2, "--compile"]) == 0
+    assert (
+        cli(
+            DL,
+            [
+                "sample",
+                "--ckpt",
+                g / "ckpt.pt",
+                "--n",
+                5,
+                "--out",
+                tmp_path / "s.npz",
+                "--device",
+                "cpu",
+                "--sample-steps",
+                2,
+                "--compile",
+            ],
+        )
+        == 0
+    )
     assert compiled == ["Decoder", "LatentDiT"] and calls[-1] == (5, 2)
-    *_, gen = DL.load_any(argparse.Namespace(ckpt=str(b / "ckpt.pt"), device="cpu", compile=True))  # stage 1
+    # stage 1
+    *_, gen = DL.load_any(argparse.Namespace(ckpt=str(b / "ckpt.pt"), device="cpu", compile=True))
     assert gen is None and compiled == ["Decoder", "LatentDiT", "Decoder"]
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (5, 16, 16, 3)
     assert cli(DL, ["eval", "--ckpt", g / "ckpt.pt", "--n", 50, "--device", "cpu"]) == 0
     res_g = json.load(open(g / "eval.json"))
     assert res_g["n_samples"] == 50 and res_g["parts"] == res["parts"]  # the same autoencoder
     # the FD is that of the samples `sample` draws with eval's seed and batch, to the training split
-    assert cli(DL, ["sample", "--ckpt", g / "ckpt.pt", "--n", 50, "--out", tmp_path / "s50.npz"]) == 0
-    made = common.to_float(torch.from_numpy(np.load(tmp_path / "s50.npz")["arr_0"]).permute(0, 3, 1, 2))
-    fd = common.fd_to_train(common.FDFeatures("pixels", torch.device("cpu")), made, "shapes:1000", 16)
+    assert (
+        cli(DL, ["sample", "--ckpt", g / "ckpt.pt", "--n", 50, "--out", tmp_path / "s50.npz"]) == 0
+    )
+    made = common.to_float(
+        torch.from_numpy(np.load(tmp_path / "s50.npz")["arr_0"]).permute(0, 3, 1, 2)
+    )
+    fd = common.fd_to_train(
+        common.FDFeatures("pixels", torch.device("cpu")), made, "shapes:1000", 16
+    )
     assert res_g["fd"] == pytest.approx(fd, rel=0.02)  # uint8 rounding apart
     # the docstring's snippet samples from the stage-2 checkpoint
-    snippet = textwrap.dedent(DL.__doc__.split("in Python:\n")[1]).replace("runs/dl_gen/ckpt.pt", str(g / "ckpt.pt"))
+    snippet = textwrap.dedent(DL.__doc__.split("in Python:\n")[1]).replace(
+        "runs/dl_gen/ckpt.pt", str(g / "ckpt.pt")
+    )
     scope = {}
     exec(snippet, scope)
     assert scope["x"].shape == (8, 3, 16, 16)
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
-    for argv in (["train", *TINY, "--set", "split=16,16", "--out", tmp_path / "x"],
-                 ["train", *TINY, "--set", "drop_d=1.5", "--out", tmp_path / "x"],
-                 ["train", *TINY, "--image-size", 18, "--out", tmp_path / "x"],
-                 ["train-gen", *TINY, "--ae", tmp_path / "none.pt", "--out", tmp_path / "x"],
-                 ["export-encoder", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "e.pt"]):
+    for argv in (
+        ["train", *TINY, "--set", "split=16,16", "--out", tmp_path / "x"],
+        ["train", *TINY, "--set", "drop_d=1.5", "--out", tmp_path / "x"],
+        ["train", *TINY, "--image-size", 18, "--out", tmp_path / "x"],
+        ["train-gen", *TINY, "--ae", tmp_path / "none.pt", "--out", tmp_path / "x"],
+        ["export-encoder", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "e.pt"],
+    ):
         assert cli(DL, argv) == 2, argv
         assert capsys.readouterr().err.count("\n") == 1
     assert cli(DL, ["train", *TINY, "--steps", 2, "--out", tmp_path / "ae"]) == 0
-    assert cli(DL, ["sample", "--ckpt", tmp_path / "ae" / "ckpt.pt", "--out", tmp_path / "s.npz"]) == 2
+    assert (
+        cli(DL, ["sample", "--ckpt", tmp_path / "ae" / "ckpt.pt", "--out", tmp_path / "s.npz"]) == 2
+    )
     assert "train-gen" in capsys.readouterr().err
-
-
-def test_torchrun_two_cpu_processes(torchrun, cli, tmp_path, monkeypatch):
-    """DDP (gloo), with a frozen encoder (test_contract's run has none): the logged step-1 loss is the mean of the two
-    ranks' losses, each recomputed here in one process."""
-    r = torchrun("decoupled_latent.py", ["train", *TINY, "--encoder", "random-vit-s@28", "--steps", 3, "--out",
-                                         tmp_path], 29535)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
-    assert [row["step"] for row in rows] == [1, 2, 3]
-    cfg = DL.Config(**torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"])
-    images, labels, _ = common.load_images(cfg.data, "train", cfg.image_size)
-    encoder = common.load_encoder(cfg.encoder)
-    losses = []
-    for rank in (0, 1):
-        torch.manual_seed(cfg.seed)
-        model = DL.DecoupledAE(cfg, encoder.dim)
-        torch.manual_seed(cfg.seed * 1_000_003 + rank)
-        x, _ = common.batch(images, labels, cfg.batch_size // 2, cfg.seed, 0, rank, flip=True, device="cpu")
-        losses.append(model(x, encoder(x)[0])[0].item())
-    assert losses[0] != losses[1]
-    assert rows[0]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)

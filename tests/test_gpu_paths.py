@@ -1,10 +1,13 @@
-"""The paths a GPU user runs (bf16 autocast, true fp32, serialised downloads), exercised on a CPU."""
-import os, threading, time
+"""The paths a GPU user runs (bf16 autocast, true fp32, serialised downloads), exercised on a
+CPU."""
+
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 
@@ -12,17 +15,19 @@ CPU = torch.device("cpu")
 
 
 def test_attention_fp32_stays_fp32_under_bf16_autocast(monkeypatch):
-    """autocast would cast q, k, v straight back to bf16 inside scaled_dot_product_attention: fp32=True must not."""
+    """autocast would cast q, k, v straight back to bf16 inside scaled_dot_product_attention:
+    fp32=True must not."""
     monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 64, 32, generator=g) for _ in range(3))
-    exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32 ** 0.5, -1) @ v.double()
+    exact = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 32**0.5, -1) @ v.double()
     with common.autocast(CPU):
         fp32 = common.attention(q, k, v, fp32=True)
         bf16 = common.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     assert fp32.dtype == torch.float32
     assert (fp32.double() - exact).abs().max() < 1e-5
-    assert (bf16.double() - exact).abs().max() > 1e-3  # what plain bf16 gives: the switch is what is measured
+    # what plain bf16 gives: the switch is what is measured
+    assert (bf16.double() - exact).abs().max() > 1e-3
 
 
 def test_cpu_bf16_switch_turns_autocast_on(monkeypatch):
@@ -34,12 +39,14 @@ def test_cpu_bf16_switch_turns_autocast_on(monkeypatch):
     monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
     with common.autocast(CPU):
         assert lin(x).dtype == torch.bfloat16
-        with common.autocast(CPU, enabled=False):  # a region that promises fp32 stays fp32 inside a bf16 one
+        # a region that promises fp32 stays fp32 inside a bf16 one
+        with common.autocast(CPU, enabled=False):
             assert lin(x).dtype == torch.float32
 
 
 def test_fp32_regions_turn_tf32_off_and_put_it_back():
-    """setup_dist turns TF32 on for a GPU run; where a file promises fp32 (enabled=False) it is off inside."""
+    """setup_dist turns TF32 on for a GPU run; where a file promises fp32 (enabled=False) it is off
+    inside."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -54,15 +61,18 @@ def test_blur_radius_comes_from_the_bound_not_the_tensor():
     x = torch.randn(2, 3, 16, 16)
     sigma = torch.tensor([0.5, 1.0])
     with pytest.raises(ValueError):
-        common.gaussian_blur(x, sigma)  # reading sigma.max() would sync a GPU and break a compiled graph
+        # reading sigma.max() would sync a GPU and break a compiled graph
+        common.gaussian_blur(x, sigma)
     a = common.gaussian_blur(x, sigma, 1.0)
     b = common.gaussian_blur(x[1:], 1.0)
     torch.testing.assert_close(a[1:], b)
 
 
 def test_dataset_download_is_serialised(tmp_path, monkeypatch):
-    """Processes (here threads with their own lock handles) take turns on torchvision's download into ./data."""
+    """Processes (here threads with their own lock handles) take turns on torchvision's download
+    into ./data."""
     from torchvision import datasets
+
     inside, overlaps = [0], []
 
     class FakeCIFAR10:
@@ -71,13 +81,18 @@ def test_dataset_download_is_serialised(tmp_path, monkeypatch):
             overlaps.append(inside[0])
             time.sleep(0.2)
             inside[0] -= 1
-            self.data, self.targets = torch.zeros(4, 32, 32, 3, dtype=torch.uint8).numpy(), [0, 1, 2, 3]
+            self.data, self.targets = (
+                torch.zeros(4, 32, 32, 3, dtype=torch.uint8).numpy(),
+                [0, 1, 2, 3],
+            )
 
     monkeypatch.setattr(datasets, "CIFAR10", FakeCIFAR10)
     common.load_images.cache_clear()
     root = str(tmp_path / "data")
-    threads = [threading.Thread(target=common.load_images.__wrapped__, args=("cifar10", s, 32, root))
-               for s in ("train", "test")]
+    threads = [
+        threading.Thread(target=common.load_images.__wrapped__, args=("cifar10", s, 32, root))
+        for s in ("train", "test")
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -86,13 +101,26 @@ def test_dataset_download_is_serialised(tmp_path, monkeypatch):
     assert os.path.isfile(os.path.join(root, ".cifar10.lock"))
 
 
-# Each file's `default` preset: the full-size networks a GPU user's first commands build, one training step at
-# batch 2 on `shapes`, then `sample`. The frozen encoder is random-vit-b@112: DINOv2-B's width and depth (no download)
-# at a quarter of its 224 px tokens, which the generators' shapes follow. In fp32: a CPU without bf16 units runs bf16
-# matmuls about 16 times slower than fp32 ones (minutes a file at full size), and the bf16 path does not depend on
-# the size (test_gpu_path_on_the_tiny_preset runs it, and eval).
-FULL = ["--preset", "default", "--data", "shapes:8", "--batch-size", 2, "--steps", 1, "--device", "cpu"]
-# no warm-up and a large lr: the first step moves the zero-initialised output layers, so a sample has structure
+# Each file's `default` preset: the full-size networks a GPU user's first commands build, one
+# training step at batch 2 on `shapes`, then `sample`. The frozen encoder is random-vit-b@112:
+# DINOv2-B's width and depth (no download) at a quarter of its 224 px tokens, which the generators'
+# shapes follow. In fp32: a CPU without bf16 units runs bf16 matmuls about 16 times slower than fp32
+# ones (minutes a file at full size), and the bf16 path does not depend on the size
+# (test_gpu_path_on_the_tiny_preset runs it, and eval).
+FULL = [
+    "--preset",
+    "default",
+    "--data",
+    "shapes:8",
+    "--batch-size",
+    2,
+    "--steps",
+    1,
+    "--device",
+    "cpu",
+]
+# no warm-up and a large lr: the first step moves the zero-initialised output layers, so a sample
+# has structure
 FULL += ["--set", "log_every=1", "--set", "warmup=0", "--lr", 1e-3]
 ENC = ["--encoder", "random-vit-b@112"]
 FIRST_STAGE = {"rae": "train-decoder", "rcg": "train-rdm", "decoupled_latent": "train"}
@@ -100,7 +128,8 @@ FILES = ["jit_xpred", "consistency", "repa", "soda", "rae", "rcg", "decoupled_la
 
 
 def pipeline_commands(name, preset_argv, folder):
-    """-> the argv of one file's first stage (or None), train, sample and eval; the run is folder / "run"."""
+    """-> the argv of one file's first stage (or None), train, sample and eval; the run is folder /
+    "run"."""
     run, first = folder / "run", folder / "first"
     encoder = ENC if name in ("repa", "rae", "rcg") and "default" in preset_argv else []
     first_stage = None
@@ -146,10 +175,19 @@ def test_default_preset_trains_and_samples_on_a_cpu(name, cli, tmp_path):
     assert_images_have_structure(images)
 
 
-# The GPU path on each file's tiny preset: bf16 autocast (REPDIFF_CPU_BF16 turns it on on a CPU) in every command, and
-# `train --compile` with the aot_eager backend (TorchDynamo's graph capture and AOT autograd as on a GPU, without
-# generating kernels) with its graph breaks pinned (0: one graph per step).
-GRAPH_BREAKS = {"jit_xpred": 0, "consistency": 0, "repa": 0, "soda": 0, "rae": 0, "rcg": 0, "decoupled_latent": 0}
+# The GPU path on each file's tiny preset: bf16 autocast (REPDIFF_CPU_BF16 turns it on on a CPU) in
+# every command, and `train --compile` with the aot_eager backend (TorchDynamo's graph capture and
+# AOT autograd as on a GPU, without generating kernels) with its graph breaks pinned (0: one graph
+# per step).
+GRAPH_BREAKS = {
+    "jit_xpred": 0,
+    "consistency": 0,
+    "repa": 0,
+    "soda": 0,
+    "rae": 0,
+    "rcg": 0,
+    "decoupled_latent": 0,
+}
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -174,7 +212,9 @@ def test_gpu_path_on_the_tiny_preset(name, cli, tmp_path, monkeypatch, few_probe
     torch._dynamo.reset()
     counters.clear()
     assert cli(module, [*train, "--compile"]) == 0
-    assert sum(counters["graph_break"].values()) == GRAPH_BREAKS[name], dict(counters["graph_break"])
+    assert sum(counters["graph_break"].values()) == GRAPH_BREAKS[name], dict(
+        counters["graph_break"]
+    )
     assert cli(module, sample) == 0
     assert cli(module, evaluate) == 0
     losses, images = losses_and_images(tmp_path)

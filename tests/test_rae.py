@@ -1,4 +1,6 @@
-import json, os, sys
+import json
+import os
+import sys
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -6,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, Draws, assert_close32, assert_close64
 
 import common
 import rae as R
-from conftest import ROOT, Draws, assert_close32, assert_close64
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -46,7 +48,8 @@ def test_the_same_shift_in_training_and_sampling():
     torch.manual_seed(0)
     torch.randn(5, 8, 4)  # the noise is drawn first
     n = torch.distributions.Normal(0.0, 1.0).icdf(torch.rand(5))
-    assert torch.allclose(seen[0], R.time_shift(torch.sigmoid(n).clamp(max=0.999), 3.0))  # logit-normal, then shift
+    # logit-normal, then shift
+    assert torch.allclose(seen[0], R.time_shift(torch.sigmoid(n).clamp(max=0.999), 3.0))
     seen.clear()
     model.sample(torch.zeros(2, dtype=torch.long), steps=4)
     grid = R.time_shift(1 - torch.linspace(0, 0.999, 4), 3.0)[:-1]  # 4 points, 3 steps
@@ -56,7 +59,9 @@ def test_the_same_shift_in_training_and_sampling():
 def test_euler_on_the_shifted_grid_by_hand():
     x = torch.zeros(1)
     end = 3 * 0.001 / (1 + 2 * 0.001)  # the grid's last point, shift(1 - 0.999) at a = 3
-    assert R.sample_euler(lambda x, t: torch.full_like(x, 2.0), x, 7, 3.0).item() == pytest.approx(2 * (end - 1))
+    assert R.sample_euler(lambda x, t: torch.full_like(x, 2.0), x, 7, 3.0).item() == pytest.approx(
+        2 * (end - 1)
+    )
     # dx/dt = t on shift([1, 0.5005, 0.001], a = 3) = [1, m, end]: x = (m - 1) * 1 + (end - m) * m
     m = 3 * 0.5005 / (1 + 2 * 0.5005)
     out = R.sample_euler(lambda x, t: torch.full_like(x, t), x, 3, 3.0)
@@ -69,7 +74,8 @@ def test_latent_normalisation_round_trip():
     dec.set_stats(z)
     n = dec.normalize(z)
     assert torch.allclose(n.mean(0), torch.zeros(4, 6), atol=1e-5)  # per element
-    assert torch.allclose(n.std(0, unbiased=False), torch.ones(4, 6), atol=1e-4)  # population variance + 1e-5
+    # population variance + 1e-5
+    assert torch.allclose(n.std(0, unbiased=False), torch.ones(4, 6), atol=1e-4)
     assert torch.allclose(n * dec.sigma + dec.mu, z, atol=1e-5)
     assert set(dec.state_dict()) >= {"mu", "sigma"}  # the statistics travel with the checkpoint
 
@@ -94,7 +100,10 @@ def test_noise_augmentation_only_in_training():
     x, z = torch.rand(3, 3, 16, 16) * 2 - 1, torch.randn(3, 4, 6)
     dec.eval()
     clean = (dec.pixels(z) - x).abs().mean() / 2  # L1 on [0, 1] images
-    loss = lambda: dec(x, z)[0].item()
+
+    def loss():
+        return dec(x, z)[0].item()
+
     assert loss() == pytest.approx(clean.item()) and loss() == loss()
     dec.train()
     assert loss() != loss()  # a fresh s n each call
@@ -111,14 +120,21 @@ def test_perceptual_term_reaches_the_decoder_not_the_encoder():
     loss, terms = dec(x, z, enc)
     x_hat = dec.pixels(z)
     perc = ((dec.normalize(R.latent(enc, x_hat)) - dec.normalize(z)) ** 2).mean()
-    assert loss.item() == pytest.approx((x_hat - x).abs().mean().item() / 2 + 2 * perc.item(), rel=1e-5)
-    assert terms["loss_perc"].item() == pytest.approx(perc.item(), rel=1e-5) and not terms["loss_perc"].requires_grad
+    assert loss.item() == pytest.approx(
+        (x_hat - x).abs().mean().item() / 2 + 2 * perc.item(), rel=1e-5
+    )
+    assert (
+        terms["loss_perc"].item() == pytest.approx(perc.item(), rel=1e-5)
+        and not terms["loss_perc"].requires_grad
+    )
     loss.backward()
     assert all(p.grad is not None for p in dec.parameters())
     assert all(p.grad is None for p in enc.parameters())
     dec.zero_grad()
-    ((dec.normalize(R.latent(enc, dec.pixels(z), grad=True)) - z) ** 2).mean().backward()  # the perceptual part
-    assert dec.net.decoder_pred.weight.grad.abs().sum() > 0  # reaches the decoder through the frozen encoder
+    # the perceptual part
+    ((dec.normalize(R.latent(enc, dec.pixels(z), grad=True)) - z) ** 2).mean().backward()
+    # reaches the decoder through the frozen encoder
+    assert dec.net.decoder_pred.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in enc.parameters())
 
 
@@ -138,52 +154,83 @@ def test_head_reads_the_trunks_per_token_condition():
     assert torch.allclose(seen["cond"], expected, atol=1e-6)
     assert (seen["cond"][:, 0] - seen["cond"][:, 1]).abs().max() > 1e-3  # one condition per token
     with torch.no_grad():
-        net.blocks[0].mlp.w12.weight.add_(0.5)  # change the trunk: the head's condition and v follow
+        # change the trunk: the head's condition and v follow
+        net.blocks[0].mlp.w12.weight.add_(0.5)
     assert not torch.allclose(net(x, t, y), v)
 
 
 def test_plain_control_matches_the_parameter_count():
     cfg = replace(R.Config(), num_classes=10)  # DiT^DH-S: trunk 384 x 12, head 2048 x 2
-    count = lambda m: sum(p.numel() for p in m.parameters())
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
     with torch.device("meta"):
         wide, plain = R.DiTDH(cfg, 256, 768), R.DiTDH(replace(cfg, head="none"), 256, 768)
     assert len(plain.blocks) == plain.depth > wide.depth and not hasattr(plain, "x_embedder")
     assert abs(count(plain) - count(wide)) < 0.5 * count(plain.blocks[0])
 
 
-def test_pipeline_resume_sample_eval(cli, logged_losses, tmp_path, capsys, monkeypatch, few_probe_images):
-    """Stage 1: the same command + --resume continues exactly (noise augmentation included; test_contract resumes
-    stage 2, --decoder included); grids only at multiples of sample_every; eval of both stages (probes on 400 / 200
-    images)."""
+def test_pipeline_resume_sample_eval(
+    cli, logged_losses, tmp_path, capsys, monkeypatch, few_probe_images
+):
+    """Stage 1: the same command + --resume continues exactly (noise augmentation included;
+    test_contract resumes stage 2, --decoder included); grids only at multiples of sample_every;
+    eval of both stages (probes on 400 / 200 images)."""
     few_probe_images(400, 200)
     every3 = ["--set", "sample_every=3"]
     a, b = tmp_path / "dec_a", tmp_path / "dec_b"
     argv = ["train-decoder", *TINY, *every3, "--out", b]
     assert cli(R, ["train-decoder", *TINY, *every3, "--steps", 6, "--out", a]) == 0
     assert cli(R, [*argv, "--steps", 4]) == 0
-    assert (b / "samples_0000003.png").exists() and not (b / "samples_0000004.png").exists()  # none at a run's end
+    # none at a run's end
+    assert (b / "samples_0000003.png").exists() and not (b / "samples_0000004.png").exists()
     assert cli(R, [*argv, "--steps", 4, "--resume", "--steps", 6]) == 0
     assert logged_losses(b) == logged_losses(a)  # exact resume, noise augmentation included
     row = json.loads(open(a / "log.jsonl").readline())
-    assert row["loss"] == pytest.approx(row["loss_l1"] + row["loss_perc"], rel=1e-5)  # tiny: perc_coeff 1
+    # tiny: perc_coeff 1
+    assert row["loss"] == pytest.approx(row["loss_l1"] + row["loss_perc"], rel=1e-5)
     assert cli(R, ["eval", "--ckpt", a / "ckpt.pt", "--device", "cpu"]) == 0
     res = json.load(open(a / "eval.json"))
     assert res["fd"] is None and res["psnr"] > res["psnr_init"] and res["rfd"] < res["rfd_init"]
-    assert {"probe_linear", "probe_knn", "probe_linear_pixels", "detail_r2", "detail_r2_init", "detail_r2_pixels"} \
-        <= set(res)
+    assert {
+        "probe_linear",
+        "probe_knn",
+        "probe_linear_pixels",
+        "detail_r2",
+        "detail_r2_init",
+        "detail_r2_pixels",
+    } <= set(res)
     g = tmp_path / "gen"
     assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 6, "--out", g]) == 0
     compiled, compile = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **k: compiled.append(type(m).__name__) or m)
-    assert cli(R, ["sample", "--ckpt", g / "ckpt.pt", "--n", 6, "--device", "cpu", "--compile", "--out",
-                   tmp_path / "s.npz"]) == 0
+    assert (
+        cli(
+            R,
+            [
+                "sample",
+                "--ckpt",
+                g / "ckpt.pt",
+                "--n",
+                6,
+                "--device",
+                "cpu",
+                "--compile",
+                "--out",
+                tmp_path / "s.npz",
+            ],
+        )
+        == 0
+    )
     assert compiled == ["DiTDH", "ViTDecoder"]  # sample and eval honour --compile
     monkeypatch.setattr(torch, "compile", compile)
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
     assert cli(R, ["eval", "--ckpt", g / "ckpt.pt", "--n", 50, "--device", "cpu"]) == 0
     res_g = json.load(open(g / "eval.json"))
-    assert res_g["fd"] > 0 and res_g["head"] == "wide" and res_g["psnr"] == res["psnr"]  # the decoder travels
+    # the decoder travels
+    assert res_g["fd"] > 0 and res_g["head"] == "wide" and res_g["psnr"] == res["psnr"]
     assert res_g["detail_r2"] == res["detail_r2"]
 
 
@@ -192,23 +239,27 @@ def test_bad_inputs(cli, tmp_path, capsys):
     dec = tmp_path / "dec" / "ckpt.pt"
     torch.save({"model": {}, "config": {}}, tmp_path / "other.pt")
     capsys.readouterr()
-    for argv in (["train", *TINY, "--out", tmp_path / "x"],
-                 ["train", *TINY, "--decoder", tmp_path / "none.pt", "--out", tmp_path / "x"],
-                 ["train", *TINY, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "x"],
-                 ["train", *TINY, "--decoder", dec, "--set", "head=deep", "--out", tmp_path / "x"],
-                 ["train", *TINY, "--decoder", dec, "--data", "shapes:64", "--out", tmp_path / "x"],  # the decoder's
-                 ["train-decoder", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
-                 ["train-decoder", *TINY, "--image-size", 15, "--out", tmp_path / "x"],
-                 ["train-decoder", *TINY, "--set", "noise_tau=-1", "--out", tmp_path / "x"],
-                 ["sample", "--ckpt", dec, "--out", tmp_path / "s.npz"],
-                 ["eval", "--ckpt", tmp_path / "other.pt"]):
+    for argv in (
+        ["train", *TINY, "--out", tmp_path / "x"],
+        ["train", *TINY, "--decoder", tmp_path / "none.pt", "--out", tmp_path / "x"],
+        ["train", *TINY, "--decoder", tmp_path / "other.pt", "--out", tmp_path / "x"],
+        ["train", *TINY, "--decoder", dec, "--set", "head=deep", "--out", tmp_path / "x"],
+        # the decoder's
+        ["train", *TINY, "--decoder", dec, "--data", "shapes:64", "--out", tmp_path / "x"],
+        ["train-decoder", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
+        ["train-decoder", *TINY, "--image-size", 15, "--out", tmp_path / "x"],
+        ["train-decoder", *TINY, "--set", "noise_tau=-1", "--out", tmp_path / "x"],
+        ["sample", "--ckpt", dec, "--out", tmp_path / "s.npz"],
+        ["eval", "--ckpt", tmp_path / "other.pt"],
+    ):
         assert cli(R, argv) == 2, argv
         assert capsys.readouterr().err.count("\n") == 1, argv
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
 def test_stage1_encodes_the_clean_images_once_a_step():
-    """The latent of the batch is also the perceptual target: the encoder runs once on x (no grad), once on x^."""
+    """The latent of the batch is also the perceptual target: the encoder runs once on x (no grad),
+    once on x^."""
     cfg = tiny_cfg(cache_latents=False, perc_coeff=1.0)
     enc = common.load_encoder(cfg.encoder)
     data = R.Latents(cfg, enc, common.setup_dist("cpu"))
@@ -221,38 +272,49 @@ def test_stage1_encodes_the_clean_images_once_a_step():
 
 
 def test_cached_latents_are_filled_in_cpu_memory_once():
-    """cache_latents: one tensor of the training set's latents, in CPU memory, filled chunk by chunk (the default
-    size is 39 GB: never concatenated, never on the device); a step's rows go to the device."""
+    """cache_latents: one tensor of the training set's latents, in CPU memory, filled chunk by chunk
+    (the default size is 39 GB: never concatenated, never on the device); a step's rows go to the
+    device."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
+
     cfg = tiny_cfg(data="shapes:600")
     enc, d = common.load_encoder(cfg.encoder), common.setup_dist("cpu")
     common.load_images(cfg.data, "train", cfg.image_size)
     made = []
 
-    class FullSize(TorchDispatchMode):  # every op whose output holds latents of the whole training set
+    # every op whose output holds latents of the whole training set
+    class FullSize(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            made.extend(func for t in tree_leaves(out) if torch.is_tensor(t) and t.dim() and len(t) == 600
-                        and t.numel() >= 600 * 4 * 384)
+            made.extend(
+                func
+                for t in tree_leaves(out)
+                if torch.is_tensor(t) and t.dim() and len(t) == 600 and t.numel() >= 600 * 4 * 384
+            )
             return out
 
     with FullSize():
         data = R.Latents(cfg, enc, d)
     assert data.cache.shape == (600, 4, 384) and data.cache.device.type == "cpu"
-    assert [str(f) for f in made] == ["aten.empty.memory_format"]  # allocated once, no concatenation
+    # allocated once, no concatenation
+    assert [str(f) for f in made] == ["aten.empty.memory_format"]
     z, y = data.stage2(0)
-    assert torch.equal(z, data.cache[common.batch_rows(600, cfg.batch_size, cfg.seed, 0)[0]])  # a step's rows
+    # a step's rows
+    assert torch.equal(z, data.cache[common.batch_rows(600, cfg.batch_size, cfg.seed, 0)[0]])
 
 
 def test_sampler_runs_in_true_fp32(monkeypatch):
-    """Inside a bf16 region (REPDIFF_CPU_BF16=1: the GPU's path) with TF32 on, the sampler's network sees fp32 and TF32
-    off, and the flags come back after."""
+    """Inside a bf16 region (REPDIFF_CPU_BF16=1: the GPU's path) with TF32 on, the sampler's network
+    sees fp32 and TF32 off, and the flags come back after."""
     monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
     model = R.RAE(tiny_cfg(), 4, 8).eval()
     seen = []
-    model.net.register_forward_hook(lambda m, a, out: seen.append((torch.backends.cuda.matmul.allow_tf32,
-                                                                   torch.backends.cudnn.allow_tf32, out.dtype)))
+    model.net.register_forward_hook(
+        lambda m, a, out: seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, out.dtype)
+        )
+    )
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -264,7 +326,7 @@ def test_sampler_runs_in_true_fp32(monkeypatch):
     assert len(seen) == 2 and all(s == (False, False, torch.float32) for s in seen)
 
 
-# ------------------------------------------------------------------- against the official code (bytetriper/RAE)
+# ------------------------------------------------------- against the official code (bytetriper/RAE)
 # The fixtures (tests/reference/make_rae.py) hold the official outputs in float64 and every random
 # draw the official code made, in its order: the tests feed those draws to ours (Draws.feed) and run
 # ours in float64 (.double(), and torch's default dtype float64 for what ours makes: its draws, t,
@@ -451,9 +513,11 @@ def test_released_checkpoints_load_official_keys(reference):
 
 def test_from_official_then_sample(reference, cli, tmp_path):
     net, dec = reference("rae", "net"), reference("rae", "decoder")
-    files = {"decoders/dinov2/wReg_base/ViTXL_n08/model.pt": dec["state_dict"],
-             "stats/dinov2/wReg_base/imagenet1k/stat.pt": dict(mean=dec["mean"], var=dec["var"]),
-             "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt": dict(ema=net["state_dict"])}
+    files = {
+        "decoders/dinov2/wReg_base/ViTXL_n08/model.pt": dec["state_dict"],
+        "stats/dinov2/wReg_base/imagenet1k/stat.pt": dict(mean=dec["mean"], var=dec["var"]),
+        "DiTs/Dinov2/wReg_base/ImageNet256/DiTDH-XL/stage2_model.pt": dict(ema=net["state_dict"]),
+    }
     for path, obj in files.items():  # a released layout, at the fixtures' size
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(obj, tmp_path / path)
@@ -462,8 +526,23 @@ def test_from_official_then_sample(reference, cli, tmp_path):
     with torch.no_grad():
         images = (decoder.decode(dec["z_norm"].float()) + 1) / 2
     assert_close32(images, dec["images"])  # ours in fp32, as it samples
-    assert cli(R, ["sample", "--ckpt", tmp_path / "run" / "ckpt.pt", "--n", 3, "--device", "cpu",
-                   "--out", tmp_path / "s.npz"]) == 0
+    assert (
+        cli(
+            R,
+            [
+                "sample",
+                "--ckpt",
+                tmp_path / "run" / "ckpt.pt",
+                "--n",
+                3,
+                "--device",
+                "cpu",
+                "--out",
+                tmp_path / "s.npz",
+            ],
+        )
+        == 0
+    )
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
 
 
@@ -473,11 +552,28 @@ def official_stand_ins():
     cfg = R.Config()
 
     class DiTwDDTHead(R.DiTDH):  # DDT.py's: [B, C, h, w], the label drop in training, its CFG
-        def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                     class_dropout_prob=0.1, num_classes=1000):
-            c = replace(cfg, hidden=hidden_size[0], head_dim=hidden_size[1], depth=depth[0],
-                        head_depth=depth[1], heads=num_heads[0], head_heads=num_heads[1],
-                        num_classes=num_classes, label_drop=class_dropout_prob)
+        def __init__(
+            self,
+            input_size,
+            patch_size,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            class_dropout_prob=0.1,
+            num_classes=1000,
+        ):
+            c = replace(
+                cfg,
+                hidden=hidden_size[0],
+                head_dim=hidden_size[1],
+                depth=depth[0],
+                head_depth=depth[1],
+                heads=num_heads[0],
+                head_heads=num_heads[1],
+                num_classes=num_classes,
+                label_drop=class_dropout_prob,
+            )
             super().__init__(c, input_size * input_size, in_channels)
 
         def forward(self, x, t, y):
@@ -525,8 +621,11 @@ def official_stand_ins():
 
         def sample_ode(self, sampling_method, num_steps):
             def sample(x, model, **kwargs):
-                v = lambda x, t: model(x, torch.full((len(x),), t, dtype=x.dtype), **kwargs)
+                def v(x, t):
+                    return model(x, torch.full((len(x),), t, dtype=x.dtype), **kwargs)
+
                 return [R.sample_euler(v, x, num_steps, self.shift)]
+
             return sample
 
     class RAE:  # stage1/rae.py's noising and decode, called on the maker's stand-in object
@@ -541,10 +640,14 @@ def official_stand_ins():
 
     class GeneralDecoder(R.ViTDecoder):  # decoder.py's: the output's .logits, unpatchify (identity)
         def __init__(self, config, num_patches):
-            c = replace(cfg, image_size=config.image_size, dec_dim=config.decoder_hidden_size,
-                        dec_depth=config.decoder_num_hidden_layers,
-                        dec_heads=config.decoder_num_attention_heads,
-                        dec_mlp=config.decoder_intermediate_size)
+            c = replace(
+                cfg,
+                image_size=config.image_size,
+                dec_dim=config.decoder_hidden_size,
+                dec_depth=config.decoder_num_hidden_layers,
+                dec_heads=config.decoder_num_attention_heads,
+                dec_mlp=config.decoder_intermediate_size,
+            )
             super().__init__(c, num_patches, config.hidden_size)
 
         def forward(self, z):
@@ -555,10 +658,13 @@ def official_stand_ins():
 
     training = dict(epochs=2, optimizer=dict(lr=cfg.lr), ema_decay=cfg.ema, clip_grad=cfg.grad_clip)
     misc = dict(latent_size=[768, 16, 16], time_dist_shift_dim=196608, time_dist_shift_base=4096)
-    configs = {"DINOv2-B_decXL.yaml": dict(training=training),
-               "DiTDH-S_DINOv2-B.yaml": dict(training=training, misc=misc)}
-    omegaconf = SimpleNamespace(load=lambda path: configs[os.path.basename(path)],
-                                to_container=lambda config: config)
+    configs = {
+        "DINOv2-B_decXL.yaml": dict(training=training),
+        "DiTDH-S_DINOv2-B.yaml": dict(training=training, misc=misc),
+    }
+    omegaconf = SimpleNamespace(
+        load=lambda path: configs[os.path.basename(path)], to_container=lambda config: config
+    )
 
     def build_scheduler(opt, steps_per_epoch, training):  # utils/optim_utils.py's: rae.py's lr_at
         run = replace(cfg, steps=training["epochs"] * steps_per_epoch)
@@ -567,15 +673,20 @@ def official_stand_ins():
     auto_config = SimpleNamespace(from_pretrained=lambda path: SimpleNamespace())
     module = SimpleNamespace
     model_utils = module(LabelEmbedder=LabelEmbedder, RMSNorm=RMSNorm)
-    return {"stage2": module(), "stage2.models": module(model_utils=model_utils),
-            "stage2.models.DDT": module(DiTwDDTHead=DiTwDDTHead),
-            "stage2.models.model_utils": model_utils,
-            "stage2.transport": module(Sampler=Sampler, create_transport=create_transport),
-            "stage1": module(), "stage1.rae": module(RAE=RAE),
-            "stage1.decoders": module(GeneralDecoder=GeneralDecoder),
-            "transformers": module(__version__="stand-in", AutoConfig=auto_config),
-            "omegaconf": module(OmegaConf=omegaconf),
-            "utils": module(), "utils.optim_utils": module(build_scheduler=build_scheduler)}
+    return {
+        "stage2": module(),
+        "stage2.models": module(model_utils=model_utils),
+        "stage2.models.DDT": module(DiTwDDTHead=DiTwDDTHead),
+        "stage2.models.model_utils": model_utils,
+        "stage2.transport": module(Sampler=Sampler, create_transport=create_transport),
+        "stage1": module(),
+        "stage1.rae": module(RAE=RAE),
+        "stage1.decoders": module(GeneralDecoder=GeneralDecoder),
+        "transformers": module(__version__="stand-in", AutoConfig=auto_config),
+        "omegaconf": module(OmegaConf=omegaconf),
+        "utils": module(),
+        "utils.optim_utils": module(build_scheduler=build_scheduler),
+    }
 
 
 def test_maker_runs_with_official_stand_ins(monkeypatch, tmp_path, capsys):
@@ -583,8 +694,9 @@ def test_maker_runs_with_official_stand_ins(monkeypatch, tmp_path, capsys):
     stand-ins for the official modules (no checkout): our API changing under the maker fails
     here, not at the next regeneration of the fixtures."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tests", "reference"))
-    import make_references
     import make_rae
+    import make_references
+
     for name, module in official_stand_ins().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(make_references, "official", lambda method, repos, *sub: repos)

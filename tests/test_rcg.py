@@ -1,13 +1,19 @@
-import argparse, contextlib, datetime, json, os, sys, types
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import types
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import Draws, assert_close32, assert_close64
 
 import common
 import rcg as R
-from conftest import Draws, assert_close32, assert_close64
 
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
@@ -21,8 +27,10 @@ def test_standardise_per_vector():
     s = R.standardise(r)
     assert torch.allclose(s.mean(-1), torch.zeros(5), atol=1e-5)
     assert torch.allclose(s.std(-1), torch.ones(5), atol=1e-5)
-    assert torch.allclose(R.standardise(2.5 * r - 4), s, atol=1e-5)  # blind to each vector's scale and offset
-    assert R.standardise(r[:1]).shape == (1, 32)  # batch size 1 (the official code's squeeze() broke it)
+    # blind to each vector's scale and offset
+    assert torch.allclose(R.standardise(2.5 * r - 4), s, atol=1e-5)
+    # batch size 1 (the official code's squeeze() broke it)
+    assert R.standardise(r[:1]).shape == (1, 32)
 
 
 def test_fixed_projection_is_orthonormal_and_seeded():
@@ -34,14 +42,14 @@ def test_fixed_projection_is_orthonormal_and_seeded():
 def test_linear_sqrt_betas_by_hand():
     b = R.betas_linear_sqrt(3, 0.0015, 0.0195)
     assert b[0].item() == pytest.approx(0.0015) and b[-1].item() == pytest.approx(0.0195)
-    assert b[1].item() == pytest.approx(((0.0015 ** 0.5 + 0.0195 ** 0.5) / 2) ** 2)
+    assert b[1].item() == pytest.approx(((0.0015**0.5 + 0.0195**0.5) / 2) ** 2)
     rdm = R.RDM(tiny_cfg(T=3), 4)
     assert torch.equal(rdm.abar, torch.cumprod(1 - b, 0))  # float64
 
 
 def test_ddim_steps_by_hand():
-    """Two DDIM steps on LDM's grid (T = 10, c = 5: t = 6, then 1, then to abar_0) with a network that always says
-    r^ = c, against the formula."""
+    """Two DDIM steps on LDM's grid (T = 10, c = 5: t = 6, then 1, then to abar_0) with a network
+    that always says r^ = c, against the formula."""
     rdm = R.RDM(tiny_cfg(T=10), 3)
     c = torch.tensor([1.0, -2.0, 0.5])
     calls = []
@@ -52,10 +60,11 @@ def test_ddim_steps_by_hand():
             return c.expand(len(x), 3)
 
     rdm.net = Oracle()
+
     def step(x, a, ap, noise, eta):
         e = (x - a.sqrt() * c) / (1 - a).sqrt()
         s = eta * ((1 - ap) / (1 - a)).sqrt() * (1 - a / ap).sqrt()
-        return ap.sqrt() * c + (1 - ap - s ** 2).sqrt() * e + s * noise
+        return ap.sqrt() * c + (1 - ap - s**2).sqrt() * e + s * noise
 
     for eta in (0.0, 1.0):
         calls.clear()
@@ -68,8 +77,8 @@ def test_ddim_steps_by_hand():
 
 
 def test_rdm_learns_a_known_mixture():
-    """Two modes +-m in 16-D (a low-dimensional distribution the RDM must find): after 600 steps the DDIM (eta 1)
-    samples sit on the modes, both of them."""
+    """Two modes +-m in 16-D (a low-dimensional distribution the RDM must find): after 600 steps the
+    DDIM (eta 1) samples sit on the modes, both of them."""
     torch.manual_seed(0)
     m = torch.zeros(16)
     m[:4] = 1.5
@@ -97,12 +106,15 @@ def test_null_vector_and_guidance():
     x, r = torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8)
     model(x, r).backward()
     net = model.net
-    assert net.fake_latent.grad.abs().sum() > 0 and net.rep_embedder.weight.grad is not None  # r dropped -> null
-    assert net.y_embedder.embedding_table.weight.grad is None  # the unconditional table: frozen, unused
+    # r dropped -> null
+    assert net.fake_latent.grad.abs().sum() > 0 and net.rep_embedder.weight.grad is not None
+    # the unconditional table: frozen, unused
+    assert net.y_embedder.embedding_table.weight.grad is None
     model.zero_grad()
     net.rep_dropout_prob = 0.0
     model(x, r).backward()
-    assert net.fake_latent.grad is None or net.fake_latent.grad.abs().sum() == 0  # never dropped: the null is unused
+    # never dropped: the null is unused
+    assert net.fake_latent.grad is None or net.fake_latent.grad.abs().sum() == 0
     model.eval()
     t = torch.full((2,), 0.4)
     v_r, v_null = net(x, t, r), net(x, t, net.fake_latent.expand(2, -1))
@@ -124,16 +136,22 @@ def test_batch_size_one():
 
 
 def test_data_pairs_each_image_with_its_own_representation():
-    """flip_aug: a mirrored image comes with the representation of the mirror image (computed once, not re-flipped)."""
+    """flip_aug: a mirrored image comes with the representation of the mirror image (computed once,
+    not re-flipped)."""
     d = common.setup_dist("cpu")
-    rep = lambda x: x[:, 0].flatten(1)  # the red channel: it turns around when the image is mirrored
+
+    # the red channel: it turns around when the image is mirrored
+    def rep(x):
+        return x[:, 0].flatten(1)
+
     data = R.Data(tiny_cfg(data="shapes:200"), rep, d)
     assert len(data.reps) == 2
     mirrored = 0
     for step in range(3):
         x, r = data.batch(step, 64)
         assert torch.equal(r, x[:, 0].flatten(1))
-        mirrored += (~(r[:, None] == data.reps[0][None]).all(-1).any(-1)).sum().item()  # not a row as stored
+        # not a row as stored
+        mirrored += (~(r[:, None] == data.reps[0][None]).all(-1).any(-1)).sum().item()
     assert 40 < mirrored < 150  # about half of 192
     x, r = R.Data(tiny_cfg(data="shapes:200", flip_aug=False), rep, d).batch(0, 64)
     assert torch.equal(r, x[:, 0].flatten(1))
@@ -146,23 +164,52 @@ def test_pipeline_sample_eval(cli, tmp_path, monkeypatch, few_probe_images):
     assert cli(R, ["eval", "--ckpt", a / "ckpt.pt", "--device", "cpu", "--n-rep", 500]) == 0
     res = json.load(open(a / "eval.json"))
     assert res["fd"] is None and res["rep_fd_test"] < res["rep_fd"] < res["rep_fd_init"]
-    assert res["n_rep"] == 100  # as many as the test split's 100 (the held-out floor, rep_fd_test, needs them)
+    # as many as the test split's 100 (the held-out floor, rep_fd_test, needs them)
+    assert res["n_rep"] == 100
     assert {"probe_linear", "probe_knn", "probe_linear_pixels", "detail_r2_pixels"} <= set(res)
     assert res["detail_r2"] is None  # no generator
     assert cli(R, ["train", *TINY, "--steps", 10, "--out", g]) == 0
     assert (g / "samples_0000010.png").exists()  # sample_every 10: a grid at step 10
     out = tmp_path / "s.npz"
-    assert cli(R, ["sample", "--ckpt", g / "ckpt.pt", "--rdm", a / "ckpt.pt", "--n", 5, "--rep-cfg", 2, "--device",
-                   "cpu", "--out", out]) == 0
+    assert (
+        cli(
+            R,
+            [
+                "sample",
+                "--ckpt",
+                g / "ckpt.pt",
+                "--rdm",
+                a / "ckpt.pt",
+                "--n",
+                5,
+                "--rep-cfg",
+                2,
+                "--device",
+                "cpu",
+                "--out",
+                out,
+            ],
+        )
+        == 0
+    )
     arr = np.load(out)["arr_0"]
     assert arr.shape == (5, 16, 16, 3) and arr.dtype == np.uint8
     seen, sample = [], R.RCG.sample
-    monkeypatch.setattr(R.RCG, "sample", lambda self, r=None, **k: seen.append(r) or sample(self, r, **k))
-    assert cli(R, ["eval", "--ckpt", g / "ckpt.pt", "--rdm", a / "ckpt.pt", "--n", 50, "--n-rep", 500]) == 0
+    monkeypatch.setattr(
+        R.RCG, "sample", lambda self, r=None, **k: seen.append(r) or sample(self, r, **k)
+    )
+    assert (
+        cli(R, ["eval", "--ckpt", g / "ckpt.pt", "--rdm", a / "ckpt.pt", "--n", 50, "--n-rep", 500])
+        == 0
+    )
     res_g = json.load(open(g / "eval.json"))
     assert res_g["fd"] > 0 and res_g["no_rep"] is False and res_g["rep_fd"] == res["rep_fd"]
-    assert isinstance(res_g["detail_r2"], float) and 0 <= res_g["detail_r2"] <= res_g["detail_r2_pixels"]
-    # detail_r2: the pixels made from the own r of the first min(1000, 100) test images of probe_data, standardised
+    assert (
+        isinstance(res_g["detail_r2"], float)
+        and 0 <= res_g["detail_r2"] <= res_g["detail_r2_pixels"]
+    )
+    # detail_r2: the pixels made from the own r of the first min(1000, 100) test images of
+    # probe_data, standardised
     _, _, x_te, _ = common.probe_data("shapes:200", 16)
     torch.testing.assert_close(seen[-1], R.Representation(tiny_cfg(), "cpu")(common.to_float(x_te)))
     u = tmp_path / "uncond"
@@ -174,7 +221,8 @@ def test_pipeline_sample_eval(cli, tmp_path, monkeypatch, few_probe_images):
 
 
 def test_rdm_resume_continues_exactly(cli, logged_losses, tmp_path):
-    """The RDM's command plus --resume continues exactly where it stopped (test_contract resumes `train`)."""
+    """The RDM's command plus --resume continues exactly where it stopped (test_contract resumes
+    `train`)."""
     a, b = tmp_path / "a", tmp_path / "b"
     argv = ["train-rdm", *TINY, "--steps", 4, "--out", b]
     assert cli(R, ["train-rdm", *TINY, "--steps", 6, "--out", a]) == 0
@@ -184,13 +232,16 @@ def test_rdm_resume_continues_exactly(cli, logged_losses, tmp_path):
 
 
 def test_rdm_training_and_every_sampler_run_in_true_fp32(cli, tmp_path):
-    """On a GPU setup_dist turns TF32 on: the RDM's training step, the DDIM and Heun samplers (grids, sample, eval's
-    FD, detail_r2 and rep_fd) turn it off; the DiT's training step keeps it (bf16 autocast there)."""
+    """On a GPU setup_dist turns TF32 on: the RDM's training step, the DDIM and Heun samplers
+    (grids, sample, eval's FD, detail_r2 and rep_fd) turn it off; the DiT's training step keeps it
+    (bf16 autocast there)."""
     seen = []
 
     def hook(module, args):
         if isinstance(module, (R.SimpleMLP, R.DiT)):
-            seen.append((type(module).__name__, module.training, torch.backends.cuda.matmul.allow_tf32))
+            seen.append(
+                (type(module).__name__, module.training, torch.backends.cuda.matmul.allow_tf32)
+            )
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
@@ -198,21 +249,43 @@ def test_rdm_training_and_every_sampler_run_in_true_fp32(cli, tmp_path):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         assert cli(R, ["train-rdm", *TINY, "--steps", 2, "--out", tmp_path / "rdm"]) == 0
         assert cli(R, ["train", *TINY, "--steps", 10, "--out", tmp_path / "gen"]) == 0
-        assert cli(R, ["eval", "--ckpt", tmp_path / "gen" / "ckpt.pt", "--rdm", tmp_path / "rdm" / "ckpt.pt", "--n", 4,
-                       "--n-rep", 8, "--sample-steps", 2, "--rdm-steps", 2]) == 0
+        assert (
+            cli(
+                R,
+                [
+                    "eval",
+                    "--ckpt",
+                    tmp_path / "gen" / "ckpt.pt",
+                    "--rdm",
+                    tmp_path / "rdm" / "ckpt.pt",
+                    "--n",
+                    4,
+                    "--n-rep",
+                    8,
+                    "--sample-steps",
+                    2,
+                    "--rdm-steps",
+                    2,
+                ],
+            )
+            == 0
+        )
     finally:
         handle.remove()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     fp32 = [tf32 for name, training, tf32 in seen if name == "SimpleMLP" or not training]
     assert fp32 and not any(fp32)
-    assert {"SimpleMLP", "DiT"} == {name for name, training, _ in seen if training}  # both training steps were seen
-    assert {"SimpleMLP", "DiT"} == {name for name, training, _ in seen if not training}  # and both samplers
+    # both training steps were seen
+    assert {"SimpleMLP", "DiT"} == {name for name, training, _ in seen if training}
+    # and both samplers
+    assert {"SimpleMLP", "DiT"} == {name for name, training, _ in seen if not training}
     assert all(tf32 for name, training, tf32 in seen if name == "DiT" and training)
 
 
 def test_compile_in_training_sampling_and_eval(cli, tmp_path, monkeypatch):
-    """--compile: train-rdm's step in one graph (train's is pinned in test_gpu_paths); sample and eval compile the
-    networks of both checkpoints they load (the list of what was compiled: torch.compile is not run there)."""
+    """--compile: train-rdm's step in one graph (train's is pinned in test_gpu_paths); sample and
+    eval compile the networks of both checkpoints they load (the list of what was compiled:
+    torch.compile is not run there)."""
     from torch._dynamo.utils import counters
 
     compile, compiled = torch.compile, []
@@ -231,35 +304,71 @@ def test_compile_in_training_sampling_and_eval(cli, tmp_path, monkeypatch):
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert cli(R, ["train", *TINY, "--steps", 2, "--out", tmp_path / "gen"]) == 0
     monkeypatch.setattr(torch, "compile", record)
-    rdm, gen = ["--rdm", tmp_path / "rdm" / "ckpt.pt", "--rdm-steps", 2], tmp_path / "gen" / "ckpt.pt"
+    rdm, gen = (
+        ["--rdm", tmp_path / "rdm" / "ckpt.pt", "--rdm-steps", 2],
+        tmp_path / "gen" / "ckpt.pt",
+    )
     compiled.clear()
-    assert cli(R, ["sample", "--ckpt", gen, *rdm, "--n", 2, "--sample-steps", 2, "--compile", "--device", "cpu",
-                   "--out", tmp_path / "s.npz"]) == 0
-    assert cli(R, ["eval", "--ckpt", gen, *rdm, "--n", 2, "--n-rep", 4, "--sample-steps", 2, "--compile"]) == 0
+    assert (
+        cli(
+            R,
+            [
+                "sample",
+                "--ckpt",
+                gen,
+                *rdm,
+                "--n",
+                2,
+                "--sample-steps",
+                2,
+                "--compile",
+                "--device",
+                "cpu",
+                "--out",
+                tmp_path / "s.npz",
+            ],
+        )
+        == 0
+    )
+    assert (
+        cli(
+            R,
+            ["eval", "--ckpt", gen, *rdm, "--n", 2, "--n-rep", 4, "--sample-steps", 2, "--compile"],
+        )
+        == 0
+    )
     assert compiled == ["DiT", "SimpleMLP"] * 2
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
     assert cli(R, ["train-rdm", *TINY, "--steps", 2, "--out", tmp_path / "rdm"]) == 0
-    assert cli(R, ["train-rdm", *TINY, "--steps", 2, "--set", "rep_dim=32", "--out", tmp_path / "rdm32"]) == 0
+    assert (
+        cli(
+            R,
+            ["train-rdm", *TINY, "--steps", 2, "--set", "rep_dim=32", "--out", tmp_path / "rdm32"],
+        )
+        == 0
+    )
     assert cli(R, ["train", *TINY, "--steps", 2, "--out", tmp_path / "gen"]) == 0
     rdm, rdm32, gen = (tmp_path / k / "ckpt.pt" for k in ("rdm", "rdm32", "gen"))
     capsys.readouterr()
-    for argv in (["sample", "--ckpt", gen, "--out", tmp_path / "s.npz"],  # no --rdm
-                 ["sample", "--ckpt", rdm, "--out", tmp_path / "s.npz"],
-                 ["sample", "--ckpt", gen, "--rdm", gen, "--out", tmp_path / "s.npz"],
-                 ["sample", "--ckpt", gen, "--rdm", rdm32, "--out", tmp_path / "s.npz"],
-                 ["eval", "--ckpt", tmp_path / "none.pt"],
-                 ["train", *TINY, "--set", "eta=2", "--out", tmp_path / "x"],
-                 ["train-rdm", *TINY, "--set", "rep_dim=1000", "--out", tmp_path / "x"],
-                 ["train-rdm", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
-                 ["train", *TINY, "--image-size", 15, "--out", tmp_path / "x"]):
+    for argv in (
+        ["sample", "--ckpt", gen, "--out", tmp_path / "s.npz"],  # no --rdm
+        ["sample", "--ckpt", rdm, "--out", tmp_path / "s.npz"],
+        ["sample", "--ckpt", gen, "--rdm", gen, "--out", tmp_path / "s.npz"],
+        ["sample", "--ckpt", gen, "--rdm", rdm32, "--out", tmp_path / "s.npz"],
+        ["eval", "--ckpt", tmp_path / "none.pt"],
+        ["train", *TINY, "--set", "eta=2", "--out", tmp_path / "x"],
+        ["train-rdm", *TINY, "--set", "rep_dim=1000", "--out", tmp_path / "x"],
+        ["train-rdm", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
+        ["train", *TINY, "--image-size", 15, "--out", tmp_path / "x"],
+    ):
         assert cli(R, argv) == 2, argv
         assert capsys.readouterr().err.count("\n") == 1, argv
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
-# ------------------------------------------------------- against the official code (tests/reference/make_rcg.py)
+# ------------------------------------------ against the official code (tests/reference/make_rcg.py)
 # rcg_rdm, rcg_loss and rcg_dit are float64 (the official modules run .double() from float32
 # weights), but for the official float32 sinusoid of the step: the fixtures carry it per step, ours
 # gets the same rows (fed_sinusoid) and its own sinusoid is compared with them in fp32. rcg_ddim is
@@ -287,29 +396,48 @@ def as_ours(drawn):
 
 
 def test_official_rdm_network(reference, monkeypatch):
-    """The official SimpleMLP's state dict loads as it is; load_official_rdm reads the EMA weights of the official
-    RDM's state dict (model_ema.*), the ones its sampler uses. float64."""
+    """The official SimpleMLP's state dict loads as it is; load_official_rdm reads the EMA weights
+    of the official RDM's state dict (model_ema.*), the ones its sampler uses. float64."""
     ref = reference("rcg", "rdm")
     fed_sinusoid(monkeypatch, ref)
     c, pre = ref["config"], "model.diffusion_model."
     net = R.SimpleMLP(c["dim"], c["rdm_width"], c["rdm_depth"], c["t_dim"])
-    net.load_state_dict({k[len(pre):]: v for k, v in ref["state_dict"].items() if k.startswith(pre)})
+    net.load_state_dict(
+        {k[len(pre) :]: v for k, v in ref["state_dict"].items() if k.startswith(pre)}
+    )
     rdm = R.load_official_rdm(ref["state_dict"])
     with torch.no_grad():
         assert_close64(net.double()(ref["r_t"], ref["t"]), ref["out"], "raw weights")
         assert_close64(rdm.double().net(ref["r_t"], ref["t"]), ref["out_ema"], "EMA weights")
-    assert (rdm.cfg.T, rdm.cfg.beta_start, rdm.cfg.beta_end) == (c["T"], c["beta_start"], c["beta_end"])
+    assert (rdm.cfg.T, rdm.cfg.beta_start, rdm.cfg.beta_end) == (
+        c["T"],
+        c["beta_start"],
+        c["beta_end"],
+    )
 
 
 def test_official_rdm_file_loads_with_weights_only(reference, tmp_path):
-    """A main_rdm.py checkpoint as released (weights, optimizer, scaler, epoch and its argparse args) loads with
-    torch.load(weights_only=True); a file of another kind is one line of usage error."""
+    """A main_rdm.py checkpoint as released (weights, optimizer, scaler, epoch and its argparse
+    args) loads with torch.load(weights_only=True); a file of another kind is one line of usage
+    error."""
     sd = reference("rcg", "rdm")["state_dict"]
-    torch.save(dict(model=sd, model_ema=None, optimizer=dict(state={}, param_groups=[]), epoch=5, scaler={},
-                    args=argparse.Namespace(lr=5.12e-4, output_dir="out", blr=1e-6)), tmp_path / "rdm.pth")
+    torch.save(
+        dict(
+            model=sd,
+            model_ema=None,
+            optimizer=dict(state={}, param_groups=[]),
+            epoch=5,
+            scaler={},
+            args=argparse.Namespace(lr=5.12e-4, output_dir="out", blr=1e-6),
+        ),
+        tmp_path / "rdm.pth",
+    )
     rdm, ref = R.load_official_rdm(str(tmp_path / "rdm.pth")), R.load_official_rdm(sd)
-    assert all(torch.equal(a, b) for a, b in zip(rdm.state_dict().values(), ref.state_dict().values()))
-    torch.save(dict(model=sd, made=datetime.date(2024, 1, 1)), tmp_path / "other.pth")  # not an allowed type
+    assert all(
+        torch.equal(a, b) for a, b in zip(rdm.state_dict().values(), ref.state_dict().values())
+    )
+    # not an allowed type
+    torch.save(dict(model=sd, made=datetime.date(2024, 1, 1)), tmp_path / "other.pth")
     with pytest.raises(common.UsageError):
         R.load_official_rdm(str(tmp_path / "other.pth"))
 
@@ -343,9 +471,14 @@ def test_official_ddim(reference):
     """The official DDIM (eta 1 and 0) on its grid, from the official run's own draws (the initial
     noise, then one a step). float32: the official sampler's tables are float32, and so are ours."""
     rdm = R.load_official_rdm(reference("rcg", "rdm")["state_dict"])
+    seen = []
+
+    def record_step(module, args):  # the step each network call gets
+        seen.append(args[1][0].item())
+
     for run in reference("rcg", "ddim")["runs"]:
-        seen = []
-        hook = rdm.net.register_forward_pre_hook(lambda m, args: seen.append(args[1][0].item()))
+        seen.clear()
+        hook = rdm.net.register_forward_pre_hook(record_step)
         with Draws.feed(as_ours(run["drawn"])):
             out = rdm.sample(3, steps=run["steps"], eta=run["eta"])
         hook.remove()
@@ -354,9 +487,10 @@ def test_official_ddim(reference):
 
 
 def test_official_dit(reference, monkeypatch):
-    """RCG's DiT (3 channels, no learned-sigma half) loads as it is (x_embedder, t_embedder, y_embedder,
-    rep_embedder, fake_latent, pos_embed, blocks, final_layer); the same output with r, with the null r, without r
-    (c = t + y), guided, and in training with r dropped by the official run's own draw. float64."""
+    """RCG's DiT (3 channels, no learned-sigma half) loads as it is (x_embedder, t_embedder,
+    y_embedder, rep_embedder, fake_latent, pos_embed, blocks, final_layer); the same output with r,
+    with the null r, without r (c = t + y), guided, and in training with r dropped by the official
+    run's own draw. float64."""
     ref = reference("rcg", "dit")
     fed_sinusoid(monkeypatch, ref)
     c = ref["config"]
@@ -374,8 +508,10 @@ def test_official_dit(reference, monkeypatch):
         assert_close64(net(x, t, rep), ref["out_rep"], "with r")
         assert_close64(net(x, t, null), ref["out_null"], "with the null r")
         assert_close64(net(x, t), ref["out_uncond"], "without r")
-        guided = [model.velocity(x[i:i + 1], t[i].item(), rep[i:i + 1], ref["cfg_scale"])
-                  for i in range(len(x))]
+        guided = [
+            model.velocity(x[i : i + 1], t[i].item(), rep[i : i + 1], ref["cfg_scale"])
+            for i in range(len(x))
+        ]
         # velocity returns float32 (.float(): the samplers run in true fp32): compared in fp32
         assert_close32(torch.cat(guided), ref["out_cfg"], "guided")
         net.train()
@@ -387,6 +523,7 @@ def test_official_draw_order():
     """Each official order of draws, replayed on this machine's RNG, against ours under
     Draws.record(): the same functions, shapes (the RDM's [B, D] for the official [B, D, 1, 1])
     and values, in the same order."""
+
     def same(ours, official):
         assert [name for name, _ in ours] == [name for name, _ in official]
         for a, b in zip(as_ours(ours), as_ours(official)):
@@ -426,6 +563,7 @@ def official_stand_ins():
     """sys.modules entries for what make_rcg.py imports from the official checkout (and from
     omegaconf), built from this file's classes: the API the maker uses, nothing more (the numbers
     they give are not the official ones)."""
+
     class SimpleMLP(R.SimpleMLP):
         """latentmlp.SimpleMLP's call: x [B, D, 1, 1], t, context."""
 
@@ -438,8 +576,13 @@ def official_stand_ins():
         def __init__(self, channels, timesteps, linear_start, linear_end, unet_config, **rest):
             super().__init__()
             p = unet_config["params"]
-            cfg = R.Config(rdm_width=p["model_channels"], rdm_depth=p["num_res_blocks"],
-                           T=timesteps, beta_start=linear_start, beta_end=linear_end)
+            cfg = R.Config(
+                rdm_width=p["model_channels"],
+                rdm_depth=p["num_res_blocks"],
+                T=timesteps,
+                beta_start=linear_start,
+                beta_end=linear_end,
+            )
             self.ours = R.RDM(cfg, channels)
             self.ours.net = SimpleMLP(channels, cfg.rdm_width, cfg.rdm_depth, p["time_embed_dim"])
             self.model = torch.nn.Module()
@@ -484,17 +627,35 @@ def official_stand_ins():
     class DiT(R.DiT):
         """models.DiT's constructor and calls, on rcg.DiT (whose names are the official ones)."""
 
-        def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                     class_dropout_prob, rep_dropout_prob, num_classes, learn_sigma, rep_dim):
-            cfg = R.Config(image_size=input_size, patch=patch_size, hidden=hidden_size,
-                           depth=depth, heads=num_heads, rep_drop=rep_dropout_prob)
+        def __init__(
+            self,
+            input_size,
+            patch_size,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            class_dropout_prob,
+            rep_dropout_prob,
+            num_classes,
+            learn_sigma,
+            rep_dim,
+        ):
+            cfg = R.Config(
+                image_size=input_size,
+                patch=patch_size,
+                hidden=hidden_size,
+                depth=depth,
+                heads=num_heads,
+                rep_drop=rep_dropout_prob,
+            )
             super().__init__(cfg, rep_dim)
 
         def forward(self, x, t, y, rep=None):
             return super().forward(x, t / 1000, rep)
 
         def forward_with_cfg(self, x, t, y, cfg_scale, rep):
-            half = x[:len(x) // 2]
+            half = x[: len(x) // 2]
             cond, uncond = self(torch.cat([half, half]), t, y, rep).chunk(2)
             guided = uncond + cfg_scale * (cond - uncond)
             return torch.cat([guided, guided])
@@ -503,9 +664,15 @@ def official_stand_ins():
         return R.betas_linear_sqrt(n, linear_start, linear_end).numpy()
 
     def load(path):
-        params = dict(timesteps=1000, linear_start=0.0015, linear_end=0.0195,
-                      parameterization="x0", channels=256, unet_config=dict(params={}),
-                      pretrained_enc_config={})
+        params = dict(
+            timesteps=1000,
+            linear_start=0.0015,
+            linear_end=0.0195,
+            parameterization="x0",
+            channels=256,
+            unet_config=dict(params={}),
+            pretrained_enc_config={},
+        )
         return dict(model=dict(params=params))
 
     attrs = {
@@ -530,6 +697,7 @@ def test_official_maker_runs_with_stand_ins(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(os.path.join(here, "reference"))
     import make_rcg
     import make_references
+
     monkeypatch.setattr(make_references, "OUT", str(tmp_path))
     monkeypatch.setattr(make_rcg, "official", lambda method, repos, *sub: str(tmp_path))
     for name, module in official_stand_ins().items():

@@ -1,13 +1,17 @@
-import json, math, os, sys, types
+import json
+import math
+import os
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Draws, assert_close32, assert_close64
 
 import common
 import repa as R
-from conftest import Draws, assert_close32, assert_close64
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference")
 
@@ -24,22 +28,28 @@ def test_align_loss_by_hand():
     a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # [B=1, N=2, D=2]
     assert R.align_loss(a, 3 * a).item() == pytest.approx(-1.0)  # same directions, any scale
     assert R.align_loss(a, -a).item() == pytest.approx(1.0)
-    assert R.align_loss(a, torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])).item() == pytest.approx(0.0)  # orthogonal
+    # orthogonal
+    assert R.align_loss(a, torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])).item() == pytest.approx(0.0)
     # one token aligned (cos 1), one at 60 degrees (cos 0.5): mean -0.75
     b = torch.tensor([[[1.0, 0.0], [math.sin(math.pi / 3), 0.5]]])
     assert R.align_loss(a, b).item() == pytest.approx(-0.75)
-    # normalised in fp32: fp16 tokens whose squared norm overflows fp16 (the official fp16 NaNs), and under autocast
+    # normalised in fp32: fp16 tokens whose squared norm overflows fp16 (the official fp16 NaNs),
+    # and under autocast
     with torch.autocast("cpu", torch.bfloat16):
         for dtype in (torch.float16, torch.bfloat16):
             loss = R.align_loss((300 * a).to(dtype), (300 * b).to(dtype))
-            assert loss.dtype == torch.float32 and loss.item() == pytest.approx(-0.75, abs=1e-2), dtype
+            assert loss.dtype == torch.float32 and loss.item() == pytest.approx(-0.75, abs=1e-2), (
+                dtype
+            )
 
 
 def test_to_grid_interpolation():
     z = torch.randn(2, 16, 5)
     assert torch.equal(R.to_grid(z, 4), z)
-    # a 2x2 grid whose value is its column index, to 4x4 (bilinear, half-pixel centres): columns 0, .25, .75, 1
-    cols = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 4, 1)  # row-major tokens (r0c0, r0c1, r1c0, r1c1)
+    # a 2x2 grid whose value is its column index, to 4x4 (bilinear, half-pixel centres): columns 0,
+    # .25, .75, 1
+    # row-major tokens (r0c0, r0c1, r1c0, r1c1)
+    cols = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 4, 1)
     out = R.to_grid(cols, 4).view(4, 4)  # [rows, cols]
     assert torch.allclose(out, torch.tensor([0.0, 0.25, 0.75, 1.0]).expand(4, 4))
 
@@ -48,7 +58,9 @@ def test_proj_coeff_zero_is_exactly_the_baseline():
     cfg = R.Config(**R.PRESETS["tiny"])
     aligned = R.REPA(cfg, enc_dim=384)
     base = R.REPA(R.Config(**dict(R.PRESETS["tiny"], proj_coeff=0.0)))
-    base.net.load_state_dict({k: v for k, v in aligned.net.state_dict().items() if not k.startswith("projectors.")})
+    base.net.load_state_dict(
+        {k: v for k, v in aligned.net.state_dict().items() if not k.startswith("projectors.")}
+    )
     assert len(base.net.projectors) == 0
     x, y, z = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3]), torch.randn(4, 4, 384)
     torch.manual_seed(0)
@@ -61,44 +73,64 @@ def test_proj_coeff_zero_is_exactly_the_baseline():
 
 
 def _gaussian_velocity(mu, sigma):
-    """The exact v(x, t) = E[e | x_t] - E[x | x_t] for data N(mu, sigma^2) under x_t = (1 - t) x + t e: linear in x."""
+    """The exact v(x, t) = E[e | x_t] - E[x | x_t] for data N(mu, sigma^2) under x_t = (1 - t) x + t
+    e: linear in x."""
+
     def v(x, t):
-        m, s2 = (1 - t) * mu, (1 - t) ** 2 * sigma ** 2 + t ** 2
-        return (t - (1 - t) * sigma ** 2) / s2 * (x - m) - mu
+        m, s2 = (1 - t) * mu, (1 - t) ** 2 * sigma**2 + t**2
+        return (t - (1 - t) * sigma**2) / s2 * (x - m) - mu
+
     return v
 
 
 def test_samplers_integrate_a_known_velocity_field():
     mu, sigma = 0.5, 0.2
     z = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    v2 = lambda x, t, t_cfg=None: _gaussian_velocity(mu, sigma)(x, t)
-    err = {(n, heun): (R.sample_ode(v2, z.clone(), n, heun) - (mu + sigma * z)).abs().max().item()
-           for n in (50, 200) for heun in (True, False)}  # the exact flow map of a Gaussian: x_0 = mu + sigma z
-    assert err[50, True] < 5e-3 and err[200, True] < err[50, True] / 8, err  # Heun: second order (16x for 4x steps)
-    assert err[200, False] < err[50, False] / 3 and err[50, True] < err[50, False] / 4, err  # Euler: first order
+
+    def v2(x, t, t_cfg=None):
+        return _gaussian_velocity(mu, sigma)(x, t)
+
+    err = {
+        (n, heun): (R.sample_ode(v2, z.clone(), n, heun) - (mu + sigma * z)).abs().max().item()
+        # the exact flow map of a Gaussian: x_0 = mu + sigma z
+        for n in (50, 200)
+        for heun in (True, False)
+    }
+    # Heun: second order (16x for 4x steps)
+    assert err[50, True] < 5e-3 and err[200, True] < err[50, True] / 8, err
+    # Euler: first order
+    assert err[200, False] < err[50, False] / 3 and err[50, True] < err[50, False] / 4, err
     # SDE on REPA's grid: v is evaluated at exactly linspace(1, 0.04, N), once each
     calls, v = [], _gaussian_velocity(mu, sigma)
-    R.sample_sde(lambda x, t: calls.append(t) or v(x, t), z[:10].clone(), 7, torch.Generator().manual_seed(1))
-    assert calls == pytest.approx(torch.linspace(1, 0.04, 7, dtype=torch.float64).tolist(), abs=1e-12)
-    # Euler-Maruyama down to t = 0.04 reaches the marginal N((1 - t) mu, (1 - t)^2 sigma^2 + t^2); the last step to 0 is
-    # the mean of an EM step, x - t ((2 - t) v + x), affine in x with slope a: the end is N(mu, (a sd)^2), a bit
-    # narrower than the data (0.188 here, not 0.2); a plain Euler ODE step from 0.04 would give 0.196
+    R.sample_sde(
+        lambda x, t: calls.append(t) or v(x, t), z[:10].clone(), 7, torch.Generator().manual_seed(1)
+    )
+    assert calls == pytest.approx(
+        torch.linspace(1, 0.04, 7, dtype=torch.float64).tolist(), abs=1e-12
+    )
+    # Euler-Maruyama down to t = 0.04 reaches the marginal N((1 - t) mu, (1 - t)^2 sigma^2 + t^2);
+    # the last step to 0 is the mean of an EM step, x - t ((2 - t) v + x), affine in x with slope a:
+    # the end is N(mu, (a sd)^2), a bit narrower than the data (0.188 here, not 0.2); a plain Euler
+    # ODE step from 0.04 would give 0.196
     x = R.sample_sde(v, z.clone(), 250, torch.Generator().manual_seed(1))
     t = 0.04
-    s2 = (1 - t) ** 2 * sigma ** 2 + t ** 2
-    a = 1 - t * ((2 - t) * (t - (1 - t) * sigma ** 2) / s2 + 1)
+    s2 = (1 - t) ** 2 * sigma**2 + t**2
+    a = 1 - t * ((2 - t) * (t - (1 - t) * sigma**2) / s2 + 1)
     assert abs(x.mean().item() - mu) < 0.005
     assert abs(x.std().item() - a * math.sqrt(s2)) < 0.003, (x.std().item(), a * math.sqrt(s2))
 
 
 def test_train_sample_eval(cli, tmp_path, few_probe_images):
-    """Grids only at multiples of sample_every; eval at step 40 beats eval at step 6 (FD); the `_init` and encoder
-    figures do not depend on the step (probes on 400 / 200 images). Resume: test_contract."""
+    """Grids only at multiples of sample_every; eval at step 40 beats eval at step 6 (FD); the
+    `_init` and encoder figures do not depend on the step (probes on 400 / 200 images). Resume:
+    test_contract."""
     few_probe_images(400, 200)
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(R, ["train", *TINY, "--steps", 6, "--out", a]) == 0
     assert cli(R, ["train", *TINY, "--steps", 40, "--out", b]) == 0
-    assert sorted(p.name for p in b.glob("*.png")) == [f"samples_{k:07d}.png" for k in (10, 20, 30, 40)]
+    assert sorted(p.name for p in b.glob("*.png")) == [
+        f"samples_{k:07d}.png" for k in (10, 20, 30, 40)
+    ]
     evals = {}
     for run in (a, b):
         assert cli(R, ["eval", "--ckpt", run / "ckpt.pt", "--n", 100, "--sample-steps", 8]) == 0
@@ -108,7 +140,13 @@ def test_train_sample_eval(cli, tmp_path, few_probe_images):
     one, trained = evals[a], evals[b]
     assert trained["step"] == 40 and trained["fd_model"] == "pixels" and trained["n_samples"] == 100
     assert trained["fd"] < 0.85 * one["fd"], (trained["fd"], one["fd"])  # measured: 43 against 59
-    for k in ("probe_linear_init", "probe_knn_init", "detail_r2_init", "encoder_probe_linear", "encoder_probe_knn"):
+    for k in (
+        "probe_linear_init",
+        "probe_knn_init",
+        "detail_r2_init",
+        "encoder_probe_linear",
+        "encoder_probe_knn",
+    ):
         assert trained[k] == one[k], k
     assert trained["encoder"] == "random-vit-s@28" and "block 1/2" in trained["probe"]
     assert [t for t, _ in trained["probe_linear_by_t"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
@@ -116,21 +154,30 @@ def test_train_sample_eval(cli, tmp_path, few_probe_images):
     assert 0 <= trained["detail_r2_init"] < trained["detail_r2_pixels"] and trained["detail_r2"] < 1
     for sampler in ("ode", "sde"):
         out = tmp_path / f"{sampler}.npz"
-        assert cli(R, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sampler", sampler, "--out", out]) == 0
+        assert (
+            cli(
+                R, ["sample", "--ckpt", b / "ckpt.pt", "--n", 6, "--sampler", sampler, "--out", out]
+            )
+            == 0
+        )
         arr = np.load(out)["arr_0"]
         assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8
     assert (np.load(tmp_path / "ode.npz")["arr_0"] != np.load(tmp_path / "sde.npz")["arr_0"]).any()
 
 
 def test_frozen_encoder_runs_in_bf16_on_a_gpu(cli, tmp_path, monkeypatch):
-    """With bf16 autocast (a GPU; here REPDIFF_CPU_BF16=1) the frozen encoder's forward runs in bf16, as under the
-    official train.py's mixed precision; the loss stays finite and close to the fp32 run's."""
+    """With bf16 autocast (a GPU; here REPDIFF_CPU_BF16=1) the frozen encoder's forward runs in
+    bf16, as under the official train.py's mixed precision; the loss stays finite and close to the
+    fp32 run's."""
     dtypes, load = [], common.load_encoder
 
     def spy(*args):  # records the dtype of the encoder's first matmul
         encoder = load(*args)
-        encoder.net.blocks[0].attn.qkv.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+        encoder.net.blocks[0].attn.qkv.register_forward_hook(
+            lambda m, i, out: dtypes.append(out.dtype)
+        )
         return encoder
+
     monkeypatch.setattr(common, "load_encoder", spy)
     rows = {}
     for bf16 in ("0", "1"):
@@ -139,16 +186,21 @@ def test_frozen_encoder_runs_in_bf16_on_a_gpu(cli, tmp_path, monkeypatch):
         rows[bf16] = json.loads(open(tmp_path / bf16 / "log.jsonl").readline())
     assert dtypes == [torch.float32, torch.bfloat16]
     for k in ("loss", "loss_v", "loss_align"):
-        assert math.isfinite(rows["1"][k]) and rows["1"][k] == pytest.approx(rows["0"][k], abs=0.02), k
+        assert math.isfinite(rows["1"][k]) and rows["1"][k] == pytest.approx(
+            rows["0"][k], abs=0.02
+        ), k
 
 
 def test_eval_features_in_true_fp32(monkeypatch):
-    """Eval reads the SiT (its probes, detail and x_hat) in true fp32: autocast and TF32 off, also in a bf16 region."""
+    """Eval reads the SiT (its probes, detail and x_hat) in true fp32: autocast and TF32 off, also
+    in a bf16 region."""
     monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
     model = R.REPA(R.Config(**R.PRESETS["tiny"]), 384).eval()
     seen = []
     qkv = model.net.blocks[0].attn.qkv  # the first matmul: its flag and its output's dtype
-    qkv.register_forward_hook(lambda m, a, out: seen.append((torch.backends.cuda.matmul.allow_tf32, out.dtype)))
+    qkv.register_forward_hook(
+        lambda m, a, out: seen.append((torch.backends.cuda.matmul.allow_tf32, out.dtype))
+    )
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -169,7 +221,8 @@ def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
     assert "unknown --encoder" in capsys.readouterr().err
     assert cli(R, ["train", *TINY, "--image-size", 18, "--out", tmp_path / "y"]) == 2
     assert "not divisible by the patch size" in capsys.readouterr().err
-    assert cli(R, ["train", *TINY, "--set", "align_depth=3", "--out", tmp_path / "z"]) == 2  # the tiny SiT has 2
+    # the tiny SiT has 2
+    assert cli(R, ["train", *TINY, "--set", "align_depth=3", "--out", tmp_path / "z"]) == 2
     assert "align_depth 3" in capsys.readouterr().err
     sample = ["sample", "--ckpt", tmp_path / "sit" / "ckpt.pt", "--out", tmp_path / "s.npz"]
     assert cli(R, [*sample, "--n", 0]) == 2
@@ -180,22 +233,30 @@ def test_baseline_run_and_bad_inputs(cli, tmp_path, capsys):
 
 
 def test_precomputed_latents(cli, tmp_path, capsys):
-    """--latents: the SiT models the float latents of train_latents.npy in a folder (memory-mapped) while the encoder
-    reads the same rows' images."""
+    """--latents: the SiT models the float latents of train_latents.npy in a folder (memory-mapped)
+    while the encoder reads the same rows' images."""
     images, labels = common._shapes("shapes:300", "train", 16)
-    pooled = F.avg_pool2d(common.to_float(torch.from_numpy(images)), 2)  # a stand-in for a VAE: [N,3,16,16] -> 8x8
-    code = torch.from_numpy(labels).float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8)  # the label as a channel [N,1,8,8]
+    # a stand-in for a VAE: [N,3,16,16] -> 8x8
+    pooled = F.avg_pool2d(common.to_float(torch.from_numpy(images)), 2)
+    # the label as a channel [N,1,8,8]
+    code = torch.from_numpy(labels).float().view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
     latents = torch.cat([pooled, code], 1).numpy()  # [N,4,8,8]
     path = tmp_path / "lat"  # no test_*.npy: the test split is split_rows' tenth
     path.mkdir()
     np.save(path / "train_images.npy", images.transpose(0, 2, 3, 1))
     np.save(path / "train_labels.npy", labels)
-    np.save(path / "train_latents.npy", latents.astype(np.float16))  # half precision is read as float32
+    # half precision is read as float32
+    np.save(path / "train_latents.npy", latents.astype(np.float16))
     # the batches of latents and of images are the same rows (flips included)
-    lat_b, y_l = common.batch(torch.from_numpy(latents), torch.from_numpy(labels), 8, 0, 3, 0, flip=True, device="cpu")
-    img_b, y_i = common.batch(torch.from_numpy(images), torch.from_numpy(labels), 8, 0, 3, 0, flip=True, device="cpu")
+    lat_b, y_l = common.batch(
+        torch.from_numpy(latents), torch.from_numpy(labels), 8, 0, 3, 0, flip=True, device="cpu"
+    )
+    img_b, y_i = common.batch(
+        torch.from_numpy(images), torch.from_numpy(labels), 8, 0, 3, 0, flip=True, device="cpu"
+    )
     assert torch.equal(y_l, y_i) and torch.allclose(lat_b[:, :3], F.avg_pool2d(img_b, 2), atol=1e-5)
-    # so are eval's uniform probe subsets: each latent beside its own image and label (split_rows, then subset)
+    # so are eval's uniform probe subsets: each latent beside its own image and label (split_rows,
+    # then subset)
     cfg = R.Config(**dict(R.PRESETS["tiny"], latents=True))
     s_tr, x_tr, y_tr, s_te, x_te, y_te = R.probe_data(cfg, str(path))
     assert len(s_tr) == len(x_tr) == len(y_tr) == 270 and len(s_te) == len(x_te) == len(y_te) == 30
@@ -207,19 +268,23 @@ def test_precomputed_latents(cli, tmp_path, capsys):
     sd = torch.load(run / "ckpt.pt", weights_only=True)
     assert sd["config"]["channels"] == 4 and sd["config"]["image_size"] == 8
     assert sd["model"]["net.x_embedder.proj.weight"].shape[1] == 4
-    assert cli(R, ["sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--out", tmp_path / "new" / "s.npz"]) == 0
+    assert (
+        cli(R, ["sample", "--ckpt", run / "ckpt.pt", "--n", 5, "--out", tmp_path / "new" / "s.npz"])
+        == 0
+    )
     assert np.load(tmp_path / "new" / "s.npz")["latents"].shape == (5, 4, 8, 8)
     assert cli(R, ["eval", "--ckpt", run / "ckpt.pt"]) == 0
     res = json.load(open(run / "eval.json"))
     assert res["fd"] is None and res["n_samples"] is None and res["step"] == 3
-    assert cli(R, ["train", *TINY, "--latents", "--out", tmp_path / "bad"]) == 2  # shapes has no latents
+    # shapes has no latents
+    assert cli(R, ["train", *TINY, "--latents", "--out", tmp_path / "bad"]) == 2
     assert "--latents needs --data DIR with train_latents.npy" in capsys.readouterr().err
     (path / "train_latents.npy").unlink()
     assert cli(R, ["train", *TINY, "--data", path, "--latents", "--out", tmp_path / "bad"]) == 2
     assert "no train_latents.npy" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ against the official code (tests/reference)
+# ------------------------------------------------------ against the official code (tests/reference)
 # Fixtures made by tests/reference/make_repa.py from sihyun-yu/REPA's models/sit.py, loss.py and
 # samplers.py, run in float64 there. Every draw the official code made is stored in its order and
 # fed to ours with Draws.feed: no test relies on a seed reproducing them. The network runs in
@@ -233,7 +298,11 @@ def _official(reference, name, float64=False):
     ref = reference("repa", name)
     cfg = dict(ref["config"])
     model = R.REPA(R.Config(**{k: v for k, v in cfg.items() if k != "z_dim"}), enc_dim=cfg["z_dim"])
-    sd = ref["state_dict"] if "state_dict" in ref else reference("repa", ref["weights"])["state_dict"]
+    sd = (
+        ref["state_dict"]
+        if "state_dict" in ref
+        else reference("repa", ref["weights"])["state_dict"]
+    )
     model.net.load_state_dict(sd, strict=True)
     if float64:
         # repa.py's TimestepEmbedder hands its fp32 sinusoid to its Linear as it is; the official
@@ -294,8 +363,13 @@ def test_official_samplers(reference, sampler):
     ref, model = _official(reference, "sampler")
     run = ref["runs"][sampler]
     with Draws.feed(run["draws"]):
-        x = model.sample(ref["y"], sampler=sampler, steps=run["steps"], scale=ref["cfg_scale"],
-                         interval=ref["interval"])
+        x = model.sample(
+            ref["y"],
+            sampler=sampler,
+            steps=run["steps"],
+            scale=ref["cfg_scale"],
+            interval=ref["interval"],
+        )
     assert_close32(x, run["out"], sampler)
 
 
@@ -313,7 +387,7 @@ def test_official_draw_order(reference):
     B = 4
     x = torch.randn(B, cfg.channels, cfg.image_size, cfg.image_size)
     y = torch.tensor([1, 2, 7, 4])
-    z_enc = torch.randn(B, model.net.grid ** 2, 16)
+    z_enc = torch.randn(B, model.net.grid**2, 16)
     torch.manual_seed(0)
     with Draws.record() as official:
         # loss.py:57, t
@@ -352,14 +426,36 @@ def _stand_ins():
     """Modules standing in for the official models.sit, loss and samplers, built from repa.py,
     with exactly the API that make_repa.py uses: its make() and bench() run without the checkout
     (their half that calls ours is what rots when repa.py's API changes)."""
+
     class SiT(R.SiT):
-        def __init__(self, input_size, patch_size, in_channels, hidden_size, depth, num_heads,
-                     encoder_depth, class_dropout_prob, num_classes, z_dims, projector_dim=2048,
-                     **unused):
-            cfg = R.Config(image_size=input_size, channels=in_channels, patch=patch_size,
-                           hidden=hidden_size, depth=depth, heads=num_heads,
-                           align_depth=encoder_depth, proj_dim=projector_dim,
-                           num_classes=num_classes, label_drop=class_dropout_prob, latents=True)
+        def __init__(
+            self,
+            input_size,
+            patch_size,
+            in_channels,
+            hidden_size,
+            depth,
+            num_heads,
+            encoder_depth,
+            class_dropout_prob,
+            num_classes,
+            z_dims,
+            projector_dim=2048,
+            **unused,
+        ):
+            cfg = R.Config(
+                image_size=input_size,
+                channels=in_channels,
+                patch=patch_size,
+                hidden=hidden_size,
+                depth=depth,
+                heads=num_heads,
+                align_depth=encoder_depth,
+                proj_dim=projector_dim,
+                num_classes=num_classes,
+                label_drop=class_dropout_prob,
+                latents=True,
+            )
             super().__init__(cfg, z_dims[0])
             # the official cast of the sinusoid to t's dtype (models/sit.py:64): runs in float64
             mlp = self.t_embedder.mlp
@@ -373,8 +469,15 @@ def _stand_ins():
             return v, [self.projectors[0](h)]
 
     def xl(**kw):
-        return SiT(patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                   class_dropout_prob=0.1, **kw)
+        return SiT(
+            patch_size=2,
+            in_channels=4,
+            hidden_size=1152,
+            depth=28,
+            num_heads=16,
+            class_dropout_prob=0.1,
+            **kw,
+        )
 
     class SILoss:
         def __init__(self, **kw):
@@ -396,6 +499,7 @@ def _stand_ins():
                 v_c, v_u = model(torch.cat([x, x]), torch.cat([tt, tt]), y_null)[0].chunk(2)
                 return v_u + cfg_scale * (v_c - v_u)
             return model(x, tt, y)[0]
+
         return v
 
     def euler_sampler(model, latents, y, num_steps, heun, path_type, **cfg):
@@ -422,6 +526,7 @@ def test_reference_maker_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(REFERENCE)
     import make_references
     import make_repa
+
     for name, module in _stand_ins().items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(make_repa, "official", lambda method, repos, *sub: repos)
@@ -436,24 +541,74 @@ def test_reference_maker_runs(tmp_path, monkeypatch, capsys):
 
 
 def test_import_official_state_dict(cli, reference, tmp_path, capsys):
-    """`import` turns an official state dict into a run of this file (sizes read from the weights); sample writes
-    its latents. A file that is not one is a usage error."""
+    """`import` turns an official state dict into a run of this file (sizes read from the weights);
+    sample writes its latents. A file that is not one is a usage error."""
     ref = reference("repa", "net")
     torch.save({"ema": ref["state_dict"]}, tmp_path / "official.pt")
     run = tmp_path / "run"
-    assert cli(R, ["import", "--official", tmp_path / "official.pt", "--out", run, "--heads", 2,
-                   "--align-depth", 2]) == 0
+    assert (
+        cli(
+            R,
+            [
+                "import",
+                "--official",
+                tmp_path / "official.pt",
+                "--out",
+                run,
+                "--heads",
+                2,
+                "--align-depth",
+                2,
+            ],
+        )
+        == 0
+    )
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
-    assert ckpt["config"]["hidden"] == 32 and ckpt["config"]["depth"] == 3 and ckpt["config"]["num_classes"] == 10
+    assert (
+        ckpt["config"]["hidden"] == 32
+        and ckpt["config"]["depth"] == 3
+        and ckpt["config"]["num_classes"] == 10
+    )
     for k, v in ref["state_dict"].items():
         assert torch.equal(ckpt["ema"]["net." + k], v), k
     out = tmp_path / "s.npz"
-    assert cli(R, ["sample", "--ckpt", run / "ckpt.pt", "--n", 3, "--sampler", "sde", "--sample-steps", 4,
-                   "--out", out]) == 0
+    assert (
+        cli(
+            R,
+            [
+                "sample",
+                "--ckpt",
+                run / "ckpt.pt",
+                "--n",
+                3,
+                "--sampler",
+                "sde",
+                "--sample-steps",
+                4,
+                "--out",
+                out,
+            ],
+        )
+        == 0
+    )
     assert np.load(out)["latents"].shape == (3, 4, 8, 8)
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
     assert cli(R, ["import", "--official", tmp_path / "other.pt", "--out", tmp_path / "bad"]) == 2
     assert "not an official REPA SiT state dict" in capsys.readouterr().err
-    assert cli(R, ["import", "--official", tmp_path / "official.pt", "--out", tmp_path / "bad", "--heads", 5]) == 2
+    assert (
+        cli(
+            R,
+            [
+                "import",
+                "--official",
+                tmp_path / "official.pt",
+                "--out",
+                tmp_path / "bad",
+                "--heads",
+                5,
+            ],
+        )
+        == 2
+    )
     assert "--heads must divide the width 32" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

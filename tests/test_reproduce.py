@@ -14,15 +14,25 @@ def test_every_command_of_a_plan_parses_with_its_files_own_parser(machine, tmp_p
     assert f"{sum(len(r['runs']) for r in rows)} commands of {len(rows)} rows parse" in out
     assert not os.listdir(tmp_path)  # a dry run writes nothing
     methods = [r["method"] for r in rows]
-    assert methods[0].startswith("encoder") and "repa.py" in methods and "decoupled_latent.py" in methods
+    assert (
+        methods[0].startswith("encoder")
+        and "repa.py" in methods
+        and "decoupled_latent.py" in methods
+    )
     pairs = {r["method"]: r["pair"] for r in rows}
-    assert pairs["repa.py"] == ("fd", "fd_control", "lower") and pairs["rcg.py"] == ("fd", "fd_control", "lower")
+    assert pairs["repa.py"] == ("fd", "fd_control", "lower") and pairs["rcg.py"] == (
+        "fd",
+        "fd_control",
+        "lower",
+    )
     assert any("--proj-coeff" in a for a in sum((r["runs"] for r in rows), []))  # REPA's control
     if machine == "cpu":
         assert "repa.py (seed 1)" in methods  # the second seed that measures the spread
 
 
-def test_a_command_that_does_not_parse_stops_the_plan_before_anything_runs(tmp_path, monkeypatch, capsys):
+def test_a_command_that_does_not_parse_stops_the_plan_before_anything_runs(
+    tmp_path, monkeypatch, capsys
+):
     real = reproduce.plan
     bad = [["repa.py", "train", "--nope"]]
     monkeypatch.setattr(reproduce, "plan", lambda m, out: [dict(real(m, out)[0], runs=bad)])
@@ -32,27 +42,64 @@ def test_a_command_that_does_not_parse_stops_the_plan_before_anything_runs(tmp_p
 
 
 def test_held_needs_a_margin_above_the_measured_spread():
-    rows = [dict(method="repa.py", fd=100.0, fd_control=110.0, probe_linear=0.3, probe_linear_control=0.3),
-            dict(method="repa.py (seed 1)", fd=104.0, fd_control=106.0, probe_linear=0.32, probe_linear_control=0.29)]
+    rows = [
+        dict(
+            method="repa.py", fd=100.0, fd_control=110.0, probe_linear=0.3, probe_linear_control=0.3
+        ),
+        dict(
+            method="repa.py (seed 1)",
+            fd=104.0,
+            fd_control=106.0,
+            probe_linear=0.32,
+            probe_linear_control=0.29,
+        ),
+    ]
     s = reproduce.spread(rows)
-    assert s["fd"] == pytest.approx(4 / 102) and s["probe"] == pytest.approx(0.02)  # the largest gap of each kind
+    # the largest gap of each kind
+    assert s["fd"] == pytest.approx(4 / 102) and s["probe"] == pytest.approx(0.02)
     row = dict(pair=("fd", "fd_control", "lower"), fd=100.0, fd_control=110.0)
     assert reproduce.held(row, s)  # a 10-point gap, the spread 3.9% of 105: held
-    assert not reproduce.held(dict(row, fd_control=102.0), s)  # the paper's direction, but inside the spread
+    # the paper's direction, but inside the spread
+    assert not reproduce.held(dict(row, fd_control=102.0), s)
     assert not reproduce.held(dict(row, fd_control=90.0), s)
-    assert reproduce.held(dict(pair=("probe_linear", "probe_linear_init", "higher"), probe_linear=0.3,
-                               probe_linear_init=0.25), s)
+    assert reproduce.held(
+        dict(
+            pair=("probe_linear", "probe_linear_init", "higher"),
+            probe_linear=0.3,
+            probe_linear_init=0.25,
+        ),
+        s,
+    )
     assert reproduce.held(dict(row, error="exit 1"), s) is None
     assert reproduce.best_t([[0.1, 0.2], [0.5, 0.4], [0.9, 0.3]]) == 0.5
 
 
 def test_table_and_figure_show_each_pair(tmp_path):
-    rows = [dict(method="repa.py", minutes=1.0, fd=100.0, fd_control=110.0, probe_linear=0.3, probe_linear_init=0.2,
-                 probe_linear_control=0.28, probe_linear_pixels=0.25, probe_knn_pixels=0.2, detail_r2=0.1,
-                 detail_r2_pixels=0.6, probe_linear_by_t=[[0.2, 0.25], [0.6, 0.3]], claim="aligned is better",
-                 pair=("fd", "fd_control", "lower"), held=True)]
+    rows = [
+        dict(
+            method="repa.py",
+            minutes=1.0,
+            fd=100.0,
+            fd_control=110.0,
+            probe_linear=0.3,
+            probe_linear_init=0.2,
+            probe_linear_control=0.28,
+            probe_linear_pixels=0.25,
+            probe_knn_pixels=0.2,
+            detail_r2=0.1,
+            detail_r2_pixels=0.6,
+            probe_linear_by_t=[[0.2, 0.25], [0.6, 0.3]],
+            claim="aligned is better",
+            pair=("fd", "fd_control", "lower"),
+            held=True,
+        )
+    ]
     md = reproduce.table(rows, {"fd": 0.04})
-    assert "| repa.py | 1 | 100 (110) | 0.3 (0.2) |" in md and "| yes |" in md and "fd 0.04 (relative)" in md
+    assert (
+        "| repa.py | 1 | 100 (110) | 0.3 (0.2) |" in md
+        and "| yes |" in md
+        and "fd 0.04 (relative)" in md
+    )
     assert "raw pixels" in md and "0.6" in md
     reproduce.svg(rows, tmp_path / "f.svg")
     svg = open(tmp_path / "f.svg").read()
@@ -60,15 +107,20 @@ def test_table_and_figure_show_each_pair(tmp_path):
 
 
 def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_path, capsys):
-    """One row with a pair (soda.py: its probe against the same encoder at initialisation), run, read again, and run
-    again after a failed eval. Every row's commands are parsed by test_every_command_of_a_plan_parses."""
+    """One row with a pair (soda.py: its probe against the same encoder at initialisation), run,
+    read again, and run again after a failed eval. Every row's commands are parsed by
+    test_every_command_of_a_plan_parses."""
     reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     res = json.load(open(tmp_path / "results.json"))
     rows = {r["method"]: r for r in res["rows"]}
     assert list(rows) == ["soda.py"] and res["cpus"] >= 1
     r = rows["soda.py"]
     assert "error" not in r and r["command"].startswith("python soda.py train")
-    assert r["fd"] is not None and r["probe_linear_init"] is not None and r["probe_linear_pixels"] is not None
+    assert (
+        r["fd"] is not None
+        and r["probe_linear_init"] is not None
+        and r["probe_linear_pixels"] is not None
+    )
     assert r["held"] in (True, False) and len(r["probe_linear_by_t"]) == 5
     assert "| soda.py |" in open(tmp_path / "table.md").read()
     capsys.readouterr()
@@ -78,24 +130,34 @@ def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_pat
     json.dump(dict(res, rows=[dict(r, error="exit 2")]), open(tmp_path / "results.json", "w"))
     reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     out = capsys.readouterr().out
-    assert "--resume" in out and "error" not in json.load(open(tmp_path / "results.json"))["rows"][-1]
+    assert (
+        "--resume" in out and "error" not in json.load(open(tmp_path / "results.json"))["rows"][-1]
+    )
     with pytest.raises(SystemExit) as e:
         reproduce.main(["tiny", "--out", str(tmp_path), "--only", "nope.py"])
     assert e.value.code == 2
 
 
 def test_bench_times_a_files_own_train_command(capsys):
-    reproduce.main(["bench", "--files", "jit_xpred.py", "--preset", "tiny", "--steps", "2", "--warmup", "1"])
-    row = json.loads([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1])
+    reproduce.main(
+        ["bench", "--files", "jit_xpred.py", "--preset", "tiny", "--steps", "2", "--warmup", "1"]
+    )
+    row = json.loads(
+        [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")][-1]
+    )
     assert row["file"] == "jit_xpred.py" and row["img_per_s"] > 0 and row["gflop_per_image"] > 0
 
 
 def test_bench_data_runs_on_a_cpu(tmp_path, capsys):
     reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "100x16", "--batches", "3"])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rows = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
     first, later = rows[0], rows[1]
     assert first["start"] == "first" and later["start"] == "later" and first["images"] == 100
-    assert later["read_batches_per_s"] > 0 and later["batch_per_s"] > 0 and later["rss_anon_gib"] > 0
+    assert (
+        later["read_batches_per_s"] > 0 and later["batch_per_s"] > 0 and later["rss_anon_gib"] > 0
+    )
     with pytest.raises(SystemExit) as e:
         reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "300by16"])
     assert e.value.code == 2

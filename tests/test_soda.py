@@ -1,4 +1,5 @@
-import json, os
+import json
+import os
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ TINY = ["--preset", "tiny", "--device", "cpu"]
 def _model(**kw):
     torch.manual_seed(0)
     m = S.SODA(S.Config(**dict(S.PRESETS["tiny"], **kw)))
-    for blk in blocks(m):  # give every block a non-trivial z-FiLM, and open the zero-initialised layers
+    # give every block a non-trivial z-FiLM, and open the zero-initialised layers
+    for blk in blocks(m):
         torch.nn.init.normal_(blk.z_film.weight)
         torch.nn.init.normal_(blk.conv2.weight, std=0.1)
     torch.nn.init.normal_(m.net.conv_out.weight, std=0.1)
@@ -31,24 +33,29 @@ def blocks(m):  # the U-Net's residual blocks in forward order (down, middle, up
 def test_each_sub_vector_reaches_only_its_layers():
     m = _model()
     G = m.net.groups
-    # tiny: ch_mult [1, 2], one block a level: down 0, down 1, the middle pair, up 1 (x2), up 0 (x2): mirrored groups
+    # tiny: ch_mult [1, 2], one block a level: down 0, down 1, the middle pair, up 1 (x2), up 0
+    # (x2): mirrored groups
     assert G == 3 and [blk.group for blk in blocks(m)] == [0, 1, 2, 2, 1, 1, 0, 0]
     seen = {}  # the (z_s, z_b) each block's z-FiLM computes in a forward pass
     for blk in blocks(m):
-        blk.z_film.register_forward_hook(lambda mod, inp, out: seen.setdefault(id(mod), []).append(out.clone()))
+        blk.z_film.register_forward_hook(
+            lambda mod, inp, out: seen.setdefault(id(mod), []).append(out.clone())
+        )
     z, keep, x_t, t = torch.randn(2, 12), torch.ones(2, G), torch.randn(2, 3, 16, 16), torch.rand(2)
     m.net(x_t, t, z, keep)
     for g in range(G):
         z2 = z.clone()
-        z2[:, g * 4:(g + 1) * 4] += 1.0  # change sub-vector g only
+        z2[:, g * 4 : (g + 1) * 4] += 1.0  # change sub-vector g only
         m.net(x_t, t, z2, keep)
         for blk in blocks(m):
-            assert (not torch.equal(seen[id(blk.z_film)][0], seen[id(blk.z_film)][-1])) == (blk.group == g), g
+            assert (not torch.equal(seen[id(blk.z_film)][0], seen[id(blk.z_film)][-1])) == (
+                blk.group == g
+            ), g
 
 
 def test_layer_masking_and_guidance():
-    """A block whose group is masked (keep 0) does not see z at all; with every group masked the U-Net is the
-    unconditional model, and eps mixes the two as (1 + w) eps(z) - w eps(no z)."""
+    """A block whose group is masked (keep 0) does not see z at all; with every group masked the
+    U-Net is the unconditional model, and eps mixes the two as (1 + w) eps(z) - w eps(no z)."""
     m = _model().eval()
     z, G = torch.randn(2, 12), m.net.groups
     keep = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
@@ -57,7 +64,7 @@ def test_layer_masking_and_guidance():
         blk.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp, out)))
     m.net(torch.randn(2, 3, 16, 16), torch.rand(2), z, keep)
     other = torch.randn(2, 12).tensor_split(G, 1)  # another z
-    for blk, (x, emb, zs, k), out in calls[:len(blocks(m))]:
+    for blk, (x, emb, _zs, k), out in calls[: len(blocks(m))]:
         same = (blk(x, emb, other, k) == out).flatten(1).all(1)  # [B]: the row did not see z
         assert same.tolist() == [keep[0, blk.group] == 0, True], blk.group
     x_t, w = torch.randn(2, 3, 16, 16), 0.3
@@ -70,64 +77,98 @@ def test_layer_masking_and_guidance():
 
 def test_films_read_t_and_z_through_silu():
     """One block by hand: h = GN(conv1(SiLU(GN(x)))) (1 + s) + b with (s, b) = W SiLU(emb) + c, then
-    h (1 + z_s) + z_b with (z_s, z_b) = W_z SiLU(z_group) + c_z (zero for a masked group);
-    out = skip(x) + conv2(SiLU(h)).
-    This equals FutureXiang's block (t_s h + t_b, then z_s h + z_b, each Linear after a SiLU) with 1 moved into the
-    scale biases."""
+    h (1 + z_s) + z_b with (z_s, z_b) = W_z SiLU(z_group) + c_z (zero for a masked group); out =
+    skip(x) + conv2(SiLU(h)). This equals FutureXiang's block (t_s h + t_b, then z_s h + z_b, each
+    Linear after a SiLU) with 1 moved into the scale biases."""
     m = _model()
-    silu = lambda v: v * torch.sigmoid(v)
+
+    def silu(v):
+        return v * torch.sigmoid(v)
+
     z, keep = torch.randn(2, 12), torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
     blk = blocks(m)[1]  # down level 1: 16 -> 32 channels, a 1x1 skip, group 1
     assert blk.group == 1
     x, emb = torch.randn(2, 16, 8, 8), torch.randn(2, 64)
     h = blk.conv1(silu(blk.norm1(x)))
     s, b = (silu(emb) @ blk.film.weight.T + blk.film.bias)[:, :, None, None].chunk(2, 1)
-    mod = (silu(z[:, 4:8]) @ blk.z_film.weight.T + blk.z_film.bias) * keep[:, 1:2]  # z_1, masked in row 0
+    # z_1, masked in row 0
+    mod = (silu(z[:, 4:8]) @ blk.z_film.weight.T + blk.z_film.bias) * keep[:, 1:2]
     z_s, z_b = mod[:, :, None, None].chunk(2, 1)
     h = (blk.norm2(h) * (1 + s) + b) * (1 + z_s) + z_b
-    torch.testing.assert_close(blk(x, emb, z.tensor_split(3, 1), keep), blk.skip(x) + blk.conv2(silu(h)))
+    torch.testing.assert_close(
+        blk(x, emb, z.tensor_split(3, 1), keep), blk.skip(x) + blk.conv2(silu(h))
+    )
 
 
 def test_attention_feeds_sdpa_q_k_v_contiguous_in_their_last_dimension(monkeypatch):
-    """The fused kernels of scaled_dot_product_attention (flash, memory-efficient) need stride 1 in the head dimension;
-    q, k, v once came out of a transposed view (stride H*W there), which sends a GPU to the math path. The block by
-    hand: x + proj(softmax(q k^T / sqrt(d)) v) over the positions."""
+    """The fused kernels of scaled_dot_product_attention (flash, memory-efficient) need stride 1 in
+    the head dimension; q, k, v once came out of a transposed view (stride H*W there), which sends a
+    GPU to the math path. The block by hand: x + proj(softmax(q k^T / sqrt(d)) v) over the
+    positions."""
     blk = S.AttnBlock(32, heads=2)
     torch.nn.init.normal_(blk.proj.weight, std=0.1)
     seen, attention = [], common.attention
-    monkeypatch.setattr(common, "attention", lambda q, k, v: seen.append((q, k, v)) or attention(q, k, v))
+    monkeypatch.setattr(
+        common, "attention", lambda q, k, v: seen.append((q, k, v)) or attention(q, k, v)
+    )
     x = torch.randn(2, 32, 4, 4)
     out = blk(x)
     assert all(a.shape == (2, 2, 16, 16) and a.stride(-1) == 1 for a in seen[0])
     tok = blk.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
-    q, k, v = (blk.qkv(tok).view(2, 16, 3, 2, 16)[:, :, i].transpose(1, 2) for i in range(3))  # [B, h, HW, d]
+    # [B, h, HW, d]
+    q, k, v = (blk.qkv(tok).view(2, 16, 3, 2, 16)[:, :, i].transpose(1, 2) for i in range(3))
     a = torch.softmax(q @ k.transpose(-1, -2) / 4, -1) @ v
-    by_hand = x + blk.proj(a.transpose(1, 2).reshape(2, 16, 32)).transpose(1, 2).reshape(2, 32, 4, 4)
+    by_hand = x + blk.proj(a.transpose(1, 2).reshape(2, 16, 32)).transpose(1, 2).reshape(
+        2, 32, 4, 4
+    )
     torch.testing.assert_close(out, by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_default_preset_is_the_reimplementation_recipe():
-    """The default (one-GPU CIFAR-10) preset: FutureXiang/soda's config/cifar10.yaml on its 4 processes: U-Net ch_mult
-    1 2 2 2, z of 128 (here in 5 groups as evenly as goes), batch 4 x 128, lr 4 x 1e-4 for the U-Net and twice that for
-    the encoder (with its head), AdamW (0.9, 0.95), weight decay 0.05, 800 epochs with 20 of warm-up."""
-    cfg = S.make_config(common.make_parser(S.__doc__, S.PRESETS)[0].parse_args(["train", "--out", "x"]))
-    assert (cfg.data, cfg.image_size, cfg.channels, cfg.ch_mult, cfg.num_res, cfg.attn_res) == \
-        ("cifar10", 32, 128, [1, 2, 2, 2], 2, [16])
-    assert (cfg.encoder, cfg.res_width, cfg.res_layers, cfg.z_dim, cfg.dropout, cfg.z_drop) == \
-        ("resnet", 64, [2, 2, 2, 2], 128, 0.1, 0.1)
-    assert (cfg.guidance, cfg.sample_steps, cfg.grad_clip, cfg.ema, cfg.batch_size) == (0.3, 100, 1.0, 0.9999, 512)
+    """The default (one-GPU CIFAR-10) preset: FutureXiang/soda's config/cifar10.yaml on its 4
+    processes: U-Net ch_mult 1 2 2 2, z of 128 (here in 5 groups as evenly as goes), batch 4 x 128,
+    lr 4 x 1e-4 for the U-Net and twice that for the encoder (with its head), AdamW (0.9, 0.95),
+    weight decay 0.05, 800 epochs with 20 of warm-up."""
+    cfg = S.make_config(
+        common.make_parser(S.__doc__, S.PRESETS)[0].parse_args(["train", "--out", "x"])
+    )
+    assert (cfg.data, cfg.image_size, cfg.channels, cfg.ch_mult, cfg.num_res, cfg.attn_res) == (
+        "cifar10",
+        32,
+        128,
+        [1, 2, 2, 2],
+        2,
+        [16],
+    )
+    assert (cfg.encoder, cfg.res_width, cfg.res_layers, cfg.z_dim, cfg.dropout, cfg.z_drop) == (
+        "resnet",
+        64,
+        [2, 2, 2, 2],
+        128,
+        0.1,
+        0.1,
+    )
+    assert (cfg.guidance, cfg.sample_steps, cfg.grad_clip, cfg.ema, cfg.batch_size) == (
+        0.3,
+        100,
+        1.0,
+        0.9999,
+        512,
+    )
     assert cfg.steps * cfg.batch_size / 50_000 == pytest.approx(800, rel=0.01)
     assert cfg.warmup * cfg.batch_size / 50_000 == pytest.approx(20, rel=0.03)
     torch.manual_seed(0)
     model = S.SODA(cfg)
     assert model.net.groups == 5 and model.net.z_sizes == [26, 26, 26, 25, 25]
-    assert [blk.z_film.in_features for blk in blocks(model)] == [[26, 26, 26, 25, 25][blk.group]
-                                                                 for blk in blocks(model)]
+    assert [blk.z_film.in_features for blk in blocks(model)] == [
+        [26, 26, 26, 25, 25][blk.group] for blk in blocks(model)
+    ]
     opt = S.make_optimizer(model, cfg)
     enc = {id(p) for p in list(model.encoder.parameters()) + list(model.head.parameters())}
     net, encoder = opt.param_groups
     assert {id(p) for p in encoder["params"]} == enc and {id(p) for p in net["params"]} == {
-        id(p) for p in model.net.parameters()}
+        id(p) for p in model.net.parameters()
+    }
     assert (net["lr"], encoder["lr"]) == (pytest.approx(4e-4), pytest.approx(8e-4))
     assert all(g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.05 for g in opt.param_groups)
 
@@ -135,7 +176,8 @@ def test_default_preset_is_the_reimplementation_recipe():
 def test_views_differ_but_come_from_one_image():
     torch.manual_seed(0)
     x = -torch.ones(2, 3, 16, 16)
-    x[0, 0] = torch.rand(16, 16) * 2 - 1  # image 0 lives in the red channel, image 1 in the green one
+    # image 0 lives in the red channel, image 1 in the green one
+    x[0, 0] = torch.rand(16, 16) * 2 - 1
     x[1, 1] = torch.rand(16, 16) * 2 - 1
     a, b = S.random_crops(x, [0.2, 1.0]), S.random_crops(x, [0.2, 1.0])
     for v in (a, b):  # every view is made of its own image only
@@ -145,12 +187,14 @@ def test_views_differ_but_come_from_one_image():
     cfg = S.Config(**S.PRESETS["tiny"])
     j = S.source_view(x, cfg)
     assert j.shape == x.shape and j.min() >= -1 and j.max() <= 1 and not torch.allclose(j, x)
-    cfg.source_scale, cfg.jitter, cfg.gray, cfg.blur_prob = [1.0, 1.0], 0.0, 1.0, 0.0  # grayscale alone
+    # grayscale alone
+    cfg.source_scale, cfg.jitter, cfg.gray, cfg.blur_prob = [1.0, 1.0], 0.0, 1.0, 0.0
     torch.manual_seed(1)
     g = S.source_view(x, cfg)
     torch.manual_seed(1)  # the crop is drawn first: the same crop
     crop = S.random_crops(x, cfg.source_scale)
-    assert torch.allclose(g, crop.mean(1, keepdim=True).expand_as(g), atol=1e-6)  # every channel is the mean
+    # every channel is the mean
+    assert torch.allclose(g, crop.mean(1, keepdim=True).expand_as(g), atol=1e-6)
     flat = torch.full((1, 3, 8, 8), 0.3)
     assert torch.allclose(S.random_crops(flat, [0.2, 1.0]), flat)
 
@@ -158,21 +202,28 @@ def test_views_differ_but_come_from_one_image():
 def test_inverted_cosine_schedule():
     t = torch.tensor([0.0, 0.5, 1.0])
     a = S.abar(t, 0.008)
-    assert a[0].item() == pytest.approx(1.0) and a[2].item() == pytest.approx(1e-4)  # clamped at t = 1
-    assert a[1].item() == pytest.approx(2 * 1.008 / np.pi * np.arccos(np.sqrt(0.5)) - 0.008)  # = 0.496
+    # clamped at t = 1
+    assert a[0].item() == pytest.approx(1.0) and a[2].item() == pytest.approx(1e-4)
+    # = 0.496
+    assert a[1].item() == pytest.approx(2 * 1.008 / np.pi * np.arccos(np.sqrt(0.5)) - 0.008)
 
 
 def test_ddim_clamps_x0_and_optionally_recomputes_eps():
-    """Two DDIM steps by hand with a constant eps prediction that drives x0 out of [-1, 1]: x0 is clamped, and the step
-    to t_next uses the model's eps or, with recompute_eps, the noise consistent with the clamped x0,
-    eps' = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
+    """Two DDIM steps by hand with a constant eps prediction that drives x0 out of [-1, 1]: x0 is
+    clamped, and the step to t_next uses the model's eps or, with recompute_eps, the noise
+    consistent with the clamped x0, eps' = (x_t - sqrt(abar) x0) / sqrt(1 - abar)."""
     for recompute in (False, True):
         m = _model(recompute_eps=recompute)
         m.eps = lambda x_t, t, z, w: torch.full_like(x_t, -0.5)
-        out = m.sample(torch.zeros(2, m.cfg.z_dim), steps=2, generator=torch.Generator().manual_seed(0))
+        out = m.sample(
+            torch.zeros(2, m.cfg.z_dim), steps=2, generator=torch.Generator().manual_seed(0)
+        )
         x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
         for t, t_next in ((1.0, 0.5), (0.5, 0.0)):
-            a, a_next = S.abar(torch.tensor(t), m.cfg.schedule_s), S.abar(torch.tensor(t_next), m.cfg.schedule_s)
+            a, a_next = (
+                S.abar(torch.tensor(t), m.cfg.schedule_s),
+                S.abar(torch.tensor(t_next), m.cfg.schedule_s),
+            )
             x0 = ((x + 0.5 * (1 - a).sqrt()) / a.sqrt()).clamp(-1, 1)
             e = (x - a.sqrt() * x0) / (1 - a).sqrt() if recompute else torch.full_like(x, -0.5)
             x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * e
@@ -181,16 +232,21 @@ def test_ddim_clamps_x0_and_optionally_recomputes_eps():
 
 
 def test_sampler_never_waits_on_the_device():
-    """DDIM's schedule is Python floats computed once, and every tensor of the loop is made on z's device: on the meta
-    device (where .item() raises) the sampler runs, and the only CPU work is the schedule's, the same for 2 and 5
-    steps. It once read t back with .item() and built the guidance mask on the CPU at every step."""
+    """DDIM's schedule is Python floats computed once, and every tensor of the loop is made on z's
+    device: on the meta device (where .item() raises) the sampler runs, and the only CPU work is the
+    schedule's, the same for 2 and 5 steps. It once read t back with .item() and built the guidance
+    mask on the CPU at every step."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
     class CpuOps(TorchDispatchMode):  # records the ops whose outputs land on the CPU
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            ops.extend(str(func) for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.device.type == "cpu")
+            ops.extend(
+                str(func)
+                for o in tree_leaves(out)
+                if isinstance(o, torch.Tensor) and o.device.type == "cpu"
+            )
             return out
 
     m, counts = _model().eval().to("meta"), []
@@ -204,8 +260,9 @@ def test_sampler_never_waits_on_the_device():
 
 
 def test_every_parameter_takes_part_in_the_loss():
-    """DDP (find_unused_parameters off) stops at step 2 on a parameter without a gradient; the released ViT layout's
-    mask_token is a buffer for this reason. Dropping all of z (z_drop = 1) still reaches every parameter."""
+    """DDP (find_unused_parameters off) stops at step 2 on a parameter without a gradient; the
+    released ViT layout's mask_token is a buffer for this reason. Dropping all of z (z_drop = 1)
+    still reaches every parameter."""
     for kw in ({}, dict(z_drop=1.0, mask_prob=1.0), dict(attn_res=[8])):
         m = _model(**kw)
         m(torch.rand(4, 3, 16, 16) * 2 - 1).backward()
@@ -213,23 +270,29 @@ def test_every_parameter_takes_part_in_the_loss():
 
 
 def test_the_encoder_gets_sync_batchnorm_under_cuda_ddp(monkeypatch):
-    """On GPUs each process's BatchNorm would see its own 128 of FutureXiang's 512: common.wrap converts the ResNet's
-    BatchNorm layers to SyncBatchNorm (a global batch's statistics), in place, keeping the parameters the optimiser and
-    the EMA hold; on CPU processes (gloo) it keeps BatchNorm. DDP itself is stubbed: no process group here."""
+    """On GPUs each process's BatchNorm would see its own 128 of FutureXiang's 512: common.wrap
+    converts the ResNet's BatchNorm layers to SyncBatchNorm (a global batch's statistics), in place,
+    keeping the parameters the optimiser and the EMA hold; on CPU processes (gloo) it keeps
+    BatchNorm. DDP itself is stubbed: no process group here."""
     from types import SimpleNamespace
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: model)
+
+    monkeypatch.setattr(
+        torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids: model
+    )
     for dev, norm in (("cuda:0", torch.nn.SyncBatchNorm), ("cpu", torch.nn.BatchNorm2d)):
         m = _model()
         params, ema, n = list(m.parameters()), common.Ema(m), len(batchnorms(m))
         step_model = common.wrap(m, SimpleNamespace(world=2, device=torch.device(dev)))
         assert n > 0 and [type(b) for b in batchnorms(step_model)] == [norm] * n, dev
         assert step_model is m and all(a is b for a, b in zip(params, m.parameters(), strict=True))
-        assert list(ema.model.state_dict()) == list(m.state_dict())  # the EMA (plain BatchNorm) matches key for key
+        # the EMA (plain BatchNorm) matches key for key
+        assert list(ema.model.state_dict()) == list(m.state_dict())
 
 
 def test_sample_grids_only_at_multiples_of_sample_every(cli, tmp_path, monkeypatch):
-    """A grid costs grid x sample_steps x 2 network calls: a run draws one only at the multiples of sample_every (none
-    at an end that is not one), with the run's own DDIM steps; grid=0 draws none."""
+    """A grid costs grid x sample_steps x 2 network calls: a run draws one only at the multiples of
+    sample_every (none at an end that is not one), with the run's own DDIM steps; grid=0 draws
+    none."""
     calls, sample = [], S.SODA.sample
 
     def spy(self, z, **k):
@@ -237,11 +300,30 @@ def test_sample_grids_only_at_multiples_of_sample_every(cli, tmp_path, monkeypat
         return sample(self, z, **k)
 
     monkeypatch.setattr(S.SODA, "sample", spy)
-    assert cli(S, ["train", *TINY, "--steps", 13, "--out", tmp_path / "a"]) == 0  # sample_every 10: one grid, at 10
-    assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".png")) == ["samples_0000010.png"]
+    # sample_every 10: one grid, at 10
+    assert cli(S, ["train", *TINY, "--steps", 13, "--out", tmp_path / "a"]) == 0
+    assert sorted(f for f in os.listdir(tmp_path / "a") if f.endswith(".png")) == [
+        "samples_0000010.png"
+    ]
     assert calls == [(64, None)]  # 64 views (each beside its source) with cfg.sample_steps
-    assert cli(S, ["train", *TINY, "--steps", 3, "--set", "grid=8", "--set", "sample_every=3",
-                   "--out", tmp_path / "b"]) == 0
+    assert (
+        cli(
+            S,
+            [
+                "train",
+                *TINY,
+                "--steps",
+                3,
+                "--set",
+                "grid=8",
+                "--set",
+                "sample_every=3",
+                "--out",
+                tmp_path / "b",
+            ],
+        )
+        == 0
+    )
     assert calls[1:] == [(8, None)]
     assert cli(S, ["train", *TINY, "--steps", 10, "--set", "grid=0", "--out", tmp_path / "c"]) == 0
     assert len(calls) == 2 and not any(f.endswith(".png") for f in os.listdir(tmp_path / "c"))
@@ -250,41 +332,71 @@ def test_sample_grids_only_at_multiples_of_sample_every(cli, tmp_path, monkeypat
 def test_sample_and_export(cli, tmp_path):
     a = tmp_path / "a"
     assert cli(S, ["train", *TINY, "--steps", 3, "--out", a]) == 0
-    assert cli(S, ["sample", "--ckpt", a / "ckpt.pt", "--n", 6, "--batch", 4, "--sample-steps", 3,
-                   "--out", tmp_path / "s.npz"]) == 0
+    assert (
+        cli(
+            S,
+            [
+                "sample",
+                "--ckpt",
+                a / "ckpt.pt",
+                "--n",
+                6,
+                "--batch",
+                4,
+                "--sample-steps",
+                3,
+                "--out",
+                tmp_path / "s.npz",
+            ],
+        )
+        == 0
+    )
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (6, 16, 16, 3) and arr.dtype == np.uint8 and arr.std() > 0
     assert os.path.isfile(tmp_path / "s.png")
-    # the sources: a uniform subset of the test split, starting over past its end; its first rows are probe_data's
+    # the sources: a uniform subset of the test split, starting over past its end; its first rows
+    # are probe_data's
     x_te = common.load_images("shapes:2000", "test", 16)[0]
     src = S.sources("shapes:2000", 16, len(x_te) + 5)
-    assert torch.equal(src[:6], x_te[common.subset(len(x_te), 6)]) and torch.equal(src[-5:], src[:5])
-    assert torch.equal(src[:len(x_te)], common.probe_data("shapes:2000", 16)[2])
+    assert torch.equal(src[:6], x_te[common.subset(len(x_te), 6)]) and torch.equal(
+        src[-5:], src[:5]
+    )
+    assert torch.equal(src[: len(x_te)], common.probe_data("shapes:2000", 16)[2])
     # export -> common.load_encoder gives the trained encoder's global token
     assert cli(S, ["export-encoder", "--ckpt", a / "ckpt.pt", "--out", tmp_path / "enc.pt"]) == 0
     enc = common.load_encoder(str(tmp_path / "enc.pt"))
     ckpt = torch.load(a / "ckpt.pt", weights_only=True)
-    model = S.SODA(S.Config(**ckpt["config"])).eval()  # BatchNorm: running statistics, as the frozen encoder
+    # BatchNorm: running statistics, as the frozen encoder
+    model = S.SODA(S.Config(**ckpt["config"])).eval()
     model.load_state_dict(ckpt["ema"])
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         g_ref = model.encoder(((x + 1) / 2 - model.mean) / model.std)[0]
-    assert enc.resolution is None and torch.allclose(enc(x)[0], g_ref, atol=1e-4)  # the ResNet layout
+    # the ResNet layout
+    assert enc.resolution is None and torch.allclose(enc(x)[0], g_ref, atol=1e-4)
     v = tmp_path / "vit"  # the ViT option exports the DINOv2 layout, read at the run's image size
     assert cli(S, ["train", *TINY, "--steps", 2, "--set", "encoder=vit", "--out", v]) == 0
     assert cli(S, ["export-encoder", "--ckpt", v / "ckpt.pt", "--out", v / "enc.pt"]) == 0
     enc = common.load_encoder(str(v / "enc.pt"))
-    assert isinstance(enc.net, common.DinoViT) and enc.resolution == 16 and enc(x)[1].shape == (3, 16, 64)
+    assert (
+        isinstance(enc.net, common.DinoViT)
+        and enc.resolution == 16
+        and enc(x)[1].shape == (3, 16, 64)
+    )
 
 
 def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path, few_probe_images):
-    """A few tens of steps make the generated views closer to their sources (PSNR) and to the data (FD) than one step,
-    where the zero-initialised U-Net still predicts eps = 0 and the views are saturated noise."""
+    """A few tens of steps make the generated views closer to their sources (PSNR) and to the data
+    (FD) than one step, where the zero-initialised U-Net still predicts eps = 0 and the views are
+    saturated noise."""
     few_probe_images(400, 200)
     res = {}
     for steps in (1, 60):
         out = tmp_path / str(steps)
-        assert cli(S, ["train", *TINY, "--steps", steps, "--set", "sample_every=1000", "--out", out]) == 0
+        assert (
+            cli(S, ["train", *TINY, "--steps", steps, "--set", "sample_every=1000", "--out", out])
+            == 0
+        )
         assert cli(S, ["eval", "--ckpt", out / "ckpt.pt", "--n", 64]) == 0
         res[steps] = json.load(open(out / "eval.json"))
     start, trained = res[1], res[60]
@@ -293,14 +405,28 @@ def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path, few_probe_images
     assert trained["psnr"] > start["psnr"] + 1.0, (trained["psnr"], start["psnr"])
     assert trained["fd"] < 0.9 * start["fd"], (trained["fd"], start["fd"])
     # the floor is the same network at initialisation, whatever the run's length
-    assert (trained["probe_linear_init"], trained["probe_knn_init"]) == (start["probe_linear_init"],
-                                                                         start["probe_knn_init"])
-    assert all(0.0 <= trained[k] <= 1.0 for k in ("probe_linear", "probe_knn", "probe_linear_init", "probe_knn_init",
-                                                  "probe_linear_l2", "probe_linear_init_l2", "probe_knn_uniform",
-                                                  "probe_knn_init_uniform"))
-    assert trained["psnr_crop"] == start["psnr_crop"] and 5 < trained["psnr_crop"] < 40  # data and seed alone
-    # the detail kept in the views of the first 64 test images, against its ceiling; the denoiser's own features
-    # detail: bounded by 0 (no stripes: at 60 steps neither run keeps any) and the images' own
+    assert (trained["probe_linear_init"], trained["probe_knn_init"]) == (
+        start["probe_linear_init"],
+        start["probe_knn_init"],
+    )
+    assert all(
+        0.0 <= trained[k] <= 1.0
+        for k in (
+            "probe_linear",
+            "probe_knn",
+            "probe_linear_init",
+            "probe_knn_init",
+            "probe_linear_l2",
+            "probe_linear_init_l2",
+            "probe_knn_uniform",
+            "probe_knn_init_uniform",
+        )
+    )
+    # data and seed alone
+    assert trained["psnr_crop"] == start["psnr_crop"] and 5 < trained["psnr_crop"] < 40
+    # the detail kept in the views of the first 64 test images, against its ceiling; the denoiser's
+    # own features detail: bounded by 0 (no stripes: at 60 steps neither run keeps any) and the
+    # images' own
     assert 0 <= start["detail_r2"] < trained["detail_r2_pixels"]
     assert 0 <= trained["detail_r2"] < trained["detail_r2_pixels"]
     assert [t for t, _ in trained["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 0.7, 0.9]
@@ -310,33 +436,58 @@ def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path, few_probe_images
 def test_bad_inputs(cli, tmp_path, capsys):
     assert cli(S, ["train", *TINY, "--image-size", 17, "--out", tmp_path / "x"]) == 2
     assert "not divisible by the U-Net's 2" in capsys.readouterr().err
-    assert cli(S, ["train", *TINY, "--image-size", 18, "--set", "encoder=vit", "--out", tmp_path / "x"]) == 2
+    assert (
+        cli(
+            S, ["train", *TINY, "--image-size", 18, "--set", "encoder=vit", "--out", tmp_path / "x"]
+        )
+        == 2
+    )
     assert "divisible by the patch (4)" in capsys.readouterr().err
     assert cli(S, ["train", *TINY, "--set", "encoder=conv", "--out", tmp_path / "x"]) == 2
     assert "resnet or vit" in capsys.readouterr().err
-    assert cli(S, ["train", *TINY, "--set", "z_dim=2", "--out", tmp_path / "x"]) == 2  # fewer dims than the 3 groups
+    # fewer dims than the 3 groups
+    assert cli(S, ["train", *TINY, "--set", "z_dim=2", "--out", tmp_path / "x"]) == 2
     assert "z_dim (2) must be at least the 3 groups" in capsys.readouterr().err
     assert cli(S, ["train", *TINY, "--set", "grid=-1", "--out", tmp_path / "x"]) == 2
     assert "grid (-1) must be >= 0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
-    assert cli(S, ["sample", "--ckpt", tmp_path / "none.pt", "--n", 0, "--out", tmp_path / "s.npz"]) == 2
+    assert (
+        cli(S, ["sample", "--ckpt", tmp_path / "none.pt", "--n", 0, "--out", tmp_path / "s.npz"])
+        == 2
+    )
     assert "--n" in capsys.readouterr().err
-    assert cli(S, ["export-encoder", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "e.pt"]) == 2
+    assert (
+        cli(S, ["export-encoder", "--ckpt", tmp_path / "none.pt", "--out", tmp_path / "e.pt"]) == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
 
 
 def test_z_carries_what_the_denoiser_uses():
-    """The bottleneck works: on 16 images of 8 x 8, z from the encoder lowers the denoising loss against no z (all
-    groups masked; measured 0.74 of it at 300 steps, 0.62 at 600). (The class-probe gain is measured by the cpu
-    preset, 8 minutes: see the README.)"""
-    cfg = S.Config(**dict(S.PRESETS["tiny"], data="shapes:16", image_size=8, z_dim=48, source_scale=[1.0, 1.0],
-                          target_scale=[1.0, 1.0], jitter=0.0, gray=0.0, blur_prob=0.0))
+    """The bottleneck works: on 16 images of 8 x 8, z from the encoder lowers the denoising loss
+    against no z (all groups masked; measured 0.74 of it at 300 steps, 0.62 at 600). (The
+    class-probe gain is measured by the cpu preset, 8 minutes: see the README.)"""
+    cfg = S.Config(
+        **dict(
+            S.PRESETS["tiny"],
+            data="shapes:16",
+            image_size=8,
+            z_dim=48,
+            source_scale=[1.0, 1.0],
+            target_scale=[1.0, 1.0],
+            jitter=0.0,
+            gray=0.0,
+            blur_prob=0.0,
+        )
+    )
     images, labels, _ = common.load_images(cfg.data, "train", cfg.image_size)
     torch.manual_seed(0)
     m = S.SODA(cfg)
     enc = list(m.encoder.parameters()) + list(m.head.parameters())
-    opt = torch.optim.AdamW([{"params": m.net.parameters(), "lr": 1e-3}, {"params": enc, "lr": 2e-3}],
-                            betas=(0.9, 0.95), weight_decay=0.05)  # as train(): the encoder at 2x
+    opt = torch.optim.AdamW(
+        [{"params": m.net.parameters(), "lr": 1e-3}, {"params": enc, "lr": 2e-3}],
+        betas=(0.9, 0.95),
+        weight_decay=0.05,
+    )  # as train(): the encoder at 2x
     for step in range(300):
         loss = m(common.batch(images, labels, 32, 0, step, 0, flip=False, device="cpu")[0])
         opt.zero_grad()
@@ -349,5 +500,7 @@ def test_z_carries_what_the_denoiser_uses():
     x_t = a.sqrt() * x + (1 - a).sqrt() * e
     with torch.no_grad():
         z = m.encode(x)
-        with_z, without_z = (((m.net(x_t, t, z, torch.full((B, 3), k)) - e) ** 2).mean().item() for k in (1.0, 0.0))
+        with_z, without_z = (
+            ((m.net(x_t, t, z, torch.full((B, 3), k)) - e) ** 2).mean().item() for k in (1.0, 0.0)
+        )
     assert with_z < 0.9 * without_z, (with_z, without_z)

@@ -16,10 +16,14 @@ reproduce them. Dropout draws its mask inside torch's C++ kernel, out of Draws' 
 recording (and in the test that feeds the masks) F.dropout is replaced by bernoulli_dropout, the
 same arithmetic with its mask drawn by Tensor.bernoulli_.
 """
-import argparse, contextlib, os, sys, time
+
+import argparse
+import contextlib
+import os
+import sys
+import time
 
 import torch
-
 from make_references import official, save
 
 # tests/, for conftest
@@ -29,13 +33,31 @@ from conftest import Draws
 # a small JiT: 16x16 images, 4x4 patches (a 4x4 grid), width 32, 2 heads of 16, 4 blocks (dropout,
 # when on, in the middle two), 3 in-context tokens from block 1 on; t drawn wide (P_mean 1.5) so
 # that some 1 - t fall under t_eps; noise_scale 2; half the labels dropped
-CONFIG = dict(image_size=16, patch=4, bottleneck=8, hidden=32, depth=4, heads=2, in_context=3,
-              in_context_start=1, num_classes=5, P_mean=1.5, P_std=1.5, t_eps=0.05,
-              noise_scale=2.0, label_drop=0.5)
+CONFIG = dict(
+    image_size=16,
+    patch=4,
+    bottleneck=8,
+    hidden=32,
+    depth=4,
+    heads=2,
+    in_context=3,
+    in_context_start=1,
+    num_classes=5,
+    P_mean=1.5,
+    P_std=1.5,
+    t_eps=0.05,
+    noise_scale=2.0,
+    label_drop=0.5,
+)
 SEED = 2  # the seed of the loss's draws: one label dropped, one t above 1 - t_eps
 DROPOUT = 0.2  # proj_dropout of the loss's second run (JiT-H's)
-GRADS = ("net.in_context_posemb", "net.blocks.2.attn.q_norm.weight", "net.blocks.1.mlp.w3.weight",
-         "net.x_embedder.proj1.weight", "net.t_embedder.mlp.0.bias")
+GRADS = (
+    "net.in_context_posemb",
+    "net.blocks.2.attn.q_norm.weight",
+    "net.blocks.1.mlp.w3.weight",
+    "net.x_embedder.proj1.weight",
+    "net.t_embedder.mlp.0.bias",
+)
 
 
 @contextlib.contextmanager
@@ -75,19 +97,42 @@ def official_denoiser(c, cfg_scale=1.0, interval=(0.0, 1.0), steps=5, dropout=0.
     """The official Denoiser around JiT(...) at the config c (our Config's field names)."""
     import model_jit
     from denoiser import Denoiser
+
     model_jit.JiT_models["test"] = lambda **kw: model_jit.JiT(
-        patch_size=c["patch"], hidden_size=c["hidden"], depth=c["depth"], num_heads=c["heads"],
-        bottleneck_dim=c["bottleneck"], in_context_len=c["in_context"], in_context_start=c["in_context_start"], **kw)
+        patch_size=c["patch"],
+        hidden_size=c["hidden"],
+        depth=c["depth"],
+        num_heads=c["heads"],
+        bottleneck_dim=c["bottleneck"],
+        in_context_len=c["in_context"],
+        in_context_start=c["in_context_start"],
+        **kw,
+    )
     args = argparse.Namespace(
-        model="test", img_size=c["image_size"], class_num=c["num_classes"], attn_dropout=0.0, proj_dropout=dropout,
-        label_drop_prob=c["label_drop"], P_mean=c["P_mean"], P_std=c["P_std"], t_eps=c["t_eps"],
-        noise_scale=c["noise_scale"], ema_decay1=0.9999, ema_decay2=0.9996, sampling_method="heun",
-        num_sampling_steps=steps, cfg=cfg_scale, interval_min=interval[0], interval_max=interval[1])
+        model="test",
+        img_size=c["image_size"],
+        class_num=c["num_classes"],
+        attn_dropout=0.0,
+        proj_dropout=dropout,
+        label_drop_prob=c["label_drop"],
+        P_mean=c["P_mean"],
+        P_std=c["P_std"],
+        t_eps=c["t_eps"],
+        noise_scale=c["noise_scale"],
+        ema_decay1=0.9999,
+        ema_decay2=0.9996,
+        sampling_method="heun",
+        num_sampling_steps=steps,
+        cfg=cfg_scale,
+        interval_min=interval[0],
+        interval_max=interval[1],
+    )
     return Denoiser(args)
 
 
 def randomise(model):
-    """Every trained parameter away from its init (adaLN gates open, output non-zero); pos_embed stays sin-cos."""
+    """Every trained parameter away from its init (adaLN gates open, output non-zero); pos_embed
+    stays sin-cos."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -111,6 +156,7 @@ def make(repos):
     official("jit", repos)
     with cpu_only():
         import jit_xpred as J
+
         torch.manual_seed(0)
         den = official_denoiser(CONFIG)
         randomise(den)
@@ -126,8 +172,19 @@ def make(repos):
         y = torch.tensor([0, 1, 2, 3, 4, CONFIG["num_classes"]])
         with torch.no_grad():
             out, t_emb = net(z, t, y), net.t_embedder(t)
-        save("jit", "net", config=CONFIG, state_dict=sd, z=z, t=t, y=y, out=out, t_emb=t_emb,
-             rope_cos=rope.freqs_cos.clone(), rope_sin=rope.freqs_sin.clone())
+        save(
+            "jit",
+            "net",
+            config=CONFIG,
+            state_dict=sd,
+            z=z,
+            t=t,
+            y=y,
+            out=out,
+            t_emb=t_emb,
+            rope_cos=rope.freqs_cos.clone(),
+            rope_sin=rope.freqs_sin.clone(),
+        )
 
         # (b) the loss, without and with dropout: its draws as the official code made them (label
         # drop, t, noise, then the dropout masks block by block), the loss and some gradients
@@ -143,8 +200,9 @@ def make(repos):
                 loss = den(x, labels)
             loss.backward()
             grads = {k: p.grad.clone() for k, p in den.named_parameters() if k in GRADS}
-            runs[name] = dict(proj_dropout=dropout, loss=loss.detach(), grads=grads,
-                              **recorded(drawn))
+            runs[name] = dict(
+                proj_dropout=dropout, loss=loss.detach(), grads=grads, **recorded(drawn)
+            )
             print(f"loss {name}: draws {runs[name]['draw_names']}")
         # the official transforms of the first three draws, for the test's checks of our config
         u, n, e = runs["plain"]["draws"]
@@ -168,12 +226,16 @@ def make(repos):
             torch.manual_seed(7)
             with torch.no_grad(), Draws.record() as drawn:
                 xs = den.generate(yy)
-            print(f"sample {name}: {(xs.abs() > 1).float().mean():.3f} of the values outside [-1, 1]")
+            print(
+                f"sample {name}: {(xs.abs() > 1).float().mean():.3f} of the values outside [-1, 1]"
+            )
             runs[name] = dict(interval=list(interval), out=xs, **recorded(drawn))
         save("jit", "sample", y=yy, steps=5, cfg_scale=2.5, runs=runs)
 
-        # the released checkpoints' keys and shapes (/16 at 256 px, /32 at 512 px), built on the meta device
+        # the released checkpoints' keys and shapes (/16 at 256 px, /32 at 512 px), built on the
+        # meta device
         import model_jit
+
         shapes = {}
         for name in model_jit.JiT_models:
             if name != "test":
@@ -196,12 +258,28 @@ def make(repos):
 
 
 def bench(repos, batch=8, repeats=5):
-    """Forward + backward of the training loss (fp32, CPU) at a modest width: ms/image, official and ours."""
+    """Forward + backward of the training loss (fp32, CPU) at a modest width: ms/image, official and
+    ours."""
     official("jit", repos)
-    c = dict(CONFIG, image_size=64, patch=8, bottleneck=32, hidden=192, depth=6, heads=3, in_context=8,
-             in_context_start=2, num_classes=10, P_mean=-0.8, P_std=0.8, noise_scale=1.0, label_drop=0.1)
+    c = dict(
+        CONFIG,
+        image_size=64,
+        patch=8,
+        bottleneck=32,
+        hidden=192,
+        depth=6,
+        heads=3,
+        in_context=8,
+        in_context_start=2,
+        num_classes=10,
+        P_mean=-0.8,
+        P_std=0.8,
+        noise_scale=1.0,
+        label_drop=0.1,
+    )
     with cpu_only():
         import jit_xpred as J
+
         den = official_denoiser(c).train()
         ours = J.JiT(J.Config(**c)).train()
         ours.load_state_dict(den.state_dict())
@@ -213,6 +291,8 @@ def bench(repos, batch=8, repeats=5):
             for _ in range(repeats):
                 m(x, y).backward()
             ms[name.strip()] = (time.perf_counter() - t0) / repeats / batch * 1e3
-        print(f"JiT fwd+bwd, batch {batch}, 64 px, p 8, width 192, depth 6 (fp32, CPU): official "
-              f"{ms['official']:.2f} ms/img, ours {ms['ours']:.2f} ms/img, "
-              f"ours/official {ms['ours'] / ms['official']:.2f}")
+        print(
+            f"JiT fwd+bwd, batch {batch}, 64 px, p 8, width 192, depth 6 (fp32, CPU): official "
+            f"{ms['official']:.2f} ms/img, ours {ms['ours']:.2f} ms/img, "
+            f"ours/official {ms['ours'] / ms['official']:.2f}"
+        )

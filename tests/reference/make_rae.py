@@ -16,12 +16,16 @@ fp32 at least, so float64 stays float64.
 Every random draw the official code makes is recorded (conftest.Draws.record) and stored in its
 order: the tests feed them to ours (conftest.Draws.feed), whatever this machine's random stream.
 """
-import contextlib, math, os, sys, time
+
+import contextlib
+import math
+import os
+import sys
+import time
 from types import SimpleNamespace
 
-import torch
-
 import make_references as refs
+import torch
 
 sys.path.insert(0, os.path.dirname(refs.HERE))  # tests/, for conftest's Draws
 from conftest import Draws
@@ -31,15 +35,34 @@ from conftest import Draws
 # asserts a >= 1, sqrt(128 / 4096) is not: rae_shift takes a from a latent's dimension); a decoder
 # 32 wide with an MLP of 48 (not 4 x), 2 x 2 pixel patches: 8 px images
 G, C = 4, 8
-CONFIG = dict(image_size=8, hidden=16, depth=2, heads=2, head_dim=32, head_depth=2, head_heads=2,
-              num_classes=5, label_drop=0.5, shift=2.0, dec_dim=32, dec_depth=2, dec_heads=2,
-              dec_mlp=48, noise_tau=0.8, perc_coeff=0.0)
+CONFIG = dict(
+    image_size=8,
+    hidden=16,
+    depth=2,
+    heads=2,
+    head_dim=32,
+    head_depth=2,
+    head_heads=2,
+    num_classes=5,
+    label_drop=0.5,
+    shift=2.0,
+    dec_dim=32,
+    dec_depth=2,
+    dec_heads=2,
+    dec_mlp=48,
+    noise_tau=0.8,
+    perc_coeff=0.0,
+)
 # rae_shift's latent [C, h, w]: m = 6400, a = sqrt(6400 / 4096) = 1.25 (a base of 1024: 2.5)
 SHIFT_LATENT = (400, 4, 4)
 SEED = 3  # the loss's draws: some labels dropped, some kept
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the DINOv2 processor's (ImageNet)
-GRADS = ("blocks.0.attn.qkv.weight", "blocks.3.mlp.w12.weight", "t_embedder.mlp.0.weight",
-         "s_projector.weight")
+GRADS = (
+    "blocks.0.attn.qkv.weight",
+    "blocks.3.mlp.w12.weight",
+    "t_embedder.mlp.0.weight",
+    "s_projector.weight",
+)
 STAGE1_YAML = "stage1/training/DINOv2-B_decXL.yaml"
 STAGE2_YAML = "stage2/training/ImageNet256/DiTDH-S_DINOv2-B.yaml"
 
@@ -50,17 +73,25 @@ def tokens(x):  # official [B, C, h, w] -> ours [B, N, C]
 
 def official_ddt(c, grid=G, channels=C):
     from stage2.models.DDT import DiTwDDTHead
-    return DiTwDDTHead(input_size=grid, patch_size=1, in_channels=channels,
-                       hidden_size=[c["hidden"], c["head_dim"]],
-                       depth=[c["depth"], c["head_depth"]], num_heads=[c["heads"], c["head_heads"]],
-                       class_dropout_prob=c["label_drop"], num_classes=c["num_classes"])
+
+    return DiTwDDTHead(
+        input_size=grid,
+        patch_size=1,
+        in_channels=channels,
+        hidden_size=[c["hidden"], c["head_dim"]],
+        depth=[c["depth"], c["head_depth"]],
+        num_heads=[c["heads"], c["head_heads"]],
+        class_dropout_prob=c["label_drop"],
+        num_classes=c["num_classes"],
+    )
 
 
 def official_decoder(repos, dim, depth, heads, mlp, c, grid, patch):
     """decoder.py's GeneralDecoder built as stage1/rae.py builds it, from configs/decoder/ViTXL at
     another size."""
-    from transformers import AutoConfig
     from stage1.decoders import GeneralDecoder
+    from transformers import AutoConfig
+
     cfg = AutoConfig.from_pretrained(os.path.join(repos, "RAE", "configs", "decoder", "ViTXL"))
     cfg.decoder_hidden_size = dim
     cfg.decoder_num_hidden_layers = depth
@@ -73,6 +104,7 @@ def official_decoder(repos, dim, depth, heads, mlp, c, grid, patch):
 def official_config(repos, path):
     """An official training config (configs/...yaml) as a dict."""
     from omegaconf import OmegaConf
+
     return OmegaConf.to_container(OmegaConf.load(os.path.join(repos, "RAE", "configs", path)))
 
 
@@ -98,15 +130,24 @@ def stand_in(decoder, mean=None, var=None, tau=0.0):
     plain attributes, as RAE.__init__ makes them; .double() would leave them so)."""
     mean_px = torch.tensor(MEAN, dtype=torch.float32).view(1, 3, 1, 1)
     std_px = torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return SimpleNamespace(decoder=decoder, noise_tau=tau, reshape_to_2d=True,
-                           do_normalization=mean is not None, latent_mean=mean, latent_var=var,
-                           eps=1e-5, encoder_mean=mean_px, encoder_std=std_px)
+    return SimpleNamespace(
+        decoder=decoder,
+        noise_tau=tau,
+        reshape_to_2d=True,
+        do_normalization=mean is not None,
+        latent_mean=mean,
+        latent_var=var,
+        eps=1e-5,
+        encoder_mean=mean_px,
+        encoder_std=std_px,
+    )
 
 
 @contextlib.contextmanager
 def float64():
     """torch's default dtype float64; the official RMSNorm's x.float() an upcast only (above)."""
     from stage2.models import model_utils
+
     forward = model_utils.RMSNorm.forward
 
     def upcast_forward(self, x):  # model_utils.py:317, with x.float() -> at least fp32
@@ -137,6 +178,7 @@ def schedules(repos, steps_per_epoch=10):
     """utils/optim_utils.py's learning rate at some steps, for the stage-1 and stage-2 training
     configs (10 steps an epoch): -> {name: dict(steps, epochs, lr, ema, clip)}."""
     from utils.optim_utils import build_scheduler
+
     out = {}
     for name, path in (("stage1", STAGE1_YAML), ("stage2", STAGE2_YAML)):
         training = official_config(repos, path)["training"]
@@ -147,8 +189,13 @@ def schedules(repos, steps_per_epoch=10):
         some = (0, 1, 5, 9, 10, 11, 50, 399, 400, 401, 1000, 4000, 7999, 8000, 8001)
         steps = [s for s in some if s < total] + [total - 1]
         lr = [lr0 * sched.lr_lambdas[0](s) for s in steps]
-        out[name] = dict(steps=steps, epochs=training["epochs"], lr=lr, ema=training["ema_decay"],
-                         clip=training["clip_grad"])
+        out[name] = dict(
+            steps=steps,
+            epochs=training["epochs"],
+            lr=lr,
+            ema=training["ema_decay"],
+            clip=training["clip_grad"],
+        )
     return out
 
 
@@ -161,8 +208,18 @@ def make_net(ddt, sd, g):
     ddt.eval()
     with torch.no_grad():
         out, t_emb = ddt(x, t, y), ddt.t_embedder(t)
-    refs.save("rae", "net", config=CONFIG, latent=[G * G, C], state_dict=sd, x=tokens(x), t=t, y=y,
-              out=tokens(out), t_emb=t_emb)
+    refs.save(
+        "rae",
+        "net",
+        config=CONFIG,
+        latent=[G * G, C],
+        state_dict=sd,
+        x=tokens(x),
+        t=t,
+        y=y,
+        out=tokens(out),
+        t_emb=t_emb,
+    )
     return x, t, y, out
 
 
@@ -170,8 +227,14 @@ def make_loss(ddt, g, repos):
     """(b) The stage-2 loss; its draws in the official order: the noise (transport.py:161), t's
     uniform (transport.py:76), the label drop's uniform (model_utils.py:427, in DiTwDDTHead)."""
     from stage2.transport import create_transport
-    transport = create_transport("Linear", "velocity", None, time_dist_type="logit-normal_0_1",
-                                 time_dist_shift=CONFIG["shift"])
+
+    transport = create_transport(
+        "Linear",
+        "velocity",
+        None,
+        time_dist_type="logit-normal_0_1",
+        time_dist_shift=CONFIG["shift"],
+    )
     x1 = torch.randn(4, C, G, G, generator=g)
     labels = torch.tensor([0, 1, 2, 3])
     seen = {}
@@ -194,9 +257,20 @@ def make_loss(ddt, g, repos):
     assert [name for name, _ in drawn] == ["randn_like", "rand", "rand"], drawn
     dropped = seen["y"] == CONFIG["num_classes"]
     assert dropped.any() and not dropped.all(), "pick another SEED"
-    refs.save("rae", "loss", z=tokens(x1), labels=labels, draws=[d for _, d in drawn],
-              t=seen["t"], x_t=tokens(seen["xt"]), y=seen["y"], pred=tokens(terms["pred"].detach()),
-              loss=loss.detach(), grads=grads, schedules=schedules(repos))
+    refs.save(
+        "rae",
+        "loss",
+        z=tokens(x1),
+        labels=labels,
+        draws=[d for _, d in drawn],
+        t=seen["t"],
+        x_t=tokens(seen["xt"]),
+        y=seen["y"],
+        pred=tokens(terms["pred"].detach()),
+        loss=loss.detach(),
+        grads=grads,
+        schedules=schedules(repos),
+    )
 
 
 def make_sample(ddt):
@@ -204,8 +278,14 @@ def make_sample(ddt):
     default) and on [0, 0.6], and none; one draw, sample_ddp.py:249's noise [B, C, h, w] (CFG
     doubles it, no draw)."""
     from stage2.transport import Sampler, create_transport
-    transport = create_transport("Linear", "velocity", None, time_dist_type="logit-normal_0_1",
-                                 time_dist_shift=CONFIG["shift"])
+
+    transport = create_transport(
+        "Linear",
+        "velocity",
+        None,
+        time_dist_type="logit-normal_0_1",
+        time_dist_shift=CONFIG["shift"],
+    )
     sample_fn = Sampler(transport).sample_ode(sampling_method="euler", num_steps=6)
     ddt.eval()
     y = torch.tensor([0, 2, 4])
@@ -213,12 +293,20 @@ def make_sample(ddt):
     torch.manual_seed(7)
     z = torch.randn(3, C, G, G)
     runs = {}
-    for name, interval, scale in (("default", (0.0, 1.0), 2.5), ("interval", (0.0, 0.6), 2.5),
-                                  ("none", (0, 1), 1)):
+    for name, interval, scale in (
+        ("default", (0.0, 1.0), 2.5),
+        ("interval", (0.0, 0.6), 2.5),
+        ("none", (0, 1), 1),
+    ):
         with torch.no_grad(), Draws.record() as drawn:
             if scale > 1:
-                xs = sample_fn(torch.cat([z, z]), ddt.forward_with_cfg, y=y_cfg, cfg_scale=scale,
-                               cfg_interval=interval)[-1].chunk(2)[0]
+                xs = sample_fn(
+                    torch.cat([z, z]),
+                    ddt.forward_with_cfg,
+                    y=y_cfg,
+                    cfg_scale=scale,
+                    cfg_interval=interval,
+                )[-1].chunk(2)[0]
             else:
                 xs = sample_fn(z, ddt.forward, y=y)[-1]
         assert not drawn, drawn  # the ODE sampler draws nothing
@@ -232,9 +320,11 @@ def make_shift(repos):
     transport and sampler; z = 0. -> a."""
     from stage2.models.model_utils import LabelEmbedder
     from stage2.transport import Sampler, create_transport
+
     shift = official_shift(repos, SHIFT_LATENT)
-    transport = create_transport("Linear", "velocity", None, time_dist_type="logit-normal_0_1",
-                                 time_dist_shift=shift)
+    transport = create_transport(
+        "Linear", "velocity", None, time_dist_type="logit-normal_0_1", time_dist_shift=shift
+    )
     drop = LabelEmbedder(CONFIG["num_classes"], 4, CONFIG["label_drop"])
     seen, grid = {}, []
 
@@ -258,9 +348,20 @@ def make_shift(repos):
     with torch.no_grad():
         sample_fn(noise, velocity, y=labels[:1])
     latent = [SHIFT_LATENT[1] * SHIFT_LATENT[2], SHIFT_LATENT[0]]  # ours: [N, C]
-    refs.save("rae", "shift", latent=latent, shift=shift, labels=labels,
-              draws=[d for _, d in drawn], t=seen["t"], y=seen["y"], loss=loss,
-              sample_draws=[noise], steps=6, grid=torch.tensor(grid))
+    refs.save(
+        "rae",
+        "shift",
+        latent=latent,
+        shift=shift,
+        labels=labels,
+        draws=[d for _, d in drawn],
+        t=seen["t"],
+        y=seen["y"],
+        loss=loss,
+        sample_draws=[noise],
+        steps=6,
+        grid=torch.tensor(grid),
+    )
     return shift
 
 
@@ -269,6 +370,7 @@ def make_decoder(dec, dec_sd, g):
     augmentation's draws (stage1/rae.py:74 s's uniform [B, 1, 1], :75 the noise [B, N, C]); the
     decoder's own output (ImageNet-normalised pixels) kept too."""
     from stage1.rae import RAE
+
     mean = torch.randn(C, G, G, generator=g, dtype=torch.float32)  # fp32, as stat.pt holds them
     var = torch.rand(C, G, G, generator=g, dtype=torch.float32) + 0.5
     z_norm = torch.randn(2, C, G, G, generator=g)
@@ -285,27 +387,53 @@ def make_decoder(dec, dec_sd, g):
         l1 = (recon - x01).abs().mean()  # train_stage1.py:382's rec_loss
     hook.remove()
     assert [name for name, _ in drawn] == ["rand", "randn_like"], drawn
-    refs.save("rae", "decoder", latent=[G * G, C], state_dict=dec_sd, mean=mean, var=var,
-              z_norm=tokens(z_norm), pixels=raw[0], images=images, z=z, x01=x01,
-              draws=[d for _, d in drawn], z_noised=z_noised, recon_pixels=raw[1], recon=recon,
-              l1=l1)
+    refs.save(
+        "rae",
+        "decoder",
+        latent=[G * G, C],
+        state_dict=dec_sd,
+        mean=mean,
+        var=var,
+        z_norm=tokens(z_norm),
+        pixels=raw[0],
+        images=images,
+        z=z,
+        x01=x01,
+        draws=[d for _, d in drawn],
+        z_noised=z_noised,
+        recon_pixels=raw[1],
+        recon=recon,
+        l1=l1,
+    )
 
 
 def make_keys(repos):
     """The released checkpoints' keys and shapes: DiT^DH-XL and the ViT-XL decoder (DINOv2-B,
     256 px), on meta."""
     from stage2.models.DDT import DiTwDDTHead
+
     with torch.device("meta"):
-        xl = DiTwDDTHead(input_size=16, patch_size=1, in_channels=768, hidden_size=[1152, 2048],
-                         depth=[28, 2], num_heads=[16, 16])
+        xl = DiTwDDTHead(
+            input_size=16,
+            patch_size=1,
+            in_channels=768,
+            hidden_size=[1152, 2048],
+            depth=[28, 2],
+            num_heads=[16, 16],
+        )
         dxl = official_decoder(repos, 1152, 28, 16, 4096, 768, 16, 16)
-    refs.save("rae", "keys", ddt_xl={k: list(v.shape) for k, v in xl.state_dict().items()},
-              decoder_xl={k: list(v.shape) for k, v in dxl.state_dict().items()})
+    refs.save(
+        "rae",
+        "keys",
+        ddt_xl={k: list(v.shape) for k, v in xl.state_dict().items()},
+        decoder_xl={k: list(v.shape) for k, v in dxl.state_dict().items()},
+    )
 
 
 def make(repos):
     refs.official("rae", repos, "src")
     import rae as R
+
     torch.manual_seed(0)
     ddt = official_ddt(CONFIG)
     randomise(ddt)
@@ -333,27 +461,43 @@ def make(repos):
         err = (ours.net(tokens(x), t, y) - tokens(out)).abs().max().item()
     latent = SHIFT_LATENT[1] * SHIFT_LATENT[2], SHIFT_LATENT[0]
     a = R.RAE(R.Config(**dict(CONFIG, shift=0.0)), *latent).a  # 0: a from the latent's dimension
-    print(f"net max |ours - official| (float64): {err:.3g}; time shift a at {SHIFT_LATENT}: "
-          f"official {shift}, ours {a}")
+    print(
+        f"net max |ours - official| (float64): {err:.3g}; time shift a at {SHIFT_LATENT}: "
+        f"official {shift}, ours {a}"
+    )
 
 
 def bench(repos, batch=8, repeats=5):
     """Forward + backward of the stage-2 loss (fp32, CPU) at a modest width: ms/image, official and
     ours."""
     refs.official("rae", repos, "src")
-    import rae as R
     from stage2.transport import create_transport
-    c = dict(CONFIG, hidden=192, depth=4, heads=3, head_dim=384, head_depth=2, head_heads=6,
-             num_classes=10, label_drop=0.1)
+
+    import rae as R
+
+    c = dict(
+        CONFIG,
+        hidden=192,
+        depth=4,
+        heads=3,
+        head_dim=384,
+        head_depth=2,
+        head_heads=6,
+        num_classes=10,
+        label_drop=0.1,
+    )
     g, ch = 8, 32
     ddt = official_ddt(c, g, ch).train()
     ours = R.RAE(R.Config(**c), g * g, ch).train()
     ours.net.load_state_dict(ddt.state_dict())
-    transport = create_transport("Linear", "velocity", None, time_dist_type="logit-normal_0_1",
-                                 time_dist_shift=2.0)
+    transport = create_transport(
+        "Linear", "velocity", None, time_dist_type="logit-normal_0_1", time_dist_shift=2.0
+    )
     z, y = torch.randn(batch, ch, g, g), torch.arange(batch) % 10
-    runs = dict(official=lambda: transport.training_losses(ddt, z, dict(y=y))["loss"].mean(),
-                ours=lambda: ours(tokens(z), y))
+    runs = dict(
+        official=lambda: transport.training_losses(ddt, z, dict(y=y))["loss"].mean(),
+        ours=lambda: ours(tokens(z), y),
+    )
     ms = {}
     for name in ("official", "ours", "official", "ours"):
         runs[name]().backward()  # warm-up
@@ -361,6 +505,8 @@ def bench(repos, batch=8, repeats=5):
         for _ in range(repeats):
             runs[name]().backward()
         ms[name] = (time.perf_counter() - t0) / repeats / batch * 1e3
-    print(f"DiT^DH fwd+bwd, batch {batch}, latent {g}x{g}x{ch}, trunk 192 x 4, head 384 x 2 "
-          f"(fp32, CPU, {torch.get_num_threads()} threads): official {ms['official']:.2f} ms/img, "
-          f"ours {ms['ours']:.2f} ms/img, ours/official {ms['ours'] / ms['official']:.2f}")
+    print(
+        f"DiT^DH fwd+bwd, batch {batch}, latent {g}x{g}x{ch}, trunk 192 x 4, head 384 x 2 "
+        f"(fp32, CPU, {torch.get_num_threads()} threads): official {ms['official']:.2f} ms/img, "
+        f"ours {ms['ours']:.2f} ms/img, ours/official {ms['ours'] / ms['official']:.2f}"
+    )

@@ -1,5 +1,6 @@
-"""RCG: the official RDM (latentmlp.py, ddpm.py, ddim.py) and RCG's DiT (pixel_generator/dit/models.py) against
-rcg.py (fixtures rcg_rdm, rcg_loss, rcg_ddim, rcg_dit; a bench).
+"""RCG: the official RDM (latentmlp.py, ddpm.py, ddim.py) and RCG's DiT
+(pixel_generator/dit/models.py) against rcg.py (fixtures rcg_rdm, rcg_loss, rcg_ddim, rcg_dit; a
+bench).
 
 The official code targets torch 1.7 / lightning 1.4 and a GPU: pytorch_lightning (one decorator)
 and the encoder zoo (pretrained_enc, not run: a stub encoder returns fixed representations) are
@@ -23,26 +24,34 @@ Every random draw of the official code (the loss's t and noise, the sampler's no
 dropped r) is recorded in its order (conftest's Draws.record) and stored: the tests feed them to
 ours.
 """
-import contextlib, os, sys, time, types
+
+import contextlib
+import os
+import sys
+import time
+import types
 
 import torch
 import torch.nn as nn
-
 from make_references import official, save
 
 # conftest (tests/) has Draws
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import Draws  # noqa: E402
 
-# the RDM: 16-d representations, width 64, 2 blocks, time_embed_dim 32; the released configs' T and betas
-RDM_CONFIG = dict(dim=16, rdm_width=64, rdm_depth=2, t_dim=32, T=1000, beta_start=0.0015, beta_end=0.0195)
+# the RDM: 16-d representations, width 64, 2 blocks, time_embed_dim 32; the released configs' T and
+# betas
+RDM_CONFIG = dict(
+    dim=16, rdm_width=64, rdm_depth=2, t_dim=32, T=1000, beta_start=0.0015, beta_end=0.0195
+)
 # MoCo v3 ViT-B's RDM (the paper's)
 RDM_YAML = "config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml"
 # the DiT: 8x8 images, 2x2 patches (16 tokens), width 32, 2 blocks of 2 heads, 8-d r, half dropped
 DIT_CONFIG = dict(image_size=8, patch=2, hidden=32, depth=2, heads=2, rep_dim=8, rep_drop=0.5)
 # the global RNG's seeds of the recorded draws (the tests feed the draws: none relies on a seed)
 LOSS_SEED, DDIM_SEED, DROP_SEED = 3, 10, 5
-DDIM_RUNS = ((10, 1.0), (7, 1.0), (10, 0.0))  # (steps, eta): 1000 // 7 = 142 gives 8 steps (1, 143, ..., 995)
+# (steps, eta): 1000 // 7 = 142 gives 8 steps (1, 143, ..., 995)
+DDIM_RUNS = ((10, 1.0), (7, 1.0), (10, 0.0))
 # the bench: the DiT at 32 px (patch 2, width 192, 6 blocks), the paper's RDM network (256-d, width
 # 1536, 12 blocks)
 BENCH_DIT = dict(image_size=32, patch=2, hidden=192, depth=6, heads=3, rep_dim=256, rep_drop=0.1)
@@ -56,8 +65,12 @@ def cpu_only():
     saved = torch.Tensor.cuda, torch.nn.Module.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
-    stubs = ["pytorch_lightning", "pytorch_lightning.utilities",
-             "pytorch_lightning.utilities.distributed", "pretrained_enc.models_pretrained_enc"]
+    stubs = [
+        "pytorch_lightning",
+        "pytorch_lightning.utilities",
+        "pytorch_lightning.utilities.distributed",
+        "pretrained_enc.models_pretrained_enc",
+    ]
     added = [name for name in stubs if name not in sys.modules]
     for name in added:
         sys.modules[name] = types.ModuleType(name)
@@ -98,8 +111,10 @@ class Sinusoid:
 
     def __init__(self, step_module, index, embed_module):
         self.rows, self.index, self.step = {}, index, None
-        self.hooks = [step_module.register_forward_pre_hook(self.take_step),
-                      embed_module.register_forward_pre_hook(self.take_sinusoid)]
+        self.hooks = [
+            step_module.register_forward_pre_hook(self.take_step),
+            embed_module.register_forward_pre_hook(self.take_sinusoid),
+        ]
 
     def take_step(self, module, args):
         self.step = args[self.index]
@@ -125,6 +140,7 @@ class Sinusoid:
 def released_config():
     """The model section of the released RDM config (plain dicts)."""
     from omegaconf import OmegaConf
+
     conf = OmegaConf.load(os.path.join(CHECKOUT, RDM_YAML))
     return OmegaConf.to_container(conf)["model"]
 
@@ -132,25 +148,44 @@ def released_config():
 def official_rdm(c):
     """The official RDM of the released config at the sizes of c, without its encoder (float32)."""
     from rdm.util import instantiate_from_config
+
     conf = released_config()
     p = conf["params"]
     assert (p["timesteps"], p["linear_start"], p["linear_end"]) == (
-        c["T"], c["beta_start"], c["beta_end"])
+        c["T"],
+        c["beta_start"],
+        c["beta_end"],
+    )
     assert p["parameterization"] == "x0"
     p["channels"] = c["dim"]
     p["unet_config"]["params"].update(
-        in_channels=c["dim"], out_channels=c["dim"], model_channels=c["rdm_width"],
-        bottleneck_channels=c["rdm_width"], num_res_blocks=c["rdm_depth"],
-        time_embed_dim=c["t_dim"])
+        in_channels=c["dim"],
+        out_channels=c["dim"],
+        model_channels=c["rdm_width"],
+        bottleneck_channels=c["rdm_width"],
+        num_res_blocks=c["rdm_depth"],
+        time_embed_dim=c["t_dim"],
+    )
     del p["pretrained_enc_config"]
     return instantiate_from_config(conf)
 
 
 def official_dit(c):
     from pixel_generator.dit.models import DiT
-    return DiT(input_size=c["image_size"], patch_size=c["patch"], in_channels=3, hidden_size=c["hidden"],
-               depth=c["depth"], num_heads=c["heads"], class_dropout_prob=0, rep_dropout_prob=c["rep_drop"],
-               num_classes=1, learn_sigma=False, rep_dim=c["rep_dim"])
+
+    return DiT(
+        input_size=c["image_size"],
+        patch_size=c["patch"],
+        in_channels=3,
+        hidden_size=c["hidden"],
+        depth=c["depth"],
+        num_heads=c["heads"],
+        class_dropout_prob=0,
+        rep_dropout_prob=c["rep_drop"],
+        num_classes=1,
+        learn_sigma=False,
+        rep_dim=c["rep_dim"],
+    )
 
 
 def randomise(named, seed=0):
@@ -162,7 +197,8 @@ def randomise(named, seed=0):
             if p.dim() == 0 or name == "pos_embed":
                 continue
             r = torch.randn(p.shape, generator=g)
-            if p.dim() == 1 and name.replace(".", "").endswith(("layers0weight", "out0weight")):  # LayerNorm gains
+            # LayerNorm gains
+            if p.dim() == 1 and name.replace(".", "").endswith(("layers0weight", "out0weight")):
                 p.copy_(1 + 0.2 * r)
             elif p.dim() == 1:
                 p.copy_(0.1 * r)
@@ -188,6 +224,7 @@ def make_rdm_and_loss():
     network's input and output) and with the official code's own draws (t, then the noise). Both
     float64. -> the state dict (float32)."""
     from rdm.modules.diffusionmodules.util import make_beta_schedule
+
     c = RDM_CONFIG
     torch.manual_seed(0)
     m = official_rdm(c).eval()
@@ -207,12 +244,23 @@ def make_rdm_and_loss():
         with m.ema_scope():
             out_ema = m.apply_model(r_t, t, ctx)
     sin_t, sin_emb = sinusoid.table()
-    save("rcg", "rdm", config=c, state_dict=sd, r_t=r_t.flatten(1), t=t, out=out.flatten(1),
-         out_ema=out_ema.flatten(1), sin_t=sin_t, sin_emb=sin_emb)
+    save(
+        "rcg",
+        "rdm",
+        config=c,
+        state_dict=sd,
+        r_t=r_t.flatten(1),
+        t=t,
+        out=out.flatten(1),
+        out_ema=out_ema.flatten(1),
+        sin_t=sin_t,
+        sin_emb=sin_emb,
+    )
 
     class Encoder(nn.Module):  # stands for MoCo v3 + its head: returns fixed raw representations
         def forward_features(self, x):
             return raw
+
         head = nn.Identity()
 
     raw = torch.randn(4, D, generator=g, dtype=torch.float64) * 3
@@ -234,12 +282,26 @@ def make_rdm_and_loss():
     with Draws.record() as drawn:
         loss_drawn = m(x0, {"class_label": torch.zeros(4).long()})[0]
     sin_t, sin_emb = sinusoid.table()
-    betas = make_beta_schedule("linear", c["T"], linear_start=c["beta_start"],
-                               linear_end=c["beta_end"])
-    save("rcg", "loss", raw=raw, rep=x0.flatten(1), t=t, e=e.flatten(1), r_t=seen[0][0].flatten(1),
-         out=seen[0][1].flatten(1), loss=loss.detach(), drawn=drawn, loss_drawn=loss_drawn.detach(),
-         betas=torch.from_numpy(betas), alphas_cumprod=m.alphas_cumprod.float(), sin_t=sin_t,
-         sin_emb=sin_emb)
+    betas = make_beta_schedule(
+        "linear", c["T"], linear_start=c["beta_start"], linear_end=c["beta_end"]
+    )
+    save(
+        "rcg",
+        "loss",
+        raw=raw,
+        rep=x0.flatten(1),
+        t=t,
+        e=e.flatten(1),
+        r_t=seen[0][0].flatten(1),
+        out=seen[0][1].flatten(1),
+        loss=loss.detach(),
+        drawn=drawn,
+        loss_drawn=loss_drawn.detach(),
+        betas=torch.from_numpy(betas),
+        alphas_cumprod=m.alphas_cumprod.float(),
+        sin_t=sin_t,
+        sin_emb=sin_emb,
+    )
     return sd
 
 
@@ -248,6 +310,7 @@ def make_ddim(sd):
     weights (sd), in float32 (its tables are float32); its draws (the initial noise, then one a
     step) from the global RNG, recorded."""
     from rdm.models.diffusion.ddim import DDIMSampler
+
     c, D = RDM_CONFIG, RDM_CONFIG["dim"]
     m = official_rdm(c).eval()
     m.load_state_dict(sd)
@@ -260,8 +323,9 @@ def make_ddim(sd):
             cond = m.get_learned_conditioning({"class_label": torch.zeros(3).long()})
             torch.manual_seed(DDIM_SEED + i)
             with Draws.record() as drawn:
-                x, _ = sampler.sample(steps, conditioning=cond, batch_size=3, shape=[D, 1, 1],
-                                      eta=eta, verbose=False)
+                x, _ = sampler.sample(
+                    steps, conditioning=cond, batch_size=3, shape=[D, 1, 1], eta=eta, verbose=False
+                )
         timesteps = torch.from_numpy(sampler.ddim_timesteps)
         runs.append(dict(steps=steps, eta=eta, timesteps=timesteps, drawn=drawn, out=x.flatten(1)))
     save("rcg", "ddim", runs=runs)
@@ -281,7 +345,7 @@ def make_dit():
     x = torch.randn(B, 3, S, S, generator=g, dtype=torch.float64)
     # ours: t in [0, 1]; the official net sees 1000 t (binary fractions: 1000 t is then the same
     # number in float32 and float64)
-    t = torch.tensor([0.0, 2.0 ** -10, 0.375, 1.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0**-10, 0.375, 1.0], dtype=torch.float64)
     rep = torch.randn(B, c["rep_dim"], generator=g, dtype=torch.float64)
     y = torch.zeros(B).long()
     null = dit.fake_latent.repeat(B, 1)
@@ -290,8 +354,13 @@ def make_dit():
         out_rep = dit(x, 1000 * t, y, rep)
         out_null = dit(x, 1000 * t, y, null)
         out_uncond = dit(x, 1000 * t, y, None)
-        out_cfg = dit.forward_with_cfg(torch.cat([x, x]), torch.cat([1000 * t] * 2),
-                                       torch.cat([y, y]), 3.0, torch.cat([rep, null]))[:B]
+        out_cfg = dit.forward_with_cfg(
+            torch.cat([x, x]),
+            torch.cat([1000 * t] * 2),
+            torch.cat([y, y]),
+            3.0,
+            torch.cat([rep, null]),
+        )[:B]
         dit.train()
         torch.manual_seed(DROP_SEED)
         with Draws.record() as drawn:
@@ -299,9 +368,24 @@ def make_dit():
     drop = drawn[0][1] < c["rep_drop"]
     assert 0 < drop.sum() < B, "pick another DROP_SEED"
     sin_t, sin_emb = sinusoid.table()
-    save("rcg", "dit", config=c, state_dict=sd, x=x, t=t, rep=rep, out_rep=out_rep,
-         out_null=out_null, out_uncond=out_uncond, cfg_scale=3.0, out_cfg=out_cfg, drawn=drawn,
-         out_train=out_train, sin_t=sin_t, sin_emb=sin_emb)
+    save(
+        "rcg",
+        "dit",
+        config=c,
+        state_dict=sd,
+        x=x,
+        t=t,
+        rep=rep,
+        out_rep=out_rep,
+        out_null=out_null,
+        out_uncond=out_uncond,
+        cfg_scale=3.0,
+        out_cfg=out_cfg,
+        drawn=drawn,
+        out_train=out_train,
+        sin_t=sin_t,
+        sin_emb=sin_emb,
+    )
 
 
 def bench(repos, batch=8, repeats=5, dit=BENCH_DIT, rdm=BENCH_RDM):
@@ -311,10 +395,13 @@ def bench(repos, batch=8, repeats=5, dit=BENCH_DIT, rdm=BENCH_RDM):
     CHECKOUT = official("rcg", repos)
     with cpu_only():
         import rcg as R
+
         c = dit
         torch.manual_seed(0)
         theirs = official_dit(c).train()
-        ours = R.DiT(R.Config(**{k: v for k, v in c.items() if k != "rep_dim"}), c["rep_dim"]).train()
+        ours = R.DiT(
+            R.Config(**{k: v for k, v in c.items() if k != "rep_dim"}), c["rep_dim"]
+        ).train()
         ours.load_state_dict(theirs.state_dict())
         S = c["image_size"]
         x, t = torch.randn(batch, 3, S, S), torch.rand(batch)
@@ -326,7 +413,9 @@ def bench(repos, batch=8, repeats=5, dit=BENCH_DIT, rdm=BENCH_RDM):
         ours_rdm.load_state_dict(theirs_rdm.state_dict())
         r, tt = torch.randn(batch, rdm["dim"]), torch.randint(0, rdm["T"], (batch,))
         ctx = torch.zeros(batch, 1, 512)
-        rdm_runs = dict(official=lambda: theirs_rdm(r[..., None, None], tt, ctx), ours=lambda: ours_rdm(r, tt))
+        rdm_runs = dict(
+            official=lambda: theirs_rdm(r[..., None, None], tt, ctx), ours=lambda: ours_rdm(r, tt)
+        )
         for what, runs in (("DiT", dit_runs), ("RDM net", rdm_runs)):
             ms = {}
             for name, fn in runs.items():
@@ -337,6 +426,9 @@ def bench(repos, batch=8, repeats=5, dit=BENCH_DIT, rdm=BENCH_RDM):
                     fn().square().mean().backward()
                     times.append(time.perf_counter() - t0)
                 ms[name] = 1000 * min(times) / batch
-            print(f"{what}: official {ms['official']:.2f} ms/image, ours {ms['ours']:.2f} ms/image, "
-                  f"ours/official {ms['ours'] / ms['official']:.2f} (fp32, forward + backward, batch {batch}, "
-                  f"best of {repeats})")
+            print(
+                f"{what}: official {ms['official']:.2f} ms/image, ours {ms['ours']:.2f} ms/image, "
+                f"ours/official {ms['ours'] / ms['official']:.2f} (fp32, forward + backward, "
+                f"batch {batch}, "
+                f"best of {repeats})"
+            )

@@ -23,10 +23,12 @@ tests to feed to ours (Draws.feed) instead of relying on a seed.
 make() also runs ours on the official draws and checks it as tests/test_repa.py does (ours in
 float64 for the network, in fp32 for the loss and the samplers).
 """
-import os, sys, time
+
+import os
+import sys
+import time
 
 import torch
-
 from make_references import official, save
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for conftest
@@ -34,9 +36,19 @@ from conftest import Draws, assert_close32, assert_close64
 
 D, DEPTH, HEADS, ENC_DEPTH, PROJ, Z, CLASSES, SIZE, CH = 32, 3, 2, 2, 32, 16, 10, 8, 4
 # repa.Config fields
-SMALL = dict(image_size=SIZE, channels=CH, patch=2, hidden=D, depth=DEPTH, heads=HEADS,
-             align_depth=ENC_DEPTH, proj_dim=PROJ, num_classes=CLASSES, label_drop=0.5,
-             latents=True)
+SMALL = dict(
+    image_size=SIZE,
+    channels=CH,
+    patch=2,
+    hidden=D,
+    depth=DEPTH,
+    heads=HEADS,
+    align_depth=ENC_DEPTH,
+    proj_dim=PROJ,
+    num_classes=CLASSES,
+    label_drop=0.5,
+    latents=True,
+)
 # the seed of the loss's draws: some labels dropped, not all (any other such seed does as well)
 LOSS_SEED = 3
 
@@ -44,10 +56,27 @@ LOSS_SEED = 3
 def official_sit(repos, drop=0.5, **kw):
     official("repa", repos)
     from models.sit import SiT
-    kw = dict(dict(input_size=SIZE, patch_size=2, in_channels=CH, hidden_size=D,
-                   decoder_hidden_size=D, encoder_depth=ENC_DEPTH, depth=DEPTH, num_heads=HEADS,
-                   class_dropout_prob=drop, num_classes=CLASSES, use_cfg=True, z_dims=[Z],
-                   projector_dim=PROJ, qk_norm=False, fused_attn=True), **kw)
+
+    kw = dict(
+        dict(
+            input_size=SIZE,
+            patch_size=2,
+            in_channels=CH,
+            hidden_size=D,
+            decoder_hidden_size=D,
+            encoder_depth=ENC_DEPTH,
+            depth=DEPTH,
+            num_heads=HEADS,
+            class_dropout_prob=drop,
+            num_classes=CLASSES,
+            use_cfg=True,
+            z_dims=[Z],
+            projector_dim=PROJ,
+            qk_norm=False,
+            fused_attn=True,
+        ),
+        **kw,
+    )
     return SiT(**kw)
 
 
@@ -55,7 +84,7 @@ def randomize(model, seed=0):
     """Every trainable weight random (pos_embed stays the fixed sin-cos table)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.15 if p.dim() > 1 else 0.1))
     return model
@@ -63,6 +92,7 @@ def randomize(model, seed=0):
 
 def ours(sd, **kw):
     import repa
+
     cfg = repa.Config(**dict(SMALL, **kw))
     model = repa.REPA(cfg, enc_dim=Z)
     model.net.load_state_dict(sd, strict=True)
@@ -102,11 +132,30 @@ def make(repos):
     # the released SiT-XL/2 (ImageNet 256: 32x32x4 latents, DINOv2-B: z_dim 768)
     with torch.device("meta"):
         from models.sit import SiT_models
-        xl = SiT_models["SiT-XL/2"](input_size=32, num_classes=1000, use_cfg=True, z_dims=[768],
-                                    encoder_depth=8, qk_norm=False, fused_attn=False)
+
+        xl = SiT_models["SiT-XL/2"](
+            input_size=32,
+            num_classes=1000,
+            use_cfg=True,
+            z_dims=[768],
+            encoder_depth=8,
+            qk_norm=False,
+            fused_attn=False,
+        )
     xl_shapes = {k: list(v.shape) for k, v in xl.state_dict().items()}
-    save("repa", "net", state_dict=sd, x=x, t=t, y=y, v=v, zs=zs[0], pos_embed=pos_embed,
-         xl_shapes=xl_shapes, config=config)
+    save(
+        "repa",
+        "net",
+        state_dict=sd,
+        x=x,
+        t=t,
+        y=y,
+        v=v,
+        zs=zs[0],
+        pos_embed=pos_embed,
+        xl_shapes=xl_shapes,
+        config=config,
+    )
     mine = in_float64(ours(sd))
     with torch.no_grad():
         v2, h = mine.net(x, t, y)
@@ -118,6 +167,7 @@ def make(repos):
     # (b) the loss, train mode: SILoss draws t [B,1,1,1], then the noise; the SiT's LabelEmbedder
     # then drops labels
     from loss import SILoss
+
     B = 4
     images = torch.randn(B, CH, SIZE, SIZE, generator=g, **f64)
     labels = torch.tensor([1, 2, 7, 4])
@@ -133,8 +183,10 @@ def make(repos):
     def dropped(module, args):
         seen.update(model_labels=args[0].clone())
 
-    hooks = [net.register_forward_pre_hook(inputs),
-             net.y_embedder.embedding_table.register_forward_pre_hook(dropped)]
+    hooks = [
+        net.register_forward_pre_hook(inputs),
+        net.y_embedder.embedding_table.register_forward_pre_hook(dropped),
+    ]
     net.train()
     # train.py's defaults
     loss_fn = SILoss(prediction="v", path_type="linear", weighting="uniform")
@@ -151,9 +203,21 @@ def make(repos):
     assert draws["draw_names"] == ["rand", "randn_like", "rand"], draws["draw_names"]
     n_dropped = (seen["model_labels"] == CLASSES).sum()
     assert 0 < n_dropped < B, "pick a LOSS_SEED that drops some labels, not all"
-    save("repa", "loss", weights="net", images=images, labels=labels, z_enc=z_enc, proj_coeff=0.5,
-         **draws, **seen, loss_v=loss_v.mean().detach(), loss_proj=proj.detach(),
-         loss=loss.detach(), config=config)
+    save(
+        "repa",
+        "loss",
+        weights="net",
+        images=images,
+        labels=labels,
+        z_enc=z_enc,
+        proj_coeff=0.5,
+        **draws,
+        **seen,
+        loss_v=loss_v.mean().detach(),
+        loss_proj=proj.detach(),
+        loss=loss.detach(),
+        config=config,
+    )
     mine = ours(sd).train()
     t_draw, noise, drop = draws["draws"]
     # ours draws t as [B]: the same B numbers
@@ -167,7 +231,8 @@ def make(repos):
     # (c) the samplers, generate.py's way: the noise (fp32, generate.py:121), then the sampler (the
     # SDE draws its noise per step, samplers.py:140); the latents handed over in float64, so that
     # the sampler's SiT calls run in float64
-    from samplers import euler_sampler, euler_maruyama_sampler
+    from samplers import euler_maruyama_sampler, euler_sampler
+
     y = torch.tensor([0, 4, 9])
     kw = dict(cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7, path_type="linear")
 
@@ -177,16 +242,26 @@ def make(repos):
 
     runs = {}
     torch.manual_seed(5)
-    for name, fn, steps, heun in (("ode", euler_sampler, 6, False),
-                                  ("heun", euler_sampler, 6, True),
-                                  ("sde", euler_maruyama_sampler, 8, False)):
+    for name, fn, steps, heun in (
+        ("ode", euler_sampler, 6, False),
+        ("heun", euler_sampler, 6, True),
+        ("sde", euler_maruyama_sampler, 8, False),
+    ):
         with Draws.record() as drawn:
             z = torch.randn(len(y), CH, SIZE, SIZE)
             out = fn(null, z.double(), y, num_steps=steps, heun=heun, **kw)
         runs[name] = dict(steps=steps, out=out, **recorded(drawn))
         print(f"{name}: draws", runs[name]["draw_names"])
-    save("repa", "sampler", weights="net", y=y, cfg_scale=1.8, interval=[0.0, 0.7], runs=runs,
-         config=config)
+    save(
+        "repa",
+        "sampler",
+        weights="net",
+        y=y,
+        cfg_scale=1.8,
+        interval=[0.0, 0.7],
+        runs=runs,
+        config=config,
+    )
     mine = ours(sd)
     for name, run in runs.items():
         with Draws.feed(run["draws"]):
@@ -200,14 +275,25 @@ def bench(repos, batch=8, repeats=5, hidden=384, depth=6):
     (by default SiT-S width, 6 blocks, 16x16x4 latents: 64 tokens), fp32 CPU. hidden (a multiple of
     the 6 heads) and depth make it smaller."""
     import repa
+
     official("repa", repos)
     from loss import SILoss
-    cfg = dict(input_size=16, hidden_size=hidden, decoder_hidden_size=hidden, depth=depth,
-               num_heads=6, encoder_depth=2, projector_dim=512, z_dims=[384],
-               class_dropout_prob=0.1)
+
+    cfg = dict(
+        input_size=16,
+        hidden_size=hidden,
+        decoder_hidden_size=hidden,
+        depth=depth,
+        num_heads=6,
+        encoder_depth=2,
+        projector_dim=512,
+        z_dims=[384],
+        class_dropout_prob=0.1,
+    )
     net = official_sit(repos, drop=0.1, **cfg).train()
-    ours_cfg = dict(SMALL, image_size=16, hidden=hidden, depth=depth, heads=6, proj_dim=512,
-                    label_drop=0.1)
+    ours_cfg = dict(
+        SMALL, image_size=16, hidden=hidden, depth=depth, heads=6, proj_dim=512, label_drop=0.1
+    )
     mine = repa.REPA(repa.Config(**ours_cfg), enc_dim=384)
     mine.net.load_state_dict(net.state_dict(), strict=True)
     x = torch.randn(batch, CH, 16, 16)
@@ -231,6 +317,8 @@ def bench(repos, batch=8, repeats=5, hidden=384, depth=6):
         for _ in range(repeats):
             step()
         res[name] = (time.perf_counter() - start) / repeats / batch * 1e3
-    print(f"repa bench (B={batch}, {repeats} repeats): official {res['official']:.2f} ms/image, "
-          f"ours {res['ours']:.2f} ms/image, ours/official {res['ours'] / res['official']:.2f}")
+    print(
+        f"repa bench (B={batch}, {repeats} repeats): official {res['official']:.2f} ms/image, "
+        f"ours {res['ours']:.2f} ms/image, ours/official {res['ours'] / res['official']:.2f}"
+    )
     return res
