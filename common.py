@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -389,8 +390,8 @@ def _cached_folder(root, split, size):
                         os.remove(os.path.join(cache_dir(), old))
     except OSError as e:
         raise UsageError(
-            f"cannot write the image cache in {cache_dir()} ({e.strerror}); name a writable "
-            "folder with "
+            f"cannot write the image cache in {cache_dir()} "
+            f"({e.strerror}); name a writable folder with "
             f"--cache DIR or $REPDIFF_CACHE"
         ) from None
     return ImageArray(path, size), torch.tensor([c for _, c in files], dtype=torch.int64), k
@@ -422,12 +423,33 @@ def _npy_folder(root, split, size):
     return x, torch.from_numpy(np.array(y[x.rows], np.int64)), int(y.max()) + 1 if n else 1
 
 
+def _npz(path, split):
+    """An .npz as ADM's evaluation suite writes it: `arr_0` uint8 images [N, H, W, 3] (or
+    [N, H, W, 1]), optional `labels` [N]. It has no test rows: split_rows() gives train and test a
+    fixed, seeded 90/10 split. -> (images [n, 3, H, W], labels [n], classes)."""
+    with _usage(f"cannot read {path}", catch=(OSError, ValueError, KeyError, zipfile.BadZipFile)):
+        with np.load(path) as f:
+            x = f["arr_0"]
+            y = f["labels"] if "labels" in f.files else np.zeros(len(x), np.int64)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != np.uint8:
+        raise UsageError(
+            f"{path}: expected uint8 images [N, H, W, 3] in arr_0, got {x.dtype} {list(x.shape)}"
+        )
+    if len(y) != len(x):
+        raise UsageError(f"{path}: {len(y)} labels for {len(x)} images")
+    rows = split_rows(len(x), split)
+    # [n, H, W, 1 or 3] -> [n, 3, H, W]
+    images = np.repeat(x[rows], 3 // x.shape[-1], -1).transpose(0, 3, 1, 2)
+    return images, np.asarray(y)[rows], int(y.max()) + 1 if len(y) else 1
+
+
 @functools.lru_cache(maxsize=4)
 def load_images(spec, split="train", size=32, root="./data"):
     """-> (images [N,3,size,size] uint8, int64 labels [N], classes), cached in the process. In
-    memory: cifar10, mnist (torchvision, into ./data) and `shapes` (50,000 train / 10,000 test;
-    `shapes:N`: N / N/5); memory-mapped (an ImageArray): an image folder, decoded once into the
-    cache, and a folder of .npy files (size None: their own)."""
+    memory: cifar10, mnist (torchvision, into ./data), `shapes` (50,000 train / 10,000 test;
+    `shapes:N`: N / N/5) and an .npz in ADM's layout (_npz); memory-mapped (an ImageArray): an
+    image folder, decoded once into the cache, and a folder of .npy files (size None: their
+    own)."""
     from torchvision import datasets
 
     if spec in ("cifar10", "mnist"):
@@ -450,11 +472,12 @@ def load_images(spec, split="train", size=32, root="./data"):
     elif os.path.isdir(spec):
         npy = os.path.isfile(os.path.join(spec, "train_images.npy"))
         return _npy_folder(spec, split, size) if npy else _cached_folder(spec, split, size)
+    elif spec.endswith(".npz") and os.path.isfile(spec):
+        x, y, k = _npz(spec, split)
     else:
         raise UsageError(
-            f"unknown --data {spec!r}: use cifar10, mnist, shapes[:N] (N > 0), an image folder or "
-            "a "
-            f"folder of .npy files"
+            f"unknown --data {spec!r}: use cifar10, mnist, shapes[:N] (N > 0), an image folder, "
+            "a folder of .npy files or an .npz of images"
         )
     return (
         torch.from_numpy(_resize(np.ascontiguousarray(x), size)),
@@ -1007,8 +1030,8 @@ def load_encoder(spec, device="cpu"):
             net, default_res = DinoViT(*VIT_SIZES[name[-1]]), 224
     else:
         raise UsageError(
-            f"unknown --encoder {spec!r}: use dinov2_vit{{s,b,l}}14[_reg], random-vit-{{s,b,l}}, "
-            "a file"
+            f"unknown --encoder {spec!r}: use "
+            f"dinov2_vit{{s,b,l}}14[_reg], random-vit-{{s,b,l}}, a file"
         )
     return FrozenEncoder(net, int(res) if res else default_res).to(device)
 
@@ -1138,8 +1161,8 @@ def start_run(args, Config, presets, make_config):
             old = getattr(cfg, key) if key in fields else None
             if value != old and key not in RESUMABLE:
                 raise UsageError(
-                    f"--resume: {key} is the run's own ({old}); only {', '.join(RESUMABLE)} can "
-                    "change"
+                    f"--resume: {key} is the run's own ({old}); "
+                    f"only {', '.join(RESUMABLE)} can change"
                 )
             if value != old:
                 print0(f"--resume: {key} {old} -> {value}")
@@ -1173,14 +1196,18 @@ def given(args, Config):
             )
         kind = fields[key]
         with _usage(f"--set {item!r}: not a {kind.__name__}", catch=(KeyError, ValueError)):
-            out[key] = (
-                {"true": True, "1": True, "false": False, "0": False}[text.lower()]
-                if kind is bool
-                else json.loads(text if text.startswith("[") else f"[{text}]")
-                if kind is list
-                else kind(text)
-            )
+            out[key] = parse_field(kind, text)
     return out
+
+
+def parse_field(kind, text):
+    """The text of --set KEY=VALUE -> a value of the field's type: bool (true, false, 1, 0), list
+    (JSON, brackets optional: 1,2 or [1, 2]), or the type itself (int, float, str)."""
+    if kind is bool:
+        return {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+    if kind is list:
+        return json.loads(text if text.startswith("[") else f"[{text}]")
+    return kind(text)
 
 
 def configure(Config, presets, args):
@@ -1189,7 +1216,8 @@ def configure(Config, presets, args):
     cfg = Config(**presets[args.preset or "default"])
     fields = {f.name for f in dataclasses.fields(cfg)}
     for key, value in given(args, Config).items():
-        setattr(cfg, key, value) if key in fields else None
+        if key in fields:
+            setattr(cfg, key, value)
     if min(cfg.steps, cfg.batch_size, cfg.lr, cfg.image_size) <= 0:
         raise UsageError("steps, batch_size, lr and image_size must be positive")
     return cfg

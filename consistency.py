@@ -528,8 +528,8 @@ def train(args):
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(
-        f"consistency U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"{len(images)} images of "
+        f"consistency U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"params, {len(images)} images of "
         f"{cfg.data}, step {start} -> {cfg.steps}, {d.world} x {d.device}, "
         f"{'bf16' if cfg.bf16 else 'fp32'}"
     )
@@ -678,8 +678,8 @@ def main(argv=None):
             type=common.number(int),
             default=1,
             help=(
-                "1 (from t_max), 2 (re-noise at 0.821) or more (eval: fd at this many, fd_2step "
-                "at 2)"
+                "1 (from t_max), 2 (re-noise at 0.821) or "
+                "more (eval: fd at this many, fd_2step at 2)"
             ),
         )
     to = sub.add_parser("toy", help="consistency training on a 2-D mixture with an MLP, on a CPU")

@@ -512,8 +512,8 @@ def make_config(args):
         raise UsageError(f"u_width {cfg.u_width}, u_layers {cfg.u_layers}: positive sizes")
     if not 0 <= cfg.drop_d < 1 or cfg.tau <= 0 or len(cfg.proj) != 2 or min(cfg.proj) <= 0:
         raise UsageError(
-            f"drop_d {cfg.drop_d} must be in [0, 1), tau {cfg.tau} positive, proj two positive "
-            "widths"
+            f"drop_d {cfg.drop_d} must be in [0, 1), tau "
+            f"{cfg.tau} positive, proj two positive widths"
         )
     return cfg
 
@@ -528,8 +528,8 @@ def fit(args, d, cfg, ckpt, model, weight_decay, data, loss_fn, grid_fn, about, 
     )
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(
-        f"{about}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, step {start} -> "
-        f"{cfg.steps}, "
+        f"{about}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"params, step {start} -> {cfg.steps}, "
         f"{d.world} x {d.device}"
     )
     step_model = common.wrap(model, d, args.compile)
@@ -860,8 +860,8 @@ def export_encoder(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.save_checkpoint(args.out, ae.enc_u.state_dict())
     print0(
-        f"wrote {args.out}: ResNet width {cfg.u_width}, layers {cfg.u_layers}; use --encoder "
-        f"{args.out}"
+        f"wrote {args.out}: ResNet width {cfg.u_width}, "
+        f"layers {cfg.u_layers}; use --encoder {args.out}"
     )
 
 

@@ -565,8 +565,8 @@ def train(args):
     )
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(
-        f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {cfg.pred}-pred "
-        f"{cfg.loss}-loss, "
+        f"JiT {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"params, {cfg.pred}-pred {cfg.loss}-loss, "
         f"{len(images)} images of {cfg.data}, step {start} -> {cfg.steps}, {d.world} x {d.device}"
     )
     step_model = common.wrap(model, d, args.compile)
@@ -672,8 +672,8 @@ def eval_cmd(args):
         sample_steps=args.sample_steps or cfg.sample_steps,
         cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
         probe=(
-            f"mean-pooled image tokens after block {depth}/{cfg.depth} at t={t}, null class "
-            "(detail: x_pred)"
+            f"mean-pooled image tokens after block {depth}/{cfg.depth} "
+            f"at t={t}, null class (detail: x_pred)"
         ),
     )
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)

@@ -582,8 +582,8 @@ class Latents:
         g = math.isqrt(self.shape[0])
         if g * g != self.shape[0] or cfg.image_size % g:
             raise UsageError(
-                f"{self.shape[0]} tokens: not a square grid dividing image_size (see @RES, "
-                "--image-size)"
+                f"{self.shape[0]} tokens: not a square grid "
+                "dividing image_size (see @RES, --image-size)"
             )
         self.cache = (
             encode(encoder, self.images, self.shape, d.device) if cfg.cache_latents else None
@@ -676,8 +676,8 @@ def fit(args, d, cfg, ckpt, model, batch, loss, grid, **extra):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(
-        f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"step {start}"
+        f"{type(model).__name__}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, step {start}"
     )
     net = common.wrap(model, d, args.compile)
     log = common.Log(args.out, d, cfg, start)
@@ -769,8 +769,8 @@ def train(args):
     torch.manual_seed(cfg.seed)
     model = RAE(cfg, *decoder.mu.shape).to(d.device)
     print0(
-        f"{'DiT^DH' if cfg.head == 'wide' else 'plain DiT'}: {model.net.depth} trunk blocks, a = "
-        f"{model.a:.2f}"
+        f"{'DiT^DH' if cfg.head == 'wide' else 'plain DiT'}: "
+        f"{model.net.depth} trunk blocks, a = {model.a:.2f}"
     )
     # class-balanced, with the run's sampler
     y_grid = torch.arange(cfg.grid, device=d.device) % cfg.num_classes

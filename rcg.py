@@ -574,8 +574,8 @@ def train(args):
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(
         f"{type(model).__name__} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-        f"{f'{cfg.encoder} r ({rep.dim}-d)' if rep else 'no r'}, {len(data.images)} images of "
-        f"{cfg.data}, "
+        f"{f'{cfg.encoder} r ({rep.dim}-d)' if rep else 'no r'}, "
+        f"{len(data.images)} images of {cfg.data}, "
         f"step {start} -> {cfg.steps}, {d.world} x {d.device}"
     )
     step_model = common.wrap(model, d, args.compile)

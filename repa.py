@@ -227,13 +227,10 @@ class REPA(nn.Module):
         B, t_cfg = x.shape[0], t if t_cfg is None else t_cfg
         tt = torch.full((B,), t, device=x.device)
         if scale != 1 and interval[0] <= t_cfg <= interval[1]:
-            # conditional, then the null class
-            y_null = torch.cat([y, torch.full_like(y, self.cfg.num_classes)])
-            v_c, v_u = (
-                self.net(torch.cat([x, x]).float(), torch.cat([tt, tt]), y_null)[0]
-                .double()
-                .chunk(2)
-            )
+            # one batch: the conditional half, then the null class's half
+            y_and_null = torch.cat([y, torch.full_like(y, self.cfg.num_classes)])
+            v = self.net(torch.cat([x, x]).float(), torch.cat([tt, tt]), y_and_null)[0]
+            v_c, v_u = v.double().chunk(2)
             return v_u + scale * (v_c - v_u)
         return self.net(x.float(), tt, y)[0].double()
 
@@ -249,11 +246,11 @@ def sample_ode(v, x, steps, heun=False):
     x = x.double()
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
-        d = v(x, t)
-        x_next = x + (t_next - t) * d
+        velocity = v(x, t)
+        x_next = x + (t_next - t) * velocity
         if heun and i < steps - 1:
             # CFG decided at t, as officially
-            x_next = x + (t_next - t) * (0.5 * d + 0.5 * v(x_next, t_next, t))
+            x_next = x + (t_next - t) * (0.5 * velocity + 0.5 * v(x_next, t_next, t))
         x = x_next
     return x.float()
 
@@ -448,8 +445,8 @@ def load_data(cfg, split):
         return images, images, labels
     if not os.path.isfile(os.path.join(cfg.data, "train_images.npy")):
         raise UsageError(
-            "--latents needs --data DIR with train_latents.npy beside train_images.npy (not "
-            f"{cfg.data})"
+            "--latents needs --data DIR with train_latents.npy "
+            f"beside train_images.npy (not {cfg.data})"
         )
     latents = common.npy_split(cfg.data, split, "latents")[0]
     images, labels, cfg.num_classes = common.load_images(cfg.data, split, None)
@@ -495,10 +492,10 @@ def train(args):
         else "no alignment"
     )
     print0(
-        f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M params, {align}, "
-        f"{len(xs)} rows of "
-        f"{cfg.data} ({'latents' if cfg.latents else 'images'}), step {start} -> {cfg.steps}, "
-        f"{d.world} x {d.device}"
+        f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M "
+        f"params, {align}, {len(xs)} rows of "
+        f"{cfg.data} ({'latents' if cfg.latents else 'images'}), "
+        f"step {start} -> {cfg.steps}, {d.world} x {d.device}"
     )
     step_model = common.wrap(model, d, args.compile)
     # no flips of latents: a flipped latent is not the latent of the flipped image (flip the images
@@ -585,8 +582,8 @@ def sample_cmd(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez(args.out, latents=x.float().cpu().numpy(), labels=np.arange(args.n) % cfg.num_classes)
     print0(
-        f"wrote {args.out}: latents {list(x.shape)} (decode them with the VAE that made the "
-        "training latents)"
+        f"wrote {args.out}: latents {list(x.shape)} (decode "
+        "them with the VAE that made the training latents)"
     )
 
 
@@ -730,8 +727,8 @@ def import_cmd(args):
         os.path.join(args.out, "ckpt.pt"), dict(ema=model.state_dict(), step=0, config=asdict(cfg))
     )
     print0(
-        f"wrote {args.out}/ckpt.pt: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
-        "parameters"
+        f"wrote {args.out}/ckpt.pt: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters"
     )
 
 

@@ -176,8 +176,8 @@ def plan(machine, out):
                 f"sw_{x['model']}_{x['steps']}step": x["distance"] for x in r["results"]
             },
             claim=(
-                "1-step samples from scratch land on the data (sliced W1), far from the "
-                "initialisation's"
+                "1-step samples from scratch land on the data "
+                "(sliced W1), far from the initialisation's"
             ),
             paper="ECT: 1- and 2-step FID 3.60 / 2.11 on CIFAR-10",
             pair=("sw_trained_1step", "sw_init_1step", "lower"),
@@ -365,8 +365,8 @@ def table(rows, spreads):
         return fmt(r.get(k)) + (f" ({fmt(r[k + s])})" if r.get(k + s) is not None else "")
 
     lines = [
-        "| method | minutes | FD (control) | probe linear (init) | probe kNN (init) | detail R^2 "
-        "(init) "
+        "| method | minutes | FD (control) | probe linear "
+        "(init) | probe kNN (init) | detail R^2 (init) "
         "| best t | the paper's comparison | ours | control | held |",
         "|---|---:|" + "---:|" * 5 + "---|---:|---:|---|",
     ]
@@ -893,16 +893,16 @@ def reproduce(args):
         print("error: " + "\n       ".join(bad), file=sys.stderr)
         sys.exit(2)
     print(
-        f"{sum(len(r['runs']) for r in rows)} commands of {len(rows)} rows parse with their "
-        "files' own parsers"
+        f"{sum(len(r['runs']) for r in rows)} commands of "
+        f"{len(rows)} rows parse with their files' own parsers"
     )
     if args.machine == "gpu":
         est = estimate(rows, os.path.abspath(args.out))
         for e in est:
             print(json.dumps(e))
         print(
-            f"estimate: {sum(e['minutes'] for e in est):.0f} minutes of training on one H100 at "
-            f"{MFU:.0%} of its "
+            f"estimate: {sum(e['minutes'] for e in est):.0f} "
+            f"minutes of training on one H100 at {MFU:.0%} of its "
             f"bf16 peak, plus the evals' sampling",
             flush=True,
         )

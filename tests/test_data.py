@@ -210,3 +210,31 @@ def test_two_ranks_share_one_decode(torchrun, tmp_path):
         and len([f for f in os.listdir(tmp_path / "c") if f.endswith(".npy")]) == 1
     )
     assert (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_npz_in_adms_layout(tmp_path, cli, capsys):
+    """--data FILE.npz: `arr_0` uint8 [N, H, W, 3] (or [N, H, W, 1]) and optional `labels`, split
+    90/10 by common.split_rows (the same rows every time, disjoint); a run trains on it; a file of
+    another layout is one line and exit 2."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    labels = np.arange(40) % 4
+    path = tmp_path / "images.npz"
+    np.savez(path, arr_0=images, labels=labels)
+    (x_tr, y_tr, k), (x_te, y_te, _) = (load(str(path), s, 8) for s in ("train", "test"))
+    rows_tr, rows_te = common.split_rows(40, "train"), common.split_rows(40, "test")
+    assert (len(x_tr), len(x_te), k) == (36, 4, 4) and not set(rows_tr) & set(rows_te)
+    assert torch.equal(x_tr, torch.from_numpy(images[rows_tr]).permute(0, 3, 1, 2))
+    assert torch.equal(y_te, torch.from_numpy(labels[rows_te]))
+    gray = tmp_path / "gray.npz"
+    np.savez(gray, arr_0=images[..., :1])  # no labels: one class
+    x_g, y_g, k_g = load(str(gray), "train", 8)
+    assert torch.equal(x_g[:, 0], x_g[:, 2]) and k_g == 1 and int(y_g.max()) == 0
+    run = ["train", "--preset", "tiny", "--image-size", 8, "--steps", 2, "--device", "cpu"]
+    assert cli(J, [*run, "--data", path, "--out", tmp_path / "run"]) == 0
+    bad = tmp_path / "float.npz"
+    np.savez(bad, arr_0=images.astype(np.float32))
+    capsys.readouterr()
+    assert cli(J, [*run, "--data", bad, "--out", tmp_path / "bad"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "expected uint8 images" in err

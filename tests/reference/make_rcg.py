@@ -428,7 +428,7 @@ def bench(repos, batch=8, repeats=5, dit=BENCH_DIT, rdm=BENCH_RDM):
                 ms[name] = 1000 * min(times) / batch
             print(
                 f"{what}: official {ms['official']:.2f} ms/image, ours {ms['ours']:.2f} ms/image, "
-                f"ours/official {ms['ours'] / ms['official']:.2f} (fp32, forward + backward, "
-                f"batch {batch}, "
-                f"best of {repeats})"
+                f"ours/official {ms['ours'] / ms['official']:.2f} "
+                "(fp32, forward + backward, batch "
+                f"{batch}, best of {repeats})"
             )
