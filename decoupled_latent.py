@@ -828,7 +828,9 @@ def eval_cmd(args):
         return
     if x is not None:  # FD on rank 0 alone: one Inception pass, one writer of the statistics cache
         fd_net = common.FDFeatures(args.fd_model, d.device)
-        res.update(fd=common.fd_to_train(fd_net, x, data, cfg.image_size), n_samples=args.n)
+        res["fd"] = common.fd_to_train(fd_net, x, data, cfg.image_size)
+        res["fd_ref"] = common.fd_to_ref(fd_net, x, args.fd_ref)
+        res["n_samples"] = args.n
     parts = table(ae, data, d.device)
     torch.manual_seed(cfg.seed)
     init = (

@@ -33,12 +33,22 @@ Commands (python rcg.py {train-rdm,train,sample,eval} -h lists every flag):
     python rcg.py train-rdm --data cifar10 --out runs/rdm --compile                 # one GPU
     python rcg.py train --data cifar10 --out runs/rcg --compile
     python rcg.py sample --ckpt runs/rcg/ckpt.pt --rdm runs/rdm/ckpt.pt --n 50000 --out s.npz
+    torchrun --nproc_per_node 8 rcg.py train-rdm --preset paper --data /path/to/imagenet --out rdm
+    torchrun --nproc_per_node 8 rcg.py train --preset paper --data /path/to/imagenet --out dit
+    torchrun --nproc_per_node 8 rcg.py eval --ckpt dit/ckpt.pt --rdm rdm/ckpt.pt --n 50000 \
+        --fd-model inception --fd-ref VIRTUAL_imagenet256_labeled.npz    # official: FID 4.89
 
 Expected on a CPU (`shapes`, random-vit-s@28's 384-d token, 2 cores): train-rdm 2.7 min, then
 rep_fd 9.3 against 376 at initialisation and 2.8 between held-out real representations and the
 training ones (the floor); the pixel generators (1,500 steps, 3.4 min): FD 3.08 with RCG against
 3.82 with --no-rep (pixel features, 1,000 samples). eval's detail_r2: the pixels made from each
 test image's own r (how much detail the representation lets the generator put back).
+
+`--preset paper` is the official DiT-XL row (ImageNet 256, unconditional) as near as this file can
+train it: the official RDM recipe, then a DiT-XL on 16-px pixel patches at the official schedule
+(PRESETS["paper"] lists what differs). The official 4.89 (27.32 without RCG) is its latent
+DiT-XL/2, FID as ADM's suite computes it (fd_ref here); this one is not measured, and v-prediction
+on pixel patches that large is expected to land far above it.
 
 Encoders (--encoder, common.load_encoder): dinov2_vitb14, a soda.py or decoupled_latent.py export,
 or random-vit-s (offline). The paper's MoCo v3 ViT-B with its 256-d head has no loader here.
@@ -47,7 +57,14 @@ Deliberate differences from the official code (LTH14/rcg), so that it runs offli
 - the DiT denoises pixels, where the official denoises SD-VAE latents (no VAE needed at 32 px);
 - repa.py's linear interpolant and v-loss with Heun sampling, where the official is an
   eps-prediction DDPM with learned sigma sampled in 250 ancestral steps;
-- bf16 autocast when the DiT trains on a GPU (official: fp32); every sampler runs in true fp32.
+- bf16 autocast when the DiT trains on a GPU (official: fp32 with TF32; `paper`: as the official,
+  bf16=False); every sampler runs in true fp32;
+- the images are centre-cropped squares, decoded once (common.load_images), and each one's r (and
+  its mirror image's) is computed once, where the official resizes the shorter side to 256 and
+  crops 256 at random along the longer one at every step, then encodes that crop: that needs the
+  uncropped images decoded at every step and the encoder run in every step, another data path than
+  common's. On square images (CIFAR-10, shapes) the two are the same; on ImageNet the official sees
+  more views of each image (the effect is not measured here). Flips are the official's (flip_aug).
 
 The released class-unconditional RDMs (MoCo v3 ViT-B / ViT-L, linked from LTH14/rcg's README) load
 with their EMA weights; no generator here reads MoCo v3 representations:
@@ -56,6 +73,7 @@ with their EMA weights; no generator here reads MoCo v3 representations:
 """
 
 import argparse
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -99,11 +117,16 @@ class Config:
     # the schedule of the command that runs (train-rdm: RDM_SCHEDULE below)
     steps: int = 100_000  # optimiser steps
     batch_size: int = 256  # global batch size
-    lr: float = 1e-4  # AdamW, constant after the warm-up (official DiT: 1e-4 at batch 2048)
+    # AdamW, constant after the warm-up. train: fixed at any batch, as the official code (DiT: 1e-4
+    # at batch 2048); train-rdm: the batch scales it (common.scale_lr), as the official blr x batch
+    lr: float = 1e-4
     weight_decay: float = 0.0  # DiT: 0
     # official DiT: AdamW betas (0.9, 0.95); the RDM: (0.9, 0.999) (RDM_SCHEDULE)
     adam_beta2: float = 0.95
     warmup: int = 0  # linear warm-up steps (official: none; no gradient clipping either)
+    # train: the DiT under bf16 autocast on a GPU; false: fp32 with TF32 matmuls, as the official
+    # DiT (the RDM and every sampler run in true fp32 either way)
+    bf16: bool = True
     ema: float = 0.9999  # paper: 0.9999 (with warm-up here)
     log_every: int = 50  # steps between log.jsonl rows
     sample_every: int = 5_000  # steps between sample grids
@@ -160,12 +183,69 @@ PRESETS = {
     ),
     # one GPU: CIFAR-10 32 px, DINOv2-B/14 global token at 224 (768-d), the paper's RDM, DiT-S/2
     "default": dict(),
+    # RCG with a DiT-XL pixel generator, unconditional ImageNet 256: the paper's comparison of pixel
+    # generators with and without RCG (DiT-XL/2: FID 27.32 -> 4.89); LTH14/rcg's README, "Pixel
+    # Generator: DiT", releases that DiT-XL/2 (400 epochs, FID 4.89, IS 143.2: 250 steps, no
+    # guidance). Its command: main_dit.py --rep_cond --rep_dim 256 (MoCo v3 ViT-B), 128 GPUs x
+    # batch 16 = 2048, 400 epochs (400 x 1,281,167 / 2048 = 250,227.9 -> 250,228 steps), --lr 1e-4
+    # (fixed at any batch), weight decay 0, AdamW (0.9, 0.95), constant lr, no warm-up, no
+    # clipping, EMA 0.9999, r dropped with p = 0.1, fp32 with TF32, Resize(256) + RandomCrop(256)
+    # + flips; the RDM it samples r from (250 DDIM steps, eta 1) is train-rdm's `paper`
+    # (RDM_SCHEDULE). What differs, and what it costs:
+    # - pixels on 16-px patches for SD-VAE latents (32x32x4) on 2-px ones: the same 256 tokens and
+    #   DiT-XL widths (28 blocks of 1152, 16 heads; 675.7M parameters, DiT-XL/2's 675M), so the
+    #   same transformer FLOPs a step and no VAE, but each token predicts 768 values (official:
+    #   16), a size at which eps- and v-prediction fail on pixels (jit_xpred.py's paper): expect
+    #   an FID far above 4.89 (not measured here);
+    # - the v-loss and 125 Heun steps (249 evaluations of the DiT) for the eps-prediction DDPM
+    #   with learned sigma and its 250 ancestral steps;
+    # - DINOv2-B/14's global token through a fixed orthonormal 256-d projection for MoCo v3 ViT-B
+    #   and its trained 256-d head (no MoCo v3 loader here);
+    # - centre crops, each image's r computed once (the module's deliberate differences);
+    # - the EMA warms up, (1 + step) / (10 + step) (the official DiT's starts at 0.9999): by step
+    #   250,228 the warm-up's weights weigh 0.9999^250,000 ~ 1e-11 in it.
+    "paper": dict(
+        data="imagenet",
+        image_size=256,
+        encoder="dinov2_vitb14",
+        rep_dim=256,
+        flip_aug=True,
+        rdm_width=1536,
+        rdm_depth=12,
+        T=1000,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        rdm_sample_steps=250,
+        eta=1.0,
+        patch=16,
+        hidden=1152,
+        depth=28,
+        heads=16,
+        rep_drop=0.1,
+        rep_cfg=1.0,
+        sample_steps=125,
+        steps=250_228,
+        batch_size=2048,
+        # fixed at any batch, as the official code
+        lr=1e-4,
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        warmup=0,
+        ema=0.9999,
+        bf16=False,
+    ),
 }
-# over the preset, for train-rdm (paper: batch 512, lr 5.12e-4, AdamW weight decay 0.01)
+# over the preset, for train-rdm (official: batch 512, lr 5.12e-4, AdamW weight decay 0.01)
 RDM_SCHEDULE = {
     "tiny": dict(batch_size=32, adam_beta2=0.999),
     "cpu": dict(steps=4000, batch_size=256, lr=1e-3, weight_decay=0.01, adam_beta2=0.999),
     "default": dict(steps=100_000, batch_size=512, lr=5.12e-4, weight_decay=0.01, adam_beta2=0.999),
+    # LTH14/rcg's README, "RDM": main_rdm.py on 4 GPUs x batch 128 = 512, 200 epochs (200 x
+    # 1,281,167 / 512 = 500,455.9 -> 500,456 steps), --blr 1e-6: lr = blr x batch = 5.12e-4
+    # (common.scale_lr keeps the rule at another batch), constant, no warm-up, AdamW (0.9, 0.999)
+    # with weight decay 0.01, fp32, EMA 0.9999 warmed up (LitEma, as here); the same crops and
+    # flips as the DiT's
+    "paper": dict(steps=500_456, batch_size=512, lr=5.12e-4, weight_decay=0.01, adam_beta2=0.999),
 }
 # train-rdm's presets (--resume compares them)
 RDM_PRESETS = {k: PRESETS[k] | v for k, v in RDM_SCHEDULE.items()}
@@ -419,10 +499,8 @@ class Block(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()
-        self.freq_dim, self.mlp = (
-            freq_dim,
-            nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)),
-        )
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t):  # [B] -> [B, dim]
         return self.mlp(timestep_embedding(t, self.freq_dim))
@@ -536,23 +614,30 @@ class Data:
 
 def make_config(args, presets=PRESETS):
     cfg = common.configure(Config, presets, args)
+    if args.cmd == "train-rdm":
+        # the official RDM's lr = blr x batch; the DiT's is fixed at any batch (Config.lr)
+        cfg = common.scale_lr(cfg, args, Config, presets)
     if cfg.image_size % cfg.patch:
         raise UsageError(
             f"image size {cfg.image_size} is not divisible by the patch size {cfg.patch}"
         )
-    if (
-        not 0 < cfg.beta_start < cfg.beta_end < 1
-        or cfg.rdm_sample_steps > cfg.T
-        or min(cfg.T, cfg.rep_dim + 1) < 1
-    ):
+    betas_ok = 0 < cfg.beta_start < cfg.beta_end < 1
+    if not betas_ok or cfg.rdm_sample_steps > cfg.T or min(cfg.T, cfg.rep_dim + 1) < 1:
         raise UsageError(
             "need 0 < beta_start < beta_end < 1, 1 <= rdm_sample_steps <= T and rep_dim >= 0"
         )
-    if not (
-        0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1 and cfg.grid >= 0
-    ):
+    fractions_ok = 0 <= cfg.rep_drop < 1 and 0 <= cfg.eta <= 1 and 0 <= cfg.adam_beta2 < 1
+    if not fractions_ok or cfg.grid < 0:
         raise UsageError("rep_drop and adam_beta2 must be in [0, 1), eta in [0, 1] and grid >= 0")
     return cfg
+
+
+def precision(cfg, device, rdm):
+    """The training forward's precision: the RDM in true fp32 (it is small); the DiT under bf16
+    autocast (cfg.bf16), else in fp32 with setup_dist's TF32 matmuls, as the official DiT."""
+    if rdm:
+        return common.autocast(device, False)
+    return common.autocast(device) if cfg.bf16 else contextlib.nullcontext()
 
 
 def train(args):
@@ -562,6 +647,8 @@ def train(args):
     rdm = args.cmd == "train-rdm"
     presets = RDM_PRESETS if rdm else PRESETS
     d, cfg, ckpt = common.start_run(args, Config, presets, lambda a: make_config(a, presets))
+    # the images first (cached for Data): a missing folder is one line before the encoder loads
+    common.load_images(cfg.data, "train", cfg.image_size)
     rep = Representation(cfg, d.device) if rdm or not cfg.no_rep else None
     data = Data(cfg, rep, d)
     # the same initial weights on every rank (and in eval's "at initialisation")
@@ -587,10 +674,10 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr
         # forward (the RDM: the loss (1) of r in true fp32, it is small; the DiT: the v-loss of x
-        # given r, bf16 autocast on a GPU), backward, update, EMA
+        # given r, bf16 autocast on a GPU unless bf16=False: precision()), backward, update, EMA
         # this rank's rows, drawn with replacement, mirrored at random with their r
         x, r = data.batch(step, bs)
-        with common.autocast(d.device, enabled=not rdm):
+        with precision(cfg, d.device, rdm):
             loss = step_model(r) if rdm else step_model(x, r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -677,11 +764,8 @@ def load_pair(args, d):
     gen, rdm = (None, model) if ckpt["kind"] == "rdm" else (model, None)
     if gen is not None and gen.rep_dim and args.rdm:
         _, rcfg, rdm = load(args.rdm, d.device, "rdm", args.compile)
-        if (rcfg.encoder, rcfg.rep_dim, rcfg.image_size) != (
-            cfg.encoder,
-            cfg.rep_dim,
-            cfg.image_size,
-        ):
+        same = ("encoder", "rep_dim", "image_size")
+        if any(getattr(rcfg, k) != getattr(cfg, k) for k in same):
             raise UsageError(
                 f"--rdm {args.rdm} models {rcfg.encoder} (rep_dim {rcfg.rep_dim}) representations; "
                 f"the generator was trained on {cfg.encoder} (rep_dim {cfg.rep_dim})"
@@ -722,16 +806,12 @@ def rep_fd(rdm, real, n, args):
     """FD between n representations the RDM generates (or, for rdm a tensor, those) and the real
     ones [M, D]."""
     g = torch.Generator(real.device).manual_seed(args.seed)
-    fake = (
-        rdm
-        if torch.is_tensor(rdm)
-        else torch.cat(
-            [
-                rdm.sample(min(1000, n - i), steps=args.rdm_steps, generator=g)
-                for i in tqdm(range(0, n, 1000), desc="RDM", leave=False)
-            ]
-        )
-    )
+    if torch.is_tensor(rdm):
+        fake = rdm
+    else:
+        chunks = tqdm(range(0, n, 1000), desc="RDM", leave=False)
+        fake = [rdm.sample(min(1000, n - i), steps=args.rdm_steps, generator=g) for i in chunks]
+        fake = torch.cat(fake)
     fake, real = fake.double().cpu().numpy(), real.double().cpu().numpy()
     return round(
         common.frechet_distance(
@@ -763,6 +843,7 @@ def eval_cmd(args):
         res.update(
             no_rep=cfg.no_rep,
             fd=common.fd_to_train(fd_net, x, data, cfg.image_size),
+            fd_ref=common.fd_to_ref(fd_net, x, args.fd_ref),
             n_samples=args.n,
             rep_cfg=cfg.rep_cfg if args.rep_cfg is None else args.rep_cfg,
         )

@@ -28,16 +28,28 @@ Commands (python repa.py {train,sample,eval,import} -h lists every flag):
         --out runs/repa/samples.npz
     python repa.py eval --ckpt runs/repa/ckpt.pt --fd-model inception            # and runs/sit
     python repa.py train --data in256/ --latents --preset B --out runs/repa_b     # SD-VAE latents
+    torchrun --nproc_per_node 8 repa.py train --preset paper --data in256/ --out runs/xl # FID 1.42
+    python repa.py sample --ckpt runs/xl/ckpt.pt --n 50000 --out runs/xl/z.npz  # SDE 250, CFG 1.8
+    torchrun --nproc_per_node 8 repa.py train --preset paper-B --data in256/ --out runs/b # FID 24.4
 
-in256/ holds train_latents.npy [N, 4, 32, 32] (the VAE's mean x 0.18215), train_images.npy uint8
-[N, 256, 256, 3] (the encoder's input) and train_labels.npy; `sample` then writes latents.
+in256/ is ImageNet's train split as the official preprocessing makes it (preprocessing/README.md):
+train_images.npy uint8 [N, 256, 256, 3] (ADM's centre crop: the encoder's input), train_labels.npy
+[N], and train_latents.npy float [N, 8, 32, 32]: per image the posterior mean and std of
+stabilityai/sd-vae-ft-mse's encoder on the image in [-1, 1], on channels (its img-mean-std-*.npy,
+stacked in dataset.json's order). Each step draws z = (mean + std e) x 0.18215 of the batch
+(sample_posterior; vae_channels, vae_scale); a file of [N, 4, 32, 32] is read as the latents
+themselves (e.g. the mean x 0.18215). test_*.npy of the val split, made the same way, are eval's
+(without them a seeded tenth of train is held out, and the run trains on the rest). `sample` then
+writes latents.
 
 Expected with DINOv2 (a GPU): at equal steps, the aligned run has the lower FD and the higher probe
 of its own hidden tokens. The paper: SiT-B/2 on ImageNet 256 at 400k steps, FID 24.4 with REPA
-without CFG; SiT-XL/2 1.42 with CFG. Offline there is no DINOv2: against random-vit-s the CPU preset
-shows the mechanism (the alignment term reaches cos 0.86), not the gain, since a random ViT holds no
-semantics (the README's table has the figures). eval.json: FD; probes of the SiT's tokens after
-block align_depth at t = probe_t (null class, mean-pooled) and at five t; the encoder's own probes;
+without CFG (`paper-B`); SiT-XL/2 at 4M steps (800 epochs), 1.42 with the SDE's 250 steps and CFG
+1.8 on t <= 0.7 (`paper`); FID of 50k samples decoded by the VAE (ADM's suite). Offline there is
+no DINOv2: against random-vit-s the CPU preset shows the mechanism (the alignment term reaches cos
+0.86), not the gain, since a random ViT holds no semantics (the README's table has the figures).
+eval.json: FD; probes of the SiT's tokens after block align_depth at t = probe_t (null class,
+mean-pooled) and from 10% to 90% signal in x_t (probe_linear_by_signal); the encoder's own probes;
 on `shapes`, the detail x_t - t v keeps at probe_t (detail_r2).
 
 Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's, downloaded once into
@@ -48,11 +60,14 @@ Deliberate differences from the official code (sihyun-yu/REPA):
 - bf16 autocast on a GPU, the frozen encoder's forward included (official: fp16; the alignment loss
   is normalised in fp32, where fp16 gave NaNs);
 - an EMA that warms up; class-balanced sample labels (official: random); the null class's row even
-  without label dropout.
+  without label dropout;
+- batches of rows drawn with replacement, every step's own (official: shuffled epochs); no VAE here:
+  the latents are precomputed (above), and `sample` writes latents for the VAE to decode.
 
 The released SiT-XL/2 (ImageNet 256, SD-VAE latents, DINOv2-B; generate.py's last.pt) loads with
-strict=True; `import` makes it a run and `sample` writes its latents (decode them with
-stabilityai/sd-vae-ft-ema: vae.decode(z / 0.18215), then (x + 1) / 2):
+strict=True; `import` makes it a run and `sample` writes its latents (decode them as generate.py
+does, with stabilityai/sd-vae-ft-ema: vae.decode(z / 0.18215), then (x + 1) / 2; -ema and -mse
+share their encoder, only the decoders were fine-tuned):
 
     python repa.py import --official last.pt --out runs/repa_xl
     python repa.py sample --ckpt runs/repa_xl/ckpt.pt --n 50000 --sampler sde --sample-steps 250 \\
@@ -84,6 +99,10 @@ class Config:
     # train on --data DIR's train_latents.npy (the paper: SD-VAE's), not on pixels
     latents: bool = False
     channels: int = 3  # what the SiT reads and writes (with --latents: the latents' C, filled in)
+    # the VAE's latent channels C: a train_latents.npy of 2C channels holds the VAE posterior's
+    # [mean, std] (the official preprocessing's), sampled every step; any other count, the latents
+    vae_channels: int = 4
+    vae_scale: float = 0.18215  # SD-VAE's: z = (mean + std e) x vae_scale, of a [mean, std] file
     patch: int = 2  # SiT/2
     hidden: int = 384  # SiT-S width (B 768, L 1024, XL 1152)
     depth: int = 12  # blocks (S/B 12, L 24, XL 28)
@@ -96,7 +115,7 @@ class Config:
     num_classes: int = 10  # filled in from the data
     steps: int = 100_000  # optimiser steps
     batch_size: int = 256  # global batch size
-    lr: float = 1e-4  # AdamW, weight decay 0 (paper)
+    lr: float = 1e-4  # AdamW, weight decay 0 (paper); fixed at any batch, as the official code
     grad_clip: float = 1.0  # paper: 1
     warmup: int = 0  # paper: none
     ema: float = 0.9999  # paper: 0.9999 (with warm-up here)
@@ -159,10 +178,90 @@ PRESETS = {
     # one GPU: SiT-S/2 on CIFAR-10 32x32, aligned to DINOv2-B at 224 (16x16 patch tokens, one per
     # SiT token)
     "default": dict(),
+    # the SiT sizes only (widths, depth, heads, aligned block) on the default's schedule, not the
+    # paper's runs (those are `paper-B` and `paper`)
     "B": dict(hidden=768, depth=12, heads=12, align_depth=4),  # SiT-B/2
     "L": dict(hidden=1024, depth=24, heads=16, align_depth=8),  # SiT-L/2
-    # SiT-XL/2, the released checkpoint's (`import`)
+    # SiT-XL/2's sizes, the released checkpoint's (`import`); not the paper's run
     "XL": dict(hidden=1152, depth=28, heads=16, align_depth=8),
+    # The paper's headline: SiT-XL/2 + REPA on ImageNet 256 (SD-VAE latents, 32 x 32 x 4), FID 1.42
+    # with the SDE sampler's 250 steps and CFG 1.8 on t <= 0.7 (the paper's system-level comparison
+    # with CFG: 800 epochs, the guidance interval). The official run, sihyun-yu/REPA@67f7145's
+    # README.md command
+    #   accelerate launch train.py --allow-tf32 --mixed-precision=fp16 --seed=0 --path-type=linear
+    #     --prediction=v --weighting=uniform --model=SiT-XL/2 --enc-type=dinov2-vit-b
+    #     --proj-coeff=0.5 --encoder-depth=8 --data-dir=DIR
+    # with --max-train-steps=4000000 (the released checkpoint's 4M iterations, README.md; the
+    # command as written stops at train.py's default 400k), then README.md's generate.py --mode=sde
+    # --num-steps=250 --cfg-scale=1.8 --guidance-high=0.7 on 50k samples. Steps: 4M iterations at
+    # batch 256 = 800 epochs of ImageNet's 1,281,167 (4e6 x 256 / 1,281,167 = 799.3). lr constant,
+    # no warm-up; AdamW (0.9, 0.999), eps 1e-8, wd 0; clip 1; EMA 0.9999; label drop 0.1; no flips.
+    # What differs (the docstring's list): bf16 autocast where the official run is fp16 (both with
+    # TF32), an EMA that warms up (at 0.9999 from step 90k on), batches drawn with replacement
+    # rather than shuffled epochs, the latents precomputed into --data DIR (train_latents.npy of the
+    # VAE's mean and std, sampled every step as officially): none changes what is optimised.
+    "paper": dict(
+        data="imagenet",
+        latents=True,
+        image_size=32,
+        channels=4,
+        vae_channels=4,
+        vae_scale=0.18215,
+        patch=2,
+        hidden=1152,
+        depth=28,
+        heads=16,
+        encoder="dinov2_vitb14",
+        align_depth=8,
+        proj_dim=2048,
+        proj_coeff=0.5,
+        label_drop=0.1,
+        num_classes=1000,
+        steps=4_000_000,
+        batch_size=256,
+        lr=1e-4,
+        grad_clip=1.0,
+        warmup=0,
+        ema=0.9999,
+        sampler="sde",
+        sample_steps=250,
+        cfg_scale=1.8,
+        cfg_interval=[0.0, 0.7],
+        ckpt_every=50_000,
+    ),
+    # SiT-B/2 + REPA at 400k steps (train.py's default --max-train-steps), FID 24.4 without CFG
+    # (the paper's comparison with the plain SiT at 400k): `paper` with SiT-B/2's sizes, its aligned
+    # block 4 (the authors: layer 4 for SiT-B/2, 8 for L and XL; the README's command is XL's 8)
+    # and no CFG (generate.py --cfg-scale=1.0), the same SDE at 250 steps.
+    "paper-B": dict(
+        data="imagenet",
+        latents=True,
+        image_size=32,
+        channels=4,
+        vae_channels=4,
+        vae_scale=0.18215,
+        patch=2,
+        hidden=768,
+        depth=12,
+        heads=12,
+        encoder="dinov2_vitb14",
+        align_depth=4,
+        proj_dim=2048,
+        proj_coeff=0.5,
+        label_drop=0.1,
+        num_classes=1000,
+        steps=400_000,
+        batch_size=256,
+        lr=1e-4,
+        grad_clip=1.0,
+        warmup=0,
+        ema=0.9999,
+        sampler="sde",
+        sample_steps=250,
+        cfg_scale=1.0,
+        cfg_interval=[0.0, 0.7],
+        ckpt_every=50_000,
+    ),
 }
 
 
@@ -213,11 +312,10 @@ class REPA(nn.Module):
             def v(x, t, t_cfg=None):  # the velocity with CFG, for the samplers
                 return self.velocity(x, t, y, scale, interval, t_cfg)
 
-            x = (
-                sample_sde(v, x, steps, generator)
-                if sampler == "sde"
-                else sample_ode(v, x, steps, sampler == "heun")
-            )
+            if sampler == "sde":
+                x = sample_sde(v, x, steps, generator)
+            else:
+                x = sample_ode(v, x, steps, heun=sampler == "heun")
         return x if cfg.latents else x.clamp(-1, 1)
 
     def velocity(self, x, t, y, scale, interval, t_cfg=None):
@@ -434,25 +532,49 @@ class SiT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- train / main
+def sample_posterior(moments, scale, generator=None):
+    """The VAE posterior's [mean, std] [B, 2C, h, w] -> z = (mean + std e) x scale [B, C, h, w], e ~
+    N(0, I) drawn on the CPU from generator (official train.py's sample_posterior, bias 0)."""
+    mean, std = moments.chunk(2, dim=1)  # 2 x [B, C, h, w]
+    e = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return (mean + std * e) * scale
+
+
+def step_generator(seed, step, rank):
+    """A CPU generator that is a function of (seed, step, rank) alone, as common.batch_rows' is (a
+    resumed run draws the same numbers), on a stream of its own: a hashed seed, not batch_rows'."""
+    seed = np.random.SeedSequence([seed % 2**32, step, rank, 1]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+def is_posterior(cfg, xs):
+    """Whether the latents xs hold the VAE posterior's [mean, std] (2C channels), not latents."""
+    return cfg.latents and xs.shape[1] == 2 * cfg.channels
+
+
 def load_data(cfg, split):
     """-> (what the SiT models, the images the encoder reads, labels); fills in cfg.num_classes. In
-    pixel space both are the uint8 images. With --latents, the SiT models the float latents
-    [N,C,h,w] the paper precomputes (SD-VAE's mean x 0.18215): --data DIR, a folder of .npy files
-    with train_latents.npy beside train_images.npy, both memory-mapped (common.npy_split: the same
-    rows); the encoder reads the images at their own size."""
+    pixel space both are the uint8 images. With --latents, the SiT models the float latents the
+    paper precomputes: --data DIR, a folder of .npy files with train_latents.npy beside
+    train_images.npy, both memory-mapped (common.npy_split: the same rows); the encoder reads the
+    images at their own size. train_latents.npy [N, 2C, h, w] (C = vae_channels) holds SD-VAE's
+    posterior [mean, std] (sample_posterior draws from it), any other [N, C', h, w] the latents."""
     if not cfg.latents:
         images, labels, cfg.num_classes = common.load_images(cfg.data, split, cfg.image_size)
         return images, images, labels
     if not os.path.isfile(os.path.join(cfg.data, "train_images.npy")):
         raise UsageError(
             "--latents needs --data DIR with train_latents.npy "
-            f"beside train_images.npy (not {cfg.data})"
+            f"beside train_images.npy (not {cfg.data}; the docstring has their layout)"
         )
     latents = common.npy_split(cfg.data, split, "latents")[0]
     images, labels, cfg.num_classes = common.load_images(cfg.data, split, None)
     if len(latents) != len(images):
         raise UsageError(f"{cfg.data}: {len(latents)} latents for {len(images)} images")
-    cfg.channels, cfg.image_size = latents.shape[1], latents.shape[-1]
+    # [mean, std]: the SiT models C channels
+    c = latents.shape[1]
+    cfg.channels = c // 2 if c == 2 * cfg.vae_channels else c
+    cfg.image_size = latents.shape[-1]
     if cfg.image_size % cfg.patch:
         raise UsageError(
             f"latent size {cfg.image_size} is not divisible by the patch size {cfg.patch}"
@@ -486,15 +608,17 @@ def train(args):
     ema = common.Ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = common.restore(ckpt, d, cfg.seed, model, ema, opt)
-    align = (
-        f"REPA to {cfg.encoder} at block {cfg.align_depth}, lambda {cfg.proj_coeff}"
-        if encoder
-        else "no alignment"
-    )
+    align = "no alignment"
+    if encoder:
+        align = f"REPA to {cfg.encoder} at block {cfg.align_depth}, lambda {cfg.proj_coeff}"
+    # latents, or the VAE posterior's [mean, std] that each step samples
+    posterior = is_posterior(cfg, xs)
+    what = "latents" if cfg.latents else "images"
+    if posterior:
+        what = f"VAE posteriors, z = (mean + std e) x {cfg.vae_scale:g}"
     print0(
         f"SiT {sum(p.numel() for p in model.net.parameters()) / 1e6:.1f}M "
-        f"params, {align}, {len(xs)} rows of "
-        f"{cfg.data} ({'latents' if cfg.latents else 'images'}), "
+        f"params, {align}, {len(xs)} rows of {cfg.data} ({what}), "
         f"step {start} -> {cfg.steps}, {d.world} x {d.device}"
     )
     step_model = common.wrap(model, d, args.compile)
@@ -517,6 +641,10 @@ def train(args):
         # images
         x, y = common.batch(xs, labels, step=step, **rows)  # what the SiT models [B, C, H, W]
         x_img = common.batch(images, labels, step=step, **rows)[0] if cfg.latents else x
+        if posterior:
+            # [B, 2C, h, w] -> a fresh z [B, C, h, w] of the VAE posterior every step, its e the
+            # step's own (exact resume)
+            x = sample_posterior(x, cfg.vae_scale, step_generator(cfg.seed, step, d.rank))
         # forward (bf16 on a GPU, the frozen encoder too: the official mixed precision), backward,
         # clip, update, EMA
         with common.autocast(d.device):
@@ -597,16 +725,20 @@ def at_t(model, xs, t, device, x_hat=False):
         B = len(x)
         e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
         x_t = (1 - t) * x + t * e  # Eq. 2
-        tt, null = (
-            torch.full((B,), t, device=device),
-            torch.full((B,), model.cfg.num_classes, device=device),
-        )
+        tt = torch.full((B,), t, device=device)
+        null = torch.full((B,), model.cfg.num_classes, device=device)
         with common.autocast(device, False):
             v, h = model.net(x_t, tt, null, stop_at=None if x_hat else "align")
         # [B, C, H, W] or [B, N, D] -> [B, D]
         return (x_t - t * v.float()).clamp(-1, 1) if x_hat else h.float().mean(1)
 
     return common.extract(fn, xs, device)
+
+
+def t_at_signal(signal):
+    """The t at which x_t = (1 - t) x + t e (Eq. 2) holds the fraction `signal` = a / (a + s) of
+    signal (common.PROBE_SIGNALS): 1 - t = signal."""
+    return 1 - signal
 
 
 def probe_data(cfg, data):
@@ -620,14 +752,14 @@ def probe_data(cfg, data):
     if not cfg.latents:
         return x_tr, x_tr, y_tr, x_te, x_te, y_te
     # the latents of the same rows (common.probe_data draws them with common.subset)
-    return (
-        s_tr[common.subset(len(s_tr), len(x_tr))],
-        x_tr,
-        y_tr,
-        s_te[common.subset(len(s_te), len(x_te))],
-        x_te,
-        y_te,
-    )
+    posterior = is_posterior(dcfg, s_tr)
+    s_tr = s_tr[common.subset(len(s_tr), len(x_tr))]
+    s_te = s_te[common.subset(len(s_te), len(x_te))]
+    if posterior:
+        # the posterior's mean x vae_scale: the probes' latents are deterministic
+        s_tr = s_tr.chunk(2, dim=1)[0] * cfg.vae_scale
+        s_te = s_te.chunk(2, dim=1)[0] * cfg.vae_scale
+    return s_tr, x_tr, y_tr, s_te, x_te, y_te
 
 
 def eval_cmd(args):
@@ -648,6 +780,7 @@ def eval_cmd(args):
         data=data,
         proj_coeff=cfg.proj_coeff,
         fd=common.fd_to_train(fd_net, x, data, cfg.image_size) if pixels else None,
+        fd_ref=common.fd_to_ref(fd_net, x, args.fd_ref) if pixels else None,
         fd_model=args.fd_model if pixels else "none: decode the latents with their VAE",
         n_samples=args.n if pixels else None,
         sampler=args.sampler or cfg.sampler,
@@ -660,29 +793,32 @@ def eval_cmd(args):
     )
     t = cfg.probe_t
     for suffix, m in (("", model), ("_init", init)):
-        res.update(common.probes(at_t(m, s_tr, t, dev), y_tr, at_t(m, s_te, t, dev), y_te, suffix))
-        # init: v = 0
-        x_hat = at_t(m, s_te[:1000], t, dev, x_hat=True) if data.startswith("shapes") else None
-        res["detail_r2" + suffix] = None if x_hat is None else common.detail_r2(x_hat, data)
-    # the same features at five t, on the first 5,000 / 2,000 rows: common.probe_data(data, size,
-    # 5_000, 2_000)
+        f_tr, f_te = at_t(m, s_tr, t, dev), at_t(m, s_te, t, dev)
+        res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
+        res["detail_r2" + suffix] = None
+        if data.startswith("shapes"):
+            # init: v = 0
+            x_hat = at_t(m, s_te[:1000], t, dev, x_hat=True)
+            res["detail_r2" + suffix] = common.detail_r2(x_hat, data)
 
-    def probe(t):
+    # the same features at five noise levels, on the first 5,000 / 2,000 rows (the rows of
+    # common.probe_data(data, size, 5_000, 2_000))
+    def probe(signal):
+        t = t_at_signal(signal)
         f_tr, f_te = at_t(model, s_tr[:5000], t, dev), at_t(model, s_te[:2000], t, dev)
         return common.linear_probe(f_tr, y_tr[:5000].to(dev), f_te, y_te[:2000].to(dev))
 
-    # clean -> noise
-    res["probe_linear_by_t"] = [[t, round(probe(t), 4)] for t in (0.1, 0.25, 0.5, 0.75, 0.9)]
+    by_signal = [[f, round(probe(f), 4)] for f in common.PROBE_SIGNALS]
+    res["probe_linear_by_signal"] = by_signal
 
     def enc(x, first_row):  # the frozen encoder's global token [B, D_enc]
-        return encoder(x)[0]
+        global_token, _ = encoder(x)
+        return global_token
 
-    enc_probes = common.probes(
-        common.extract(enc, x_tr, dev), y_tr, common.extract(enc, x_te, dev), y_te
-    )
-    res.update(
-        encoder=args.encoder or cfg.encoder, **{f"encoder_{k}": v for k, v in enc_probes.items()}
-    )
+    f_tr, f_te = common.extract(enc, x_tr, dev), common.extract(enc, x_te, dev)
+    enc_probes = common.probes(f_tr, y_tr, f_te, y_te)
+    res["encoder"] = args.encoder or cfg.encoder
+    res.update({f"encoder_{k}": v for k, v in enc_probes.items()})
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     common.write_eval(args.ckpt, res)
 
@@ -696,10 +832,8 @@ def import_cmd(args):
         sd = common.load_checkpoint(args.official)
     try:
         sd = sd.get("ema", sd)
-        w, n = (
-            sd["x_embedder.proj.weight"],
-            1 + max(int(k.split(".")[1]) for k in sd if k[:7] == "blocks."),
-        )
+        w = sd["x_embedder.proj.weight"]
+        n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         cfg = Config(
             latents=True,
             channels=w.shape[1],

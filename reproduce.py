@@ -7,16 +7,22 @@
     python reproduce.py bench [--preset B] [--compile]   # img/s, MFU, peak memory per train step
     python reproduce.py memory                     # each default preset's GPU memory (estimated)
     python reproduce.py bench-data --root DIR      # start, memory and batch() rate of a 1M folder
+    python reproduce.py paper --dry-run            # every --preset paper: commands, 8-GPU time
 
 A plan only calls the method files' own commands (each printed before it runs) and reads what they
-write. It first trains the encoder the others align to or read (an export of soda.py, on any
-machine: no download), then one row per method with the paper's own comparison beside it (the
-control: REPA without alignment, a plain DiT for RAE's DiT^DH, RCG without the representation, the
-undivided latent, the network at initialisation), and a second seed of one pair, whose run-to-run
-spread decides `held`. DIR/results.json has one row per method (figures, command, minutes, claim,
-held), DIR/table.md the README's table and DIR/figure.svg the probe against FD and the probe across
-noise levels. A finished row is read again, not rerun; a row that failed is run again (a training
-command whose checkpoint exists resumes with the same command); --only runs some rows.
+write. It first trains the encoder the others align to or read (exported: decoupled_latent.py's
+z_u, on gpu soda.py's z; no download), then one row per method with the paper's own comparison
+beside it (the control: REPA without alignment, a plain DiT for RAE's DiT^DH, RCG without the
+representation, the undivided latent, the network at initialisation), and a second seed of one
+pair, whose run-to-run spread decides `held`. DIR/results.json has one row per method (figures,
+command, minutes, claim, held), DIR/table.md the README's table and DIR/figure.svg the probe against
+FD and the probe across noise levels. A finished row is read again, not rerun; a row that failed is
+run again (a training command whose checkpoint exists resumes with the same command); --only runs
+some rows.
+
+The noise axis is the same for every file: each eval.json's probe_linear_by_signal is [[signal,
+accuracy], ...], where signal = a/(a+s) is the fraction of signal in the denoiser's input a*x + s*e
+(0: pure noise, 1: clean).
 """
 
 import argparse
@@ -63,251 +69,416 @@ STEPS = {
         dl_gen=3000,
     ),
 }
-MFU = 0.4  # the fraction of the bf16 peak the gpu plan's estimate assumes
+# the fraction of the bf16 peak the gpu plan's estimate assumes
+MFU = 0.4
 
 
-def plan(machine, out):
-    """-> the rows: dict(method, runs: [argv], result: the eval.json (or toy.json) the row reads,
-    read: that json -> figures, claim, paper, pair: (figure, its control's figure, "lower" or
-    "higher" is the paper's direction))."""
-    tiny, gpu = machine == "tiny", machine == "gpu"
-    base = (
-        ["--preset", "tiny", "--device", "cpu"]
-        if tiny
-        else ["--preset", "cpu"]
-        if machine == "cpu"
-        else ["--data", "cifar10", "--compile"]
-    )
-    ev = ["--n", "50" if tiny else "500"] + (
-        ["--fd-model", "inception", "--n", "10000"] if gpu else []
-    )
+def figures(r, **extra):
+    """What every row reports of its eval.json r: FD, the probes and the detail kept, with their
+    floors (at initialisation, raw pixels), the probe across the signal fraction, then extra."""
+    keys = [
+        k + s for k in ("probe_linear", "probe_knn", "detail_r2") for s in ("", "_init", "_pixels")
+    ]
+    return {k: r.get(k) for k in ["fd", *keys, "probe_linear_by_signal"]} | extra
 
-    def d(name, file=""):  # a run's folder, or a file in it
-        return os.path.join(out, name, file) if file else os.path.join(out, name)
 
-    def ck(name):  # a run's checkpoint
-        return os.path.join(out, name, "ckpt.pt")
+def read_jit_toy(r):
+    """jit_xpred.py's toy.json -> the sliced W1 of each prediction target at each dimension."""
+    return {f"sw_{x['pred']}_D{x['D']}": x["distance"] for x in r["results"]}
 
-    def res(name):  # a run's eval.json
-        return os.path.join(out, name, "eval.json")
 
-    def train(file, cmd, name, key, *extra):
-        steps = STEPS[machine].get(key)
-        return [
-            file,
-            cmd,
-            *base,
-            *(["--steps", str(steps)] if steps else []),
-            *extra,
-            "--out",
-            d(name),
-        ]
+def read_consistency_toy(r):
+    """consistency.py's toy.json -> the sliced W1 of each model at each number of steps."""
+    return {f"sw_{x['model']}_{x['steps']}step": x["distance"] for x in r["results"]}
 
-    # what every row reports: FD, the probes and the detail kept, with their floors
-    def figures(r, **extra):
-        keys = [
-            k + s
-            for k in ("probe_linear", "probe_knn", "detail_r2")
-            for s in ("", "_init", "_pixels")
-        ]
-        out = {k: r.get(k) for k in ["fd", *keys, "probe_linear_by_t"]}
-        return out | {k: f(r) for k, f in extra.items()}
 
-    def evaluate(file, name, *extra):
-        return [file, "eval", "--ckpt", ck(name), *ev, *extra]
+def read_consistency(r):
+    return figures(r, fd_2step=r.get("fd_2step"))
 
-    def export(file, name):  # the trained encoder -> OUT/enc.pt, which --encoder reads
-        return [file, "export-encoder", "--ckpt", ck(name), "--out", os.path.join(out, "enc.pt")]
 
-    def control(name, key="fd"):  # -> a reader of one figure of the control run
-        def read(row_result):
-            with open(res(name)) as f:
-                return json.load(f).get(key)
+class Plan:
+    """One machine's rows: each method file's commands, every run in its own folder under out.
 
-        return read
+    A row is dict(method, runs: [argv], result: the eval.json (or toy.json) the row reads, read:
+    that json -> figures, claim, paper, pair: (figure, its control's figure, "lower" or "higher" is
+    the paper's direction))."""
 
-    toy = [] if not tiny else ["--toy-steps", "50"]
-    # the encoder trained first: repa, rae and rcg read it
-    enc = ["--encoder", os.path.join(out, "enc.pt")]
-    if gpu:  # soda.py's z (the paper: 80% linear probe on CIFAR-10), exported
-        first = dict(
-            method="encoder (soda.py)",
+    def __init__(self, machine, out):
+        self.machine = machine
+        self.out = out
+        if machine == "tiny":
+            self.base = ["--preset", "tiny", "--device", "cpu"]
+        elif machine == "cpu":
+            self.base = ["--preset", "cpu"]
+        else:
+            self.base = ["--data", "cifar10", "--compile"]
+        # the evals' samples (on gpu: FD against CIFAR-10 with Inception's features)
+        if machine == "tiny":
+            self.ev = ["--n", "50"]
+        elif machine == "cpu":
+            self.ev = ["--n", "500"]
+        else:
+            self.ev = ["--n", "10000", "--fd-model", "inception"]
+        self.toy = ["--toy-steps", "50"] if machine == "tiny" else []
+        # the encoder trained first (the encoder row's export): repa, rae and rcg read it
+        self.encoder_file = os.path.join(out, "enc.pt")
+        self.encoder = ["--encoder", self.encoder_file]
+
+    def folder(self, name, file=""):
+        """A run's folder, or a file in it."""
+        return os.path.join(self.out, name, file) if file else os.path.join(self.out, name)
+
+    def ckpt(self, name):
+        return self.folder(name, "ckpt.pt")
+
+    def result(self, name):
+        return self.folder(name, "eval.json")
+
+    def train(self, file, cmd, name, key, *extra):
+        """A training command at the machine's preset and STEPS[machine][key] steps."""
+        n = STEPS[self.machine].get(key)
+        steps = ["--steps", str(n)] if n else []
+        return [file, cmd, *self.base, *steps, *extra, "--out", self.folder(name)]
+
+    def evaluate(self, file, name, *extra):
+        return [file, "eval", "--ckpt", self.ckpt(name), *self.ev, *extra]
+
+    def export(self, file, name):
+        """The trained encoder -> OUT/enc.pt, which --encoder reads."""
+        return [file, "export-encoder", "--ckpt", self.ckpt(name), "--out", self.encoder_file]
+
+    def control(self, name, key="fd"):
+        """One figure of a control run's eval.json."""
+        with open(self.result(name)) as f:
+            return json.load(f).get(key)
+
+    def encoder_row(self):
+        """gpu: soda.py's z (the paper: 80% linear probe on CIFAR-10), exported. Else
+        decoupled_latent.py's E_u (SimCLR): on `shapes` it probes higher than soda.py's z at a CPU's
+        budget."""
+        if self.machine == "gpu":
+            file = "soda.py"
+            name = "enc"
+            method = "encoder (soda.py)"
+            claim = "z probes above the same encoder at initialisation"
+            paper = "SODA CIFAR-10 linear probe 80.0"
+        else:
+            file = "decoupled_latent.py"
+            name = "dl"
+            method = "encoder (decoupled_latent.py z_u)"
+            claim = "z_u probes above its initialisation"
+            paper = "SimCLR-style invariance on z_u"
+        return dict(
+            method=method,
             runs=[
-                train("soda.py", "train", "enc", "enc"),
-                evaluate("soda.py", "enc"),
-                export("soda.py", "enc"),
+                self.train(file, "train", name, name),
+                self.evaluate(file, name),
+                self.export(file, name),
             ],
-            result=res("enc"),
-            claim="z probes above the same encoder at initialisation",
-            paper="SODA CIFAR-10 linear probe 80.0",
+            result=self.result(name),
+            read=figures,
+            claim=claim,
+            paper=paper,
+            pair=("probe_linear", "probe_linear_init", "higher"),
         )
-    # decoupled_latent.py's E_u (SimCLR): on `shapes` it probes higher than soda.py's z at a CPU's
-    # budget
-    else:
-        first = dict(
-            method="encoder (decoupled_latent.py z_u)",
-            runs=[
-                train("decoupled_latent.py", "train", "dl", "dl"),
-                evaluate("decoupled_latent.py", "dl"),
-                export("decoupled_latent.py", "dl"),
-            ],
-            result=res("dl"),
-            claim="z_u probes above its initialisation",
-            paper="SimCLR-style invariance on z_u",
-        )
-    rows = [
-        first | dict(read=figures, pair=("probe_linear", "probe_linear_init", "higher")),
-        dict(
+
+    def jit_toy_row(self):
+        out = ["--out", self.folder("jit_toy")]
+        return dict(
             method="jit_xpred.py (toy)",
-            runs=[["jit_xpred.py", "toy", "--dims", "2", "512", *toy, "--out", d("jit_toy")]],
-            result=d("jit_toy", "toy.json"),
-            read=lambda r: {f"sw_{x['pred']}_D{x['D']}": x["distance"] for x in r["results"]},
+            runs=[["jit_xpred.py", "toy", "--dims", "2", "512", *self.toy, *out]],
+            result=self.folder("jit_toy", "toy.json"),
+            read=read_jit_toy,
             claim=(
                 "at D = 512, x-prediction samples the spiral (sliced W1), eps-prediction does not"
             ),
             paper="Fig. 2: x-pred holds at D = 512, eps/v collapse",
             pair=("sw_x_D512", "sw_eps_D512", "lower"),
-        ),
-        dict(
+        )
+
+    def consistency_toy_row(self):
+        return dict(
             method="consistency.py (toy)",
-            runs=[["consistency.py", "toy", *toy, "--out", d("ct_toy")]],
-            result=d("ct_toy", "toy.json"),
-            read=lambda r: {
-                f"sw_{x['model']}_{x['steps']}step": x["distance"] for x in r["results"]
-            },
+            runs=[["consistency.py", "toy", *self.toy, "--out", self.folder("ct_toy")]],
+            result=self.folder("ct_toy", "toy.json"),
+            read=read_consistency_toy,
             claim=(
-                "1-step samples from scratch land on the data "
-                "(sliced W1), far from the initialisation's"
+                "1-step samples from scratch land on the data (sliced W1), "
+                "far from the initialisation's"
             ),
             paper="ECT: 1- and 2-step FID 3.60 / 2.11 on CIFAR-10",
             pair=("sw_trained_1step", "sw_init_1step", "lower"),
-        ),
-        dict(
+        )
+
+    def jit_row(self):
+        return dict(
             method="jit_xpred.py",
-            runs=[train("jit_xpred.py", "train", "jit", "jit"), evaluate("jit_xpred.py", "jit")],
-            result=res("jit"),
+            runs=[
+                self.train("jit_xpred.py", "train", "jit", "jit"),
+                self.evaluate("jit_xpred.py", "jit"),
+            ],
+            result=self.result("jit"),
             read=figures,
             claim=None,
             paper="JiT-B/16 ImageNet 256 FID 3.66",
             pair=None,
-        ),
-        dict(
+        )
+
+    def consistency_row(self):
+        return dict(
             method="consistency.py",
-            runs=[train("consistency.py", "train", "ct", "ct"), evaluate("consistency.py", "ct")],
-            result=res("ct"),
-            read=lambda r: figures(r, fd_2step=lambda r: r.get("fd_2step")),
+            runs=[
+                self.train("consistency.py", "train", "ct", "ct"),
+                self.evaluate("consistency.py", "ct"),
+            ],
+            result=self.result("ct"),
+            read=read_consistency,
             claim=None,
             paper="ECT CIFAR-10 FID 3.60 (1 step)",
             pair=None,
-        ),
-    ]
-    if not gpu:  # on gpu the encoder row is soda.py's
-        rows.append(
-            dict(
-                method="soda.py",
-                runs=[train("soda.py", "train", "soda", "soda"), evaluate("soda.py", "soda")],
-                result=res("soda"),
-                read=figures,
-                claim="z probes above the same encoder at initialisation",
-                paper="SODA CIFAR-10 linear probe 80.0",
-                pair=("probe_linear", "probe_linear_init", "higher"),
-            )
         )
-    # the second seed of one pair: the run-to-run spread
-    for seed in ["0", "1"] if not tiny else ["0"]:
-        s, tag = ["--seed", seed], "" if seed == "0" else f"_s{seed}"
-        rows.append(
-            dict(
-                method="repa.py" + ("" if seed == "0" else f" (seed {seed})"),
-                runs=[
-                    train("repa.py", "train", f"repa{tag}", "repa", *enc, *s),
-                    evaluate("repa.py", f"repa{tag}"),
-                    train("repa.py", "train", f"sit{tag}", "repa", *enc, *s, "--proj-coeff", "0"),
-                    evaluate("repa.py", f"sit{tag}"),
-                ],
-                result=res(f"repa{tag}"),
-                read=lambda r, t=tag: figures(
-                    r,
-                    fd_control=control(f"sit{t}"),
-                    probe_linear_control=control(f"sit{t}", "probe_linear"),
-                ),
-                claim=(
-                    "aligned to the trained encoder, the SiT's FD is lower than without alignment"
-                ),
-                paper="SiT-B/2 + REPA 400k FID 24.4 (no CFG); 17.5x faster",
-                pair=("fd", "fd_control", "lower"),
-            )
+
+    def soda_row(self):
+        """soda.py's own row (on gpu the encoder row is soda.py's)."""
+        return dict(
+            method="soda.py",
+            runs=[
+                self.train("soda.py", "train", "soda", "soda"),
+                self.evaluate("soda.py", "soda"),
+            ],
+            result=self.result("soda"),
+            read=figures,
+            claim="z probes above the same encoder at initialisation",
+            paper="SODA CIFAR-10 linear probe 80.0",
+            pair=("probe_linear", "probe_linear_init", "higher"),
         )
-    rows += [
-        dict(
+
+    def repa_row(self, seed):
+        """REPA against the same SiT without alignment (--proj-coeff 0), at one seed."""
+        tag = "" if seed == "0" else f"_s{seed}"
+        aligned = [*self.encoder, "--seed", seed]
+        unaligned = [*aligned, "--proj-coeff", "0"]
+        return dict(
+            method="repa.py" if seed == "0" else f"repa.py (seed {seed})",
+            runs=[
+                self.train("repa.py", "train", f"repa{tag}", "repa", *aligned),
+                self.evaluate("repa.py", f"repa{tag}"),
+                self.train("repa.py", "train", f"sit{tag}", "repa", *unaligned),
+                self.evaluate("repa.py", f"sit{tag}"),
+            ],
+            result=self.result(f"repa{tag}"),
+            read=functools.partial(self.read_repa, f"sit{tag}"),
+            claim="aligned to the trained encoder, the SiT's FD is lower than without alignment",
+            paper="SiT-B/2 + REPA 400k FID 24.4 (no CFG); 17.5x faster",
+            pair=("fd", "fd_control", "lower"),
+        )
+
+    def read_repa(self, control, r):
+        return figures(
+            r,
+            fd_control=self.control(control),
+            probe_linear_control=self.control(control, "probe_linear"),
+        )
+
+    def rae_row(self):
+        """RAE's DiT^DH against a plain DiT (--head none) on the same decoder."""
+        decoder = ["--decoder", self.ckpt("rae_dec")]
+        return dict(
             method="rae.py",
             runs=[
-                train("rae.py", "train-decoder", "rae_dec", "rae_dec", *enc),
-                train("rae.py", "train", "rae", "rae", "--decoder", ck("rae_dec")),
-                evaluate("rae.py", "rae"),
-                train(
-                    "rae.py",
-                    "train",
-                    "rae_plain",
-                    "rae",
-                    "--decoder",
-                    ck("rae_dec"),
-                    "--head",
-                    "none",
-                ),
-                evaluate("rae.py", "rae_plain"),
+                self.train("rae.py", "train-decoder", "rae_dec", "rae_dec", *self.encoder),
+                self.train("rae.py", "train", "rae", "rae", *decoder),
+                self.evaluate("rae.py", "rae"),
+                self.train("rae.py", "train", "rae_plain", "rae", *decoder, "--head", "none"),
+                self.evaluate("rae.py", "rae_plain"),
             ],
-            result=res("rae"),
-            read=lambda r: figures(
-                r,
-                fd_control=control("rae_plain"),
-                psnr=lambda r: r["psnr"],
-                psnr_init=lambda r: r["psnr_init"],
-            ),
+            result=self.result("rae"),
+            read=self.read_rae,
             claim="DiT^DH's FD is lower than a plain DiT's with as many parameters",
             paper="RAE DiT^DH-XL ImageNet 256 FID 1.51, rFID 0.57",
             pair=("fd", "fd_control", "lower"),
-        ),
-        dict(
+        )
+
+    def read_rae(self, r):
+        return figures(
+            r, fd_control=self.control("rae_plain"), psnr=r["psnr"], psnr_init=r["psnr_init"]
+        )
+
+    def rcg_row(self):
+        """RCG against the same pixel generator without the representation (--no-rep)."""
+        return dict(
             method="rcg.py",
             runs=[
-                train("rcg.py", "train-rdm", "rdm", "rdm", *enc),
-                train("rcg.py", "train", "rcg", "rcg", *enc),
-                evaluate("rcg.py", "rcg", "--rdm", ck("rdm")),
-                train("rcg.py", "train", "rcg_norep", "rcg", *enc, "--no-rep"),
-                evaluate("rcg.py", "rcg_norep"),
+                self.train("rcg.py", "train-rdm", "rdm", "rdm", *self.encoder),
+                self.train("rcg.py", "train", "rcg", "rcg", *self.encoder),
+                self.evaluate("rcg.py", "rcg", "--rdm", self.ckpt("rdm")),
+                self.train("rcg.py", "train", "rcg_norep", "rcg", *self.encoder, "--no-rep"),
+                self.evaluate("rcg.py", "rcg_norep"),
             ],
-            result=res("rcg"),
-            read=lambda r: figures(
-                r, fd_control=control("rcg_norep"), rep_fd=lambda r: r.get("rep_fd")
-            ),
+            result=self.result("rcg"),
+            read=self.read_rcg,
             claim="pixels generated from a generated representation: lower FD than without one",
             paper="RCG DiT-XL unconditional ImageNet 256 FID 4.89 (27.32 without)",
             pair=("fd", "fd_control", "lower"),
-        ),
-        dict(
-            method="decoupled_latent.py",
-            runs=[
-                # else the encoder row's run
-                *([train("decoupled_latent.py", "train", "dl", "dl")] if gpu else []),
-                train("decoupled_latent.py", "train-gen", "dl_gen", "dl_gen", "--ae", ck("dl")),
-                evaluate("decoupled_latent.py", "dl_gen"),
-                train("decoupled_latent.py", "train", "dl_joint", "dl", "--no-decouple"),
-                evaluate("decoupled_latent.py", "dl_joint"),
-            ],
-            result=res("dl_gen"),
-            read=lambda r: figures(
-                r,
-                probe_linear_control=control("dl_joint", "probe_linear"),
-                probe_linear_z_d=lambda r: r["parts"]["z_d"]["probe_linear"],
-                probe_linear_all=lambda r: r["parts"]["all"]["probe_linear"],
-            ),
+        )
+
+    def read_rcg(self, r):
+        return figures(r, fd_control=self.control("rcg_norep"), rep_fd=r.get("rep_fd"))
+
+    def decoupled_latent_row(self):
+        """The split latent (its autoencoder: the encoder row's run, on gpu trained here) against
+        the undivided one (--no-decouple)."""
+        file = "decoupled_latent.py"
+        runs = []
+        if self.machine == "gpu":
+            runs.append(self.train(file, "train", "dl", "dl"))
+        runs += [
+            self.train(file, "train-gen", "dl_gen", "dl_gen", "--ae", self.ckpt("dl")),
+            self.evaluate(file, "dl_gen"),
+            self.train(file, "train", "dl_joint", "dl", "--no-decouple"),
+            self.evaluate(file, "dl_joint"),
+        ]
+        return dict(
+            method=file,
+            runs=runs,
+            result=self.result("dl_gen"),
+            read=self.read_decoupled_latent,
             claim="z_u of the split latent probes above the same slice of the undivided one",
             paper="the seeds' proposal (no paper)",
             pair=("probe_linear", "probe_linear_control", "higher"),
+        )
+
+    def read_decoupled_latent(self, r):
+        return figures(
+            r,
+            probe_linear_control=self.control("dl_joint", "probe_linear"),
+            probe_linear_z_d=r["parts"]["z_d"]["probe_linear"],
+            probe_linear_all=r["parts"]["all"]["probe_linear"],
+        )
+
+
+def plan(machine, out):
+    """-> the rows (see Plan), in the order they run: the encoder the others align to or read, the
+    toys, one row per method with its control, and REPA's second seed for the run-to-run spread."""
+    p = Plan(machine, out)
+    rows = [
+        p.encoder_row(),
+        p.jit_toy_row(),
+        p.consistency_toy_row(),
+        p.jit_row(),
+        p.consistency_row(),
+    ]
+    # on gpu the encoder row is soda.py's
+    if machine != "gpu":
+        rows.append(p.soda_row())
+    # the second seed of one pair: the run-to-run spread
+    seeds = ["0"] if machine == "tiny" else ["0", "1"]
+    rows += [p.repa_row(seed) for seed in seeds]
+    rows += [p.rae_row(), p.rcg_row(), p.decoupled_latent_row()]
+    return rows
+
+
+# The papers' own runs: each file's `--preset paper` (and `paper-<size>`), with the number the paper
+# reports for it. --data is the user's: ImageNet (train/<class>/, val/<class>/) or, for REPA, the
+# folder of its sd-vae latents (repa.py's docstring). `count`: the flags that stand in, when the
+# FLOPs are counted here, for what this machine lacks (DINOv2: a random ViT of its width and
+# depth; latents: pixels of the latents' size).
+RANDOM_VIT_B = ["--encoder", "random-vit-b@224"]
+
+
+def paper_plan(imagenet, latents, out):
+    def run(file, cmd, preset, name, *extra):
+        return [file, cmd, "--preset", preset, *extra, "--out", os.path.join(out, name)]
+
+    def jit_row(preset, size, fid):
+        name = "jit_" + size.split("-")[1].replace("/", "").lower()
+        return dict(
+            method=f"jit_xpred.py ({size})",
+            runs=[run("jit_xpred.py", "train", preset, name, "--data", imagenet)],
+            paper=f"{size} ImageNet 256 FID {fid}",
+            preset=preset,
+        )
+
+    def repa_row(preset, size, fid):
+        latent_size = ["--set", "latents=false", "--set", "channels=3", "--image-size", "32"]
+        name = "repa_" + size.split("-")[1].replace("/", "").lower()
+        return dict(
+            method=f"repa.py ({size})",
+            runs=[run("repa.py", "train", preset, name, "--data", latents)],
+            paper=f"{size} + REPA ImageNet 256 FID {fid}",
+            preset=preset,
+            count={"train": [*RANDOM_VIT_B, *latent_size]},
+        )
+
+    rae_dec = os.path.join(out, "rae_decoder", "ckpt.pt")
+    return [
+        jit_row("paper", "JiT-B/16", "3.66 (600 epochs, CFG)"),
+        jit_row("paper-L", "JiT-L/16", "2.36 (600 epochs, CFG)"),
+        jit_row("paper-H", "JiT-H/16", "1.86 (600 epochs, CFG)"),
+        dict(
+            method="consistency.py (ECT, ECM)",
+            runs=[run("consistency.py", "train", "paper", "ect")],
+            paper="ECT CIFAR-10 FID 3.86 / 2.15 (1 / 2 steps, 200k steps from an EDM checkpoint)",
+            preset="paper",
+        ),
+        repa_row("paper", "SiT-XL/2", "1.42 (4M steps, CFG 1.8)"),
+        repa_row("paper-B", "SiT-B/2", "24.4 (400k steps, no CFG)"),
+        dict(
+            method="soda.py",
+            runs=[run("soda.py", "train", "paper", "soda")],
+            paper="SODA CIFAR-10 linear probe 80.0, kNN 80.4 (800 epochs)",
+            preset="paper",
+        ),
+        dict(
+            method="rae.py (DiT^DH-XL)",
+            runs=[
+                run("rae.py", "train-decoder", "paper", "rae_decoder", "--data", imagenet),
+                run("rae.py", "train", "paper", "rae", "--decoder", rae_dec),
+            ],
+            paper="RAE DiT^DH-XL ImageNet 256 FID 1.51 (no guidance), decoder rFID 0.57",
+            preset="paper",
+            count={"train-decoder": RANDOM_VIT_B},
+        ),
+        dict(
+            method="rcg.py (DiT-XL)",
+            runs=[
+                run("rcg.py", "train-rdm", "paper", "rcg_rdm", "--data", imagenet),
+                run("rcg.py", "train", "paper", "rcg", "--data", imagenet),
+            ],
+            paper="RCG DiT-XL unconditional ImageNet 256 FID 4.89 (27.32 without RCG)",
+            preset="paper",
+            count={"train-rdm": RANDOM_VIT_B, "train": RANDOM_VIT_B},
         ),
     ]
-    return rows
+
+
+def paper_dry_run(args):
+    """Each paper run's commands (torchrun on --gpus processes), and its training time on that
+    many H100s at MFU of their bf16 peak, from the FLOPs of its own step counted here."""
+    out = args.out
+    rows = paper_plan(args.imagenet, args.latents, out)
+    if args.only:
+        rows = [r for r in rows if r["method"].split(" ")[0] in args.only.split(",")]
+    bad = [f"{' '.join(a)}: {e}" for r in rows for a in r["runs"] if (e := parses(a))]
+    if bad:
+        print("error: " + "\n       ".join(bad), file=sys.stderr)
+        sys.exit(2)
+    torchrun = f"torchrun --nproc_per_node {args.gpus}"
+    for row in rows:
+        print(f"{row['method']}: {row['paper']} (--preset {row['preset']})")
+        for argv in row["runs"]:
+            print(f"    {torchrun} {' '.join(argv)}")
+    if args.no_estimate:
+        return
+    print("counting each run's FLOPs per step on this machine (minutes)...", flush=True)
+    total = 0
+    for e in estimates(rows, out, args.gpus):
+        total += e["minutes"]
+        print(json.dumps(e), flush=True)
+    print(
+        f"estimate: {total / 60:.0f} hours of training on {args.gpus} H100s at {MFU:.0%} of their "
+        "bf16 peak, plus the evals' sampling"
+    )
 
 
 def spread(rows):
@@ -348,8 +519,9 @@ def held(row, spreads):
     return margin > (s * (a + b) / 2 if kind == "fd" else s)
 
 
-def best_t(by_t):  # [[t, accuracy], ...] -> the t with the highest linear probe
-    return max(by_t, key=lambda p: p[1])[0] if by_t else None
+def best_signal(by_signal):
+    """[[signal, accuracy], ...] -> the signal fraction with the highest linear probe."""
+    return max(by_signal, key=lambda p: p[1])[0] if by_signal else None
 
 
 def table(rows, spreads):
@@ -361,13 +533,14 @@ def table(rows, spreads):
             return ""
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-    def pair(r, k, s="_init"):  # a figure and, in brackets, its floor or control
+    def pair(r, k, s="_init"):
+        """A figure and, in brackets, its floor or control."""
         return fmt(r.get(k)) + (f" ({fmt(r[k + s])})" if r.get(k + s) is not None else "")
 
     lines = [
         "| method | minutes | FD (control) | probe linear "
         "(init) | probe kNN (init) | detail R^2 (init) "
-        "| best t | the paper's comparison | ours | control | held |",
+        "| best signal | the paper's comparison | ours | control | held |",
         "|---|---:|" + "---:|" * 5 + "---|---:|---:|---|",
     ]
     for r in rows:
@@ -379,7 +552,7 @@ def table(rows, spreads):
             pair(r, "probe_linear"),
             pair(r, "probe_knn"),
             pair(r, "detail_r2"),
-            fmt(best_t(r.get("probe_linear_by_t"))),
+            fmt(best_signal(r.get("probe_linear_by_signal"))),
         ]
         cmp = f"{r['claim']} ({key} {better})" if key else ""
         lines.append(
@@ -405,8 +578,8 @@ def table(rows, spreads):
 
 def svg(rows, path):
     """figure.svg without a plotting package: left, the linear probe against FD (one point per run,
-    a line to its control); right, the probe of each denoiser's features against the noise level
-    t."""
+    a line to its control); right, the probe of each denoiser's features against the signal
+    fraction a/(a+s) of its input a*x + s*e."""
     pts = [
         (
             r["method"],
@@ -418,7 +591,9 @@ def svg(rows, path):
         for r in rows
         if r.get("fd") is not None and r.get("probe_linear") is not None
     ]
-    curves = [(r["method"], r["probe_linear_by_t"]) for r in rows if r.get("probe_linear_by_t")]
+    curves = [
+        (r["method"], r["probe_linear_by_signal"]) for r in rows if r.get("probe_linear_by_signal")
+    ]
     W, H, P = 360, 260, 40
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H}" '
@@ -428,16 +603,19 @@ def svg(rows, path):
 
     def axes(x0, xs, ys, xlabel, ylabel, log=False):
 
-        def tx(v):  # the x axis' scale
+        def tx(v):
+            """The x axis' scale."""
             return math.log10(v) if log else v
 
         lo, hi = min(map(tx, xs)), max(map(tx, xs))
         ylo, yhi = min(ys), max(ys)
 
-        def fx(v):  # x value -> pixel column
+        def fx(v):
+            """x value -> pixel column."""
             return x0 + P + (tx(v) - lo) / (hi - lo or 1) * (W - 2 * P)
 
-        def fy(v):  # y value -> pixel row
+        def fy(v):
+            """y value -> pixel row."""
             return H - P - (v - ylo) / (yhi - ylo or 1) * (H - 2 * P)
 
         out.append(
@@ -474,23 +652,25 @@ def svg(rows, path):
                 f'<text x="{fx(fd) + 5}" y="{fy(pr) - 4}">{name}</text>'
             )
     if curves:
-        xs = [t for _, c in curves for t, _ in c]
+        xs = [signal for _, c in curves for signal, _ in c]
         ys = [a for _, c in curves for _, a in c]
-        fx, fy = axes(W, xs, ys, "noise level t (each file's own convention)", "linear probe")
+        xlabel = "signal a/(a+s) in the input a·x + s·e (0: noise, 1: clean)"
+        fx, fy = axes(W, xs, ys, xlabel, "linear probe")
         colours = ["#1f5fbf", "#c0392b", "#27ae60", "#8e44ad", "#d35400"]
         for k, (name, c) in enumerate(curves):
             col = colours[k % len(colours)]
             out.append(
                 f'<polyline fill="none" stroke="{col}" points="'
-                + " ".join(f"{fx(t)},{fy(a)}" for t, a in c)
+                + " ".join(f"{fx(signal)},{fy(a)}" for signal, a in c)
                 + '"/>'
             )
             out.append(f'<text x="{W + P + 4}" y="{P + 12 + 12 * k}" fill="{col}">{name}</text>')
-    open(path, "w").write("\n".join(out + ["</svg>"]) + "\n")
+    open(path, "w", encoding="utf-8").write("\n".join(out + ["</svg>"]) + "\n")
 
 
-# -> the checkout's commit (with "+changes" when the tree differs from it), or None outside git
 def commit():
+    """-> the checkout's commit (with "+changes" when the tree differs from it), or None outside
+    git."""
 
     def run(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
@@ -498,9 +678,8 @@ def commit():
     head = run("rev-parse", "--short", "HEAD")
     if head.returncode:
         return None
-    return head.stdout.strip() + (
-        "+changes" if run("status", "--porcelain", "--untracked-files=no").stdout else ""
-    )
+    changed = run("status", "--porcelain", "--untracked-files=no").stdout
+    return head.stdout.strip() + ("+changes" if changed else "")
 
 
 def run_row(row, log):
@@ -509,19 +688,15 @@ def run_row(row, log):
     t0 = time.time()
     for argv in row["runs"]:
         out = argv[argv.index("--out") + 1] if "--out" in argv else ""
-        argv = argv + (
-            ["--resume"]
-            if argv[1].startswith("train") and os.path.isfile(os.path.join(out, "ckpt.pt"))
-            else []
-        )
+        if argv[1].startswith("train") and os.path.isfile(os.path.join(out, "ckpt.pt")):
+            argv = argv + ["--resume"]
         print(f"$ python {' '.join(argv)}", flush=True)
         log.write(f"$ python {' '.join(argv)}\n")
         log.flush()
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if r.returncode:
-            return dict(error=f"exit {r.returncode}: python {' '.join(argv)}"), (
-                time.time() - t0
-            ) / 60
+            error = f"exit {r.returncode}: python {' '.join(argv)}"
+            return dict(error=error), (time.time() - t0) / 60
     return {}, (time.time() - t0) / 60
 
 
@@ -606,52 +781,89 @@ def small_run(argv, folder, batch=2, steps=1):
     ]
 
 
-def step_flops(argv, folder):
+def step_flops(argv, folder, save=True):
     """FLOPs of one training step of argv at batch 2: its run for two steps less its run for one
-    (what a run does once, such as encoding the data set, cancels)."""
-    return (
-        counted(small_run(argv, folder, steps=2))[0]
-        - counted(small_run(argv, folder + "_1", steps=1))[0]
-    )
+    (what a run does once, such as encoding the data set, cancels). save=False: no checkpoint is
+    written (one that no later command reads; at full size it can outgrow this machine's memory)."""
+    import common
+
+    real = common.save_checkpoint
+
+    def skip(path, obj):
+        pass
+
+    common.save_checkpoint = real if save else skip
+    try:
+        two = counted(small_run(argv, folder, steps=2))[0]
+        one = counted(small_run(argv, folder + "_1", steps=1))[0]
+    finally:
+        common.save_checkpoint = real
+    return two - one
 
 
-def estimate(rows, out):
-    """The gpu plan's training on one H100 at MFU of its bf16 peak: each training command's FLOPs
-    per step at its preset's batch (step_flops at batch 2, scaled) times its steps. The evals'
-    sampling comes on top (minutes more)."""
-    est = []
+def run_config(argv):
+    """The Config a training command starts a run with (its preset, its flags and the file's own
+    rules, such as an lr that follows the batch): the file's make_config, called where start_run
+    would be; nothing is trained or written."""
+    import common
+
+    class Started(Exception):
+        pass
+
+    def capture(args, Config, presets, make_config):
+        raise Started(make_config(args))
+
+    real = common.start_run
+    common.start_run = capture
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            module_of(argv[0]).main(argv[1:])
+    except Started as started:
+        return started.args[0]
+    finally:
+        common.start_run = real
+    raise RuntimeError(f"{' '.join(argv)} did not start a run")
+
+
+def estimate(rows, out, gpus=1):
+    """-> estimates(...) as a list."""
+    return list(estimates(rows, out, gpus))
+
+
+def estimates(rows, out, gpus=1):
+    """A plan's training on `gpus` H100s at MFU of their bf16 peak: each training command's FLOPs
+    per step at its run's batch (step_flops at batch 2, scaled) times its run's steps. A row's
+    `count` flags stand in for what this machine lacks (a DINOv2 download: a random ViT of its
+    size; ImageNet: `shapes` at the preset's size). The evals' sampling comes on top."""
     with tempfile.TemporaryDirectory() as tmp:
 
-        def moved(argv):  # the plan's folder -> a temporary one
+        def moved(argv):
+            """The plan's folder -> a temporary one."""
             return [a.replace(out, tmp) for a in argv]
 
         for row in rows:
-            for argv in row["runs"]:
-                if argv[1] == "export-encoder":  # what later commands read
+            for i, argv in enumerate(row["runs"]):
+                # the exported encoder: what later commands read
+                if argv[1] == "export-encoder":
                     counted(moved(argv))
                 if not argv[1].startswith("train"):
                     continue
                 argv = moved(argv)
-                mod = module_of(argv[0])
-                cfg = mod.Config(
-                    **mod.PRESETS[
-                        argv[argv.index("--preset") + 1] if "--preset" in argv else "default"
-                    ]
+                folder = argv[argv.index("--out") + 1]
+                count = [*argv, *row.get("count", {}).get(argv[1], [])]
+                cfg = run_config([*count, "--data", "shapes:64"])
+                # the checkpoint is written where a later command of the row reads it
+                later = [a for run in row["runs"][i + 1 :] for a in moved(run)]
+                save = any(a.startswith(folder) for a in later)
+                per_step = step_flops(count, folder, save) * cfg.batch_size / 2
+                seconds = per_step * cfg.steps / (gpus * MFU * PEAK["H100"])
+                yield dict(
+                    command=f"{argv[0]} {argv[1]} {os.path.basename(folder)}",
+                    steps=cfg.steps,
+                    batch=cfg.batch_size,
+                    tflop_per_step=round(per_step / 1e12, 2),
+                    minutes=round(seconds / 60, 1),
                 )
-                steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else cfg.steps
-                per_step = step_flops(argv, argv[argv.index("--out") + 1]) * cfg.batch_size / 2
-                est.append(
-                    dict(
-                        command=(
-                            f"{argv[0]} {argv[1]} {os.path.basename(argv[argv.index('--out') + 1])}"
-                        ),
-                        steps=steps,
-                        batch=cfg.batch_size,
-                        tflop_per_step=round(per_step / 1e12, 2),
-                        minutes=round(per_step * steps / (MFU * PEAK["H100"]) / 60, 1),
-                    )
-                )
-    return est
 
 
 BENCH = {
@@ -673,14 +885,13 @@ def bench(args):
     import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = (
-        next((p for k, p in PEAK.items() if k in torch.cuda.get_device_name()), None)
-        if dev == "cuda"
-        else None
-    )
+    peak = None
+    if dev == "cuda":
+        peak = next((p for k, p in PEAK.items() if k in torch.cuda.get_device_name()), None)
     with tempfile.TemporaryDirectory() as tmp:
         for file in args.files.split(","):
-            mod, (cmd, *extra) = module_of(file), BENCH[file]
+            mod = module_of(file)
+            cmd, *extra = BENCH[file]
             preset = args.preset if args.preset in mod.PRESETS else "default"
             base = [file, cmd, "--preset", preset, *extra]
             # per image
@@ -744,14 +955,13 @@ def memory(args):
             mod = module_of(file)
             cfg = mod.Config(**mod.PRESETS["default"])
             base = [file, cmd, *extra]
-            s2, s4 = (
-                counted(small_run(base, os.path.join(tmp, f"{file}{b}"), batch=b))[1]
-                for b in (2, 4)
-            )
+            s2 = counted(small_run(base, os.path.join(tmp, f"{file}2"), batch=2))[1]
+            s4 = counted(small_run(base, os.path.join(tmp, f"{file}4"), batch=4))[1]
             ck = torch.load(os.path.join(tmp, f"{file}2", "ckpt.pt"), weights_only=True)
             params = sum(v.numel() for v in ck["model"].values() if v.is_floating_point())
             act = s2 + (s4 - s2) / 2 * (cfg.batch_size - 2)
-            frozen = 86e6 * 4 if extra else 0  # random-vit-b's (DINOv2-B's) weights, fp32
+            # random-vit-b's (DINOv2-B's) weights, fp32
+            frozen = 86e6 * 4 if extra else 0
             print(
                 json.dumps(
                     dict(
@@ -804,8 +1014,9 @@ def bench_data(args):
                 )
             os.replace(folder + ".tmp", folder)
         cache = os.path.join(args.root, f"cache_{n}x{size}")
+        # the first start decodes
         for f in os.listdir(cache) if os.path.isdir(cache) else []:
-            os.remove(os.path.join(cache, f))  # the first start decodes
+            os.remove(os.path.join(cache, f))
         for start in ("first", "later"):
             child = (
                 f"import reproduce; reproduce._bench_data_child({folder!r}, {size}, {args.batches})"
@@ -836,11 +1047,12 @@ def _bench_data_child(folder, size, batches):
     t0 = time.time()
     x, y, _ = common.load_images(folder, "train", size)
     start = time.time() - t0
+    # resident memory in GiB (/proc/self/status counts kB)
     mem = {
         k: int(v.split()[0]) / 2**20
         for k, v in (line.split(":") for line in open("/proc/self/status"))
         if k in ("RssAnon", "RssFile")
-    }  # GiB
+    }
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rate = {}
     # the rows: the host's part
@@ -971,6 +1183,14 @@ def main(argv=None):
             action="store_true",
             help="parse every command (gpu: and estimate); run nothing",
         )
+    pp = sub.add_parser("paper", help="the papers' own runs: commands and time on 8 GPUs (dry run)")
+    pp.add_argument("--dry-run", action="store_true", required=True, help="the only mode: print")
+    pp.add_argument("--out", default="runs/paper", help="the runs' folder in the printed commands")
+    pp.add_argument("--imagenet", default="data/imagenet", help="ImageNet: train/, val/ of classes")
+    pp.add_argument("--latents", default="data/in256_latents", help="REPA's sd-vae latents folder")
+    pp.add_argument("--gpus", type=int, default=8, help="processes (GPUs) the estimate assumes")
+    pp.add_argument("--no-estimate", action="store_true", help="the commands only")
+    pp.add_argument("--only", help="comma-separated method files")
     b = sub.add_parser("bench", help="img/s, MFU and peak memory of each file's own train step")
     b.add_argument("--files", default="jit_xpred.py,repa.py", help="comma-separated method files")
     b.add_argument(
@@ -997,7 +1217,8 @@ def main(argv=None):
     if getattr(args, "out", None) and os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"error: --out {args.out} is a file", file=sys.stderr)
         sys.exit(2)
-    {"bench": bench, "memory": memory, "bench-data": bench_data}.get(args.machine, reproduce)(args)
+    commands = {"bench": bench, "memory": memory, "bench-data": bench_data, "paper": paper_dry_run}
+    commands.get(args.machine, reproduce)(args)
 
 
 if __name__ == "__main__":

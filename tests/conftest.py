@@ -47,12 +47,44 @@ def few_probe_images(monkeypatch):
     return cap
 
 
-@pytest.fixture
-def logged_losses():
-    """-> a function: run folder -> the losses of its log.jsonl, in order."""
+def read_losses(run):
+    """The losses of a run folder's log.jsonl, in order."""
     import json
 
-    return lambda out: [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture
+def logged_losses():
+    return read_losses
+
+
+def commands(module):
+    """The subcommands of a file's command line, read from its --help."""
+    import contextlib
+    import io
+    import re
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        module.main(["--help"])
+    return set(re.search(r"\{([\w,-]+)\}", text.getvalue()).group(1).split(","))
+
+
+def pipeline(module, stage_argv, first):
+    """How a file trains the network it samples from, read from the commands it offers -> (its
+    first stage's argv, run with stage_argv into the folder `first`, or None; train's command and
+    its link to that stage; the extra argv of sample and eval)."""
+    cmds = commands(module)
+    stage, ckpt = [*stage_argv, "--out", first], first / "ckpt.pt"
+    if "train-decoder" in cmds:  # rae.py: the decoder, then the DiT over its latent
+        return ["train-decoder", *stage], ["train", "--decoder", ckpt], []
+    if "train-rdm" in cmds:  # rcg.py: the representation model, read by sample and eval
+        return ["train-rdm", *stage], ["train"], ["--rdm", ckpt]
+    if "train-gen" in cmds:  # decoupled_latent.py: the autoencoder, then the DiT over it
+        return ["train", *stage], ["train-gen", "--ae", ckpt], []
+    return None, ["train"], []
 
 
 @pytest.fixture

@@ -364,6 +364,63 @@ def test_configure_types_set_values_from_the_config_fields():
             common.configure(Cfg, presets, argparse.Namespace(preset="tiny", set=bad))
 
 
+def test_scale_lr_follows_the_batch_unless_the_lr_is_given(capsys):
+    import argparse
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Cfg:
+        steps: int = 10
+        batch_size: int = 256
+        lr: float = 5e-5
+        image_size: int = 32
+
+    presets = {"default": {}, "paper": dict(batch_size=1024, lr=2e-4)}
+
+    def run(preset=None, batch_size=None, lr=None, set=()):
+        args = argparse.Namespace(preset=preset, batch_size=batch_size, lr=lr, set=list(set))
+        return common.scale_lr(common.configure(Cfg, presets, args), args, Cfg, presets).lr
+
+    assert run() == 5e-5 and run(preset="paper") == 2e-4  # the presets' own
+    # JiT's rule: 5e-5 x batch / 256
+    assert run(batch_size=1024) == pytest.approx(2e-4)
+    assert "x 1024 / 256" in capsys.readouterr().out
+    assert run(preset="paper", batch_size=256) == pytest.approx(5e-5)
+    # an lr on the command line is taken as it is
+    assert run(batch_size=1024, lr=1e-4) == 1e-4
+    assert run(batch_size=1024, set=["lr=3e-4"]) == 3e-4
+
+
+def test_fd_to_a_reference_in_adm_format(tmp_path):
+    import argparse
+
+    fd_net = common.FDFeatures("pixels", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    ref = torch.randint(0, 256, (50, 3, 16, 16), dtype=torch.uint8, generator=g)
+    mu, sigma = fd_net.stats(ref)
+    expected = round(common.frechet_distance(mu, sigma, *fd_net.stats(samples)), 4)
+    nhwc = ref.permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    np.savez(tmp_path / "images.npz", arr_0=nhwc)
+    # ADM's reference batches: 2,048-d Inception statistics beside the images; for the 192-d
+    # `pixels` features the images are measured
+    np.savez(tmp_path / "adm.npz", arr_0=nhwc, mu=np.zeros(2048), sigma=np.eye(2048))
+    for name in ("stats.npz", "images.npz", "adm.npz"):
+        path = common.fd_ref(str(tmp_path / name))
+        assert common.fd_to_ref(fd_net, samples, path) == expected, name
+    assert common.fd_to_ref(fd_net, samples, None) is None
+    np.savez(tmp_path / "wide.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(common.UsageError, match="holds no images"):
+        common.fd_to_ref(fd_net, samples, str(tmp_path / "wide.npz"))
+    # the parser's type: a readable .npz with mu and sigma or arr_0
+    np.savez(tmp_path / "labels.npz", labels=np.zeros(3))
+    (tmp_path / "text.npz").write_text("not a zip")
+    for bad in ("labels.npz", "text.npz", "missing.npz"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.fd_ref(str(tmp_path / bad))
+
+
 def test_detail_read_out_sees_the_stripes_of_real_images_and_not_of_blurred_ones():
     """The detail column's ceiling: the spectral read-out recovers the stripe factors (frequency,
     angle, amplitude) from the raw test images (mean R^2 above 0.5 at 16 px); from the same images

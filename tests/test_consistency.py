@@ -255,6 +255,82 @@ def test_defaults_are_ects_cifar10_run(reference):
     assert cfg.lr / cfg.batch_size == pytest.approx(d["lr"] / d["batch"])
 
 
+def test_paper_preset_is_the_official_recipe(tmp_path):
+    """`--preset paper` against ECT's run_ecm.sh (over ct_train.py's defaults, SongUNet's,
+    ECMPrecond's and the training loop's), value by value; the lr stays fixed at any batch."""
+    expected = dict(
+        data="cifar10",  # locuslab/ect@4311059 run_ecm.sh:3 (--data=datasets/cifar10-32x32.zip)
+        image_size=32,  # locuslab/ect@4311059 run_ecm.sh:3 (cifar10-32x32)
+        channels=128,  # locuslab/ect@4311059 ct_train.py:136 (model_channels=128; ddpmpp, sh:4)
+        ch_mult=[2, 2, 2],  # locuslab/ect@4311059 ct_train.py:136 (channel_mult=[2,2,2])
+        num_res=4,  # locuslab/ect@4311059 training/networks.py:241 (SongUNet num_blocks=4)
+        attn_res=[16],  # locuslab/ect@4311059 training/networks.py:242 (attn_resolutions=[16])
+        dropout=0.2,  # locuslab/ect@4311059 run_ecm.sh:6 (--dropout=0.2)
+        sigma_data=0.5,  # locuslab/ect@4311059 training/networks.py:686 (ECMPrecond)
+        t_min=0.003,  # locuslab/ect@4311059 training/networks.py:684 (ECMPrecond sigma_min)
+        t_max=80.0,  # locuslab/ect@4311059 training/ct_training_loop.py:82 (generator_fn)
+        P_mean=-1.1,  # locuslab/ect@4311059 ct_train.py:65 (--mean, unset in run_ecm.sh)
+        P_std=2.0,  # locuslab/ect@4311059 ct_train.py:66 (--std)
+        q=2.0,  # locuslab/ect@4311059 ct_train.py:71 (-q)
+        k=8.0,  # locuslab/ect@4311059 ct_train.py:72 (-k; --mapping sigmoid, :68)
+        b=1.0,  # locuslab/ect@4311059 ct_train.py:73 (-b)
+        # locuslab/ect@4311059 run_ecm.sh:6: --double=250 ticks of --tick=12.8 kimg at --batch=128:
+        # 250 x 12,800 / 128 = 25,000 steps a stage
+        stage_steps=25_000,
+        huber_c=0.0,  # locuslab/ect@4311059 ct_train.py:75 (-c 0: loss.py:89, the L2 norm)
+        mid_t=[0.821],  # locuslab/ect@4311059 ct_train.py:99 (--mid_t)
+        bf16=False,  # locuslab/ect@4311059 ct_train.py:78-79 (--fp16 False, --tf32 False)
+        flip=False,  # locuslab/ect@4311059 ct_train.py:62 (--xflip False; --augment=0.0, sh:6)
+        # locuslab/ect@4311059 run_ecm.sh:6: --duration=25.6 Mimg at --batch=128: 25.6e6 / 128 =
+        # 200,000 steps (ECT's stages 0-7), + 25,000 of stage 0 for the EDM checkpoint (sh:5)
+        steps=225_000,
+        batch_size=128,  # locuslab/ect@4311059 run_ecm.sh:6 (--batch=128)
+        optim="radam",  # locuslab/ect@4311059 run_ecm.sh:6 (--optim=RAdam)
+        lr=1e-4,  # locuslab/ect@4311059 run_ecm.sh:6 (--lr=0.0001; no scaling, ct_train.py:119)
+        # locuslab/ect@4311059 training/ct_training_loop.py:116 (lr_rampup_kimg=0; the ramp is
+        # commented out, :258-260)
+        warmup=0,
+        # locuslab/ect@4311059 ct_train.py:59 (--ema_beta 0.9999; --ema unset, :58, so no
+        # half-life, :164; ema_rampup_ratio None under --transfer, :184; per step,
+        # training/ct_training_loop.py:269-275)
+        ema=0.9999,
+    )
+    cfg = C.Config(**C.PRESETS["paper"])
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    # everything else is the run's bookkeeping, as the default's
+    default = C.Config()
+    rest = {f for f in vars(cfg) if f not in expected}
+    assert {f: getattr(cfg, f) for f in rest} == {f: getattr(default, f) for f in rest}
+    # Adam's betas and eps: locuslab/ect@4311059 ct_train.py:119 (betas=[0.9,0.999], eps=1e-8)
+    opt = C.optimizer(torch.nn.Linear(2, 2), cfg)
+    assert type(opt) is torch.optim.RAdam
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["eps"] == 1e-8
+    assert type(C.optimizer(torch.nn.Linear(2, 2), default)) is torch.optim.Adam
+    # the lr is fixed at any batch (run_ecm.sh:6 passes --lr; ct_train.py:119 uses it as it is)
+    parser = common.make_parser(C.__doc__, C.PRESETS)[0]
+    for batch in ("128", "512"):
+        argv = ["train", "--preset", "paper", "--batch-size", batch, "--out", str(tmp_path)]
+        cfg = C.make_config(parser.parse_args(argv))
+        assert (cfg.batch_size, cfg.lr) == (int(batch), 1e-4)
+
+
+def test_flip_reaches_the_batch(cli, tmp_path, monkeypatch):
+    """Config.flip is the flip of every training batch: on in the existing presets, off in
+    `paper` (ECT mirrors nothing)."""
+    seen, batch = [], common.batch
+
+    def recording(*a, flip, **k):
+        seen.append(flip)
+        return batch(*a, flip=flip, **k)
+
+    monkeypatch.setattr(common, "batch", recording)
+    assert cli(C, ["train", *TINY, "--steps", 1, "--set", "grid=0", "--out", tmp_path / "a"]) == 0
+    argv = ["train", *TINY, "--steps", 1, "--set", "grid=0", "--set", "flip=false"]
+    assert cli(C, [*argv, "--out", tmp_path / "b"]) == 0
+    assert seen == [True, False]
+    assert all(C.Config(**p).flip for name, p in C.PRESETS.items() if name != "paper")
+
+
 def ect_stand_ins():
     """Modules standing in for locuslab/ect's, with the API make_ect.py uses, built from this
     file's functions (scalings, ect_r, pseudo_huber) and the U-Net the maker gives them."""
@@ -621,8 +697,15 @@ def test_sample_eval(cli, tmp_path, few_probe_images):
     } <= set(res)
     # bounded: 0 for no stripes, the images the ceiling
     assert 0 <= res["detail_r2"] <= res["detail_r2_pixels"]
-    assert [t for t, _ in res["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 1.0, 2.0]
-    assert all(0 <= a <= 1 for _, a in res["probe_linear_by_t"])
+    assert [f for f, _ in res["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert all(0 <= a <= 1 for _, a in res["probe_linear_by_signal"])
+
+
+def test_signal_fraction_of_x_plus_t_e():
+    # x + t e: a = 1, s = t, so the fraction of signal is 1 / (1 + t)
+    assert C.t_at_signal(0.5) == 1.0
+    assert C.t_at_signal(0.1) == pytest.approx(9.0)
+    assert C.t_at_signal(0.75) == pytest.approx(1 / 3)
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -634,6 +717,7 @@ def test_bad_inputs(cli, tmp_path, capsys):
     (tmp_path / "a_file").write_text("a file, not a folder")
     for argv, words in (
         (["train", *TINY, "--set", "bf16=maybe", "--out", tmp_path / "y"], "bf16"),
+        (["train", *TINY, "--set", "optim=sgd", "--out", tmp_path / "y"], "optim"),
         (["toy", "--toy-steps", -1, "--out", tmp_path / "t"], "--toy-steps"),
         (["toy", "--out", tmp_path / "a_file" / "t"], "--out"),
     ):

@@ -12,25 +12,24 @@ refused; `sample` writes an .npz of uint8 [N, H, W, 3]; `eval` writes eval.json 
 file shares; bad input is one line on stderr and exit code 2, the run's checkpoint untouched;
 torchrun with two processes trains every stage.
 
-How a file trains the network it samples from follows from the commands it offers (pipeline()
-below): a file with `train-decoder` (rae.py) trains its first stage before `train --decoder`, one
-with `train-rdm` (rcg.py) trains the representation model that `sample` and `eval` read with
-`--rdm`, and one with `train-gen` (decoupled_latent.py) samples from `train-gen --ae` over the
-autoencoder that its `train` makes.
+How a file trains the network it samples from follows from the commands it offers
+(conftest.pipeline): a file with `train-decoder` (rae.py) trains its first stage before `train
+--decoder`, one with `train-rdm` (rcg.py) trains the representation model that `sample` and `eval`
+read with `--rdm`, and one with `train-gen` (decoupled_latent.py) samples from `train-gen --ae` over
+the autoencoder that its `train` makes.
 """
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
-import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from conftest import ROOT, pipeline, read_losses, run_cli
+
+import common
 
 METHOD_FILES = [
     "jit_xpred.py",
@@ -46,7 +45,7 @@ FILES = METHOD_FILES + [f for f in EXTRA if f not in METHOD_FILES]
 # A tiny run: a row in log.jsonl each step, a grid of 4 images at step 2, a checkpoint at the end.
 TINY = ["--preset", "tiny", "--device", "cpu", "--set", "log_every=1", "--set", "sample_every=2"]
 TINY += ["--set", "grid=4"]
-SHARED_KEYS = {"step", "data", "fd", "fd_model", "n_samples", "probe_linear", "probe_knn"}
+SHARED_KEYS = {"step", "data", "fd", "fd_ref", "fd_model", "n_samples", "probe_linear", "probe_knn"}
 SHARED_KEYS |= {"probe_linear_pixels", "probe_knn_pixels"}
 
 
@@ -61,33 +60,6 @@ def load(path):
     return module
 
 
-def commands(module):
-    """The subcommands of a file's command line, read from its --help."""
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
-        module.main(["--help"])
-    return set(re.search(r"\{([\w,-]+)\}", text.getvalue()).group(1).split(","))
-
-
-def pipeline(module, folder):
-    """What the file's sampler needs trained first -> (that first stage's argv or None, the train
-    argv, the extra argv of sample and eval); the first stage writes folder / "first_stage"."""
-    cmds = commands(module)
-    first = folder / "first_stage"
-    stage = [*TINY, "--steps", 2, "--out", first]
-    if "train-decoder" in cmds:
-        return ["train-decoder", *stage], ["train", "--decoder", first / "ckpt.pt"], []
-    if "train-rdm" in cmds:
-        return ["train-rdm", *stage], ["train"], ["--rdm", first / "ckpt.pt"]
-    if "train-gen" in cmds:
-        return ["train", *stage], ["train-gen", "--ae", first / "ckpt.pt"], []
-    return None, ["train"], []
-
-
-def losses(run):
-    return [json.loads(line)["loss"] for line in open(run / "log.jsonl")]
-
-
 @pytest.fixture(
     scope="module", params=FILES, ids=lambda f: os.path.splitext(os.path.basename(f))[0]
 )
@@ -96,7 +68,7 @@ def trained(request, tmp_path_factory):
     folder)."""
     module = load(request.param)
     folder = tmp_path_factory.mktemp(module.__name__)
-    first_stage, train, extra = pipeline(module, folder)
+    first_stage, train, extra = pipeline(module, [*TINY, "--steps", 2], folder / "first_stage")
     assert first_stage is None or run_cli(module, first_stage) == 0
     run = folder / "a"
     assert run_cli(module, [*train, *TINY, "--steps", 4, "--out", run]) == 0
@@ -134,7 +106,7 @@ def test_resume_continues_exactly(trained):
     argv = [*trained["train"], *TINY, "--out", b]
     assert run_cli(module, [*argv, "--steps", 2]) == 0
     assert run_cli(module, [*argv, "--steps", 4, "--resume"]) == 0
-    assert losses(b) == losses(trained["run"])
+    assert read_losses(b) == read_losses(trained["run"])
 
 
 def test_resume_changes_the_lr_and_refuses_the_batch_size(trained, capsys):
@@ -176,12 +148,19 @@ def test_eval_writes_the_shared_keys(trained, few_probe_images):
     figures)."""
     module, run = trained["module"], trained["run"]
     few_probe_images(200, 100)
+    # --fd-ref: a reference .npz in ADM's layout holding the training images themselves
+    cfg = torch.load(run / "ckpt.pt", weights_only=True)["config"]
+    images = common.load_images(cfg["data"], "train", cfg["image_size"])[0]
+    ref = run / "ref.npz"
+    np.savez(ref, arr_0=images.permute(0, 2, 3, 1).numpy())
     argv = ["eval", "--ckpt", run / "ckpt.pt", "--n", 20, "--device", "cpu", *trained["extra"]]
-    assert run_cli(module, argv) == 0
+    assert run_cli(module, [*argv, "--fd-ref", ref]) == 0
     res = json.load(open(run / "eval.json"))
     assert SHARED_KEYS <= set(res), SHARED_KEYS - set(res)
     assert res["step"] == 4 and res["n_samples"] == 20 and res["fd_model"] == "pixels"
     assert np.isfinite(res["fd"]) and res["fd"] > 0
+    # the same images as the train split: the same FD
+    assert res["fd_ref"] == res["fd"]
     for key in [k for k in res if k.startswith("probe_") and not k.startswith("probe_linear_by")]:
         if isinstance(res[key], float):
             assert 0 <= res[key] <= 1, key
@@ -251,24 +230,12 @@ def test_torchrun_two_processes(trained, torchrun, tmp_path):
     checks the logged loss against both ranks' own and runs eval there: both ranks sample, rank 0
     writes.)"""
     module = trained["module"]
-    first_stage, train, _ = pipeline(module, tmp_path)
+    first_stage, train, _ = pipeline(module, [*TINY, "--steps", 2], tmp_path / "first_stage")
     port = 29600 + 4 * trained["index"]
     # on 64 images: each process encodes the data set, where a file has a frozen encoder
     runs = [[*first_stage, "--data", "shapes:64"]] if first_stage else []
-    runs.append(
-        [
-            *train,
-            *TINY,
-            "--data",
-            "shapes:64",
-            "--steps",
-            2,
-            "--batch-size",
-            4,
-            "--out",
-            tmp_path / "ddp",
-        ]
-    )
+    small = ["--data", "shapes:64", "--steps", 2, "--batch-size", 4]
+    runs.append([*train, *TINY, *small, "--out", tmp_path / "ddp"])
     for i, argv in enumerate(runs):
         # "--" before the file: else torchrun's own parser reads the file's --n as an abbreviation
         # of its options

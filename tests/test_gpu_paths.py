@@ -1,6 +1,7 @@
 """The paths a GPU user runs (bf16 autocast, true fp32, serialised downloads), exercised on a
 CPU."""
 
+import importlib
 import os
 import threading
 import time
@@ -8,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import pipeline, read_losses
 
 import common
 
@@ -107,53 +109,36 @@ def test_dataset_download_is_serialised(tmp_path, monkeypatch):
 # shapes follow. In fp32: a CPU without bf16 units runs bf16 matmuls about 16 times slower than fp32
 # ones (minutes a file at full size), and the bf16 path does not depend on the size
 # (test_gpu_path_on_the_tiny_preset runs it, and eval).
-FULL = [
-    "--preset",
-    "default",
-    "--data",
-    "shapes:8",
-    "--batch-size",
-    2,
-    "--steps",
-    1,
-    "--device",
-    "cpu",
-]
+FULL = ["--preset", "default", "--data", "shapes:8", "--batch-size", 2, "--steps", 1]
 # no warm-up and a large lr: the first step moves the zero-initialised output layers, so a sample
 # has structure
-FULL += ["--set", "log_every=1", "--set", "warmup=0", "--lr", 1e-3]
+FULL += ["--device", "cpu", "--set", "log_every=1", "--set", "warmup=0", "--lr", 1e-3]
 ENC = ["--encoder", "random-vit-b@112"]
-FIRST_STAGE = {"rae": "train-decoder", "rcg": "train-rdm", "decoupled_latent": "train"}
 FILES = ["jit_xpred", "consistency", "repa", "soda", "rae", "rcg", "decoupled_latent"]
 
 
 def pipeline_commands(name, preset_argv, folder):
-    """-> the argv of one file's first stage (or None), train, sample and eval; the run is folder /
-    "run"."""
-    run, first = folder / "run", folder / "first"
+    """-> the argv of one file's first stage (or None), train, sample and eval (conftest.pipeline);
+    the run is folder / "run". The default presets of the files with a frozen encoder read
+    random-vit-b@112."""
+    module = importlib.import_module(name)
     encoder = ENC if name in ("repa", "rae", "rcg") and "default" in preset_argv else []
-    first_stage = None
-    if name in FIRST_STAGE:
-        first_stage = [FIRST_STAGE[name], *preset_argv, *encoder, "--out", first]
-    train = ["train", *preset_argv, *encoder, "--out", run]
-    read = ["--n", 2, "--batch", 2, "--sample-steps", 2, "--device", "cpu"]
-    if name == "rae":
-        train = ["train", *preset_argv, "--decoder", first / "ckpt.pt", "--out", run]
+    first_stage, train, extra = pipeline(module, [*preset_argv, *encoder], folder / "first")
+    run = folder / "run"
+    if name != "rae":  # rae.py's train reads the encoder of its --decoder run
+        train = [*train, *encoder]
+    train = [*train, *preset_argv, "--out", run]
+    read = ["--n", 2, "--batch", 2, "--sample-steps", 2, "--device", "cpu", *extra]
     if name == "rcg":
-        read += ["--rdm", first / "ckpt.pt", "--rdm-steps", 2]
-    if name == "decoupled_latent":
-        train = ["train-gen", *preset_argv, "--ae", first / "ckpt.pt", "--out", run]
+        read += ["--rdm-steps", 2]
     sample = ["sample", "--ckpt", run / "ckpt.pt", *read, "--out", folder / "samples.npz"]
     evaluate = ["eval", "--ckpt", run / "ckpt.pt", *read]
     return first_stage, train, sample, evaluate
 
 
-def losses_and_images(folder):
-    """-> the run's logged losses, its sampled images (float64 [N, H, W, 3])."""
-    import json
-
-    losses = [json.loads(line)["loss"] for line in open(folder / "run" / "log.jsonl")]
-    return losses, np.load(folder / "samples.npz")["arr_0"].astype(np.float64)
+def sampled_images(folder):
+    """-> the images `sample` wrote, float64 [N, H, W, 3]."""
+    return np.load(folder / "samples.npz")["arr_0"].astype(np.float64)
 
 
 def assert_images_have_structure(images):
@@ -164,15 +149,13 @@ def assert_images_have_structure(images):
 
 @pytest.mark.parametrize("name", FILES)
 def test_default_preset_trains_and_samples_on_a_cpu(name, cli, tmp_path):
-    import importlib
-
     module = importlib.import_module(name)
     first_stage, train, sample, _ = pipeline_commands(name, FULL, tmp_path)
     for argv in [first_stage, train, sample]:
         assert argv is None or cli(module, argv) == 0, argv
-    losses, images = losses_and_images(tmp_path)
+    losses = read_losses(tmp_path / "run")
     assert len(losses) == 1 and np.isfinite(losses[0]), losses
-    assert_images_have_structure(images)
+    assert_images_have_structure(sampled_images(tmp_path))
 
 
 # The GPU path on each file's tiny preset: bf16 autocast (REPDIFF_CPU_BF16 turns it on on a CPU) in
@@ -192,7 +175,6 @@ GRAPH_BREAKS = {
 
 @pytest.mark.parametrize("name", FILES)
 def test_gpu_path_on_the_tiny_preset(name, cli, tmp_path, monkeypatch, few_probe_images):
-    import importlib
     import json
 
     from torch._dynamo.utils import counters
@@ -217,7 +199,7 @@ def test_gpu_path_on_the_tiny_preset(name, cli, tmp_path, monkeypatch, few_probe
     )
     assert cli(module, sample) == 0
     assert cli(module, evaluate) == 0
-    losses, images = losses_and_images(tmp_path)
+    losses = read_losses(tmp_path / "run")
     assert len(losses) == 2 and all(np.isfinite(losses)), losses
-    assert_images_have_structure(images)
+    assert_images_have_structure(sampled_images(tmp_path))
     assert json.load(open(tmp_path / "run" / "eval.json"))["n_samples"] == 2

@@ -1,6 +1,7 @@
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pickle
 import sys
@@ -34,6 +35,13 @@ def test_x_eps_v_conversions_by_hand():
     # 0.99 * 0) / 0.05 = 2
     x = J.to_x_eps_v("eps", torch.tensor(0.0), torch.tensor(0.1), torch.tensor(0.01), 0.05)[0]
     assert x.item() == pytest.approx(2.0)
+
+
+def test_signal_fraction_of_z_t():
+    # z_t = t x + (1 - t) noise_scale e: a = t, s = (1 - t) noise_scale
+    assert J.t_at_signal(0.75, 1.0) == 0.75
+    # noise_scale 2: t = 2/3 gives a = s = 2/3
+    assert J.t_at_signal(0.5, 2.0) == pytest.approx(2 / 3)
 
 
 def test_cfg_interval_by_hand():
@@ -227,15 +235,15 @@ def test_attn_fp32_is_true_fp32_under_bf16_autocast(monkeypatch):
 
 def test_released_checkpoint_snippet_runs(tmp_path, monkeypatch):
     """The docstring's snippet as written, on a checkpoint laid out as the official ones (the
-    weights under model_ema1, the run's argparse.Namespace beside them), with JiT-L's preset made
-    small (2 sampler steps) to run in seconds."""
+    weights under model_ema1, the run's argparse.Namespace beside them), with the paper-L preset
+    made small (2 sampler steps) to run in seconds."""
     assert ".cuda()" not in J.__doc__ and "weights_only=False" not in J.__doc__
     code = textwrap.dedent(J.__doc__[J.__doc__.index("    import argparse, torch") :])
     small = dict(
         hidden=32, depth=2, heads=2, in_context=4, in_context_start=1, bottleneck=8, sample_steps=2
     )
-    monkeypatch.setitem(J.PRESETS, "L", small)
-    official = J.JiT(J.Config(**J.PRESETS["L"], image_size=256, patch=16, num_classes=1000))
+    monkeypatch.setitem(J.PRESETS, "paper-L", J.PRESETS["paper-L"] | small)
+    official = J.JiT(J.Config(**J.PRESETS["paper-L"], num_classes=1000))
     torch.nn.init.normal_(official.net.final_layer.linear.weight, std=0.02)
     path = tmp_path / "checkpoint-last.pth"
     args = argparse.Namespace(
@@ -300,8 +308,8 @@ def test_train_sample_eval_beats_initialisation(cli, logged_losses, tmp_path, fe
     # spectrum at all)
     assert -1 < res["detail_r2"] <= res["detail_r2_pixels"] + 0.05, res
     assert res["detail_r2_init"] is None or not res["detail_r2_init"] > 0.05, res
-    assert [t for t, _ in res["probe_linear_by_t"]] == [0.1, 0.3, 0.5, 0.75, 0.9]
-    assert all(0 <= acc <= 1 for _, acc in res["probe_linear_by_t"])
+    assert [f for f, _ in res["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert all(0 <= acc <= 1 for _, acc in res["probe_linear_by_signal"])
 
 
 def test_bad_inputs(cli, tmp_path, capsys):
@@ -444,7 +452,125 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
     assert [f[-4:] for f in os.listdir(tmp_path / "torch_home" / "hub" / "repdiff_fd")] == [".npz"]
     res = json.load(open(tmp_path / "eval.json"))
     # printed by rank 0 alone
-    assert res["n_samples"] == 6 and r.stdout.count('"probe_linear_by_t"') == 1
+    assert res["n_samples"] == 6 and r.stdout.count('"probe_linear_by_signal"') == 1
+
+
+# ----------------------------------------------------------------------------- the paper's presets
+IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's train split
+
+
+def paper_config(tmp_path, preset, *flags):
+    """make_config of `train --preset PRESET FLAGS`, parsed by the shared command line."""
+    parser, _ = common.make_parser(J.__doc__, J.PRESETS)
+    argv = ["train", "--preset", preset, "--out", str(tmp_path / "run"), *map(str, flags)]
+    return J.make_config(parser.parse_args(argv))
+
+
+def test_paper_preset_is_the_official_recipe(tmp_path):
+    """`--preset paper` is the official JiT-B/16 run at 256 px: the README's training command and
+    its evaluation of the released checkpoint (zlong928/JiT@cbc743a: LTH14/JiT's files)."""
+    expected = dict(
+        # zlong928/JiT@cbc743a main_jit.py:146 (DATA_PATH/train), README.md:29 (ImageNet)
+        data="imagenet",
+        image_size=256,  # zlong928/JiT@cbc743a README.md:63
+        noise_scale=1.0,  # zlong928/JiT@cbc743a README.md:63
+        patch=16,  # zlong928/JiT@cbc743a model_jit.py:364 (JiT-B/16: README.md:60)
+        hidden=768,  # zlong928/JiT@cbc743a model_jit.py:363
+        depth=12,  # zlong928/JiT@cbc743a model_jit.py:363
+        heads=12,  # zlong928/JiT@cbc743a model_jit.py:363
+        bottleneck=128,  # zlong928/JiT@cbc743a model_jit.py:364
+        in_context=32,  # zlong928/JiT@cbc743a model_jit.py:364
+        in_context_start=4,  # zlong928/JiT@cbc743a model_jit.py:364
+        # zlong928/JiT@cbc743a util/model_util.py:94 (model_jit.py:255 leaves theta as it is)
+        rope_base=10_000.0,
+        proj_dropout=0.0,  # zlong928/JiT@cbc743a README.md:61
+        # zlong928/JiT@cbc743a model_jit.py:99-102 (q k^T and its softmax in fp32)
+        attn_fp32=True,
+        pred="x",  # zlong928/JiT@cbc743a denoiser.py:58 (the net outputs x_pred)
+        loss="v",  # zlong928/JiT@cbc743a denoiser.py:59-63 (l2 on v)
+        P_mean=-0.8,  # zlong928/JiT@cbc743a README.md:62
+        P_std=0.8,  # zlong928/JiT@cbc743a README.md:62
+        t_eps=0.05,  # zlong928/JiT@cbc743a main_jit.py:56
+        label_drop=0.1,  # zlong928/JiT@cbc743a main_jit.py:57
+        # zlong928/JiT@cbc743a README.md:58 (8 processes), README.md:64 (128 each): 8 x 128
+        batch_size=1024,
+        # zlong928/JiT@cbc743a README.md:64 (--blr 5e-5), main_jit.py:176: 5e-5 x 1024 / 256
+        lr=2e-4,
+        # zlong928/JiT@cbc743a README.md:65 (--epochs 600): ceil(600 x 1,281,167 / 1024)
+        steps=750_684,
+        # zlong928/JiT@cbc743a README.md:65 (--warmup_epochs 5): ceil(5 x 1,281,167 / 1024)
+        warmup=6_256,
+        weight_decay=0.0,  # zlong928/JiT@cbc743a main_jit.py:47
+        # zlong928/JiT@cbc743a main_jit.py:49 (ema_decay1: sampled with, engine_jit.py:86-93)
+        ema=0.9999,
+        sample_steps=50,  # zlong928/JiT@cbc743a main_jit.py:71 (heun: main_jit.py:69)
+        # zlong928/JiT@cbc743a README.md:111 (evaluating JiT-B; README.md:66's online eval: 2.9)
+        cfg_scale=3.0,
+        cfg_interval=[0.1, 1.0],  # zlong928/JiT@cbc743a README.md:111
+    )
+    # the arithmetic of the derived values
+    assert expected["batch_size"] == 8 * 128 and expected["lr"] == 5e-5 * 1024 / 256
+    assert expected["steps"] == math.ceil(600 * IMAGENET_TRAIN / 1024)
+    assert expected["warmup"] == math.ceil(5 * IMAGENET_TRAIN / 1024)
+    cfg = paper_config(tmp_path, "paper")
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    # make_config keeps the preset as it is (the classes come from the data)
+    assert cfg == J.Config(**J.PRESETS["paper"])
+
+
+def test_paper_sizes_are_the_official_recipe(tmp_path):
+    """paper-L and paper-H: the paper run with JiT-L/16's and JiT-H/16's widths, dropout and CFG
+    scale; everything else (data, schedule, sampler) as paper, checked above."""
+    sizes = dict(
+        L=dict(
+            hidden=1024,  # zlong928/JiT@cbc743a model_jit.py:371
+            depth=24,  # zlong928/JiT@cbc743a model_jit.py:371
+            heads=16,  # zlong928/JiT@cbc743a model_jit.py:371
+            bottleneck=128,  # zlong928/JiT@cbc743a model_jit.py:372
+            in_context_start=8,  # zlong928/JiT@cbc743a model_jit.py:372
+            # zlong928/JiT@cbc743a main_jit.py:31 (the README trains no JiT-L: the default)
+            proj_dropout=0.0,
+            cfg_scale=2.4,  # zlong928/JiT@cbc743a README.md:122
+        ),
+        H=dict(
+            hidden=1280,  # zlong928/JiT@cbc743a model_jit.py:379
+            depth=32,  # zlong928/JiT@cbc743a model_jit.py:379
+            heads=16,  # zlong928/JiT@cbc743a model_jit.py:379
+            bottleneck=256,  # zlong928/JiT@cbc743a model_jit.py:380
+            in_context_start=10,  # zlong928/JiT@cbc743a model_jit.py:380
+            proj_dropout=0.2,  # zlong928/JiT@cbc743a README.md:91
+            cfg_scale=2.2,  # zlong928/JiT@cbc743a README.md:133 (and README.md:96)
+        ),
+    )
+    base = paper_config(tmp_path, "paper")
+    for size, widths in sizes.items():
+        assert paper_config(tmp_path, f"paper-{size}") == dataclasses.replace(base, **widths), size
+    # JiT-B/32 at 512 px, --image-size 512 --set patch=32: noise scale 2.0
+    # (zlong928/JiT@cbc743a README.md:78)
+    b32 = paper_config(tmp_path, "paper", "--image-size", 512, "--set", "patch=32")
+    assert b32.noise_scale == 2.0
+    # the sizes B, L, H alone: the default's 32 px and patch 2
+    sizes_only = [J.Config(**J.PRESETS[k]) for k in "BLH"]
+    assert {(c.image_size, c.patch) for c in sizes_only} == {(32, 2)}
+
+
+def test_paper_lr_follows_the_batch(tmp_path, capsys):
+    """lr = blr x batch / 256 (zlong928/JiT@cbc743a main_jit.py:176): --batch-size alone rescales
+    the paper preset's lr; --lr or --set lr= is taken as given."""
+    assert paper_config(tmp_path, "paper", "--batch-size", 512).lr == pytest.approx(1e-4)
+    assert "lr 0.0001" in capsys.readouterr().out
+    assert paper_config(tmp_path, "paper-H", "--batch-size", 256).lr == pytest.approx(5e-5)
+    assert paper_config(tmp_path, "paper", "--batch-size", 512, "--lr", 3e-4).lr == 3e-4
+    assert paper_config(tmp_path, "paper", "--batch-size", 512, "--set", "lr=3e-4").lr == 3e-4
+    assert paper_config(tmp_path, "paper").lr == 2e-4
+
+
+def test_paper_preset_asks_for_imagenet(cli, tmp_path, capsys):
+    """Without --data the paper preset stops at once, one line naming the folder it needs."""
+    assert cli(J, ["train", "--preset", "paper", "--device", "cpu", "--out", tmp_path / "p"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --data DIR" in err and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "p")
 
 
 # ------------------------------------------------------------------------ against the official code

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -249,6 +250,8 @@ def test_bad_inputs(cli, tmp_path, capsys):
         ["train-decoder", *TINY, "--encoder", "resnet50", "--out", tmp_path / "x"],
         ["train-decoder", *TINY, "--image-size", 15, "--out", tmp_path / "x"],
         ["train-decoder", *TINY, "--set", "noise_tau=-1", "--out", tmp_path / "x"],
+        # ImageNet without --data: said before the encoder loads (no download)
+        ["train-decoder", "--preset", "paper", "--device", "cpu", "--out", tmp_path / "x"],
         ["sample", "--ckpt", dec, "--out", tmp_path / "s.npz"],
         ["eval", "--ckpt", tmp_path / "other.pt"],
     ):
@@ -498,6 +501,148 @@ def test_schedules_match_the_official(reference):
         cfg = replace(R.Config(), **{**stage, "steps": run["epochs"] * 10})  # 10 steps an epoch
         assert [R.lr_at(cfg, s) for s in run["steps"]] == pytest.approx(run["lr"], rel=1e-9)
         assert cfg.ema == run["ema"] and cfg.grad_clip == run["clip"]
+
+
+def test_paper_preset_is_the_official_recipe(tmp_path):
+    """`--preset paper` against bytetriper/RAE's two runs (the ViT-XL decoder on DINOv2-B, then
+    DiT^DH-XL at ImageNet 256), value by value, through the command line; the lr stays fixed at any
+    batch."""
+    model = dict(
+        # bytetriper/RAE@a4d18c4 README.md:77-78 (ImageNet-1k, its training split as --data-path)
+        data="imagenet",
+        # bytetriper/RAE@a4d18c4 README.md:169 (--image-size 256; src/train.py:94 its default)
+        image_size=256,
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:5
+        # ('facebook/dinov2-with-registers-base'; encoder_input_size 224, :6: load_encoder's)
+        encoder="dinov2_vitb14_reg",
+        # bytetriper/RAE@a4d18c4 src/train.py:396-397 (rae.encode of every batch, no cache)
+        cache_latents=False,
+        dec_dim=1152,  # bytetriper/RAE@a4d18c4 configs/decoder/ViTXL/config.json:7
+        dec_depth=28,  # bytetriper/RAE@a4d18c4 configs/decoder/ViTXL/config.json:10
+        dec_heads=16,  # bytetriper/RAE@a4d18c4 configs/decoder/ViTXL/config.json:9
+        dec_mlp=4096,  # bytetriper/RAE@a4d18c4 configs/decoder/ViTXL/config.json:8
+        noise_tau=0.8,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:11
+        # stand-in for bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:70
+        # (perceptual_weight 1.0, LPIPS)
+        perc_coeff=1.0,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:22
+        # (hidden_size [1152, 2048])
+        hidden=1152,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:23
+        # (depth [28, 2])
+        depth=28,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:24
+        # (num_heads [16, 16])
+        heads=16,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:17
+        # (DiTwDDTHead)
+        head="wide",
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:22
+        head_dim=2048,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:23
+        head_depth=2,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:24
+        head_heads=16,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:60-61
+        # (sqrt(196608 / 4096), src/train.py:139): 0 here is sqrt(m / 4096) of the latent
+        shift=0.0,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:26
+        label_drop=0.1,
+        # bytetriper/RAE@a4d18c4 configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B.yaml:42-43
+        # (euler, num_steps 50)
+        sample_steps=50,
+        # bytetriper/RAE@a4d18c4 configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B.yaml:50
+        # (cfg, scale 1.0: no guidance)
+        cfg_scale=1.0,
+        # bytetriper/RAE@a4d18c4 configs/stage2/sampling/ImageNet256/DiTDHXL-DINOv2-B.yaml:51-52
+        cfg_interval=[0.0, 1.0],
+        # bytetriper/RAE@a4d18c4 src/train_stage1.py:61 and src/train.py:95 (fp32 by default;
+        # recommended, README.md:267)
+        bf16=False,
+    )
+    stage1 = dict(
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:17 (epochs: 16) at
+        # :19 (global_batch_size: 512): ceil(16 x 1,281,167 / 512) = 40,037
+        steps=40_037,
+        batch_size=512,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:19
+        lr=2e-4,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:26
+        lr_final=2e-5,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:34
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:31 (warmup_epochs 1 of
+        # 16)
+        warmup=1 / 16,
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:35
+        warmup_from_zero=True,
+        decay="cosine",  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:30
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:32 (epoch 16 of 16)
+        decay_end=1.0,
+        grad_clip=0.0,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:21
+        ema=0.9978,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:18
+        log_every=100,  # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:22
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:24
+        sample_every=2_500,
+        # bytetriper/RAE@a4d18c4 configs/stage1/training/DINOv2-B_decXL.yaml:23 (every epoch):
+        # ceil(1,281,167 / 512) = 2,503
+        ckpt_every=2_503,
+    )
+    stage2 = dict(
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:71
+        # (epochs: 1400) at :72 (global_batch_size: 1024): ceil(1400 x 1,281,167 / 1024) =
+        # 1,751,596
+        steps=1_751_596,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:72
+        batch_size=1024,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:83
+        lr=2e-4,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:90
+        lr_final=2e-5,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:87
+        # (warmup_epochs 40 of the 1400)
+        warmup=40 / 1400,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:91
+        warmup_from_zero=False,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:86
+        decay="linear",
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:88
+        # (decay_end_epoch 800 of the 1400)
+        decay_end=800 / 1400,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:79
+        grad_clip=1.0,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:74
+        ema=0.9995,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:76
+        log_every=100,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:78
+        sample_every=10_000,
+        # bytetriper/RAE@a4d18c4 configs/stage2/training/ImageNet256/DiTDH-XL_DINOv2-B.yaml:77
+        # (checkpoint_interval 10 epochs): ceil(10 x 1,281,167 / 1024) = 12,512
+        ckpt_every=12_512,
+    )
+    assert stage1["steps"] == math.ceil(16 * 1_281_167 / 512)
+    assert stage2["steps"] == math.ceil(1400 * 1_281_167 / 1024)
+    p, out = R.parser(), str(tmp_path)
+    dec = R.make_config(p.parse_args(["train-decoder", "--preset", "paper", "--out", out]))
+    argv = ["train", "--preset", "paper", "--decoder", "ae.pt", "--out", out]
+    gen = R.make_config(p.parse_args(argv), dec)
+    default = R.Config()
+    for cfg, expected in ((dec, model | stage1), (gen, model | stage2)):
+        assert {key: getattr(cfg, key) for key in expected} == expected
+        # everything else is the run's bookkeeping, as the default's
+        rest = {f for f in vars(cfg) if f not in expected and f != "decoder"}
+        assert {f: getattr(cfg, f) for f in rest} == {f: getattr(default, f) for f in rest}
+    # the decoder's patch: 256 px over 16 x 16 tokens, bytetriper/RAE@a4d18c4
+    # src/stage1/rae.py:26 (decoder_patch_size 16); a = 6.93 over the 16 x 16 x 768 latent
+    with torch.device("meta"):
+        assert R.ViTDecoder(dec, 256, 768).q == 16
+        assert R.RAE(gen, 256, 768).a == pytest.approx(math.sqrt(196608 / 4096))
+    # from_official's network is this run's
+    assert all(R.OFFICIAL[k] == model[k] for k in R.OFFICIAL if k != "num_classes")
+    # the lr is fixed at any batch: bytetriper/RAE@a4d18c4 src/utils/optim_utils.py:28 (the
+    # config's lr as it is)
+    for cmd in ("train-decoder", "train"):
+        for batch in ("256", "2048"):
+            argv = [cmd, "--preset", "paper", "--batch-size", batch, "--out", out]
+            cfg = R.make_config(p.parse_args(argv))
+            assert (cfg.batch_size, cfg.lr) == (int(batch), 2e-4)
 
 
 def test_released_checkpoints_load_official_keys(reference):

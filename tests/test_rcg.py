@@ -368,6 +368,168 @@ def test_bad_inputs(cli, tmp_path, capsys):
     assert not (tmp_path / "x" / "ckpt.pt").exists()
 
 
+# ------------------------------------------------------------------- `--preset paper`: the recipes
+# The official run this preset mirrors: LTH14/rcg@0c4433c, README.md "RDM" (main_rdm.py) and
+# "Pixel Generator: DiT" (main_dit.py), whose released DiT-XL/2 gives FID 4.89 (README.md:211).
+
+
+def parsed(monkeypatch, argv):
+    """argv through rcg.main's own parser -> the parsed args, the command not run."""
+    seen = []
+    for name in ("train", "sample_cmd", "eval_cmd"):
+        monkeypatch.setattr(R, name, seen.append)
+    R.main([str(a) for a in argv])
+    return seen[0]
+
+
+def test_paper_preset_is_the_official_recipe():
+    """`train --preset paper`: the official DiT-XL run of RCG (and the RDM it samples from), mapped
+    onto this file's pixel DiT (what differs: the comment above PRESETS["paper"])."""
+    expected = dict(
+        data="imagenet",  # LTH14/rcg@0c4433c main_dit.py:123 (--dataset imagenet), :186
+        image_size=256,  # LTH14/rcg@0c4433c README.md:196 (--image_size 256)
+        # LTH14/rcg@0c4433c README.md:192 (--pretrained_enc_arch mocov3_vit_base): no loader here,
+        # DINOv2-B/14 is the nearest ViT-B
+        encoder="dinov2_vitb14",
+        # LTH14/rcg@0c4433c README.md:191 (--rep_dim 256: MoCo v3's 256-d head); here a fixed
+        # orthonormal projection to 256
+        rep_dim=256,
+        flip_aug=True,  # LTH14/rcg@0c4433c main_dit.py:184 (RandomHorizontalFlip)
+        # the RDM (its paper row in RDM_SCHEDULE), LTH14/rcg@0c4433c
+        # config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:21 (model_channels: 1536)
+        rdm_width=1536,
+        # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:24 (num_res_blocks)
+        rdm_depth=12,
+        T=1000,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:8
+        beta_start=0.0015,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:4
+        beta_end=0.0195,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:5
+        rdm_sample_steps=250,  # LTH14/rcg@0c4433c main_dit.py:112 (--rdm_steps 250)
+        eta=1.0,  # LTH14/rcg@0c4433c main_dit.py:113 (--rdm_eta 1.0)
+        # LTH14/rcg@0c4433c main_dit.py:217-218 and pixel_generator/dit/models.py:379 (DiT-XL/2
+        # on 32x32 latents: 16 x 16 = 256 tokens): 256 px / 16 = the same 16 x 16 tokens
+        patch=16,
+        hidden=1152,  # LTH14/rcg@0c4433c pixel_generator/dit/models.py:379 (hidden_size=1152)
+        depth=28,  # LTH14/rcg@0c4433c pixel_generator/dit/models.py:379 (depth=28)
+        heads=16,  # LTH14/rcg@0c4433c pixel_generator/dit/models.py:379 (num_heads=16)
+        rep_drop=0.1,  # LTH14/rcg@0c4433c main_dit.py:222 (rep_dropout_prob=0.1)
+        # LTH14/rcg@0c4433c main_dit.py:104 (--cfg 1.0, not set by README.md:189-202): no guidance
+        rep_cfg=1.0,
+        # LTH14/rcg@0c4433c main_dit.py:103 and README.md:209 (250 sampling steps): 125 Heun
+        # steps = 2 x 125 - 1 = 249 evaluations of the DiT
+        sample_steps=125,
+        # LTH14/rcg@0c4433c README.md:197 (--epochs 400): 400 x 1,281,167 / 2048 = 250,227.9,
+        # ceil -> 250,228 steps
+        steps=250_228,
+        # LTH14/rcg@0c4433c README.md:189 (8 GPUs x 16 nodes) x README.md:196 (--batch_size 16)
+        batch_size=2048,
+        # LTH14/rcg@0c4433c README.md:198 (--lr 1e-4, absolute: main_dit.py:265 scales only blr)
+        lr=1e-4,
+        weight_decay=0.0,  # LTH14/rcg@0c4433c main_dit.py:283 (weight_decay=0), README.md:198
+        adam_beta2=0.95,  # LTH14/rcg@0c4433c main_dit.py:283 (betas=(0.9, 0.95))
+        # LTH14/rcg@0c4433c main_dit.py:96 (--warmup_epochs 0) and engine_dit.py:58 (constant)
+        warmup=0,
+        ema=0.9999,  # LTH14/rcg@0c4433c main_dit.py:102 (--ema_rate 0.9999), engine_dit.py:102
+        # LTH14/rcg@0c4433c main_dit.py:16-17 (TF32 on) and engine_dit.py:85 (no autocast): fp32
+        bf16=False,
+    )
+    cfg = R.Config(**R.PRESETS["paper"])
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    # everything else is the run's bookkeeping, as the default's
+    default = R.Config()
+    rest = {f for f in vars(cfg) if f not in expected}
+    assert {f: getattr(cfg, f) for f in rest} == {f: getattr(default, f) for f in rest}
+    assert not cfg.no_rep
+
+
+def test_paper_rdm_preset_is_the_official_recipe():
+    """`train-rdm --preset paper`: the official RDM run (README.md "RDM"), over the paper preset."""
+    expected = dict(
+        # LTH14/rcg@0c4433c README.md:84 (--epochs 200): 200 x 1,281,167 / 512 = 500,455.9,
+        # ceil -> 500,456 steps
+        steps=500_456,
+        # LTH14/rcg@0c4433c README.md:80 (4 GPUs) x README.md:83 (--batch_size 128)
+        batch_size=512,
+        # LTH14/rcg@0c4433c README.md:85 (--blr 1e-6) and main_rdm.py:153-154 (lr = blr x batch):
+        # 1e-6 x 512
+        lr=5.12e-4,
+        weight_decay=0.01,  # LTH14/rcg@0c4433c README.md:85 (--weight_decay 0.01)
+        # LTH14/rcg@0c4433c main_rdm.py:174 (AdamW's default betas (0.9, 0.999))
+        adam_beta2=0.999,
+        # LTH14/rcg@0c4433c main_rdm.py:53 (--warmup_epochs 0) and engine_rdm.py:32 (no
+        # --cosine_lr: the lr stays constant)
+        warmup=0,
+        # LTH14/rcg@0c4433c rdm/modules/ema.py:6 (LitEma decay 0.9999; warmed up at :30, as here)
+        ema=0.9999,
+        image_size=256,  # LTH14/rcg@0c4433c README.md:83 (--input_size 256)
+        flip_aug=True,  # LTH14/rcg@0c4433c main_rdm.py:116 (RandomHorizontalFlip)
+        rep_dim=256,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:29
+        rdm_width=1536,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:21
+        rdm_depth=12,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:24
+        T=1000,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:8
+        beta_start=0.0015,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:4
+        beta_end=0.0195,  # LTH14/rcg@0c4433c config/rdm/mocov3vitb_simplemlp_l12_w1536.yaml:5
+    )
+    cfg = R.Config(**R.RDM_PRESETS["paper"])
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    # the RDM and the DiT read the same representation (load_pair checks it)
+    gen = R.Config(**R.PRESETS["paper"])
+    assert (cfg.encoder, cfg.rep_dim, cfg.image_size) == (gen.encoder, gen.rep_dim, gen.image_size)
+
+
+def test_paper_lr_rules(monkeypatch, tmp_path, capsys):
+    """train-rdm: lr = blr x batch (LTH14/rcg@0c4433c main_rdm.py:153-154), so --batch-size scales
+    the preset's lr; train: the DiT's --lr 1e-4 is absolute (README.md:198), fixed at any batch."""
+
+    def config(cmd, *flags):
+        args = parsed(monkeypatch, [cmd, "--preset", "paper", *flags, "--out", tmp_path / "x"])
+        return R.make_config(args, R.RDM_PRESETS if cmd == "train-rdm" else R.PRESETS)
+
+    assert config("train-rdm").lr == 5.12e-4
+    cfg = config("train-rdm", "--batch-size", 1024)
+    assert cfg.batch_size == 1024 and cfg.lr == pytest.approx(1e-6 * 1024)
+    assert "linear rule" in capsys.readouterr().out
+    assert config("train-rdm", "--batch-size", 256).lr == pytest.approx(2.56e-4)
+    # an lr given is kept
+    assert config("train-rdm", "--batch-size", 1024, "--lr", 3e-4).lr == 3e-4
+    for batch in (2048, 1536, 4096):
+        cfg = config("train", "--batch-size", batch)
+        assert (cfg.batch_size, cfg.lr) == (batch, 1e-4)
+    # the other presets' train-rdm schedules follow the same rule
+    args = parsed(monkeypatch, ["train-rdm", "--batch-size", 256, "--out", tmp_path / "x"])
+    assert R.make_config(args, R.RDM_PRESETS).lr == pytest.approx(2.56e-4)
+
+
+def test_paper_data_asks_for_the_imagenet_folder(cli, tmp_path, capsys):
+    """data="imagenet" is a folder only the user has: one line naming --data DIR, before any
+    encoder or network is built."""
+    assert cli(R, ["train", "--preset", "paper", "--device", "cpu", "--out", tmp_path / "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--data DIR" in err
+
+
+def test_precision_of_the_training_forward(monkeypatch):
+    """precision(): the DiT under bf16 autocast (bf16, the existing presets), or in fp32 with the
+    TF32 setup_dist sets (bf16=False: `paper`, as LTH14/rcg@0c4433c main_dit.py:16-17); the RDM
+    in true fp32 either way."""
+    monkeypatch.setenv("REPDIFF_CPU_BF16", "1")
+    cpu, saved = torch.device("cpu"), torch.backends.cuda.matmul.allow_tf32
+
+    def inside(cfg, rdm):
+        with R.precision(cfg, cpu, rdm):
+            return torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.allow_tf32
+
+    # setup_dist's TF32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        assert inside(tiny_cfg(), rdm=False) == (True, True)
+        assert inside(tiny_cfg(bf16=False), rdm=False) == (False, True)
+        assert inside(tiny_cfg(), rdm=True) == (False, False)
+        assert inside(tiny_cfg(bf16=False), rdm=True) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert all(R.Config(**p).bf16 for name, p in R.PRESETS.items() if name != "paper")
+
+
 # ------------------------------------------ against the official code (tests/reference/make_rcg.py)
 # rcg_rdm, rcg_loss and rcg_dit are float64 (the official modules run .double() from float32
 # weights), but for the official float32 sinusoid of the step: the fixtures carry it per step, ours

@@ -18,6 +18,12 @@ REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference"
 TINY = ["--preset", "tiny", "--device", "cpu"]
 
 
+def test_signal_fraction_of_x_t():
+    # x_t = (1 - t) x + t e (Eq. 2): t = 0 is clean, so 90% signal is t = 0.1
+    assert R.t_at_signal(0.9) == pytest.approx(0.1)
+    assert R.t_at_signal(0.25) == 0.75
+
+
 def test_projector_shapes():
     h = R.projector(64, 2048, 384)
     assert [type(m).__name__ for m in h] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
@@ -149,8 +155,8 @@ def test_train_sample_eval(cli, tmp_path, few_probe_images):
     ):
         assert trained[k] == one[k], k
     assert trained["encoder"] == "random-vit-s@28" and "block 1/2" in trained["probe"]
-    assert [t for t, _ in trained["probe_linear_by_t"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
-    assert all(0 <= acc <= 1 for _, acc in trained["probe_linear_by_t"])
+    assert [f for f, _ in trained["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert all(0 <= acc <= 1 for _, acc in trained["probe_linear_by_signal"])
     assert 0 <= trained["detail_r2_init"] < trained["detail_r2_pixels"] and trained["detail_r2"] < 1
     for sampler in ("ode", "sde"):
         out = tmp_path / f"{sampler}.npz"
@@ -282,6 +288,167 @@ def test_precomputed_latents(cli, tmp_path, capsys):
     (path / "train_latents.npy").unlink()
     assert cli(R, ["train", *TINY, "--data", path, "--latents", "--out", tmp_path / "bad"]) == 2
     assert "no train_latents.npy" in capsys.readouterr().err
+
+
+def test_paper_preset_is_the_official_recipe(cli, tmp_path, capsys):
+    """`--preset paper` against the official README's SiT-XL/2 run (train.py's flags and defaults,
+    models/sit.py's SiT-XL/2) and its evaluation command, value by value; the lr stays fixed at any
+    batch; without --data DIR of latents the run stops with the layout to pass."""
+    expected = dict(
+        data="imagenet",  # sihyun-yu/REPA@67f7145 README.md:36 (ImageNet, --data-dir)
+        # sihyun-yu/REPA@67f7145 train.py:296 (the SiT models sample_posterior of the VAE features)
+        latents=True,
+        # sihyun-yu/REPA@67f7145 train.py:155 (latent_size = resolution // 8), :406 (256): 32
+        image_size=32,
+        channels=4,  # sihyun-yu/REPA@67f7145 models/sit.py:169 (in_channels=4)
+        # sihyun-yu/REPA@67f7145 preprocessing/encoders.py:74 (cat([mean, std]): 2 x 4 channels),
+        # train.py:74 (chunk(moments, 2))
+        vae_channels=4,
+        vae_scale=0.18215,  # sihyun-yu/REPA@67f7145 train.py:179-181 (latents_scale)
+        patch=2,  # sihyun-yu/REPA@67f7145 models/sit.py:350 (SiT_XL_2 patch_size=2; README.md:49)
+        hidden=1152,  # sihyun-yu/REPA@67f7145 models/sit.py:350 (hidden_size=1152)
+        depth=28,  # sihyun-yu/REPA@67f7145 models/sit.py:350 (depth=28)
+        heads=16,  # sihyun-yu/REPA@67f7145 models/sit.py:350 (num_heads=16)
+        # sihyun-yu/REPA@67f7145 README.md:50 (--enc-type=dinov2-vit-b), utils.py:93 (torch.hub
+        # dinov2_vitb14)
+        encoder="dinov2_vitb14",
+        align_depth=8,  # sihyun-yu/REPA@67f7145 README.md:52 (--encoder-depth=8)
+        proj_dim=2048,  # sihyun-yu/REPA@67f7145 models/sit.py:180 (projector_dim=2048)
+        proj_coeff=0.5,  # sihyun-yu/REPA@67f7145 README.md:51 (--proj-coeff=0.5)
+        # sihyun-yu/REPA@67f7145 train.py:434 (--cfg-prob 0.1), models/sit.py:176
+        # (class_dropout_prob=0.1)
+        label_drop=0.1,
+        num_classes=1000,  # sihyun-yu/REPA@67f7145 train.py:399 (--num-classes 1000)
+        # sihyun-yu/REPA@67f7145 README.md:138 (the checkpoint of the final evaluation: 4M
+        # iterations; 4e6 x 256 / 1,281,167 = 799.3 epochs, the paper's 800)
+        steps=4_000_000,
+        batch_size=256,  # sihyun-yu/REPA@67f7145 train.py:407 (--batch-size 256)
+        lr=1e-4,  # sihyun-yu/REPA@67f7145 train.py:418 (--learning-rate 1e-4)
+        grad_clip=1.0,  # sihyun-yu/REPA@67f7145 train.py:423 (--max-grad-norm 1.0), :317
+        # sihyun-yu/REPA@67f7145 train.py:199 (a constant lr), :204-210 (AdamW, no scheduler)
+        warmup=0,
+        ema=0.9999,  # sihyun-yu/REPA@67f7145 train.py:81 (update_ema decay=0.9999), :322
+        sampler="sde",  # sihyun-yu/REPA@67f7145 README.md:132 (--mode=sde)
+        sample_steps=250,  # sihyun-yu/REPA@67f7145 README.md:133 (--num-steps=250)
+        cfg_scale=1.8,  # sihyun-yu/REPA@67f7145 README.md:134 (--cfg-scale=1.8)
+        # sihyun-yu/REPA@67f7145 generate.py:206 (--guidance-low 0), README.md:135
+        # (--guidance-high=0.7)
+        cfg_interval=[0.0, 0.7],
+        ckpt_every=50_000,  # sihyun-yu/REPA@67f7145 train.py:416 (--checkpointing-steps 50000)
+        seed=0,  # sihyun-yu/REPA@67f7145 README.md:45 (--seed=0)
+    )
+    cfg = R.Config(**R.PRESETS["paper"])
+    assert {key: getattr(cfg, key) for key in expected} == expected
+    # everything else is the run's bookkeeping, as the default's
+    default = R.Config()
+    rest = {f for f in vars(cfg) if f not in expected}
+    assert {f: getattr(cfg, f) for f in rest} == {f: getattr(default, f) for f in rest}
+    # the lr is fixed at any batch (sihyun-yu/REPA@67f7145 train.py:204-210 uses
+    # --learning-rate as it is)
+    parser = common.make_parser(R.__doc__, R.PRESETS)[0]
+    for batch in ("256", "1024"):
+        argv = ["train", "--preset", "paper", "--batch-size", batch, "--out", str(tmp_path)]
+        cfg = R.make_config(parser.parse_args(argv))
+        assert (cfg.batch_size, cfg.lr) == (int(batch), 1e-4)
+    # ImageNet's latents are the user's: a usage error before any work, no run folder
+    assert cli(R, ["train", "--preset", "paper", "--device", "cpu", "--out", tmp_path / "p"]) == 2
+    assert "--latents needs --data DIR with train_latents.npy" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_paper_b_preset_is_the_official_recipe():
+    """`--preset paper-B`: `paper` with SiT-B/2 (align block 4) for train.py's default 400k steps,
+    sampled without CFG (the paper's SiT-B/2 + REPA at 400k: FID 24.4)."""
+    expected = dict(
+        R.PRESETS["paper"],
+        hidden=768,  # sihyun-yu/REPA@67f7145 models/sit.py:368 (SiT_B_2 hidden_size=768)
+        depth=12,  # sihyun-yu/REPA@67f7145 models/sit.py:368 (depth=12)
+        heads=12,  # sihyun-yu/REPA@67f7145 models/sit.py:368 (num_heads=12)
+        # the authors, github.com/sihyun-yu/REPA/issues/5: layer 4 for SiT-B/2 (README.md:52's 8
+        # is SiT-XL/2's)
+        align_depth=4,
+        steps=400_000,  # sihyun-yu/REPA@67f7145 train.py:415 (--max-train-steps 400000)
+        # the paper's comparison at 400k is without CFG: generate.py --cfg-scale=1.0
+        # (sihyun-yu/REPA@67f7145 generate.py:90, using_cfg = cfg_scale > 1.0)
+        cfg_scale=1.0,
+    )
+    assert R.PRESETS["paper-B"] == expected
+    cfg = R.Config(**R.PRESETS["paper-B"])
+    assert (cfg.patch, cfg.sampler, cfg.sample_steps) == (2, "sde", 250)
+
+
+def test_posterior_sampled_by_hand():
+    """sample_posterior: [mean, std] on channels -> z = (mean + std e) x 0.18215 (official
+    train.py:71-77, the scale of :179-181), e the recorded noise; step_generator's e is a function
+    of (seed, step, rank) alone (a resumed step draws it again), apart from the global RNG."""
+    mean = torch.tensor([1.0, -2.0]).view(1, 2, 1, 1)
+    std = torch.tensor([0.5, 3.0]).view(1, 2, 1, 1)
+    e = torch.tensor([0.2, -1.0]).view(1, 2, 1, 1)
+    with Draws.feed([e]):
+        z = R.sample_posterior(torch.cat([mean, std], 1), 0.18215)
+    # (1 + 0.5 x 0.2) x 0.18215 and (-2 + 3 x -1) x 0.18215
+    assert z.shape == (1, 2, 1, 1)
+    assert torch.allclose(z.view(2), torch.tensor([1.1 * 0.18215, -5 * 0.18215]))
+    moments = torch.cat([torch.randn(4, 4, 2, 2), torch.rand(4, 4, 2, 2)], 1)
+    state = torch.get_rng_state()
+    a = R.sample_posterior(moments, 0.18215, R.step_generator(0, 7, 1))
+    assert torch.equal(a, R.sample_posterior(moments, 0.18215, R.step_generator(0, 7, 1)))
+    assert torch.equal(state, torch.get_rng_state())
+    # another step, rank or seed: another e
+    for other in ((0, 8, 1), (0, 7, 0), (1, 7, 1)):
+        assert not torch.equal(a, R.sample_posterior(moments, 0.18215, R.step_generator(*other)))
+
+
+def test_posterior_file_is_sampled_every_step(cli, tmp_path, monkeypatch):
+    """A train_latents.npy of 2C = 8 channels (the official preprocessing's [mean, std]): the SiT
+    models C = 4, and step s trains on sample_posterior of its rows with step_generator(seed, s,
+    rank); eval's probes read the mean x vae_scale."""
+    images, labels = common._shapes("shapes:100", "train", 16)
+    # a stand-in for the VAE's mean [N,4,8,8] and std [N,4,8,8]
+    pooled = F.avg_pool2d(common.to_float(torch.from_numpy(images)), 2)  # [N,3,8,8]
+    mean = torch.cat([pooled, pooled.mean(1, keepdim=True)], 1)
+    std = 0.1 + 0.05 * torch.rand(mean.shape, generator=torch.Generator().manual_seed(0))
+    moments = torch.cat([mean, std], 1)
+    path = tmp_path / "lat"
+    path.mkdir()
+    np.save(path / "train_images.npy", images.transpose(0, 2, 3, 1))
+    np.save(path / "train_labels.npy", labels)
+    np.save(path / "train_latents.npy", moments.numpy())
+    seen, forward = [], R.REPA.forward
+
+    def recording(self, x, y, z_enc=None):
+        seen.append(x.clone())
+        return forward(self, x, y, z_enc)
+
+    monkeypatch.setattr(R.REPA, "forward", recording)
+    run = tmp_path / "run"
+    argv = ["train", *TINY, "--data", path, "--latents", "--set", "grid=0", "--steps"]
+    assert cli(R, [*argv, 2, "--out", run]) == 0
+    assert R.Config(**torch.load(run / "ckpt.pt", weights_only=True)["config"]).channels == 4
+    # the training split's rows (split_rows: no test_*.npy)
+    rows = torch.from_numpy(common.split_rows(len(moments), "train"))
+    train_moments, train_labels = moments[rows], torch.from_numpy(labels)[rows]
+    assert len(seen) == 2
+    for step, x in enumerate(seen):
+        batch = common.batch(train_moments, train_labels, 16, 0, step, 0, flip=False, device="cpu")
+        z = R.sample_posterior(batch[0], 0.18215, R.step_generator(0, step, 0))
+        assert z.shape == (16, 4, 8, 8) and torch.equal(x, z), step
+    # exact resume: 2 steps then 1 more is 3 steps (no --preset: tiny's image_size is not the
+    # latents' 8, which the run filled in)
+    resume = ["train", "--device", "cpu", "--data", path, "--steps", 3, "--resume"]
+    assert cli(R, [*resume, "--out", run]) == 0
+    assert cli(R, [*argv, 3, "--out", tmp_path / "straight"]) == 0
+    resumed = torch.load(run / "ckpt.pt", weights_only=True)["model"]
+    straight = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert torch.equal(seen[2], seen[5])
+    cfg = R.Config(**dict(R.PRESETS["tiny"], latents=True))
+    s_tr, x_tr, *_ = R.probe_data(cfg, str(path))
+    first = rows[common.subset(len(rows), len(x_tr))[0]]
+    assert s_tr.shape[1] == 4 and torch.allclose(s_tr[0], mean[first] * 0.18215)
+    # any other channel count is read as the latents themselves
+    cfg = R.Config(**dict(R.PRESETS["tiny"], latents=True, vae_channels=8, data=str(path)))
+    assert R.load_data(cfg, "train")[0].shape[1] == 8 and cfg.channels == 8
 
 
 # ------------------------------------------------------ against the official code (tests/reference)

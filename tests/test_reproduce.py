@@ -30,6 +30,22 @@ def test_every_command_of_a_plan_parses_with_its_files_own_parser(machine, tmp_p
         assert "repa.py (seed 1)" in methods  # the second seed that measures the spread
 
 
+def test_each_row_reads_its_run_and_its_own_control(tmp_path):
+    """The second seed's REPA row reads its own control (sit_s1), not seed 0's."""
+    rows = {r["method"]: r for r in reproduce.plan("cpu", str(tmp_path))}
+    for name, fd in (("repa", 10.0), ("sit", 20.0), ("repa_s1", 11.0), ("sit_s1", 21.0)):
+        os.makedirs(tmp_path / name)
+        by_signal = [[s, fd / 100] for s in (0.1, 0.25, 0.5, 0.75, 0.9)]
+        r = dict(fd=fd, probe_linear=fd / 100, probe_linear_by_signal=by_signal)
+        json.dump(r, open(tmp_path / name / "eval.json", "w"))
+    for method, fd, control in (("repa.py", 10.0, 20.0), ("repa.py (seed 1)", 11.0, 21.0)):
+        row = rows[method]
+        fig = row["read"](json.load(open(row["result"])))
+        assert fig["fd"] == fd and fig["fd_control"] == control
+        assert fig["probe_linear_control"] == control / 100
+        assert len(fig["probe_linear_by_signal"]) == 5 and "probe_linear_by_t" not in fig
+
+
 def test_a_command_that_does_not_parse_stops_the_plan_before_anything_runs(
     tmp_path, monkeypatch, capsys
 ):
@@ -71,7 +87,7 @@ def test_held_needs_a_margin_above_the_measured_spread():
         s,
     )
     assert reproduce.held(dict(row, error="exit 1"), s) is None
-    assert reproduce.best_t([[0.1, 0.2], [0.5, 0.4], [0.9, 0.3]]) == 0.5
+    assert reproduce.best_signal([[0.1, 0.2], [0.5, 0.4], [0.9, 0.3]]) == 0.5
 
 
 def test_table_and_figure_show_each_pair(tmp_path):
@@ -88,7 +104,7 @@ def test_table_and_figure_show_each_pair(tmp_path):
             probe_knn_pixels=0.2,
             detail_r2=0.1,
             detail_r2_pixels=0.6,
-            probe_linear_by_t=[[0.2, 0.25], [0.6, 0.3]],
+            probe_linear_by_signal=[[0.25, 0.25], [0.75, 0.3]],
             claim="aligned is better",
             pair=("fd", "fd_control", "lower"),
             held=True,
@@ -101,9 +117,12 @@ def test_table_and_figure_show_each_pair(tmp_path):
         and "fd 0.04 (relative)" in md
     )
     assert "raw pixels" in md and "0.6" in md
+    # the signal fraction with the highest probe
+    assert "| best signal |" in md and "| 0.75 |" in md
     reproduce.svg(rows, tmp_path / "f.svg")
-    svg = open(tmp_path / "f.svg").read()
+    svg = open(tmp_path / "f.svg", encoding="utf-8").read()
     assert svg.startswith("<svg") and svg.count("<circle") == 2 and "<polyline" in svg
+    assert "signal a/(a+s) in the input" in svg
 
 
 def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_path, capsys):
@@ -121,7 +140,7 @@ def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_pat
         and r["probe_linear_init"] is not None
         and r["probe_linear_pixels"] is not None
     )
-    assert r["held"] in (True, False) and len(r["probe_linear_by_t"]) == 5
+    assert r["held"] in (True, False) and len(r["probe_linear_by_signal"]) == 5
     assert "| soda.py |" in open(tmp_path / "table.md").read()
     capsys.readouterr()
     reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
@@ -161,3 +180,24 @@ def test_bench_data_runs_on_a_cpu(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(["bench-data", "--root", str(tmp_path), "--sets", "300by16"])
     assert e.value.code == 2
+
+
+def test_paper_runs_print_their_commands_and_estimate(tmp_path, capsys, monkeypatch):
+    """`paper --dry-run`: every file's paper preset parses with its file's own parser; the
+    estimate is the FLOPs of a step at the run's own batch times its steps over the GPUs' rate."""
+    reproduce.main(["paper", "--dry-run", "--no-estimate", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for file in ("jit_xpred.py", "consistency.py", "repa.py", "soda.py", "rae.py", "rcg.py"):
+        assert f"{file} train" in out and "--preset paper" in out, file
+    assert "--preset paper-L" in out and "--preset paper-B" in out
+    assert not os.listdir(tmp_path)
+
+    # 1 TFLOP a step at batch 2: the run's batch scales it
+    monkeypatch.setattr(reproduce, "step_flops", lambda argv, folder, save=True: 1e12)
+    argv = ["paper", "--dry-run", "--out", str(tmp_path), "--only", "consistency.py", "--gpus", "4"]
+    reproduce.main(argv)
+    row = json.loads([line for line in capsys.readouterr().out.splitlines() if "{" in line][-1])
+    # consistency.py's paper preset: ECT's batch 128 and 225,000 steps
+    assert (row["batch"], row["steps"]) == (128, 225_000)
+    seconds = 1e12 * 128 / 2 * 225_000 / (4 * reproduce.MFU * reproduce.PEAK["H100"])
+    assert row["tflop_per_step"] == 64.0 and row["minutes"] == round(seconds / 60, 1)
