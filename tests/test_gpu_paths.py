@@ -104,8 +104,8 @@ def test_dataset_download_is_serialised(tmp_path, monkeypatch):
 
 
 # Each file's `default` preset: the full-size networks a GPU user's first commands build, one
-# training step at batch 2 on `shapes`, then `sample`. The frozen encoder is random-vit-b@112:
-# DINOv2-B's width and depth (no download) at a quarter of its 224 px tokens, which the generators'
+# training step at batch 2 on `shapes`, then `sample`. The frozen encoder is random-vit-b@56:
+# DINOv2-B's width and depth (no download) at 16 of its 256 tokens at 224 px, which the generators'
 # shapes follow. In fp32: a CPU without bf16 units runs bf16 matmuls about 16 times slower than fp32
 # ones (minutes a file at full size), and the bf16 path does not depend on the size
 # (test_gpu_path_on_the_tiny_preset runs it, and eval).
@@ -113,14 +113,14 @@ FULL = ["--preset", "default", "--data", "shapes:8", "--batch-size", 2, "--steps
 # no warm-up and a large lr: the first step moves the zero-initialised output layers, so a sample
 # has structure
 FULL += ["--device", "cpu", "--set", "log_every=1", "--set", "warmup=0", "--lr", 1e-3]
-ENC = ["--encoder", "random-vit-b@112"]
+ENC = ["--encoder", "random-vit-b@56"]
 FILES = ["jit_xpred", "consistency", "repa", "soda", "rae", "rcg", "decoupled_latent"]
 
 
 def pipeline_commands(name, preset_argv, folder):
     """-> the argv of one file's first stage (or None), train, sample and eval (conftest.pipeline);
     the run is folder / "run". The default presets of the files with a frozen encoder read
-    random-vit-b@112."""
+    random-vit-b@56."""
     module = importlib.import_module(name)
     encoder = ENC if name in ("repa", "rae", "rcg") and "default" in preset_argv else []
     first_stage, train, extra = pipeline(module, [*preset_argv, *encoder], folder / "first")
