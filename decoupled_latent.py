@@ -43,7 +43,14 @@ against 0.126 / 0.141 at initialisation and 0.151 / 0.217 for the raw pixels; th
 control's same slice 0.151. Reconstruction 25.5 dB with all parts, 20.9 dB with z_d dropped.
 eval.json: per part (z_u, z_s, z_d, [z_u, z_s], all) the linear and kNN probes and, on `shapes`,
 the R^2 of each generating factor read linearly (`r2`) and by an MLP (`r2_mlp`), trained and at
-initialisation; PSNR with all parts and with z_d dropped; the detail kept (`detail_r2*`); FD.
+initialisation; PSNR with all parts and with z_d dropped; the stripes kept (common.detail:
+`detail_pattern`, `detail_amplitude`; `_drop_d` without z_d, `_init` at initialisation); FD.
+`swap`, the split's own test: the first 1000 test images A decoded with all parts (`all`), without
+z_d (`drop_d`), with the z_d of the next image B (`z_d_from_B`) or with B's z_u (`z_u_from_B`); per
+decoding its stripes read against A's and B's factors (`pattern_A`, ..., `amplitude_B`), the class a
+ridge fitted on real images' z_u reads from its z_u re-encoded (`class_A`, `class_B`) and its PSNR
+to A. The split holds where z_d_from_B's stripes follow B (pattern_B > pattern_A) while its class
+stays with A (class_A > class_B) and drop_d keeps no stripes; the control's slices mix the two.
 
 A stage-2 run samples with `sample`, or in Python:
 
@@ -790,8 +797,9 @@ def table(ae, data, device, n_train=10_000, n_test=5_000):
 def reconstruction(ae, data, device, n=1000):
     """PSNR (dB, images in [-1, 1]) of the full reconstruction and of the one with z_d dropped, each
     on the low-passed and on the high-passed (x - lowpass(x)) image, of the first n images of
-    probe_data's test subset. On shapes also the detail each keeps (common.detail_r2): `detail_r2`
-    with all parts, `detail_r2_drop_d` without z_d (None elsewhere)."""
+    probe_data's test subset. On shapes also the stripes each keeps (common.detail):
+    `detail_pattern`, `detail_amplitude` with all parts, the same + `_drop_d` without z_d (None
+    elsewhere)."""
     x = common.to_float(common.probe_data(data, ae.cfg.image_size)[2][:n]).to(device)
     z, lo = ae.encode(x), ae.lowpass(x)
     out = {}
@@ -804,8 +812,63 @@ def reconstruction(ae, data, device, n=1000):
         out[f"psnr_{name}"] = round(common.psnr(r, x), 3)
         out[f"psnr_{name}_low"] = round(common.psnr(r_lo, lo), 3)
         out[f"psnr_{name}_high"] = round(common.psnr(r - r_lo, x - lo), 3)
-        out["detail_r2" + ("" if keep is None else "_drop_d")] = (
-            common.detail_r2(r, data) if data.startswith("shapes") else None
+        out.update(common.detail(r, data, "" if keep is None else "_drop_d"))
+    return out
+
+
+def swap_z_d(tokens, donor, c_s):
+    """Latent tokens [B, N, c] with the z_d slice (channels c_s:) of the donor's [B, N, c]."""
+    return torch.cat([tokens[..., :c_s], donor[..., c_s:]], -1)
+
+
+def fit_classifier(f_tr, y_tr):
+    """A least-squares linear classifier: common.ridge from features [N, D] to one-hot labels,
+    deterministic -> classify(f [M, D]) -> predicted labels [M]."""
+    predict = common.ridge(f_tr.cpu(), F.one_hot(y_tr.cpu().long()).float())
+
+    def classify(f):
+        return predict(f.cpu()).argmax(1)
+
+    return classify
+
+
+@torch.no_grad()
+def swap_test(ae, data, device, n=1000):
+    """The split's own test. A: the first n images of probe_data's test subset; B: A rolled by one
+    (B_i = A_{i+1 mod n}). A decoded four ways: all parts, z_d dropped, B's z_d in A's tokens, B's
+    z_u with A's tokens. Per decoding -> {pattern_A, pattern_B, amplitude_A, amplitude_B: the
+    stripes (common.detail) read against A's and B's factors (None off shapes); class_A, class_B:
+    accuracy against A's and B's labels of a ridge classifier fitted on real train images' z_u,
+    applied to the z_u the decoding re-encodes to; psnr_A: PSNR to A}."""
+    x_tr, y_tr, x_te, y_te = common.probe_data(data, ae.cfg.image_size)
+    classify = fit_classifier(common.extract(lambda x, i: ae.encode_u(x), x_tr, device), y_tr)
+    a = common.to_float(x_te[:n]).to(device)
+    # B_i = A_{i+1}: row i's donor is row i + 1
+    y_a = y_te[:n].cpu()
+    y_b = y_a.roll(-1, 0)
+    z_u, tokens = ae.encode(a)  # [n, c_u], [n, N, c]
+    z_u_b, tokens_b = z_u.roll(-1, 0), tokens.roll(-1, 0)
+    drop = torch.zeros(len(a), dtype=torch.bool, device=device)
+    decodings = {
+        "all": (z_u, tokens, None),
+        "drop_d": (z_u, tokens, drop),
+        "z_d_from_B": (z_u, swap_z_d(tokens, tokens_b, ae.c_s), None),
+        "z_u_from_B": (z_u_b, tokens, None),
+    }
+    out = {}
+    for name, z in decodings.items():
+        r = ae.decode(*z).float().clamp(-1, 1)
+        # r.roll(1, 0)[j] = r[j - 1], whose donor is A_j: read against row j's factors
+        on_a, on_b = common.detail(r, data), common.detail(r.roll(1, 0), data)
+        pred = classify(ae.encode_u(r))
+        out[name] = dict(
+            pattern_A=on_a["detail_pattern"],
+            pattern_B=on_b["detail_pattern"],
+            amplitude_A=on_a["detail_amplitude"],
+            amplitude_B=on_b["detail_amplitude"],
+            class_A=round((pred == y_a).float().mean().item(), 4),
+            class_B=round((pred == y_b).float().mean().item(), 4),
+            psnr_A=round(common.psnr(r, a), 4),
         )
     return out
 
@@ -839,6 +902,7 @@ def eval_cmd(args):
         .eval()
     )
     parts_init = table(init, data, d.device)  # the same networks at initialisation: the floor
+    rec_init = reconstruction(init, data, d.device)
     res.update(
         probe="z_u (the understanding part of the latent)",
         probe_linear=parts["z_u"]["probe_linear"],
@@ -848,7 +912,10 @@ def eval_cmd(args):
         parts=parts,
         parts_init=parts_init,
         **reconstruction(ae, data, d.device),
-        detail_r2_init=reconstruction(init, data, d.device)["detail_r2"],
+        # the stripes the networks at initialisation keep: the floor
+        detail_pattern_init=rec_init["detail_pattern"],
+        detail_amplitude_init=rec_init["detail_amplitude"],
+        swap=swap_test(ae, data, d.device),
     )
     # the floors: pixels
     res.update(common.pixel_probes(*common.probe_data(data, cfg.image_size), data))

@@ -28,10 +28,10 @@ Commands (python jit_xpred.py {train,sample,eval,toy} -h lists every flag):
 
 Expected: in the toy, x-prediction lands on the spiral at every D, eps- and v-prediction not at
 D = 512 (the README has the figure). eval.json: FD; probes of the mid-block's mean-pooled tokens at
-t = 0.75 and from 10% to 90% signal in z_t (probe_linear_by_signal); on `shapes`, the detail x_pred
-keeps (detail_r2). The paper presets (ImageNet 256, 600 epochs; FID-50K to the train split):
-paper (JiT-B/16) 3.66, 4.37 at 200 epochs (--set steps=250228); paper-L (JiT-L/16) 2.36; paper-H
-(JiT-H/16) 1.86.
+t = 0.75 and from 10% to 90% signal in z_t (probe_linear_by_signal); on `shapes`, the stripes
+x_pred keeps from inputs with a third noise (detail_pattern, detail_amplitude). The paper presets
+(ImageNet 256, 600 epochs; FID-50K to the train split): paper (JiT-B/16) 3.66, 4.37 at 200 epochs
+(--set steps=250228); paper-L (JiT-L/16) 2.36; paper-H (JiT-H/16) 1.86.
 
 Deliberate differences from the official code (LTH14/JiT):
 - one EMA, the one the official samples with (official: 0.9999 and 0.9996), its decay warmed up
@@ -765,16 +765,19 @@ def eval_cmd(args):
         cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
         probe=(
             f"mean-pooled image tokens after block {depth}/{cfg.depth} "
-            f"at t={t}, null class (detail: x_pred)"
+            f"at t={t}, null class (detail: x_pred at signal {common.DETAIL_SIGNAL:.3g})"
         ),
     )
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     for suffix, m in (("", model), ("_init", init)):
         f_tr, f_te = at_t(m, x_tr, t, dev, depth), at_t(m, x_te, t, dev, depth)
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
-        # init: x_pred = 0
-        x_made = at_t(m, x_te[:1000], t, dev) if data.startswith("shapes") else None
-        res["detail_r2" + suffix] = None if x_made is None else common.detail_r2(x_made, data)
+        # the clean estimate x_pred from a third noise (common.DETAIL_SIGNAL; init: x_pred = 0)
+        x_made = None
+        if data.startswith("shapes"):
+            t_detail = t_at_signal(common.DETAIL_SIGNAL, cfg.noise_scale)
+            x_made = at_t(m, x_te[:1000], t_detail, dev)
+        res.update(common.detail(x_made, data, suffix))
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size, 5_000, 2_000)
 

@@ -1022,9 +1022,7 @@ def eval_cmd(args):
         rec = reconstructions(dec, z_te, d.device).view(x.shape)  # [N, 3, H, W]
         res[f"psnr{suffix}"] = round(common.psnr(rec, x), 3)  # dB, of images in [-1, 1]
         res[f"rfd{suffix}"] = round(common.frechet_distance(*fd_net.stats(rec), *fd_x), 4)
-        res[f"detail_r2{suffix}"] = (
-            common.detail_r2(rec[:1000], data) if data.startswith("shapes") else None
-        )
+        res.update(common.detail(rec[:1000] if data.startswith("shapes") else None, data, suffix))
 
     def pooled_latent(x, first_row):  # the latent, mean-pooled over tokens [B, C]
         return latent(encoder, x).mean(1)

@@ -41,8 +41,9 @@ Commands (python rcg.py {train-rdm,train,sample,eval} -h lists every flag):
 Expected on a CPU (`shapes`, random-vit-s@28's 384-d token, 2 cores): train-rdm 2.7 min, then
 rep_fd 9.3 against 376 at initialisation and 2.8 between held-out real representations and the
 training ones (the floor); the pixel generators (1,500 steps, 3.4 min): FD 3.08 with RCG against
-3.82 with --no-rep (pixel features, 1,000 samples). eval's detail_r2: the pixels made from each
-test image's own r (how much detail the representation lets the generator put back).
+3.82 with --no-rep (pixel features, 1,000 samples). eval's detail_pattern and detail_amplitude:
+the stripes in the pixels made from each test image's own r (how much detail the representation
+lets the generator put back).
 
 `--preset paper` is the official DiT-XL row (ImageNet 256, unconditional) as near as this file can
 train it: the official RDM recipe, then a DiT-XL on 16-px pixel patches at the official schedule
@@ -859,7 +860,7 @@ def eval_cmd(args):
     )
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     # the pixels the DiT makes from each test image's own r (Heun, the eval's guidance)
-    res["detail_r2"] = None
+    made = None
     if gen is not None and gen.rep_dim and data.startswith("shapes"):
         g = torch.Generator(d.device).manual_seed(args.seed)
         r = r_te[: min(1000, len(r_te))]
@@ -871,7 +872,7 @@ def eval_cmd(args):
                 for i in tqdm(range(0, len(r), args.batch), desc="detail", leave=False)
             ]
         )
-        res["detail_r2"] = common.detail_r2(made, data)
+    res.update(common.detail(made, data))
     if rdm is not None:
         torch.manual_seed(rdm.cfg.seed)
         init = RDM(rdm.cfg, rdm.dim).to(d.device).eval()  # train-rdm's initial weights: the floor

@@ -50,7 +50,7 @@ no DINOv2: against random-vit-s the CPU preset shows the mechanism (the alignmen
 0.86), not the gain, since a random ViT holds no semantics (the README's table has the figures).
 eval.json: FD; probes of the SiT's tokens after block align_depth at t = probe_t (null class,
 mean-pooled) and from 10% to 90% signal in x_t (probe_linear_by_signal); the encoder's own probes;
-on `shapes`, the detail x_t - t v keeps at probe_t (detail_r2).
+on `shapes`, the stripes x_t - t v keeps from a third noise (detail_pattern, detail_amplitude).
 
 Encoders (--encoder, common.load_encoder): dinov2_vitb14 (the paper's, downloaded once into
 torch.hub's cache), random-vit-s (offline) or a soda.py export; @RES sets the input size (224:
@@ -763,18 +763,18 @@ def eval_cmd(args):
         cfg_scale=cfg.cfg_scale if args.cfg_scale is None else args.cfg_scale,
         probe=(
             f"SiT tokens after block {cfg.align_depth}/{cfg.depth} at t={cfg.probe_t}, null "
-            "class, mean-pooled (detail: x_t - t v)"
+            f"class, mean-pooled (detail: x_t - t v at signal {common.DETAIL_SIGNAL:.3g})"
         ),
     )
     t = cfg.probe_t
     for suffix, m in (("", model), ("_init", init)):
         f_tr, f_te = at_t(m, s_tr, t, dev), at_t(m, s_te, t, dev)
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
-        res["detail_r2" + suffix] = None
+        # the clean estimate x_t - t v from a third noise (init: v = 0, x_t itself)
+        x_hat = None
         if data.startswith("shapes"):
-            # init: v = 0
-            x_hat = at_t(m, s_te[:1000], t, dev, x_hat=True)
-            res["detail_r2" + suffix] = common.detail_r2(x_hat, data)
+            x_hat = at_t(m, s_te[:1000], t_at_signal(common.DETAIL_SIGNAL), dev, x_hat=True)
+        res.update(common.detail(x_hat, data, suffix))
 
     # the same features at five noise levels, on the first 5,000 / 2,000 rows (the rows of
     # common.probe_data(data, size, 5_000, 2_000))

@@ -13,12 +13,12 @@ A plan only calls the method files' own commands (each printed before it runs) a
 write. It first trains the encoder the others align to or read (exported: decoupled_latent.py's
 z_u, on gpu soda.py's z; no download), then one row per method with the paper's own comparison
 beside it (the control: REPA without alignment, a plain DiT for RAE's DiT^DH, RCG without the
-representation, the undivided latent, the network at initialisation), and a second seed of one
-pair, whose run-to-run spread decides `held`. DIR/results.json has one row per method (figures,
-command, minutes, claim, held), DIR/table.md the README's table and DIR/figure.svg the probe against
-FD and the probe across noise levels. A finished row is read again, not rerun; a row that failed is
-run again (a training command whose checkpoint exists resumes with the same command); --only runs
-some rows.
+representation, the undivided latent, the network at initialisation), REPA's at three seeds, whose
+paired differences decide `held` (paired()), and the split latent's own test (swap).
+DIR/results.json has one row per method (figures, command, minutes, claim, held), DIR/table.md the
+README's tables and DIR/figure.svg the probe against FD, the probe across noise levels and the swap
+test. A finished row is read again, not rerun; a row that failed is run again (a training command
+whose checkpoint exists resumes with the same command); --only runs some rows.
 
 The noise axis is the same for every file: each eval.json's probe_linear_by_signal is [[signal,
 accuracy], ...], where signal = a/(a+s) is the fraction of signal in the denoiser's input a*x + s*e
@@ -48,8 +48,8 @@ STEPS = {
         jit=300,
         ct=300,
         soda=1000,
-        repa=200,
-        rae_dec=500,
+        repa=400,
+        rae_dec=1000,
         rae=200,
         rdm=1000,
         rcg=200,
@@ -71,14 +71,28 @@ STEPS = {
 }
 # the fraction of the bf16 peak the gpu plan's estimate assumes
 MFU = 0.4
+# the seeds of the comparisons run as pairs at several seeds (REPA's), per machine
+SEEDS = {"tiny": ["0"], "cpu": ["0", "1", "2"], "gpu": ["0", "1", "2"]}
+# the one-sided 95% quantile of Student's t at k degrees of freedom (scipy.stats.t.ppf(0.95, k))
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833}
+# eval.json's detail figures (common.detail): the stripes' pattern and amplitude
+DETAIL = ("detail_pattern", "detail_amplitude")
+# the split's own test (decoupled_latent.py eval's `swap`): each decoding of test image A
+SWAPS = {
+    "all": "A's z_u, z_s, z_d",
+    "drop_d": "z_d dropped",
+    "z_d_from_B": "z_d from B",
+    "z_u_from_B": "z_u from B",
+}
 
 
 def figures(r, **extra):
-    """What every row reports of its eval.json r: FD, the probes and the detail kept, with their
-    floors (at initialisation, raw pixels), the probe across the signal fraction, then extra."""
-    keys = [
-        k + s for k in ("probe_linear", "probe_knn", "detail_r2") for s in ("", "_init", "_pixels")
-    ]
+    """What every row reports of its eval.json r: FD, the probes and the detail kept (the stripes'
+    pattern and amplitude), with their floors (at initialisation, raw pixels; the detail's ceiling
+    is the raw pixels', its floor the blurred images'), the probe across the signal fraction, then
+    extra."""
+    keys = [k + s for k in ("probe_linear", "probe_knn") for s in ("", "_init", "_pixels")]
+    keys += [k + s for k in DETAIL for s in ("", "_init", "_pixels", "_blurred")]
     return {k: r.get(k) for k in ["fd", *keys, "probe_linear_by_signal"]} | extra
 
 
@@ -94,6 +108,12 @@ def read_consistency_toy(r):
 
 def read_consistency(r):
     return figures(r, fd_2step=r.get("fd_2step"))
+
+
+def read_probes(r):
+    """The encoder row's figures: the probes and their floors alone (its eval's FD and detail are
+    the decoupled row's)."""
+    return {k: v for k, v in figures(r).items() if k.startswith("probe")}
 
 
 class Plan:
@@ -112,11 +132,12 @@ class Plan:
             self.base = ["--preset", "cpu"]
         else:
             self.base = ["--data", "cifar10", "--compile"]
-        # the evals' samples (on gpu: FD against CIFAR-10 with Inception's features)
+        # the evals' samples (on gpu: FD against CIFAR-10 with Inception's features; on cpu in the
+        # space of the 16 px images' own pixels, which sees the contours, not 8x8 pools)
         if machine == "tiny":
             self.ev = ["--n", "50"]
         elif machine == "cpu":
-            self.ev = ["--n", "500"]
+            self.ev = ["--n", "500", "--fd-model", "pixels@16"]
         else:
             self.ev = ["--n", "10000", "--fd-model", "inception"]
         self.toy = ["--toy-steps", "50"] if machine == "tiny" else []
@@ -155,30 +176,36 @@ class Plan:
     def encoder_row(self):
         """gpu: soda.py's z (the paper: 80% linear probe on CIFAR-10), exported. Else
         decoupled_latent.py's E_u (SimCLR): on `shapes` it probes higher than soda.py's z at a CPU's
-        budget."""
+        budget. Its autoencoder is the split latent's, so the generator over it is trained here and
+        one eval of it serves this row (z_u's probes) and decoupled_latent.py's (everything
+        else)."""
         if self.machine == "gpu":
-            file = "soda.py"
-            name = "enc"
-            method = "encoder (soda.py)"
-            claim = "z probes above the same encoder at initialisation"
-            paper = "SODA CIFAR-10 linear probe 80.0"
-        else:
-            file = "decoupled_latent.py"
-            name = "dl"
-            method = "encoder (decoupled_latent.py z_u)"
-            claim = "z_u probes above its initialisation"
-            paper = "SimCLR-style invariance on z_u"
+            return dict(
+                method="encoder (soda.py)",
+                runs=[
+                    self.train("soda.py", "train", "enc", "enc"),
+                    self.evaluate("soda.py", "enc"),
+                    self.export("soda.py", "enc"),
+                ],
+                result=self.result("enc"),
+                read=figures,
+                claim="z probes above the same encoder at initialisation",
+                paper="SODA CIFAR-10 linear probe 80.0",
+                pair=("probe_linear", "probe_linear_init", "higher"),
+            )
+        file = "decoupled_latent.py"
         return dict(
-            method=method,
+            method="encoder (decoupled_latent.py z_u)",
             runs=[
-                self.train(file, "train", name, name),
-                self.evaluate(file, name),
-                self.export(file, name),
+                self.train(file, "train", "dl", "dl"),
+                self.export(file, "dl"),
+                self.train(file, "train-gen", "dl_gen", "dl_gen", "--ae", self.ckpt("dl")),
+                self.evaluate(file, "dl_gen"),
             ],
-            result=self.result(name),
-            read=figures,
-            claim=claim,
-            paper=paper,
+            result=self.result("dl_gen"),
+            read=read_probes,
+            claim="z_u probes above its initialisation",
+            paper="SimCLR-style invariance on z_u",
             pair=("probe_linear", "probe_linear_init", "higher"),
         )
 
@@ -254,9 +281,14 @@ class Plan:
         )
 
     def repa_row(self, seed):
-        """REPA against the same SiT without alignment (--proj-coeff 0), at one seed."""
+        """REPA against the same SiT without alignment (--proj-coeff 0), at one seed. On cpu the
+        encoder reads 32 px (its map 4x4, one vector per SiT token): a target with spatial
+        structure, not a 2x2 map upsampled."""
         tag = "" if seed == "0" else f"_s{seed}"
-        aligned = [*self.encoder, "--seed", seed]
+        encoder = (
+            ["--encoder", self.encoder_file + "@32"] if self.machine == "cpu" else self.encoder
+        )
+        aligned = [*encoder, "--seed", seed]
         unaligned = [*aligned, "--proj-coeff", "0"]
         return dict(
             method="repa.py" if seed == "0" else f"repa.py (seed {seed})",
@@ -281,12 +313,15 @@ class Plan:
         )
 
     def rae_row(self):
-        """RAE's DiT^DH against a plain DiT (--head none) on the same decoder."""
+        """RAE's DiT^DH against a plain DiT (--head none) on the same decoder. On cpu the latent is
+        the preset's random-vit-s@56 (4 x 4 tokens of 384), which its decoder reconstructs at 25 dB
+        or more: the encoder row's z_u, trained to forget the stripes, reconstructs at about 13."""
         decoder = ["--decoder", self.ckpt("rae_dec")]
+        encoder = [] if self.machine == "cpu" else self.encoder
         return dict(
-            method="rae.py",
+            method="rae.py (random-vit-s@56)" if self.machine == "cpu" else "rae.py",
             runs=[
-                self.train("rae.py", "train-decoder", "rae_dec", "rae_dec", *self.encoder),
+                self.train("rae.py", "train-decoder", "rae_dec", "rae_dec", *encoder),
                 self.train("rae.py", "train", "rae", "rae", *decoder),
                 self.evaluate("rae.py", "rae"),
                 self.train("rae.py", "train", "rae_plain", "rae", *decoder, "--head", "none"),
@@ -326,15 +361,17 @@ class Plan:
         return figures(r, fd_control=self.control("rcg_norep"), rep_fd=r.get("rep_fd"))
 
     def decoupled_latent_row(self):
-        """The split latent (its autoencoder: the encoder row's run, on gpu trained here) against
-        the undivided one (--no-decouple)."""
+        """The split latent (its autoencoder and generator: the encoder row's runs, on gpu trained
+        here) against the undivided one (--no-decouple)."""
         file = "decoupled_latent.py"
         runs = []
         if self.machine == "gpu":
-            runs.append(self.train(file, "train", "dl", "dl"))
+            runs += [
+                self.train(file, "train", "dl", "dl"),
+                self.train(file, "train-gen", "dl_gen", "dl_gen", "--ae", self.ckpt("dl")),
+                self.evaluate(file, "dl_gen"),
+            ]
         runs += [
-            self.train(file, "train-gen", "dl_gen", "dl_gen", "--ae", self.ckpt("dl")),
-            self.evaluate(file, "dl_gen"),
             self.train(file, "train", "dl_joint", "dl", "--no-decouple"),
             self.evaluate(file, "dl_joint"),
         ]
@@ -354,12 +391,43 @@ class Plan:
             probe_linear_control=self.control("dl_joint", "probe_linear"),
             probe_linear_z_d=r["parts"]["z_d"]["probe_linear"],
             probe_linear_all=r["parts"]["all"]["probe_linear"],
+            psnr_all=r["psnr_all"],
+            psnr_drop_d=r["psnr_drop_d"],
+        )
+
+    def swap_row(self):
+        """The split's own test, read from the decoupled row's two evals: test image A decoded with
+        z_d from another test image B. The claim holds if the stripes follow B (the donor of z_d)
+        while the class stays with A; the undivided control should mix them."""
+        return dict(
+            method="decoupled_latent.py (swap)",
+            runs=[],
+            result=self.result("dl_gen"),
+            read=self.read_swap,
+            claim="decoding A with z_d from B, the stripes follow B (pattern read against B's)",
+            paper="the seeds' proposal: z_d holds the detail",
+            pair=("swap_pattern_B", "swap_pattern_A", "higher"),
+        )
+
+    def read_swap(self, r):
+        """-> the swap figures of the split (swap) and of the control (swap_control), and the pair's
+        two figures under z_d from B."""
+        control = self.control("dl_joint", "swap")
+        under = r["swap"]["z_d_from_B"]
+        return dict(
+            swap=r["swap"],
+            swap_control=control,
+            swap_pattern_A=under["pattern_A"],
+            swap_pattern_B=under["pattern_B"],
+            psnr_all=r["psnr_all"],
+            psnr_drop_d=r["psnr_drop_d"],
         )
 
 
 def plan(machine, out):
     """-> the rows (see Plan), in the order they run: the encoder the others align to or read, the
-    toys, one row per method with its control, and REPA's second seed for the run-to-run spread."""
+    toys, one row per method with its control (REPA's at several seeds), and the split's own test
+    (swap)."""
     p = Plan(machine, out)
     rows = [
         p.encoder_row(),
@@ -371,10 +439,9 @@ def plan(machine, out):
     # on gpu the encoder row is soda.py's
     if machine != "gpu":
         rows.append(p.soda_row())
-    # the second seed of one pair: the run-to-run spread
-    seeds = ["0"] if machine == "tiny" else ["0", "1"]
-    rows += [p.repa_row(seed) for seed in seeds]
-    rows += [p.rae_row(), p.rcg_row(), p.decoupled_latent_row()]
+    # REPA's pair at several seeds: judged by its paired differences
+    rows += [p.repa_row(seed) for seed in SEEDS[machine]]
+    rows += [p.rae_row(), p.rcg_row(), p.decoupled_latent_row(), p.swap_row()]
     return rows
 
 
@@ -481,42 +548,86 @@ def paper_dry_run(args):
     )
 
 
-def spread(rows):
-    """The run-to-run spread of each figure a pair compares, from the rows run at two seeds: |seed 0
-    - seed 1| of the run and of its control (FD: relative to the mean, probes: absolute) -> {"fd":
-    x, "probe": y}."""
-    by = {r["method"]: r for r in rows}
-    out = {}
-    for name, r1 in by.items():
-        r0 = by.get(name.split(" (seed")[0]) if "(seed" in name else None
-        if not r0 or "error" in r0 or "error" in r1:
-            continue
-        for kind, keys, rel in (
-            ("fd", ("fd", "fd_control"), True),
-            ("probe", ("probe_linear", "probe_linear_control"), False),
-        ):
-            gaps = [
-                abs(r0[k] - r1[k]) / ((r0[k] + r1[k]) / 2 if rel else 1)
-                for k in keys
-                if r0.get(k) is not None and r1.get(k) is not None
-            ]
-            out[kind] = max(gaps + [out.get(kind, 0)]) if gaps else out.get(kind)
-    return out
-
-
-def held(row, spreads):
-    """The paper's direction with a margin larger than the measured spread of that kind of figure
-    (FD: relative)."""
-    if not row.get("pair") or "error" in row:
-        return None
+def difference(row):
+    """A comparison's margin in the paper's direction: control - ours where lower is better, else
+    ours - control; FD relative to the pair's mean, the other figures as they are -> float, or None
+    when a figure is missing."""
     key, ctrl, better = row["pair"]
     a, b = row.get(key), row.get(ctrl)
     if a is None or b is None:
         return None
     margin = (b - a) if better == "lower" else (a - b)
-    kind = "fd" if "fd" in key else "probe" if "probe" in key else None
-    s = spreads.get(kind, 0) if kind else 0
-    return margin > (s * (a + b) / 2 if kind == "fd" else s)
+    return margin / ((a + b) / 2) if key == "fd" else margin
+
+
+def kind(key):
+    """The kind of figure a pair compares: fd, probe or another."""
+    return "fd" if key == "fd" else "probe" if key.startswith("probe") else key
+
+
+def seeds_of(rows, name):
+    """The rows of one comparison run at several seeds: NAME and NAME (seed k)."""
+    return [r for r in rows if r["method"] == name or r["method"].startswith(f"{name} (seed ")]
+
+
+def mean_se(ds):
+    """-> (mean, standard deviation, standard error) of two or more numbers."""
+    n = len(ds)
+    mean = sum(ds) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in ds) / (n - 1))
+    return mean, sd, sd / math.sqrt(n)
+
+
+def paired(rows):
+    """The comparisons run at several seeds, judged as pairs: per comparison (its first row's
+    method) the paired differences d_k = difference() at each seed k, their mean, standard
+    deviation and standard error, t = mean / se and the one-sided 95% quantile T95[n - 1] it must
+    pass. For the noise of a pair run once, the same of the probe (probe_linear against
+    probe_linear_control) where those rows have it: {method: {kind: dict(...)}}."""
+    out = {}
+    probe = ("probe_linear", "probe_linear_control", "higher")
+    for name in {r["method"].split(" (seed ")[0] for r in rows if "(seed " in r["method"]}:
+        group = [r for r in seeds_of(rows, name) if r.get("pair") and "error" not in r]
+        stats = {}
+        for pair in [r["pair"] for r in group[:1]] + [probe]:
+            ds = [difference(dict(r, pair=pair)) for r in group]
+            ds = [d for d in ds if d is not None]
+            if len(ds) < 2 or kind(pair[0]) in stats:
+                continue
+            mean, sd, se = mean_se(ds)
+            stats[kind(pair[0])] = dict(
+                seeds=len(ds),
+                differences=[round(d, 4) for d in ds],
+                mean=round(mean, 4),
+                sd=round(sd, 4),
+                se=round(se, 4),
+                t=round(mean / max(se, 1e-12), 2),
+                t95=T95[len(ds) - 1],
+            )
+        if stats:
+            out[name] = stats
+    return out
+
+
+def held(row, stats):
+    """A comparison run at several seeds holds where its mean paired difference passes the one-sided
+    t test (t > T95[n - 1]); one run once, where its difference exceeds T95[n - 1] standard
+    deviations of the paired differences of that kind measured at several seeds (FD relative; no
+    such measure: the paper's direction alone) -> True, False or None (no pair, or a failed
+    run)."""
+    if not row.get("pair") or "error" in row:
+        return None
+    d = difference(row)
+    if d is None:
+        return None
+    name, k = row["method"].split(" (seed ")[0], kind(row["pair"][0])
+    if k in stats.get(name, {}):
+        s = stats[name][k]
+        return s["t"] > s["t95"]
+    noise = [s[k] for s in stats.values() if k in s]
+    if not noise:
+        return d > 0
+    return d > noise[0]["t95"] * noise[0]["sd"]
 
 
 def best_signal(by_signal):
@@ -524,9 +635,9 @@ def best_signal(by_signal):
     return max(by_signal, key=lambda p: p[1])[0] if by_signal else None
 
 
-def table(rows, spreads):
-    """The README's table (markdown): each figure beside its floor or its control, and the raw
-    pixels' row."""
+def table(rows, stats):
+    """The README's tables (markdown): each figure beside its floor or its control, the raw and the
+    blurred pixels' rows, the paired statistics, and the split's own test."""
 
     def fmt(v):
         if v is None:
@@ -538,10 +649,10 @@ def table(rows, spreads):
         return fmt(r.get(k)) + (f" ({fmt(r[k + s])})" if r.get(k + s) is not None else "")
 
     lines = [
-        "| method | minutes | FD (control) | probe linear "
-        "(init) | probe kNN (init) | detail R^2 (init) "
-        "| best signal | the paper's comparison | ours | control | held |",
-        "|---|---:|" + "---:|" * 5 + "---|---:|---:|---|",
+        "| method | minutes | FD (control) | probe linear (init) | probe kNN (init) "
+        "| detail: pattern (init) | detail: amplitude (init) | best signal "
+        "| the paper's comparison | ours | control | held |",
+        "|---|---:|" + "---:|" * 6 + "---|---:|---:|---|",
     ]
     for r in rows:
         key, ctrl, better = r.get("pair") or (None, None, None)
@@ -551,7 +662,8 @@ def table(rows, spreads):
             pair(r, "fd", "_control"),
             pair(r, "probe_linear"),
             pair(r, "probe_knn"),
-            pair(r, "detail_r2"),
+            pair(r, "detail_pattern"),
+            pair(r, "detail_amplitude"),
             fmt(best_signal(r.get("probe_linear_by_signal"))),
         ]
         cmp = f"{r['claim']} ({key} {better})" if key else ""
@@ -559,27 +671,89 @@ def table(rows, spreads):
             f"| {r['method']} | {' | '.join(cols)} | {cmp} | {fmt(r.get(key))} | "
             f"{fmt(r.get(ctrl))} | {ok} |"
         )
-    px = next((r for r in rows if r.get("probe_linear_pixels") is not None), None)
+    px = next((r for r in rows if r.get("detail_pattern_pixels") is not None), None)
+    px = px or next((r for r in rows if r.get("probe_linear_pixels") is not None), None)
     if px:
         lines.append(
-            f"| raw pixels (floor; detail: ceiling) | | | {fmt(px['probe_linear_pixels'])} | "
-            f"{fmt(px['probe_knn_pixels'])} | {fmt(px.get('detail_r2_pixels'))} | | | | | |"
+            f"| raw pixels (probe: floor; detail: ceiling) | | | "
+            f"{fmt(px['probe_linear_pixels'])} | {fmt(px['probe_knn_pixels'])} | "
+            f"{fmt(px.get('detail_pattern_pixels'))} | {fmt(px.get('detail_amplitude_pixels'))} "
+            "| | | | | |"
         )
-    note = ", ".join(
-        f"{k} {v:.3g}" + (" (relative)" if k == "fd" else "")
-        for k, v in spreads.items()
-        if v is not None
+        if px.get("detail_pattern_blurred") is not None:
+            lines.append(
+                "| the same images blurred, sigma 1.5 px (detail: floor) | | | | | "
+                f"{fmt(px['detail_pattern_blurred'])} | {fmt(px['detail_amplitude_blurred'])} "
+                "| | | | | |"
+            )
+    lines += ["", *statistics(stats), *swap_table(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def statistics(stats):
+    """The lines that say how `held` was decided, with the paired statistics measured."""
+    lines = [
+        "Held: a comparison run at several seeds holds where the mean of its paired differences "
+        "(control - ours where lower is better, else ours - control; FD relative to the pair's "
+        "mean) passes a one-sided t test at 95% (t = mean / standard error above Student's "
+        "quantile); one run once, where its difference exceeds that quantile times the standard "
+        "deviation of the paired differences of its kind measured at several seeds (a kind with "
+        "no such measure, such as the swap test's stripes: the paper's direction alone)."
+    ]
+    for name, by_kind in sorted(stats.items()):
+        for k, s in by_kind.items():
+            ds = ", ".join(f"{d:+.3g}" for d in s["differences"])
+            lines.append(
+                f"- {name}, {k} over {s['seeds']} seeds: differences {ds}; mean {s['mean']:+.3g}, "
+                f"sd {s['sd']:.3g}, standard error {s['se']:.3g}, t = {s['t']:.3g} against "
+                f"{s['t95']} ({s['seeds'] - 1} df)."
+            )
+    if not stats:
+        lines.append("- no comparison was run at several seeds: held by the direction alone.")
+    return lines
+
+
+def swap_table(rows):
+    """The split's own test (the swap row's figures): each decoding of test image A, its stripes
+    read against A's and B's factors, the class of the image made (a z_u probe fitted on real
+    images) against A's and B's labels, for the split and for its undivided control."""
+    r = next((r for r in rows if r.get("swap")), None)
+    if r is None:
+        return []
+
+    def fmt(v):
+        return "" if v is None else f"{v:.3g}"
+
+    lines = [
+        "",
+        "The split's own test: test image A decoded from its latent with parts swapped in from "
+        "another test image B (decoupled_latent.py eval's `swap`); stripes (pattern R^2) read "
+        "against A's and B's factors, class by a z_u probe fitted on real images; split | "
+        "undivided control (--no-decouple).",
+        "",
+        "| decoding of A | stripes of A | stripes of B | class of A | class of B "
+        "| control: stripes of A | stripes of B | class of A | class of B |",
+        "|---|" + "---:|" * 8,
+    ]
+    for name, what in SWAPS.items():
+        cells = []
+        for swap in (r["swap"], r.get("swap_control") or {}):
+            s = swap.get(name, {})
+            cells += [fmt(s.get(k)) for k in ("pattern_A", "pattern_B", "class_A", "class_B")]
+        lines.append(f"| {what} | {' | '.join(cells)} |")
+    lines.append(
+        f"\nPSNR of A's reconstruction: {fmt(r.get('psnr_all'))} dB with z_d, "
+        f"{fmt(r.get('psnr_drop_d'))} dB without."
     )
-    return (
-        "\n".join(lines)
-        + f"\n\nRun-to-run spread (two seeds of one pair): {note or 'not measured'}.\n"
-    )
+    return lines
 
 
 def svg(rows, path):
     """figure.svg without a plotting package: left, the linear probe against FD (one point per run,
-    a line to its control); right, the probe of each denoiser's features against the signal
-    fraction a/(a+s) of its input a*x + s*e."""
+    a line to its control); middle, the probe of each denoiser's features against the signal
+    fraction a/(a+s) of its input a*x + s*e; right, the split's own test (bars: test image A
+    decoded with z_d from B, its stripes and class read against A and against B, for the split and
+    its undivided control)."""
     pts = [
         (
             r["method"],
@@ -594,9 +768,10 @@ def svg(rows, path):
     curves = [
         (r["method"], r["probe_linear_by_signal"]) for r in rows if r.get("probe_linear_by_signal")
     ]
+    swap = next((r for r in rows if r.get("swap")), None)
     W, H, P = 360, 260, 40
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{H}" '
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{(3 if swap else 2) * W}" height="{H}" '
         'font-family="sans-serif" '
         f'font-size="10"><rect width="100%" height="100%" fill="white"/>'
     ]
@@ -665,7 +840,48 @@ def svg(rows, path):
                 + '"/>'
             )
             out.append(f'<text x="{W + P + 4}" y="{P + 12 + 12 * k}" fill="{col}">{name}</text>')
+    if swap:
+        swap_panel(out, swap, 2 * W, W, H, P)
     open(path, "w", encoding="utf-8").write("\n".join(out + ["</svg>"]) + "\n")
+
+
+def swap_panel(out, row, x0, W, H, P):
+    """The split's own test as bars on [0, 1] (svg's third panel): under z_d from B, the stripes'
+    pattern R^2 against A and B and the class accuracy against A and B, split and control."""
+    bars = []
+    for label, swap in (("split", row["swap"]), ("control", row.get("swap_control") or {})):
+        s = swap.get("z_d_from_B", {})
+        for k, colour in (
+            ("pattern_A", "#9ecae1"),
+            ("pattern_B", "#1f5fbf"),
+            ("class_A", "#fdae6b"),
+            ("class_B", "#d35400"),
+        ):
+            bars.append((label, k, s.get(k), colour))
+    # two groups of four bars with a bar's gap between and around them
+    width = (W - 2 * P) / (len(bars) + 2)
+    out.append(
+        f'<rect x="{x0 + P}" y="{P}" width="{W - 2 * P}" height="{H - 2 * P}" fill="none" '
+        'stroke="#999"/>'
+    )
+    out.append(
+        f'<text x="{x0 + W / 2}" y="{P - 8}" text-anchor="middle">A decoded with z_d from B: '
+        "stripes (blue) and class (orange) of A | of B</text>"
+    )
+    for i, (label, _, v, colour) in enumerate(bars):
+        x = x0 + P + width * (i + 0.5 + i // 4)
+        h = (H - 2 * P) * (v or 0)
+        out.append(
+            f'<rect x="{x:.1f}" y="{H - P - h:.1f}" width="{width * 0.8:.1f}" height="{h:.1f}" '
+            f'fill="{colour}"/>'
+        )
+        if i % 4 == 0:
+            middle = x + 2 * width
+            out.append(
+                f'<text x="{middle:.1f}" y="{H - P + 12}" text-anchor="middle">{label}</text>'
+            )
+    out.append(f'<text x="{x0 + P - 3}" y="{H - P}" text-anchor="end">0</text>')
+    out.append(f'<text x="{x0 + P - 3}" y="{P + 8}" text-anchor="end">1</text>')
 
 
 def commit():
@@ -1145,17 +1361,17 @@ def reproduce(args):
                 dict(machine=args.machine, rows=list(done.values())), open(path, "w"), indent=1
             )
     rows = list(done.values())
-    spreads = spread(rows)
+    stats = paired(rows)
     for r in rows:
-        r["held"] = held(r, spreads)
+        r["held"] = held(r, stats)
     json.dump(
-        dict(machine=args.machine, commit=commit(), cpus=os.cpu_count(), spread=spreads, rows=rows),
+        dict(machine=args.machine, commit=commit(), cpus=os.cpu_count(), paired=stats, rows=rows),
         open(path, "w"),
         indent=1,
     )
-    open(os.path.join(args.out, "table.md"), "w").write(table(rows, spreads))
+    open(os.path.join(args.out, "table.md"), "w").write(table(rows, stats))
     svg(rows, os.path.join(args.out, "figure.svg"))
-    print(table(rows, spreads))
+    print(table(rows, stats))
     failed = [r["method"] for r in rows if "error" in r]
     if failed:
         print(

@@ -36,8 +36,10 @@ linear against 0.124 at initialisation. `sample` and `eval` generate a view of e
 from its own z. eval.json: `fd` of the views; `psnr`, their fidelity to the source
 image (`psnr_crop`: what an independent crop scores, a perfect novel-view model's figure);
 `probe_*`, the probes of z (`*_l2` on z / ||z||, `probe_knn_uniform` with 20 equal votes);
-`detail_r2`, the stripes kept in the views (on `shapes`); `probe_linear_by_signal`, the denoiser's
-own features (the U-Net's middle on x_t, z dropped) from 10% to 90% signal in x_t.
+`detail_pattern`, `detail_amplitude` (on `shapes`), the stripes kept in x_0 estimated from a
+third noise in the image itself, given its own z (a view with the source's crop and no flip: a
+generated view is another crop, whose stripes are not the source's); `probe_linear_by_signal`, the
+denoiser's own features (the U-Net's middle on x_t, z dropped) from 10% to 90% signal in x_t.
 
 The encoder is the paper's ResNet (common.ResNet) or, with --set encoder=vit, the ViT of common.py;
 `export-encoder` writes a file common.load_encoder reads, so a SODA run serves as the frozen encoder
@@ -671,6 +673,21 @@ def bottleneck(model, images, t, device):
     return common.extract(fn, images, device, desc=f"bottleneck at t={t}")
 
 
+def clean_estimate(model, images, t, device):
+    """The denoiser's estimate of x_0 from x_t of the images themselves at t (the source's own crop,
+    no flip: the view the stripes can be read against), given each image's own z, every group
+    kept, no guidance: (x_t - sqrt(1 - abar) eps) / sqrt(abar), clamped -> [N, 3, H, W]."""
+    a = abar(torch.tensor(t, dtype=torch.float64), model.cfg.schedule_s).item()
+
+    def fn(x, i):  # x [B,3,H,W] -> [B,3,H,W]
+        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
+        x_t = math.sqrt(a) * x + math.sqrt(1 - a) * e
+        eps = model.eps(x_t, t, model.encode(x), 0)
+        return ((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+
+    return common.extract(fn, images, device, desc="x_0 estimates")
+
+
 def sample_cmd(args):
     d, ckpt, cfg, model = load(args)
     src = sources(args.data or cfg.data, cfg.image_size, args.n)
@@ -696,8 +713,6 @@ def eval_cmd(args):
     x_tr, y_tr, x_te, y_te = common.probe_data(data, cfg.image_size)
     # beside the features (the probes below run on the device)
     y_tr, y_te = y_tr.to(dev), y_te.to(dev)
-    # src[:m] is x_te[:m]; a view is another crop, and the stripes do not depend on it
-    m = min(1000, len(x_te), args.n)
     torch.manual_seed(cfg.seed)
     init = SODA(cfg).to(dev).eval()  # the same encoder at initialisation: the probe's floor
     res = dict(
@@ -714,9 +729,18 @@ def eval_cmd(args):
         n_sources=min(args.n, len(common.load_images(data, "test", cfg.image_size)[0])),
         sample_steps=args.sample_steps or cfg.sample_steps,
         guidance=cfg.guidance if args.guidance is None else args.guidance,
-        detail_r2=common.detail_r2(x[:m], data) if data.startswith("shapes") else None,
+        detail=(
+            f"x_0 estimated from x_t of the image itself at signal {common.DETAIL_SIGNAL:.3g} "
+            "and its own z (the source's crop, no flip)"
+        ),
     )
     for suffix, net in (("", model), ("_init", init)):
+        x_made = None
+        if data.startswith("shapes"):
+            x_made = clean_estimate(
+                net, x_te[:1000], t_at_signal(common.DETAIL_SIGNAL, cfg.schedule_s), dev
+            )
+        res.update(common.detail(x_made, data, suffix))
         f_tr, f_te = (encode_all(net, xs, dev) for xs in (x_tr, x_te))
         res.update(common.probes(f_tr, y_tr, f_te, y_te, suffix))
         l2 = common.linear_probe(F.normalize(f_tr), y_tr, F.normalize(f_te), y_te)  # z / ||z||

@@ -60,6 +60,15 @@ def logged_losses():
     return read_losses
 
 
+def detail_bounded(res, suffix=""):
+    """eval.json's detail figures (common.detail) of one output: each in [0, its ceiling], the real
+    test images' own `_pixels` figure, with the blurred images' near 0 beside them."""
+    for kind in ("pattern", "amplitude"):
+        key, ceiling = f"detail_{kind}{suffix}", res[f"detail_{kind}_pixels"]
+        assert isinstance(res[key], float) and 0 <= res[key] <= ceiling + 0.02, (key, res[key])
+        assert 0 <= res[f"detail_{kind}_blurred"] < 0.05 < ceiling, res
+
+
 def commands(module):
     """The subcommands of a file's command line, read from its --help."""
     import contextlib

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import Draws, assert_close32, assert_close64
+from conftest import Draws, assert_close32, assert_close64, detail_bounded
 
 import common
 import consistency as C
@@ -688,15 +688,16 @@ def test_sample_eval(cli, tmp_path, few_probe_images):
     assert res["fd"] < 0.85 * res1["fd"], (res["fd"], res1["fd"])
     assert res["fd_2step"] < 0.85 * res1["fd_2step"], (res["fd_2step"], res1["fd_2step"])
     # the floors are the same seeded U-Net at initialisation, whatever the run
-    init = ("probe_linear_init", "probe_knn_init", "detail_r2_init")
+    init = ("probe_linear_init", "probe_knn_init", "detail_pattern_init", "detail_amplitude_init")
     assert {k: res[k] for k in init} == {k: res1[k] for k in init}
     assert "bottleneck" in res["probe"] and {
         "probe_linear",
         "probe_knn",
-        "detail_r2_pixels",
+        "detail_pattern_pixels",
     } <= set(res)
     # bounded: 0 for no stripes, the images the ceiling
-    assert 0 <= res["detail_r2"] <= res["detail_r2_pixels"]
+    detail_bounded(res)
+    detail_bounded(res, "_init")
     assert [f for f, _ in res["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
     assert all(0 <= a <= 1 for _, a in res["probe_linear_by_signal"])
 

@@ -144,6 +144,39 @@ def test_r2_read_outs():
     assert mlp[0] > 0.95 and mlp[1] > 0.9
 
 
+def test_swap_z_d_takes_only_the_donors_z_d():
+    g = torch.Generator().manual_seed(0)
+    # 3 z_s and 2 z_d channels a token
+    a, b = torch.randn(4, 16, 5, generator=g), torch.randn(4, 16, 5, generator=g)
+    out = DL.swap_z_d(a, b, 3)
+    assert out.shape == a.shape
+    assert torch.equal(out[..., :3], a[..., :3]) and torch.equal(out[..., 3:], b[..., 3:])
+    # on a model: the decoder gets A's z_u and z_s, B's z_d
+    m = _model(split=[16, 32, 16])
+    seen = []
+    m.decoder.register_forward_pre_hook(lambda mod, args: seen.append([t.clone() for t in args]))
+    z_u, tokens = m.encode(torch.rand(3, 3, 16, 16) * 2 - 1)
+    donor = tokens.roll(-1, 0)
+    m.decode(z_u, DL.swap_z_d(tokens, donor, m.c_s))
+    ((u, tok),) = seen
+    assert torch.equal(u, z_u) and torch.equal(tok[..., :2], tokens[..., :2])
+    assert torch.equal(tok[..., 2:], tokens[[1, 2, 0], :, 2:])
+
+
+def test_class_read_of_the_swap_test():
+    """fit_classifier: separable features are read exactly against their own labels and at chance
+    against another image's (a shuffle, as B's labels are to A's images)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (2000,), generator=g)
+    f = 3 * torch.nn.functional.one_hot(y).float() + 0.3 * torch.randn(2000, 4, generator=g)
+    f = torch.cat([f, torch.randn(2000, 6, generator=g)], 1)  # and noise dimensions
+    classify = DL.fit_classifier(f[:1000], y[:1000])
+    pred = classify(f[1000:])
+    assert pred.shape == (1000,) and (pred == y[1000:]).float().mean() == 1.0
+    shuffled = y[1000:][torch.randperm(1000, generator=g)]
+    assert abs((pred == shuffled).float().mean().item() - 0.25) < 0.06
+
+
 def test_resume_continues_exactly(cli, logged_losses, tmp_path):
     """The same command plus --resume continues the run bit for bit (every training flag is a Config
     field: here the control's --no-decouple, which test_contract's tiny run does not set)."""
@@ -169,9 +202,30 @@ def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch, few_probe_
     assert set(res["parts"]) == {"z_u", "z_s", "z_d", "z_us", "all"} and res["fd"] is None
     assert res["probe_linear"] == res["parts"]["z_u"]["probe_linear"]
     assert res["probe_linear_init"] == res["parts_init"]["z_u"]["probe_linear"]
-    for key in ("detail_r2", "detail_r2_drop_d", "detail_r2_init", "detail_r2_pixels"):
-        # R^2 clipped at 0: 0 when it is lost
-        assert isinstance(res[key], float) and 0 <= res[key] <= 1, key
+    for kind in ("pattern", "amplitude"):
+        for suffix in ("", "_drop_d", "_init", "_pixels", "_blurred"):
+            # R^2 clipped at 0: 0 when it is lost
+            value = res[f"detail_{kind}{suffix}"]
+            assert isinstance(value, float) and 0 <= value <= 1, (kind, suffix)
+    # the swap test: four decodings of the same images, each read against A's and B's stripes and
+    # labels; `all` and `drop_d` are reconstruction()'s own
+    swap = res["swap"]
+    assert list(swap) == ["all", "drop_d", "z_d_from_B", "z_u_from_B"]
+    for row in swap.values():
+        assert list(row) == [
+            "pattern_A",
+            "pattern_B",
+            "amplitude_A",
+            "amplitude_B",
+            "class_A",
+            "class_B",
+            "psnr_A",
+        ]
+        assert all(isinstance(v, float) and 0 <= v <= 1 for k, v in row.items() if k != "psnr_A")
+    for name, suffix in (("all", ""), ("drop_d", "_drop_d")):
+        assert swap[name]["pattern_A"] == res["detail_pattern" + suffix]
+        assert swap[name]["amplitude_A"] == res["detail_amplitude" + suffix]
+        assert swap[name]["psnr_A"] == pytest.approx(res[f"psnr_{name}"], abs=1e-3)
     for key in ("r2", "r2_mlp"):
         assert [k for k in res["parts"]["z_d"][key] if "stripe" in k] == [
             k for k in common.FACTORS if "stripe" in k
@@ -244,7 +298,9 @@ def test_train_eval_export_and_generation(cli, tmp_path, monkeypatch, few_probe_
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (5, 16, 16, 3)
     assert cli(DL, ["eval", "--ckpt", g / "ckpt.pt", "--n", 50, "--device", "cpu"]) == 0
     res_g = json.load(open(g / "eval.json"))
-    assert res_g["n_samples"] == 50 and res_g["parts"] == res["parts"]  # the same autoencoder
+    # the same autoencoder
+    assert res_g["n_samples"] == 50 and res_g["parts"] == res["parts"]
+    assert res_g["swap"] == res["swap"]
     # the FD is that of the samples `sample` draws with eval's seed and batch, to the training split
     assert (
         cli(DL, ["sample", "--ckpt", g / "ckpt.pt", "--n", 50, "--out", tmp_path / "s50.npz"]) == 0

@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import Draws, assert_close32
+from conftest import Draws, assert_close32, detail_bounded
 
 import common
 import jit_xpred as J
@@ -304,10 +304,10 @@ def test_train_sample_eval_beats_initialisation(cli, logged_losses, tmp_path, fe
     assert res["fd"] < res_one["fd"] / 2, (res["fd"], res_one["fd"])
     # the same initialisation, the same floor
     assert res["probe_linear_init"] == res_one["probe_linear_init"]
-    # the detail kept: x_pred of the test images at the probe's t (at initialisation x_pred = 0, no
-    # spectrum at all)
-    assert -1 < res["detail_r2"] <= res["detail_r2_pixels"] + 0.05, res
-    assert res["detail_r2_init"] is None or not res["detail_r2_init"] > 0.05, res
+    # the detail kept: x_pred of the test images from a third noise (at initialisation x_pred = 0,
+    # a flat image: nothing)
+    detail_bounded(res)
+    assert res["detail_pattern_init"] == res["detail_amplitude_init"] == 0, res
     assert [f for f, _ in res["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
     assert all(0 <= acc <= 1 for _, acc in res["probe_linear_by_signal"])
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, Draws, assert_close32, assert_close64
+from conftest import ROOT, Draws, assert_close32, assert_close64, detail_bounded
 
 import common
 import rae as R
@@ -198,10 +198,11 @@ def test_pipeline_resume_sample_eval(
         "probe_linear",
         "probe_knn",
         "probe_linear_pixels",
-        "detail_r2",
-        "detail_r2_init",
-        "detail_r2_pixels",
+        "detail_pattern",
+        "detail_amplitude_init",
+        "detail_amplitude_blurred",
     } <= set(res)
+    detail_bounded(res)
     g = tmp_path / "gen"
     assert cli(R, ["train", *TINY, "--decoder", a / "ckpt.pt", "--steps", 6, "--out", g]) == 0
     compiled, compile = [], torch.compile
@@ -232,7 +233,7 @@ def test_pipeline_resume_sample_eval(
     res_g = json.load(open(g / "eval.json"))
     # the decoder travels
     assert res_g["fd"] > 0 and res_g["head"] == "wide" and res_g["psnr"] == res["psnr"]
-    assert res_g["detail_r2"] == res["detail_r2"]
+    assert res_g["detail_pattern"] == res["detail_pattern"]
 
 
 def test_bad_inputs(cli, tmp_path, capsys):

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import Draws, assert_close32, assert_close64
+from conftest import Draws, assert_close32, assert_close64, detail_bounded
 
 import common
 import rcg as R
@@ -166,8 +166,8 @@ def test_pipeline_sample_eval(cli, tmp_path, monkeypatch, few_probe_images):
     assert res["fd"] is None and res["rep_fd_test"] < res["rep_fd"] < res["rep_fd_init"]
     # as many as the test split's 100 (the held-out floor, rep_fd_test, needs them)
     assert res["n_rep"] == 100
-    assert {"probe_linear", "probe_knn", "probe_linear_pixels", "detail_r2_pixels"} <= set(res)
-    assert res["detail_r2"] is None  # no generator
+    assert {"probe_linear", "probe_knn", "probe_linear_pixels", "detail_pattern_pixels"} <= set(res)
+    assert res["detail_pattern"] is None  # no generator
     assert cli(R, ["train", *TINY, "--steps", 10, "--out", g]) == 0
     assert (g / "samples_0000010.png").exists()  # sample_every 10: a grid at step 10
     out = tmp_path / "s.npz"
@@ -204,11 +204,8 @@ def test_pipeline_sample_eval(cli, tmp_path, monkeypatch, few_probe_images):
     )
     res_g = json.load(open(g / "eval.json"))
     assert res_g["fd"] > 0 and res_g["no_rep"] is False and res_g["rep_fd"] == res["rep_fd"]
-    assert (
-        isinstance(res_g["detail_r2"], float)
-        and 0 <= res_g["detail_r2"] <= res_g["detail_r2_pixels"]
-    )
-    # detail_r2: the pixels made from the own r of the first min(1000, 100) test images of
+    detail_bounded(res_g)
+    # detail: the pixels made from the own r of the first min(1000, 100) test images of
     # probe_data, standardised
     _, _, x_te, _ = common.probe_data("shapes:200", 16)
     torch.testing.assert_close(seen[-1], R.Representation(tiny_cfg(), "cpu")(common.to_float(x_te)))
@@ -217,7 +214,7 @@ def test_pipeline_sample_eval(cli, tmp_path, monkeypatch, few_probe_images):
     assert not any(f.endswith(".png") for f in os.listdir(u))  # a 3-step run draws no grid
     assert cli(R, ["eval", "--ckpt", u / "ckpt.pt", "--n", 20]) == 0  # no --rdm needed
     res_u = json.load(open(u / "eval.json"))
-    assert res_u["no_rep"] is True and "rep_fd" not in res_u and res_u["detail_r2"] is None
+    assert res_u["no_rep"] is True and "rep_fd" not in res_u and res_u["detail_pattern"] is None
 
 
 def test_rdm_resume_continues_exactly(cli, logged_losses, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Draws, assert_close32, assert_close64
+from conftest import Draws, assert_close32, assert_close64, detail_bounded
 
 import common
 import repa as R
@@ -149,7 +149,8 @@ def test_train_sample_eval(cli, tmp_path, few_probe_images):
     for k in (
         "probe_linear_init",
         "probe_knn_init",
-        "detail_r2_init",
+        "detail_pattern_init",
+        "detail_amplitude_init",
         "encoder_probe_linear",
         "encoder_probe_knn",
     ):
@@ -157,7 +158,8 @@ def test_train_sample_eval(cli, tmp_path, few_probe_images):
     assert trained["encoder"] == "random-vit-s@28" and "block 1/2" in trained["probe"]
     assert [f for f, _ in trained["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
     assert all(0 <= acc <= 1 for _, acc in trained["probe_linear_by_signal"])
-    assert 0 <= trained["detail_r2_init"] < trained["detail_r2_pixels"] and trained["detail_r2"] < 1
+    detail_bounded(trained)
+    detail_bounded(trained, "_init")
     for sampler in ("ode", "sde"):
         out = tmp_path / f"{sampler}.npz"
         assert (

@@ -27,7 +27,13 @@ def test_every_command_of_a_plan_parses_with_its_files_own_parser(machine, tmp_p
     )
     assert any("--proj-coeff" in a for a in sum((r["runs"] for r in rows), []))  # REPA's control
     if machine == "cpu":
-        assert "repa.py (seed 1)" in methods  # the second seed that measures the spread
+        # REPA's pair at three seeds, its target the encoder's 4x4 map; RAE on random-vit-s@56
+        assert {"repa.py (seed 1)", "repa.py (seed 2)", "rae.py (random-vit-s@56)"} <= set(methods)
+        runs = {r["method"]: r["runs"] for r in rows}
+        assert str(tmp_path / "enc.pt@32") in runs["repa.py"][0]
+        assert not any("--encoder" in argv for argv in runs["rae.py (random-vit-s@56)"])
+        assert all("pixels@16" in argv for r in rows for argv in r["runs"] if argv[1] == "eval")
+    assert pairs["decoupled_latent.py (swap)"] == ("swap_pattern_B", "swap_pattern_A", "higher")
 
 
 def test_each_row_reads_its_run_and_its_own_control(tmp_path):
@@ -57,36 +63,50 @@ def test_a_command_that_does_not_parse_stops_the_plan_before_anything_runs(
     assert e.value.code == 2 and "--nope" in capsys.readouterr().err and not os.listdir(tmp_path)
 
 
-def test_held_needs_a_margin_above_the_measured_spread():
+def test_held_judges_pairs_by_their_paired_differences():
+    """Three seeds of one comparison: the mean of the paired differences against its standard error
+    (by hand), and a comparison run once against the standard deviation of those differences."""
+    fd = ("fd", "fd_control", "lower")
+
+    def repa(seed, ours, control, probe, probe_control):
+        name = "repa.py" if seed == 0 else f"repa.py (seed {seed})"
+        return dict(
+            method=name,
+            pair=fd,
+            fd=ours,
+            fd_control=control,
+            probe_linear=probe,
+            probe_linear_control=probe_control,
+        )
+
     rows = [
-        dict(
-            method="repa.py", fd=100.0, fd_control=110.0, probe_linear=0.3, probe_linear_control=0.3
-        ),
-        dict(
-            method="repa.py (seed 1)",
-            fd=104.0,
-            fd_control=106.0,
-            probe_linear=0.32,
-            probe_linear_control=0.29,
-        ),
+        repa(0, 9.0, 11.0, 0.30, 0.28),
+        repa(1, 10.0, 10.0, 0.32, 0.29),
+        repa(2, 9.5, 10.5, 0.31, 0.30),
     ]
-    s = reproduce.spread(rows)
-    # the largest gap of each kind
-    assert s["fd"] == pytest.approx(4 / 102) and s["probe"] == pytest.approx(0.02)
-    row = dict(pair=("fd", "fd_control", "lower"), fd=100.0, fd_control=110.0)
-    assert reproduce.held(row, s)  # a 10-point gap, the spread 3.9% of 105: held
-    # the paper's direction, but inside the spread
-    assert not reproduce.held(dict(row, fd_control=102.0), s)
-    assert not reproduce.held(dict(row, fd_control=90.0), s)
-    assert reproduce.held(
-        dict(
-            pair=("probe_linear", "probe_linear_init", "higher"),
-            probe_linear=0.3,
-            probe_linear_init=0.25,
-        ),
-        s,
-    )
-    assert reproduce.held(dict(row, error="exit 1"), s) is None
+    stats = reproduce.paired(rows)["repa.py"]
+    # relative differences (control - ours) / mean: 0.2, 0, 0.1
+    assert stats["fd"]["differences"] == [0.2, 0.0, 0.1]
+    assert stats["fd"]["mean"] == pytest.approx(0.1) and stats["fd"]["sd"] == pytest.approx(0.1)
+    assert stats["fd"]["se"] == pytest.approx(0.1 / 3**0.5, abs=1e-4)
+    assert stats["fd"]["t"] == pytest.approx(1.73, abs=0.01) and stats["fd"]["t95"] == 2.92
+    # the probe's paired differences of the same rows: 0.02, 0.03, 0.01
+    assert stats["probe"]["mean"] == pytest.approx(0.02) and stats["probe"]["sd"] == 0.01
+    all_stats = reproduce.paired(rows)
+    assert not reproduce.held(rows[0], all_stats)  # t = 1.73 < 2.92: not held, at every seed
+    consistent = [repa(k, 9.0 + 0.1 * k, 11.0, 0.3, 0.3) for k in range(3)]
+    assert all(reproduce.held(r, reproduce.paired(consistent)) for r in consistent)
+    # a pair run once: its difference against 2.92 x the sd of the paired differences of its kind
+    once = dict(method="rae.py", pair=fd, fd=9.0, fd_control=13.0)  # 4 / 11 = 0.36 > 0.292
+    assert reproduce.held(once, all_stats)
+    assert not reproduce.held(dict(once, fd_control=11.0), all_stats)  # 0.2 < 0.292
+    probe = dict(method="soda.py", pair=("probe_linear", "probe_linear_init", "higher"))
+    assert reproduce.held(dict(probe, probe_linear=0.3, probe_linear_init=0.25), all_stats)
+    assert not reproduce.held(dict(probe, probe_linear=0.3, probe_linear_init=0.28), all_stats)
+    # no measure of its kind: the direction alone
+    swap = dict(method="swap", pair=("swap_pattern_B", "swap_pattern_A", "higher"))
+    assert reproduce.held(dict(swap, swap_pattern_B=0.5, swap_pattern_A=0.1), all_stats)
+    assert reproduce.held(dict(once, error="exit 1"), all_stats) is None
     assert reproduce.best_signal([[0.1, 0.2], [0.5, 0.4], [0.9, 0.3]]) == 0.5
 
 
@@ -102,26 +122,54 @@ def test_table_and_figure_show_each_pair(tmp_path):
             probe_linear_control=0.28,
             probe_linear_pixels=0.25,
             probe_knn_pixels=0.2,
-            detail_r2=0.1,
-            detail_r2_pixels=0.6,
+            detail_pattern=0.1,
+            detail_pattern_init=0.05,
+            detail_pattern_pixels=0.72,
+            detail_pattern_blurred=0.0,
+            detail_amplitude=0.02,
+            detail_amplitude_pixels=0.39,
+            detail_amplitude_blurred=0.0,
             probe_linear_by_signal=[[0.25, 0.25], [0.75, 0.3]],
             claim="aligned is better",
             pair=("fd", "fd_control", "lower"),
             held=True,
         )
     ]
-    md = reproduce.table(rows, {"fd": 0.04})
-    assert (
-        "| repa.py | 1 | 100 (110) | 0.3 (0.2) |" in md
-        and "| yes |" in md
-        and "fd 0.04 (relative)" in md
+    swap = {
+        name: dict(pattern_A=0.1, pattern_B=0.6, class_A=0.9, class_B=0.1)
+        for name in reproduce.SWAPS
+    }
+    rows.append(
+        dict(
+            method="decoupled_latent.py (swap)",
+            swap=swap,
+            swap_control={name: dict(v, pattern_B=0.2) for name, v in swap.items()},
+            psnr_all=25.5,
+            psnr_drop_d=20.9,
+        )
     )
-    assert "raw pixels" in md and "0.6" in md
+    stats = {
+        "repa.py": {
+            "fd": dict(
+                seeds=3, differences=[0.1, 0.0, 0.2], mean=0.1, sd=0.1, se=0.0577, t=1.73, t95=2.92
+            )
+        }
+    }
+    md = reproduce.table(rows, stats)
+    assert "| repa.py | 1 | 100 (110) | 0.3 (0.2) |" in md and "| 0.1 (0.05) | 0.02 |" in md
+    assert "| yes |" in md and "repa.py, fd over 3 seeds" in md and "t = 1.73 against 2.92" in md
+    # the detail's ceiling and floor
+    assert "| raw pixels (probe: floor; detail: ceiling) | | | 0.25 | 0.2 | 0.72 | 0.39 |" in md
+    assert "blurred, sigma 1.5 px (detail: floor) | | | | | 0 | 0 |" in md
+    # the split's own test: split, then control
+    assert "| z_d from B | 0.1 | 0.6 | 0.9 | 0.1 | 0.1 | 0.2 | 0.9 | 0.1 |" in md
+    assert "25.5 dB with z_d, 20.9 dB without" in md
     # the signal fraction with the highest probe
     assert "| best signal |" in md and "| 0.75 |" in md
     reproduce.svg(rows, tmp_path / "f.svg")
     svg = open(tmp_path / "f.svg", encoding="utf-8").read()
     assert svg.startswith("<svg") and svg.count("<circle") == 2 and "<polyline" in svg
+    assert "A decoded with z_d from B" in svg and svg.count('fill="#1f5fbf"/>') >= 2
     assert "signal a/(a+s) in the input" in svg
 
 

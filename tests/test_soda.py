@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import detail_bounded
 
 import common
 import soda as S
@@ -517,11 +518,11 @@ def test_eval_of_a_trained_model_beats_its_start(cli, tmp_path, few_probe_images
     )
     # data and seed alone
     assert trained["psnr_crop"] == start["psnr_crop"] and 5 < trained["psnr_crop"] < 40
-    # the detail kept in the views of the first 64 test images, against its ceiling; the denoiser's
-    # own features detail: bounded by 0 (no stripes: at 60 steps neither run keeps any) and the
-    # images' own
-    assert 0 <= start["detail_r2"] < trained["detail_r2_pixels"]
-    assert 0 <= trained["detail_r2"] < trained["detail_r2_pixels"]
+    # the stripes kept in x_0 estimated from the test images with a third noise: bounded by 0 and
+    # the images' own
+    for res in (start, trained):
+        detail_bounded(res)
+        detail_bounded(res, "_init")
     assert [f for f, _ in trained["probe_linear_by_signal"]] == [0.1, 0.25, 0.5, 0.75, 0.9]
     assert all(0.0 <= acc <= 1.0 for _, acc in trained["probe_linear_by_signal"])
 
