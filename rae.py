@@ -70,6 +70,7 @@ module's keys:
 
 import argparse
 import contextlib
+import hashlib
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -644,22 +645,45 @@ def plain_depth(cfg, n_tokens, c):
 
 
 # ------------------------------------------------------------------------------------- train / main
-def encode(encoder, images, shape, device, desc="latents"):
-    """uint8 images [M, 3, H, W] -> their latents z [M, N, C] (shape = (N, C)) in CPU memory, filled
-    chunk by chunk: one tensor of that size, never on the device (50,000 x 256 x 768 fp32 is 39
-    GB)."""
-    z = torch.empty(len(images), *shape)
+def fingerprint(encoder, images, pool):
+    """A short hash of the encoder's weights, the images and the pooling: the name of the file that
+    caches their latents, so a file never answers for other inputs."""
+    h = hashlib.sha1(f"{tuple(images.shape)} {pool}".encode())
+    h.update(images.contiguous().numpy().tobytes())
+    for v in encoder.state_dict().values():
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def encode(encoder, images, shape, device, desc="latents", pool=False, cache="", write=True):
+    """uint8 images [M, 3, H, W] -> their latents z [M, N, C] (shape = (N, C)), or with pool their
+    mean over tokens [M, C], in CPU memory, filled chunk by chunk: one tensor of that size, never on
+    the device (50,000 x 256 x 768 fp32 is 39 GB).
+
+    cache: a folder (the decoder's run), or "" for none. The latents are read from its
+    latents-HASH.pt (fingerprint()) when it is there; else they are encoded and, with write (the
+    first process), saved there, so the stages and evals of one decoder encode each image set once.
+    """
+    path = cache and os.path.join(cache, f"latents-{fingerprint(encoder, images, pool)}.pt")
+    if path and os.path.isfile(path):
+        print0(f"{desc}: read from {path}")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    z = torch.empty(len(images), *(shape[1:] if pool else shape))
     for i in tqdm(range(0, len(images), 256), desc=desc, leave=False, disable=len(images) <= 1024):
-        z[i : i + 256] = latent(encoder, common.to_float(images[i : i + 256].to(device))).cpu()
+        zi = latent(encoder, common.to_float(images[i : i + 256].to(device)))
+        z[i : i + 256] = (zi.mean(1) if pool else zi).cpu()
+    if path and write:
+        os.makedirs(cache, exist_ok=True)
+        common.save_checkpoint(path, z)
     return z
 
 
 class Latents:
     """The training set and its latents z = LN(E(x)) [N, C] (`shape`). cache_latents: encoded once
-    into CPU memory (no augmentation), a step's rows moved to the device; else the frozen encoder
-    runs every step (fp32, official)."""
+    into CPU memory (no augmentation), or read from `folder` (encode()), a step's rows moved to the
+    device; else the frozen encoder runs every step (fp32, official)."""
 
-    def __init__(self, cfg, encoder, d):
+    def __init__(self, cfg, encoder, d, folder=""):
         # this rank's batch
         self.cfg, self.encoder, self.d, self.bs = cfg, encoder, d, cfg.batch_size // d.world
         self.images, self.labels, cfg.num_classes = common.load_images(
@@ -674,9 +698,11 @@ class Latents:
                 f"{self.shape[0]} tokens: not a square grid "
                 "dividing image_size (see @RES, --image-size)"
             )
-        self.cache = (
-            encode(encoder, self.images, self.shape, d.device) if cfg.cache_latents else None
-        )
+        self.cache = None
+        if cfg.cache_latents:  # read from, or written to, the decoder's run folder
+            self.cache = encode(
+                encoder, self.images, self.shape, d.device, cache=folder, write=d.master
+            )
 
     # this rank's rows of `step` from the images or the cache -> (x or z, y)
     def rows(self, source, step, flip):
@@ -796,7 +822,7 @@ def train_decoder(args):
     # the data before the encoder: a bad --data (or `paper`'s imagenet without one) fails first
     common.load_images(cfg.data, "train", cfg.image_size)
     encoder = common.load_encoder(cfg.encoder, d.device)
-    data = Latents(cfg, encoder, d)
+    data = Latents(cfg, encoder, d, folder=args.out)  # its latents are cached in the run folder
     # the same initial weights on every rank (and in eval's "at initialisation")
     torch.manual_seed(cfg.seed)
     model = RAEDecoder(cfg, *data.shape).to(d.device)
@@ -848,7 +874,9 @@ def train(args):
     )
     decoder = decoder.to(d.device)
     encoder = common.load_encoder(cfg.encoder, d.device)
-    data = Latents(cfg, encoder, d)
+    # the training latents cached in the decoder's run folder (none on a resume without it)
+    folder = os.path.dirname(cfg.decoder) if os.path.isfile(cfg.decoder) else ""
+    data = Latents(cfg, encoder, d, folder)
     torch.manual_seed(cfg.seed)
     model = RAE(cfg, *decoder.mu.shape).to(d.device)
     print0(
@@ -1013,7 +1041,11 @@ def eval_cmd(args):
     # the decoder's reconstructions D(z) of the test images from the frozen encoder's latent,
     # trained and at init
     x_tr, y_tr, x_te, y_te = common.probe_data(data, dec_cfg.image_size)
-    z_te, x = encode(encoder, x_te, decoder.mu.shape, d.device), common.to_float(x_te)
+    # the latents are cached in the decoder's run folder: a second eval of it encodes nothing
+    stage1 = args.ckpt if model is None else model.cfg.decoder
+    folder = os.path.dirname(stage1) if os.path.isfile(stage1) else ""
+    z_te = encode(encoder, x_te, decoder.mu.shape, d.device, cache=folder)
+    x = common.to_float(x_te)
     torch.manual_seed(dec_cfg.seed)
     # train-decoder's initial weights: the floor
     init = RAEDecoder(dec_cfg, *decoder.mu.shape).to(d.device).eval()
@@ -1024,18 +1056,12 @@ def eval_cmd(args):
         res[f"rfd{suffix}"] = round(common.frechet_distance(*fd_net.stats(rec), *fd_x), 4)
         res.update(common.detail(rec[:1000] if data.startswith("shapes") else None, data, suffix))
 
-    def pooled_latent(x, first_row):  # the latent, mean-pooled over tokens [B, C]
-        return latent(encoder, x).mean(1)
-
+    # the latent, mean-pooled over tokens [M, C]
+    z_tr = encode(encoder, x_tr, decoder.mu.shape, d.device, "latent", pool=True, cache=folder)
     res.update(
         n_rec=len(x),
         probe="the encoder's latent LN(E(x)), mean-pooled",
-        **common.probes(
-            common.extract(pooled_latent, x_tr, d.device, desc="latent"),
-            y_tr,
-            z_te.mean(1),
-            y_te,
-        ),
+        **common.probes(z_tr, y_tr, z_te.mean(1), y_te),
     )
     res.update(common.pixel_probes(x_tr, y_tr, x_te, y_te, data))  # the floors: pixels
     common.write_eval(args.ckpt, res)

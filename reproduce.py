@@ -419,8 +419,6 @@ class Plan:
             swap_control=control,
             swap_pattern_A=under["pattern_A"],
             swap_pattern_B=under["pattern_B"],
-            psnr_all=r["psnr_all"],
-            psnr_drop_d=r["psnr_drop_d"],
         )
 
 
@@ -741,9 +739,10 @@ def swap_table(rows):
             s = swap.get(name, {})
             cells += [fmt(s.get(k)) for k in ("pattern_A", "pattern_B", "class_A", "class_B")]
         lines.append(f"| {what} | {' | '.join(cells)} |")
+    psnr = {name: r["swap"].get(name, {}).get("psnr_A") for name in ("all", "drop_d")}
     lines.append(
-        f"\nPSNR of A's reconstruction: {fmt(r.get('psnr_all'))} dB with z_d, "
-        f"{fmt(r.get('psnr_drop_d'))} dB without."
+        f"\nPSNR of A's reconstruction: {fmt(psnr['all'])} dB with z_d, "
+        f"{fmt(psnr['drop_d'])} dB without."
     )
     return lines
 

@@ -655,6 +655,13 @@ def t_at_signal(signal, schedule_s):
     return math.cos((a + s) * math.pi / (2 * (1 + s))) ** 2
 
 
+def noised(x, a, seed):
+    """The evals' x_t = sqrt(abar) x + sqrt(1 - abar) e of a chunk of images x [B, 3, H, W], e drawn
+    from a generator seeded by `seed` (the chunk's first row): the same noise at any chunking."""
+    g = torch.Generator(x.device).manual_seed(seed)
+    return math.sqrt(a) * x + math.sqrt(1 - a) * torch.randn(x.shape, device=x.device, generator=g)
+
+
 def bottleneck(model, images, t, device):
     """The unconditional denoiser's features: the U-Net's middle (averaged over the positions) on
     x_t of the images with z dropped, outside autocast like z's probe, each chunk's noise seeded by
@@ -663,8 +670,7 @@ def bottleneck(model, images, t, device):
 
     def fn(x, i):  # x [B,3,H,W] -> [B, C]
         B = len(x)
-        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
-        x_t = math.sqrt(a) * x + math.sqrt(1 - a) * e
+        x_t = noised(x, a, i)
         tt = torch.full((B,), t, device=device)
         # z dropped: a zero z, and no group kept
         z, keep = x.new_zeros(B, model.cfg.z_dim), x.new_zeros(B, model.net.groups)
@@ -680,8 +686,7 @@ def clean_estimate(model, images, t, device):
     a = abar(torch.tensor(t, dtype=torch.float64), model.cfg.schedule_s).item()
 
     def fn(x, i):  # x [B,3,H,W] -> [B,3,H,W]
-        e = torch.randn(x.shape, device=device, generator=torch.Generator(device).manual_seed(i))
-        x_t = math.sqrt(a) * x + math.sqrt(1 - a) * e
+        x_t = noised(x, a, i)
         eps = model.eps(x_t, t, model.encode(x), 0)
         return ((x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
 

@@ -308,6 +308,28 @@ def test_cached_latents_are_filled_in_cpu_memory_once():
     assert torch.equal(z, data.cache[common.batch_rows(600, cfg.batch_size, cfg.seed, 0)[0]])
 
 
+def test_latents_are_encoded_once_per_run_folder(tmp_path, monkeypatch):
+    """encode(cache=FOLDER) writes the latents once, reads them back bit for bit without running the
+    encoder, and keys the file on the images, the encoder's weights and the pooling."""
+    enc = common.load_encoder("random-vit-s@28")
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    z = R.encode(enc, x, (4, 384), "cpu", cache=str(tmp_path))
+    assert len(list(tmp_path.glob("latents-*.pt"))) == 1
+    calls = []
+    monkeypatch.setattr(R, "latent", lambda *a: calls.append(1))
+    assert torch.equal(R.encode(enc, x, (4, 384), "cpu", cache=str(tmp_path)), z) and not calls
+    monkeypatch.undo()
+    pooled = R.encode(enc, x, (4, 384), "cpu", pool=True, cache=str(tmp_path))
+    torch.testing.assert_close(pooled, z.mean(1))
+    R.encode(enc, x[:5], (4, 384), "cpu", cache=str(tmp_path))  # other images
+    with torch.no_grad():
+        next(enc.parameters()).add_(1.0)
+    moved = R.encode(enc, x, (4, 384), "cpu", cache=str(tmp_path))  # another encoder
+    assert len(list(tmp_path.glob("latents-*.pt"))) == 4 and not torch.equal(moved, z)
+    R.encode(enc, x, (4, 384), "cpu", cache=str(tmp_path / "b"), write=False)
+    assert not (tmp_path / "b").exists()
+
+
 def test_sampler_runs_in_true_fp32(monkeypatch):
     """Inside a bf16 region (REPDIFF_CPU_BF16=1: the GPU's path) with TF32 on, the sampler's network
     sees fp32 and TF32 off, and the flags come back after."""

@@ -136,16 +136,15 @@ def test_table_and_figure_show_each_pair(tmp_path):
         )
     ]
     swap = {
-        name: dict(pattern_A=0.1, pattern_B=0.6, class_A=0.9, class_B=0.1)
+        name: dict(pattern_A=0.1, pattern_B=0.6, class_A=0.9, class_B=0.1, psnr_A=20.9)
         for name in reproduce.SWAPS
     }
+    swap["all"]["psnr_A"] = 25.5
     rows.append(
         dict(
             method="decoupled_latent.py (swap)",
             swap=swap,
             swap_control={name: dict(v, pattern_B=0.2) for name, v in swap.items()},
-            psnr_all=25.5,
-            psnr_drop_d=20.9,
         )
     )
     stats = {
