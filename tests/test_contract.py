@@ -230,6 +230,8 @@ def test_torchrun_two_processes(trained, torchrun, tmp_path):
     checks the logged loss against both ranks' own and runs eval there: both ranks sample, rank 0
     writes.)"""
     module = trained["module"]
+    if module.__file__ == os.path.join(ROOT, "jit_xpred.py"):
+        pytest.skip("test_jit.test_torchrun_two_cpu_processes runs it, with its losses and eval")
     first_stage, train, _ = pipeline(module, [*TINY, "--steps", 2], tmp_path / "first_stage")
     port = 29600 + 4 * trained["index"]
     # on 64 images: each process encodes the data set, where a file has a frozen encoder
