@@ -35,6 +35,10 @@ Commands (python rae.py {train-decoder,train,sample,eval} -h lists every flag):
     python rae.py train-decoder --data cifar10 --out runs/rae_dec --compile       # one GPU
     python rae.py train --decoder runs/rae_dec/ckpt.pt --out runs/rae --compile   # --head none
 
+With cache_latents (the tiny and cpu presets), the frozen encoder's latents of an image set are
+written once into the decoder's run folder (latents-HASH.pt, encode()): its second stage and the
+evals of both read them there.
+
 The paper's run, `--preset paper` on 8 GPUs (DIR: ImageNet, train/<class>/ and val/<class>/): the
 ViT-XL decoder for 16 epochs (official rFID 0.57), then DiT^DH-XL for 1400 epochs: FID 1.51 without
 guidance (the README's GPU rerun: 2.16 after 80 epochs), 50,000 samples scored by ADM's evaluator

@@ -99,26 +99,40 @@ def pipeline(module, stage_argv, first):
 
 @pytest.fixture
 def torchrun():
-    """-> a function (method file, argv, port) that runs the file under torchrun with 2 CPU
-    processes (gloo)."""
+    """-> a function (method file or "--", argv, port, launcher) that runs the file on 2 CPU
+    processes (gloo). launcher=True: under torchrun itself; else the two ranks are started here
+    with the environment torchrun gives them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT): the same DDP path without the launcher's own start (an import of torch, seconds
+    on a small CPU). -> returncode (the first nonzero), stdout and stderr of both ranks."""
 
-    def run(module_file, argv, port):
+    def run(module_file, argv, port, launcher=False):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         # "--": else torchrun reads the file's --n as its own
         file = [] if module_file == "--" else [module_file]
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            "--",
-            *file,
-            *map(str, argv),
+        if launcher:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            cmd += ["--master_port", str(port), "--", *file, *map(str, argv)]
+            return subprocess.run(
+                cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+            )
+        env.update(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+        env.update(MASTER_PORT=str(port))
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, *file, *map(str, argv)],
+                cwd=ROOT,
+                env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in (0, 1)
         ]
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        outs = [p.communicate(timeout=300) for p in ranks]
+        code = next((p.returncode for p in ranks if p.returncode), 0)
+        return subprocess.CompletedProcess(
+            ranks[0].args, code, "".join(o for o, _ in outs), "".join(e for _, e in outs)
+        )
 
     return run
 

@@ -446,6 +446,7 @@ def test_torchrun_two_cpu_processes(torchrun, tmp_path, monkeypatch):
             "cpu",
         ],
         29531,
+        launcher=True,  # torchrun itself, whose parser would read --n
     )
     assert r.returncode == 0, r.stderr[-2000:]
     # no .tmp

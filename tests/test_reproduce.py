@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -172,9 +174,12 @@ def test_table_and_figure_show_each_pair(tmp_path):
     assert "signal a/(a+s) in the input" in svg
 
 
-def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_path, capsys):
+def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(
+    tmp_path, capsys, monkeypatch
+):
     """One row with a pair (soda.py: its probe against the same encoder at initialisation), run,
-    read again, and run again after a failed eval. Every row's commands are parsed by
+    read again, and after a failed eval run again: its training resumed, its eval run (the rerun's
+    commands recorded, not run). Every row's commands are parsed by
     test_every_command_of_a_plan_parses."""
     reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     res = json.load(open(tmp_path / "results.json"))
@@ -192,13 +197,23 @@ def test_tiny_rows_run_and_a_failed_row_runs_again_resuming_its_training(tmp_pat
     capsys.readouterr()
     reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
     assert "$ python" not in capsys.readouterr().out  # a finished row is read again, not rerun
+    evaluated = open(tmp_path / "soda" / "eval.json").read()
     os.remove(tmp_path / "soda" / "eval.json")  # as if its eval had failed (an offline download)
     json.dump(dict(res, rows=[dict(r, error="exit 2")]), open(tmp_path / "results.json", "w"))
+    ran, real_run = [], subprocess.run
+
+    def rerun(cmd, **kwargs):  # the row's commands recorded, not run again (eval: its file back)
+        if cmd[0] != sys.executable:
+            return real_run(cmd, **kwargs)
+        ran.append(cmd[1:3] + ["--resume"] * ("--resume" in cmd))
+        if cmd[2] == "eval":
+            open(tmp_path / "soda" / "eval.json", "w").write(evaluated)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", rerun)
     reproduce.main(["tiny", "--out", str(tmp_path), "--only", "soda.py"])
-    out = capsys.readouterr().out
-    assert (
-        "--resume" in out and "error" not in json.load(open(tmp_path / "results.json"))["rows"][-1]
-    )
+    assert ran == [["soda.py", "train", "--resume"], ["soda.py", "eval"]]
+    assert "error" not in json.load(open(tmp_path / "results.json"))["rows"][-1]
     with pytest.raises(SystemExit) as e:
         reproduce.main(["tiny", "--out", str(tmp_path), "--only", "nope.py"])
     assert e.value.code == 2
