@@ -10,7 +10,7 @@ EMA, optimizer, step, config, RNG), log.jsonl and a sample grid; the same comman
 continues exactly; `--resume --lr` applies and prints the new lr, `--resume --batch-size` is
 refused; `sample` writes an .npz of uint8 [N, H, W, 3]; `eval` writes eval.json with the keys every
 file shares; bad input is one line on stderr and exit code 2, the run's checkpoint untouched;
-torchrun with two processes trains every stage.
+two DDP processes (torchrun's environment) train every stage.
 
 How a file trains the network it samples from follows from the commands it offers
 (conftest.pipeline): a file with `train-decoder` (rae.py) trains its first stage before `train
