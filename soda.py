@@ -657,7 +657,7 @@ def t_at_signal(signal, schedule_s):
 
 def noised(x, a, seed):
     """The evals' x_t = sqrt(abar) x + sqrt(1 - abar) e of a chunk of images x [B, 3, H, W], e drawn
-    from a generator seeded by `seed` (the chunk's first row): the same noise at any chunking."""
+    from a generator seeded by `seed` (the chunk's first row): same chunks, same noise."""
     g = torch.Generator(x.device).manual_seed(seed)
     return math.sqrt(a) * x + math.sqrt(1 - a) * torch.randn(x.shape, device=x.device, generator=g)
 
